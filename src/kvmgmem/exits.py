@@ -1,0 +1,127 @@
+"""Typed vCPU exits: what ``Vcpu.run()`` returns.
+
+Each exit is a frozen dataclass holding a copy of the ``kvm_run`` fields that are valid for that exit reason,
+so an exit can be kept, compared and printed after the next ``run()`` has overwritten ``kvm_run``. Both
+backends build the same values from the same kernel semantics (spec §3.3 for memory faults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmgmem import uapi
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Base class of every exit."""
+
+
+@dataclass(frozen=True)
+class IoExit(Exit):
+    """KVM_EXIT_IO. ``data`` is the OUT payload (``size * count`` bytes); for IN it is all zero and the
+    VMM answers with ``Vcpu.complete_io(data)`` before the next ``run()``."""
+
+    direction: int
+    port: int
+    size: int
+    count: int
+    data: bytes
+
+    @property
+    def is_out(self) -> bool:
+        return self.direction == uapi.KVM_EXIT_IO_OUT
+
+    @property
+    def value(self) -> int:
+        """The first element of the payload as an unsigned little-endian integer."""
+        return int.from_bytes(self.data[: self.size], "little")
+
+
+@dataclass(frozen=True)
+class MmioExit(Exit):
+    """KVM_EXIT_MMIO: an access to a gpa no memslot covers. Reads are answered with
+    ``Vcpu.complete_mmio(data)``."""
+
+    phys_addr: int
+    data: bytes
+    length: int
+    is_write: bool
+
+
+@dataclass(frozen=True)
+class HltExit(Exit):
+    """KVM_EXIT_HLT."""
+
+
+@dataclass(frozen=True)
+class HypercallExit(Exit):
+    """KVM_EXIT_HYPERCALL (KVM_HC_MAP_GPA_RANGE when enabled). Answer with ``Vcpu.complete_hypercall(ret)``."""
+
+    nr: int
+    args: tuple[int, ...]
+    longmode: bool
+
+
+@dataclass(frozen=True)
+class MemoryFaultExit(Exit):
+    """KVM_EXIT_MEMORY_FAULT: KVM_RUN failed with EFAULT or EHWPOISON and ``kvm_run`` describes the page.
+
+    ``gpa`` is page aligned and ``size`` is 4096 (spec §3.3); ``errno`` says which of the two it was.
+    """
+
+    flags: int
+    gpa: int
+    size: int
+    errno: int
+
+    @property
+    def private(self) -> bool:
+        """Whether the faulting access was private (KVM_MEMORY_EXIT_FLAG_PRIVATE)."""
+        return bool(self.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+
+    @property
+    def hwpoison(self) -> bool:
+        return self.errno == uapi.EHWPOISON
+
+
+@dataclass(frozen=True)
+class ShutdownExit(Exit):
+    """KVM_EXIT_SHUTDOWN (triple fault)."""
+
+
+@dataclass(frozen=True)
+class InternalErrorExit(Exit):
+    """KVM_EXIT_INTERNAL_ERROR (e.g. suberror 1: emulation failure)."""
+
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SystemEventExit(Exit):
+    """KVM_EXIT_SYSTEM_EVENT."""
+
+    type: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UnknownExit(Exit):
+    """Any exit reason kvmgmem has no type for; ``reason`` is the raw ``kvm_run.exit_reason``."""
+
+    reason: int
+
+
+__all__ = [
+    "Exit",
+    "IoExit",
+    "MmioExit",
+    "HltExit",
+    "HypercallExit",
+    "MemoryFaultExit",
+    "ShutdownExit",
+    "InternalErrorExit",
+    "SystemEventExit",
+    "UnknownExit",
+]

@@ -1,0 +1,141 @@
+"""Host memory handed to memslots: stable addresses that stay mapped while a memslot uses them.
+
+KVM only ever sees a ``userspace_addr``; if Python frees the buffer behind it while a memslot points there,
+the real kernel copes but the sim (which maps the same bytes into unicorn) would crash the interpreter. So a
+memslot *pins* its host memory: ``HostMemory.close()`` is refused while any memslot uses it, and plain
+buffers are held through a ctypes export, which makes ``mmap.close()``/``bytearray`` resizing fail as well.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import threading
+from typing import Any
+
+from kvmgmem.errors import KvmError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+
+def buffer_address(buf: Any) -> int:
+    """Address of a writable buffer's first byte (the buffer must stay alive while the address is used)."""
+    holder = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(holder)
+    finally:
+        del holder
+
+
+class HostMemory(mmap.mmap):
+    """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address``.
+
+    It *is* an ``mmap.mmap`` (buffer protocol, slicing, ``madvise``), plus: ``address``, ``size``, and pinning by
+    memslots so it cannot be unmapped under a running guest.
+    """
+
+    address: int
+    _pins: dict[tuple[int, int], str]
+    _pin_lock: threading.Lock
+
+    def __new__(cls, size: int) -> HostMemory:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"HostMemory: size must be an int, not {type(size).__name__}")
+        if size <= 0:
+            raise ValueError(f"HostMemory: size must be positive, got {size}")
+        self = super().__new__(cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
+        self._init_tracking()
+        return self
+
+    def _init_tracking(self) -> None:
+        self.address = buffer_address(self)
+        self._pins = {}
+        self._pin_lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    # --- pinning by memslots ---------------------------------------------------------------------------
+
+    def _pin(self, key: tuple[int, int], what: str) -> None:
+        with self._pin_lock:
+            if self.closed:
+                raise KvmError(errno.EFAULT, what, "host memory is closed")
+            self._pins[key] = what
+
+    def _unpin(self, key: tuple[int, int]) -> None:
+        with self._pin_lock:
+            self._pins.pop(key, None)
+
+    @property
+    def pinned_by(self) -> list[str]:
+        """Descriptions of the memslots currently using this memory."""
+        with self._pin_lock:
+            return list(self._pins.values())
+
+    def close(self) -> None:
+        """Unmap. Idempotent; refused (EBUSY) while a memslot still uses the memory."""
+        with self._pin_lock:
+            if self.closed:
+                return
+            if self._pins:
+                users = ", ".join(sorted(self._pins.values()))
+                raise KvmError(errno.EBUSY, "HostMemory.close", f"still used by {users}")
+            super().close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"address=0x{self.address:x}"
+        return f"<{type(self).__name__} size={len(self) if not self.closed else '?'} {state}>"
+
+    # ``mmap.mmap`` has a C-level __enter__/__exit__; keep them but route exit through our close().
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FileMapping(HostMemory):
+    """A ``MAP_SHARED``/``MAP_PRIVATE`` mapping of a file (a guest_memfd) with the same interface.
+
+    Python's own ``mmap.mmap(fd, ...)`` refuses lengths beyond a regular file's size, but the spec
+    (§2.10, GM-6) needs mappings that extend past EOF. So we reserve an anonymous ``HostMemory`` and move a
+    raw ``mmap(2)`` of the file onto it with ``mremap(MREMAP_FIXED)``: the kernel's own errors come back
+    unchanged and the Python object still owns, tracks and unmaps the range.
+    """
+
+    def __new__(cls, fd: int, length: int, offset: int = 0, shared: bool = True) -> FileMapping:  # type: ignore[override]
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        raw = _libc.mmap(None, length, _PROT_RW, flags, fd, offset)
+        if raw is None or raw == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise KvmError(err, "mmap", f"guest_memfd fd {fd}, length {length}, offset {offset}")
+        try:
+            self = mmap.mmap.__new__(cls, -1, length, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
+        except BaseException:
+            _libc.munmap(raw, length)
+            raise
+        target = buffer_address(self)
+        moved = _libc.mremap(raw, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, target)
+        if moved is None or moved == _MAP_FAILED:
+            err = ctypes.get_errno()
+            _libc.munmap(raw, length)
+            mmap.mmap.close(self)
+            raise KvmError(err, "mmap", "mremap onto the owning object failed")
+        self._init_tracking()
+        self.fd = fd
+        self.offset = offset
+        return self
+
+    fd: int
+    offset: int
