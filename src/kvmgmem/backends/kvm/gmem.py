@@ -1,0 +1,82 @@
+"""guest_memfd on real KVM: an owned fd plus the file operations the kernel defines for it."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from kvmgmem.api import GuestMemfd, u32, u64
+from kvmgmem.errors import KvmError
+from kvmgmem.hostmem import FileMapping
+
+from .sys_calls import fallocate
+
+if TYPE_CHECKING:
+    from .vm import KvmVm
+
+
+def _signed(value: int) -> int:
+    """A u64 as the signed loff_t the kernel reads."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+class KvmGuestMemfd(GuestMemfd):
+    """A guest_memfd fd returned by KVM_CREATE_GUEST_MEMFD, closed exactly once."""
+
+    def __init__(self, vm: KvmVm, fd: int, size: int, flags: int) -> None:
+        self.vm = vm
+        self._fd = fd
+        self.size = size
+        self.flags = flags
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def _release(self) -> None:
+        os.close(self._fd)
+
+    def _os(self, op: str, func: Any, *args: Any) -> Any:
+        self._check_open(op)
+        try:
+            return func(self._fd, *args)
+        except OSError as e:
+            raise KvmError(e.errno or 0, op) from None
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        op = "fallocate"
+        self._check_open(op)
+        raw_mode = u32(mode, "mode", op)
+        fallocate(
+            self._fd,
+            raw_mode - (1 << 32) if raw_mode >= 1 << 31 else raw_mode,
+            _signed(u64(offset, "offset", op)),
+            _signed(u64(length, "length", op)),
+        )
+
+    def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> FileMapping:
+        self._check_open("mmap")
+        length = self.size if length is None else length
+        if length <= 0:
+            raise ValueError(f"mmap: length must be positive, got {length}")
+        return FileMapping(self._fd, length, u64(offset, "offset", "mmap"), shared)
+
+    def read(self, n: int) -> bytes:
+        return bytes(self._os("read", os.read, n))
+
+    def write(self, data: bytes) -> int:
+        return int(self._os("write", os.write, data))
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return bytes(self._os("pread", os.pread, n, offset))
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        return int(self._os("pwrite", os.pwrite, data, offset))
+
+    def truncate(self, length: int) -> None:
+        self._os("ftruncate", os.ftruncate, length)
+
+    def stat(self) -> os.stat_result:
+        result: os.stat_result = self._os("fstat", os.fstat)
+        return result
+

@@ -1,0 +1,60 @@
+"""Raw syscalls through ctypes: ioctl, fallocate.
+
+KVM_RUN must go through ctypes, not ``fcntl.ioctl``: ctypes releases the GIL for the call (so vCPU threads run
+in parallel) and returns EINTR to us when a signal kicks the vCPU, whereas ``fcntl.ioctl`` retries EINTR from
+Python 3.14 on (gh-132768). Every other ioctl goes the same way so errors are handled in one place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from kvmgmem import uapi
+from kvmgmem.errors import KvmError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_ioctl_int = _libc.ioctl
+_ioctl_int.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_ioctl_int.restype = ctypes.c_int
+
+# A second foreign-function object for pointer arguments (ioctl is variadic; both pass in registers).
+_ioctl_ptr = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, use_errno=True)(
+    ("ioctl", _libc)
+)
+
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def op_name(request: int) -> str:
+    return uapi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")
+
+
+def ioctl(fd: int, request: int, arg: int = 0, *, op: str | None = None) -> int:
+    """ioctl with an integer argument; raises KvmError(errno, op) on failure."""
+    ret = _ioctl_int(fd, request, arg)
+    if ret < 0:
+        raise KvmError(ctypes.get_errno(), op or op_name(request))
+    return int(ret)
+
+
+def ioctl_ptr(fd: int, request: int, struct: Any, *, op: str | None = None) -> int:
+    """ioctl with a pointer to a ctypes struct (read and/or written by the kernel in place)."""
+    ret = _ioctl_ptr(fd, request, ctypes.addressof(struct))
+    if ret < 0:
+        raise KvmError(ctypes.get_errno(), op or op_name(request))
+    return int(ret)
+
+
+def ioctl_raw(fd: int, request: int, arg: int) -> tuple[int, int]:
+    """ioctl returning ``(ret, errno)`` without raising — for KVM_RUN, whose failures may be exits."""
+    ret = _ioctl_int(fd, request, arg)
+    return int(ret), (ctypes.get_errno() if ret < 0 else 0)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) < 0:
+        raise KvmError(ctypes.get_errno(), "fallocate", f"mode={mode:#x} offset={offset:#x} length={length:#x}")
