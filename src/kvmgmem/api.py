@@ -17,12 +17,13 @@ import abc
 import errno
 import os
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError, closed_error
 from kvmgmem.exits import Exit
-from kvmgmem.hostmem import HostMemory, buffer_address
+from kvmgmem.hostmem import HostMemory
 
 # --- argument marshalling ----------------------------------------------------------------------------------
 
@@ -62,7 +63,7 @@ def fd_of(obj: Any, name: str, op: str) -> int:
 class Userspace:
     """A resolved ``userspace`` argument: the address KVM sees, and what keeps it mapped."""
 
-    __slots__ = ("address", "owner", "_holder")
+    __slots__ = ("_holder", "address", "owner")
 
     def __init__(self, address: int, owner: Any = None, holder: Any = None) -> None:
         self.address = address

@@ -37,7 +37,7 @@ class KvmError(OSError):
         return str(self.strerror)
 
     def __reduce__(self) -> tuple[type[KvmError], tuple[int, str, str | None]]:
-        return (type(self), (self.errno, self.op, self.detail))
+        return (type(self), (self.errno or 0, self.op, self.detail))
 
 
 def closed_error(op: str, what: str) -> KvmError:

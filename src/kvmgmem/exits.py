@@ -115,13 +115,13 @@ class UnknownExit(Exit):
 
 __all__ = [
     "Exit",
-    "IoExit",
-    "MmioExit",
     "HltExit",
     "HypercallExit",
-    "MemoryFaultExit",
-    "ShutdownExit",
     "InternalErrorExit",
+    "IoExit",
+    "MemoryFaultExit",
+    "MmioExit",
+    "ShutdownExit",
     "SystemEventExit",
     "UnknownExit",
 ]

@@ -64,8 +64,8 @@ class HostMemory(mmap.mmap):
         self._pins = {}
         self._pin_lock = threading.Lock()
 
-    @property
-    def size(self) -> int:
+    @property  # the issue's contract: ``.size`` is an attribute (mmap's size() method is shadowed)
+    def size(self) -> int:  # type: ignore[override]
         return len(self)
 
     # --- pinning by memslots ---------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class FileMapping(HostMemory):
     unchanged and the Python object still owns, tracks and unmaps the range.
     """
 
-    def __new__(cls, fd: int, length: int, offset: int = 0, shared: bool = True) -> FileMapping:  # type: ignore[override]
+    def __new__(cls, fd: int, length: int, offset: int = 0, shared: bool = True) -> FileMapping:
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         raw = _libc.mmap(None, length, _PROT_RW, flags, fd, offset)
         if raw is None or raw == _MAP_FAILED:

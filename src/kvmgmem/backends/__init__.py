@@ -20,7 +20,7 @@ def _open_backend(name: str, **options: Any) -> System:
     return system
 
 
-def open(backend: str = "auto", *, vm_type: int | None = None, **options: Any) -> System:  # noqa: A001
+def open(backend: str = "auto", *, vm_type: int | None = None, **options: Any) -> System:
     """Open a KVM. ``vm_type`` (for ``auto``) is the VM type the caller needs; ``options`` go to the backend
     (the sim takes ``profile=``)."""
     if backend in BACKENDS:

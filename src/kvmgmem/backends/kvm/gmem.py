@@ -79,4 +79,3 @@ class KvmGuestMemfd(GuestMemfd):
     def stat(self) -> os.stat_result:
         result: os.stat_result = self._os("fstat", os.fstat)
         return result
-

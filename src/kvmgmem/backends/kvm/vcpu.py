@@ -164,9 +164,7 @@ class KvmVcpu(Vcpu):
             return ShutdownExit()
         if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
             internal = run.exit.internal
-            return InternalErrorExit(
-                suberror=internal.suberror, data=tuple(internal.data[: min(internal.ndata, 16)])
-            )
+            return InternalErrorExit(suberror=internal.suberror, data=tuple(internal.data[: min(internal.ndata, 16)]))
         if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
             event = run.exit.system_event
             return SystemEventExit(type=event.type, data=tuple(event.data[: min(event.ndata, 16)]))

@@ -20,6 +20,8 @@ class KvmVm(Vm):
     """Owns the VM fd. Closing it closes the vCPUs created here but not the guest_memfds, which keep
     working (they pin the kernel's VM object, spec §2.14)."""
 
+    system: KvmSystem
+
     def __init__(self, system: KvmSystem, fd: int, vm_type: int) -> None:
         super().__init__()
         self.system = system
