@@ -197,6 +197,10 @@ class GuestMemfd(Resource, abc.ABC):
     def stat(self) -> os.stat_result:
         """``fstat(2)``."""
 
+    def allocated_bytes(self) -> int | None:
+        """Bytes of the file backed by pages now (not a kernel API: for accounting), or None if unknowable."""
+        return None
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self.fd}"
         return f"<{type(self).__name__} {state} size={self.size:#x} flags={self.flags:#x}>"

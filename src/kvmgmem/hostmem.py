@@ -139,3 +139,26 @@ class FileMapping(HostMemory):
 
     fd: int
     offset: int
+
+
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+_MINCORE_CHUNK = 1 << 30  # bytes per mincore call, to bound the vector we allocate
+
+
+def resident_bytes(address: int, length: int) -> int:
+    """Bytes of ``[address, address+length)`` resident in memory, measured with ``mincore(2)``.
+
+    Used for the accounting of both stores of a RAM region: shared anonymous memory is shmem, so a page
+    discarded with MADV_REMOVE really reports non-resident; for a file mapping mincore reports the file's
+    page cache, so a guest_memfd mapping shows the file's allocated pages without touching them.
+    """
+    page = mmap.PAGESIZE
+    total = 0
+    for start in range(address, address + length, _MINCORE_CHUNK):
+        span = min(_MINCORE_CHUNK, address + length - start)
+        vec = (ctypes.c_ubyte * ((span + page - 1) // page))()
+        if _libc.mincore(start, span, vec) != 0:
+            raise KvmError(ctypes.get_errno(), "mincore")
+        total += sum(v & 1 for v in bytes(vec)) * page
+    return total
