@@ -47,6 +47,13 @@ def _cmd_caps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from kvmgmem import selftest
+
+    backends = None if args.backend in (None, "all") else [args.backend]
+    return selftest.main(backends, args.k, args.json, args.verbose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmgmem", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvmgmem {kvmgmem.__version__}")
@@ -55,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--backend", default="auto", choices=["auto", *kvmgmem.BACKENDS])
     caps.add_argument("--json", action="store_true", help="machine-readable output")
     caps.set_defaults(func=_cmd_caps)
+    st = sub.add_parser("selftest", help="run the conformance suite; case x backend table")
+    st.add_argument("--backend", default="all", choices=["all", *kvmgmem.BACKENDS])
+    st.add_argument("-k", metavar="PATTERN", help="only cases matching this pytest -k expression")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("-v", "--verbose", action="store_true", help="show pytest's own output")
+    st.set_defaults(func=_cmd_selftest)
     return parser
 
 

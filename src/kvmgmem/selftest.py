@@ -1,0 +1,146 @@
+"""``kvmgmem selftest``: run the installed conformance suite and print a case × backend table.
+
+The suite ships inside the package (:mod:`kvmgmem.conformance`), so a user can check a kernel — or the sim —
+without a checkout. It is ordinary pytest; this module only drives it and tabulates what each case did on
+each backend (pass / FAIL / skip with the reason, which names the missing capability).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+SUITE = "kvmgmem.conformance"
+
+
+@dataclass
+class CaseResult:
+    case: str
+    backend: str
+    outcome: str  # "passed", "failed", "skipped"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Collector:
+    """A pytest plugin that records one CaseResult per test (setup skips and call outcomes)."""
+
+    results: dict[str, CaseResult] = field(default_factory=dict)
+    names: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def pytest_collection_modifyitems(self, items: list[Any]) -> None:
+        for item in items:
+            params = dict(getattr(getattr(item, "callspec", None), "params", {}) or {})
+            backend = str(params.pop("backend", "-"))
+            rest = ",".join(f"{v}" for v in params.values())
+            case = item.originalname + (f"[{rest}]" if rest else "")
+            self.names[item.nodeid] = (case, backend)
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        case, backend = self.names.get(report.nodeid, (report.nodeid, "-"))
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            outcome = report.outcome
+            detail = ""
+            if report.skipped:
+                detail = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                detail = detail.removeprefix("Skipped: ")
+            elif report.failed:
+                crash = getattr(report.longrepr, "reprcrash", None)
+                detail = crash.message if crash is not None else str(report.longrepr)[-200:]
+            self.results[report.nodeid] = CaseResult(case, backend, outcome, detail, report.duration)
+        elif report.when == "teardown" and report.failed and report.nodeid in self.results:
+            self.results[report.nodeid].outcome = "failed"
+            self.results[report.nodeid].detail = "teardown: " + str(report.longrepr)[-200:]
+
+
+def run(backends: Sequence[str] | None = None, pattern: str | None = None, verbose: bool = False) -> tuple[
+    int, list[CaseResult]
+]:
+    """Run the suite; returns pytest's exit code and the per-case results."""
+    import pytest
+
+    collector = Collector()
+    args = ["--pyargs", SUITE, "-p", "no:cacheprovider", "-q" if not verbose else "-v", "--no-header", "-rN"]
+    if not verbose:
+        args += ["--tb=no", "-o", "console_output_style=classic"]
+    if pattern:
+        args += ["-k", pattern]
+    old = os.environ.get("KVMGMEM_BACKENDS")
+    if backends:
+        os.environ["KVMGMEM_BACKENDS"] = ",".join(backends)
+    try:
+        code = int(pytest.main(args, plugins=[collector]))
+    finally:
+        if old is None:
+            os.environ.pop("KVMGMEM_BACKENDS", None)
+        else:
+            os.environ["KVMGMEM_BACKENDS"] = old
+    return code, list(collector.results.values())
+
+
+def summarize(results: Sequence[CaseResult]) -> dict[str, dict[str, int]]:
+    summary: dict[str, dict[str, int]] = {}
+    for r in results:
+        per = summary.setdefault(r.backend, {"passed": 0, "failed": 0, "skipped": 0})
+        per[r.outcome] = per.get(r.outcome, 0) + 1
+    return summary
+
+
+def print_table(results: Sequence[CaseResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    backends = sorted({r.backend for r in results})
+    cases: dict[str, dict[str, CaseResult]] = {}
+    for r in results:
+        cases.setdefault(r.case, {})[r.backend] = r
+    table = Table(title="kvmgmem conformance")
+    table.add_column("case")
+    for b in backends:
+        table.add_column(b)
+    style = {"passed": "[green]pass[/green]", "failed": "[red]FAIL[/red]", "skipped": "[yellow]skip[/yellow]"}
+    for case, per in cases.items():
+        cells = []
+        for b in backends:
+            got = per.get(b)
+            if got is None:
+                cells.append("")
+                continue
+            cell = style.get(got.outcome, got.outcome)
+            if got.outcome != "passed" and got.detail:
+                cell += f" {got.detail[:70]}"
+            cells.append(cell)
+        table.add_row(case, *cells)
+    console = Console()
+    console.print(table)
+    for backend, counts in summarize(results).items():
+        console.print(
+            f"{backend}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+        )
+
+
+def main(backends: Sequence[str] | None, pattern: str | None, as_json: bool, verbose: bool = False) -> int:
+    if as_json:  # keep stdout pure JSON: pytest's own progress goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            code, results = run(backends, pattern, verbose)
+    else:
+        code, results = run(backends, pattern, verbose)
+    if as_json:
+        json.dump(
+            {"exit_code": code, "summary": summarize(results), "cases": [r.__dict__ for r in results]},
+            sys.stdout,
+            indent=2,
+        )
+        print()
+    else:
+        print_table(results)
+    failed = any(r.outcome == "failed" for r in results)
+    if code not in (0, 5) or failed:
+        return 1
+    return 0 if results else 1
