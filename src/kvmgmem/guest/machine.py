@@ -1,0 +1,138 @@
+"""A VM with a guest image loaded: the few steps every guest test repeats, in one owner.
+
+``GuestVm`` creates (or adopts) a VM, backs the image with a ``HostMemory`` memslot at gpa 0, remembers every
+buffer it maps so ucall arguments can be read at any gpa, and closes everything in the right order (vCPUs,
+VM, then the host memory the memslots pinned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvmgmem import uapi
+from kvmgmem.api import GuestMemfd, System, Vcpu, Vm
+from kvmgmem.exits import Exit
+from kvmgmem.guest.asm import LabelRef
+from kvmgmem.guest.events import Done, Event, Sync, UnexpectedExitError
+from kvmgmem.guest.image import GuestImage
+from kvmgmem.guest.memory import GuestMemory
+from kvmgmem.guest.runner import VcpuThreads, run_until_event
+from kvmgmem.hostmem import HostMemory
+
+_2M = 2 << 20
+
+
+class GuestVcpu:
+    """A vCPU of a ``GuestVm``, already in the image's boot state."""
+
+    def __init__(self, machine: GuestVm, vcpu: Vcpu, index: int) -> None:
+        self.machine, self.vcpu, self.index = machine, vcpu, index
+        self.prints: list[str] = []
+
+    def run(self, timeout: float | None = 10.0) -> Event | Exit:
+        """Run to the next SYNC/DONE (an ``Event``) or non-ucall exit (an ``Exit``); failures raise."""
+        return run_until_event(
+            self.vcpu, self.machine.memory, timeout=timeout, index=self.index, on_print=self.prints.append
+        )
+
+    def expect_sync(self, timeout: float | None = 10.0) -> tuple[int, ...]:
+        got = self.run(timeout)
+        if not isinstance(got, Sync):
+            raise UnexpectedExitError(got if isinstance(got, Exit) else _EventExit(got), self.index)
+        return got.args
+
+    def run_to_done(self, timeout: float | None = 10.0) -> None:
+        got = self.run(timeout)
+        if not isinstance(got, Done):
+            raise UnexpectedExitError(got if isinstance(got, Exit) else _EventExit(got), self.index)
+
+    @property
+    def area(self) -> Any:
+        return self.machine.image.area(self.index)
+
+
+class _EventExit(Exit):
+    """Wraps an unexpected ucall event so ``UnexpectedExitError`` can name it."""
+
+    def __init__(self, event: Event) -> None:
+        object.__setattr__(self, "event", event)
+
+    def __repr__(self) -> str:
+        return repr(self.__dict__["event"])
+
+
+class GuestVm:
+    """Owns a VM (unless adopted with ``own_vm=False``), the image memslot and the guest vCPUs."""
+
+    def __init__(self, vm: Vm, image: GuestImage, *, slot: int = 0, memory_size: int | None = None,
+                 own_vm: bool = True) -> None:  # fmt: skip
+        self.vm, self.image, self.own_vm = vm, image, own_vm
+        self.memory = GuestMemory()
+        self._buffers: list[Any] = []
+        size = max(memory_size or 0, (image.end + _2M - 1) // _2M * _2M)
+        self.host = HostMemory(size)
+        self._buffers.append(self.host)
+        image.load(self.host, 0)
+        vm.set_user_memory_region(slot, 0, size, self.host)
+        self.memory.add(0, self.host)
+        self.vcpus: list[GuestVcpu] = []
+
+    @classmethod
+    def create(cls, system: System, image: GuestImage, *, vm_type: int = uapi.KVM_X86_DEFAULT_VM,
+               **kw: Any) -> GuestVm:  # fmt: skip
+        vm = system.create_vm(vm_type)
+        try:
+            return cls(vm, image, **kw)
+        except BaseException:
+            vm.close()
+            raise
+
+    def add_memory(
+        self,
+        slot: int,
+        gpa: int,
+        buffer: Any,
+        *,
+        flags: int = 0,
+        guest_memfd: GuestMemfd | None = None,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        """Add a memslot backed by ``buffer`` (HostMemory or a gmem mapping) and make it readable here."""
+        size = len(memoryview(buffer))
+        if guest_memfd is None and not flags:
+            self.vm.set_user_memory_region(slot, gpa, size, buffer)
+        else:
+            self.vm.set_user_memory_region2(slot, gpa, size, buffer, flags, guest_memfd, guest_memfd_offset)
+        self.memory.add(gpa, buffer)
+
+    def create_vcpu(
+        self, index: int | None = None, *, entry: LabelRef | int | None = None, args: Sequence[int] = (),
+        cpuid: bool = True,
+    ) -> GuestVcpu:  # fmt: skip
+        """Create vCPU ``index`` (default: the next one) and put it in the image's boot state."""
+        index = len(self.vcpus) if index is None else index
+        vcpu = self.vm.create_vcpu(index)
+        self.image.setup_vcpu(vcpu, index, entry=entry, args=args, cpuid=cpuid)
+        gv = GuestVcpu(self, vcpu, index)
+        self.vcpus.append(gv)
+        return gv
+
+    def threads(self, body: Callable[[GuestVcpu], Any]) -> VcpuThreads:
+        """``VcpuThreads`` over this VM's vCPUs (not started)."""
+        return VcpuThreads([g.vcpu for g in self.vcpus], lambda i: body(self.vcpus[i]))
+
+    def close(self) -> None:
+        for g in self.vcpus:
+            g.vcpu.close()
+        if self.own_vm:
+            self.vm.close()
+        self.memory.release()
+        if self.own_vm:
+            self.host.close()
+
+    def __enter__(self) -> GuestVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
