@@ -1,0 +1,42 @@
+"""The sim backend: a software KVM (design.md §2).
+
+``open_system(profile="6.18", **options)`` returns a ``SimSystem``. ``profile`` is "6.8", "6.18" (default;
+matches this project's host kernel) or "7.2"; ``options`` override profile fields (``core/profile.py``),
+e.g. ``hugepage=True`` (the sim-only SIM_GUEST_MEMFD_FLAG_HUGEPAGE), ``sw_protected=False`` (mirror a host
+without KVM_X86_SW_PROTECTED_VM), ``address_spaces=1``, ``nr_memslots=509``.
+
+Layout: ``core/`` is the pure kernel model; ``system``/``vm``/``gmem``/``vcpu``/``mapping`` adapt it to the
+backend-neutral API; ``storage`` and ``fdtable`` own the real resources (memory and fd numbers).
+Sim-only surface: ``SigBus`` (host access the kernel answers with SIGBUS), ``SimGuestMemfd.inject_poison``,
+``SimVm.handle_fault`` / ``add_zap_listener`` (the CPU contract in ``core/mmu.py``), ``introspect()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core.profile import DEFAULT_PROFILE, PROFILES, SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, get_profile
+from .gmem import SimGuestMemfd
+from .mapping import GmemMapping, SigBus
+from .system import SimSystem
+from .vcpu import SimVcpu
+from .vm import SimVm
+
+
+def open_system(profile: str | Profile = DEFAULT_PROFILE, **options: Any) -> SimSystem:
+    """Open the sim with the given kernel profile and host-configuration options."""
+    return SimSystem(get_profile(profile, **options))
+
+
+__all__ = [
+    "PROFILES",
+    "SIM_GUEST_MEMFD_FLAG_HUGEPAGE",
+    "GmemMapping",
+    "Profile",
+    "SigBus",
+    "SimGuestMemfd",
+    "SimSystem",
+    "SimVcpu",
+    "SimVm",
+    "open_system",
+]

@@ -1,0 +1,33 @@
+"""The sim's kernel-side model: a pure state machine (no unicorn, no threads, no I/O).
+
+Modules, one job each: ``rangemap`` (runs of per-index values), ``profile`` (kernel version + host config),
+``caps`` (KVM_CHECK_EXTENSION), ``attributes`` (gfn → attributes), ``gmem`` (guest_memfd inode and file),
+``memslots`` (memslot tables and REGION checks), ``mmu`` (SPTEs, faults, invalidation; the CPU contract),
+``vm`` (the ioctl-level operations in the kernel's order).
+"""
+
+from __future__ import annotations
+
+from .gmem import GmemFile, GmemInode, NullBacking
+from .mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, FaultRetry, Spte
+from .profile import PROFILES, SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, get_profile
+from .vm import Fd, VmCore, create_vm
+
+__all__ = [
+    "PROFILES",
+    "SIM_GUEST_MEMFD_FLAG_HUGEPAGE",
+    "FaultMapped",
+    "FaultMemoryExit",
+    "FaultMmio",
+    "FaultResult",
+    "FaultRetry",
+    "Fd",
+    "GmemFile",
+    "GmemInode",
+    "NullBacking",
+    "Profile",
+    "Spte",
+    "VmCore",
+    "create_vm",
+    "get_profile",
+]

@@ -1,0 +1,387 @@
+"""The sim's TDP MMU: SPTEs, the page-fault algorithm (spec §3.3), the invalidation protocol (§3.5) and
+huge-page rules (§3.6, §5.6).
+
+Why a model of SPTEs at all: a software CPU caches translations exactly like hardware does, so the kernel's
+discipline — zap, flush, then change, then let faults re-evaluate — is what keeps the guest from reading
+memory that attributes, bindings or punched pages no longer allow. The SPTE map is what tests inspect to
+prove it.
+
+Contract for the CPU layer (``backends/sim/cpu*``, part 2)
+===========================================================
+
+**Fault entry point.** ``VmCore.handle_fault(gpa, write=False, fetch=False, private=None)`` (same as
+``Mmu.fault``) is called by a vCPU thread whenever it has no cached translation for ``gpa`` (TLB fill =
+EPT walk). It is thread-safe (takes ``mmu.lock`` only, never the ioctl lock) and returns one of:
+
+- ``FaultMapped`` — an SPTE now maps ``[gpa_base, gpa_base + size)`` (4 KiB, 2 MiB or 1 GiB, ``level``
+  1/2/3) to process memory starting at ``host_address`` (a real address: the guest_memfd storage base +
+  offset, or the memslot's ``userspace_addr`` + offset). ``host_address_of(gpa)`` gives the byte for any gpa
+  inside. ``writable`` False means a write must not be served from this translation (READONLY slot): call
+  ``handle_fault(gpa, write=True)`` which returns ``FaultMmio`` for it. ``spurious`` means the SPTE
+  already existed.
+- ``FaultMemoryExit`` — KVM_RUN must fail with ``errno`` (EFAULT, EHWPOISON, EIO, ENOMEM) and
+  ``exit_reason`` 39; ``to_exit()`` builds the ``MemoryFaultExit`` (gpa page aligned, size 4096, flags
+  PRIVATE iff the access was private). The instruction has not executed; re-running retries it.
+- ``FaultMmio`` — no memslot (or a write to a READONLY slot): emulate as KVM_EXIT_MMIO.
+- ``FaultRetry`` — an invalidation covering the gfn is in progress (or the slot is being deleted/moved):
+  nothing was installed; retry the access (yield the GIL first, the invalidating thread needs it).
+  A shared access whose userspace_addr is not host memory the sim can prove is mapped is also a
+  memory-fault exit (EFAULT, flags 0), as KVM reports a failed hva → pfn translation.
+
+``private=None`` derives the access type from the gfn's PRIVATE attribute, as KVM does for
+KVM_X86_SW_PROTECTED_VM (§3.2); pass True/False to model hardware that reports it (a mismatch then gives
+the §3.3 step 2 EFAULT exit).
+
+**Zap notification.** ``VmCore.add_zap_listener(callback)`` registers ``callback(gfn_start, gfn_end)``. It is
+called for every zap (attribute change, punch hole, hwpoison, gmem release, memslot delete/move/flags change,
+VM destruction) after the SPTEs are gone and **before the state change becomes visible**; the invalidation
+stays "in progress" (faults in the range return FaultRetry) until the callback returns, so a CPU must drop
+every cached translation in ``[gfn_start, gfn_end)`` — kicking and waiting for running vCPUs if needed —
+before returning. The callback runs on the ioctl's thread with ``mmu.lock`` released (a vCPU blocked in
+``handle_fault`` can make progress), but with the VM's ioctl lock held: it must not issue VM ioctls.
+
+**Storage release.** ``VmCore.add_gmem_release_listener(callback)`` registers ``callback(inode)`` called
+just before a guest_memfd inode's storage is unmapped (after its SPTEs were zapped), so a CPU that mapped
+the storage window (e.g. ``mem_map_ptr``) unmaps it first.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvmgmem import uapi
+from kvmgmem.exits import MemoryFaultExit
+
+from .gmem import PAGE_HWPOISON, PAGE_PRESENT, GmemInode
+from .memslots import Memslot
+from .profile import PG_LEVEL_1G, PG_LEVEL_4K, level_pages
+
+if TYPE_CHECKING:
+    from .vm import VmCore
+
+ZapListener = Callable[[int, int], None]
+_MAX_SPTE_PAGES = level_pages(PG_LEVEL_1G)
+
+
+@dataclass(frozen=True)
+class Spte:
+    """One installed mapping: ``npages`` gfns from ``gfn`` to host memory from ``host_address``."""
+
+    gfn: int
+    level: int
+    slot: Memslot
+    gmem: GmemInode | None  # None: served from the slot's userspace_addr
+    pgoff: int  # first guest_memfd page index (gmem) — unused for hva mappings
+    host_address: int
+    writable: bool
+    private: bool  # the fault that installed it was private
+
+    @property
+    def npages(self) -> int:
+        return level_pages(self.level)
+
+    @property
+    def end_gfn(self) -> int:
+        return self.gfn + self.npages
+
+    @property
+    def backing(self) -> str:
+        return "gmem" if self.gmem is not None else "hva"
+
+
+@dataclass(frozen=True)
+class FaultMapped:
+    gpa: int  # first byte of the mapping (aligned to size)
+    size: int
+    level: int
+    host_address: int
+    writable: bool
+    gmem: bool
+    spurious: bool = False
+
+    def host_address_of(self, gpa: int) -> int:
+        return self.host_address + (gpa - self.gpa)
+
+
+@dataclass(frozen=True)
+class FaultMemoryExit:
+    flags: int
+    gpa: int
+    errno: int
+    size: int = uapi.PAGE_SIZE
+
+    def to_exit(self) -> MemoryFaultExit:
+        return MemoryFaultExit(flags=self.flags, gpa=self.gpa, size=self.size, errno=self.errno)
+
+
+@dataclass(frozen=True)
+class FaultMmio:
+    gpa: int
+    write: bool
+
+
+@dataclass(frozen=True)
+class FaultRetry:
+    reason: str
+
+
+FaultResult = FaultMapped | FaultMemoryExit | FaultMmio | FaultRetry
+
+
+@dataclass
+class MmuCounters:
+    faults: int = 0
+    mapped: int = 0
+    spurious: int = 0
+    memory_fault_exits: int = 0
+    mmio_exits: int = 0
+    retries: int = 0
+    errors: int = 0
+    huge_mappings: int = 0
+    invalidations: int = 0
+    zaps: int = 0
+    sptes_zapped: int = 0
+
+
+@dataclass
+class _Install:
+    level: int
+    gmem: GmemInode | None
+    pgoff: int
+    host_address: int
+    writable: bool
+
+
+class Mmu:
+    """SPTEs of one VM (address space 0) plus the invalidation state that fault handling checks."""
+
+    def __init__(self, vm: VmCore) -> None:
+        self.vm = vm
+        self.lock = threading.Lock()
+        self._sptes: dict[int, Spte] = {}
+        self._gfns: list[int] = []  # sorted keys of _sptes
+        self.seq = 0
+        self.in_progress = 0
+        self.ranges: list[tuple[int, int]] = []
+        self.counters = MmuCounters()
+        self.zap_listeners: list[ZapListener] = []
+
+    # --- SPTE map --------------------------------------------------------------------------------------
+
+    def lookup(self, gfn: int) -> Spte | None:
+        """The SPTE mapping ``gfn`` (any level)."""
+        for level in (1, 2, 3):
+            n = level_pages(level)
+            s = self._sptes.get(gfn - gfn % n)
+            if s is not None and s.level == level:
+                return s
+        return None
+
+    def sptes(self) -> list[Spte]:
+        return [self._sptes[g] for g in self._gfns]
+
+    def _overlapping(self, lo: int, hi: int) -> Iterator[Spte]:
+        i = bisect_left(self._gfns, lo - lo % _MAX_SPTE_PAGES)
+        for g in self._gfns[i:]:
+            if g >= hi:
+                break
+            s = self._sptes[g]
+            if s.end_gfn > lo:
+                yield s
+
+    def _remove(self, s: Spte) -> None:
+        del self._sptes[s.gfn]
+        del self._gfns[bisect_left(self._gfns, s.gfn)]
+
+    def zap(self, lo: int, hi: int) -> int:
+        """Drop every SPTE intersecting ``[lo, hi)`` (whole huge SPTEs). Caller holds ``lock``."""
+        victims = list(self._overlapping(lo, hi))
+        for s in victims:
+            self._remove(s)
+        self.counters.zaps += 1
+        self.counters.sptes_zapped += len(victims)
+        return len(victims)
+
+    def _install(self, gfn: int, slot: Memslot, inst: _Install, private: bool) -> Spte:
+        n = level_pages(inst.level)
+        base = gfn - gfn % n
+        for s in list(self._overlapping(base, base + n)):  # smaller SPTEs replaced by a huge one
+            self._remove(s)
+        spte = Spte(base, inst.level, slot, inst.gmem, inst.pgoff, inst.host_address, inst.writable, private)
+        self._sptes[base] = spte
+        insort(self._gfns, base)
+        return spte
+
+    # --- invalidation protocol (§3.5) ----------------------------------------------------------------------
+
+    def overlaps_in_progress(self, lo: int, hi: int) -> bool:
+        return self.in_progress > 0 and any(a < hi and lo < b for a, b in self.ranges)
+
+    @contextmanager
+    def invalidate(self, ranges: list[tuple[int, int]]) -> Iterator[None]:
+        """begin → add ranges → zap → notify (TLB flush) → [caller changes state] → end (seq++).
+
+        The caller makes its change inside the ``with`` block, taking ``lock`` for it. Without ranges (no
+        memslot overlaps) there is nothing to invalidate and the block just runs.
+        """
+        ranges = [(lo, hi) for lo, hi in ranges if hi > lo]
+        if not ranges:
+            yield
+            return
+        with self.lock:
+            self.in_progress += 1
+            self.ranges.extend(ranges)
+            self.counters.invalidations += 1
+            for lo, hi in ranges:
+                self.zap(lo, hi)
+        try:
+            for lo, hi in ranges:
+                for cb in list(self.zap_listeners):
+                    cb(lo, hi)
+            yield
+        finally:
+            with self.lock:
+                self.seq += 1
+                self.in_progress -= 1
+                if self.in_progress == 0:
+                    self.ranges.clear()
+
+    # --- the fault (§3.3) ------------------------------------------------------------------------------------
+
+    def fault(self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None) -> FaultResult:
+        """Resolve a guest access to ``gpa`` (see the module docstring for the outcomes)."""
+        gfn = gpa >> uapi.PAGE_SHIFT
+        vm = self.vm
+        c = self.counters
+        with self.lock:
+            c.faults += 1
+            existing = self.lookup(gfn)
+            if existing is not None and private is None and (existing.writable or not write):
+                c.spurious += 1
+                return self._mapped(existing, spurious=True)
+            slot = vm.memslots[0].lookup(gfn)
+            attr_private = vm.attributes.is_private(gfn)
+            is_private = attr_private if private is None else bool(private)
+            # 1. slot being deleted or moved
+            if slot is not None and slot.invalid:
+                return self._retry("memslot is being deleted or moved")
+            # 2. access type disagrees with the attribute
+            if is_private != attr_private:
+                return self._exit(gfn, is_private, errno.EFAULT)
+            # 3./4. choose the backing
+            if is_private or (slot is not None and slot.gmem_only):
+                outcome = self._gmem(gfn, slot, is_private, write)
+            else:
+                outcome = self._hva(gfn, slot, write)
+            if not isinstance(outcome, _Install):
+                return outcome
+            # 5. an invalidation covering the gfn is in flight
+            if self.overlaps_in_progress(gfn, gfn + 1):
+                return self._retry("invalidation in progress")
+            assert slot is not None
+            spte = self._install(gfn, slot, outcome, is_private)
+            c.mapped += 1
+            if spte.level > PG_LEVEL_4K:
+                c.huge_mappings += 1
+            return self._mapped(spte)
+
+    def _mapped(self, s: Spte, spurious: bool = False) -> FaultMapped:
+        return FaultMapped(
+            gpa=s.gfn << uapi.PAGE_SHIFT,
+            size=s.npages * uapi.PAGE_SIZE,
+            level=s.level,
+            host_address=s.host_address,
+            writable=s.writable,
+            gmem=s.gmem is not None,
+            spurious=spurious,
+        )
+
+    def _retry(self, why: str) -> FaultRetry:
+        self.counters.retries += 1
+        return FaultRetry(why)
+
+    def _exit(self, gfn: int, private: bool, err: int) -> FaultMemoryExit:
+        self.counters.memory_fault_exits += 1
+        flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
+        return FaultMemoryExit(flags=flags, gpa=gfn << uapi.PAGE_SHIFT, errno=err)
+
+    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> _Install | FaultResult:
+        # 3a. no slot, or not a GUEST_MEMFD slot
+        if slot is None or not slot.can_be_private:
+            return self._exit(gfn, private, errno.EFAULT)
+        file = slot.gmem
+        # 3b. kvm_gmem_get_pfn
+        if file is None or file.released:
+            return self._exit(gfn, private, errno.EFAULT)
+        index = slot.gmem_index(gfn)
+        if file.bindings.get(index) is not slot:
+            return self._exit(gfn, private, errno.EIO)
+        inode = file.inode
+        if inode.backing.address(index) is None:
+            return self._exit(gfn, private, errno.ENOMEM)
+        inode.materialise(index, index + 1)
+        if inode.state(index) == PAGE_HWPOISON:
+            return self._exit(gfn, private, uapi.EHWPOISON)
+        if write and slot.readonly:
+            return self._exit(gfn, private, errno.EFAULT)
+        level = self._gmem_level(gfn, slot, inode)
+        n = level_pages(level)
+        base_index = slot.gmem_index(gfn - gfn % n)
+        address = inode.backing.address(base_index)
+        assert address is not None
+        return _Install(level, inode, base_index, address, not slot.readonly)
+
+    def _gmem_level(self, gfn: int, slot: Memslot, inode: GmemInode) -> int:
+        """4 KiB upstream (gmem reports order 0); 2 MiB for a sim huge-page file where the whole folio is
+        present, unpoisoned, uniformly attributed and aligned (spec §5.6)."""
+        profile = self.vm.profile
+        if not inode.hugepage or profile.max_mapping_level < 2:
+            return PG_LEVEL_4K
+        n = level_pages(2)
+        base = gfn - gfn % n
+        if not slot.contains_region(base, 2):
+            return PG_LEVEL_4K
+        index = slot.gmem_index(base)
+        if index % n or slot.mixed[2].get(base // n):
+            return PG_LEVEL_4K
+        if not inode.pages.is_uniform(index, index + n, PAGE_PRESENT):
+            return PG_LEVEL_4K
+        if self.overlaps_in_progress(base, base + n):
+            return PG_LEVEL_4K
+        return 2
+
+    def _hva(self, gfn: int, slot: Memslot | None, write: bool) -> _Install | FaultResult:
+        if slot is None or (write and slot.readonly):
+            self.counters.mmio_exits += 1
+            return FaultMmio(gfn << uapi.PAGE_SHIFT, write)
+        if not slot.hva_ok(slot.hva(gfn)):  # no provably mapped host memory behind the hva
+            self.counters.errors += 1
+            return self._exit(gfn, False, errno.EFAULT)
+        level = self._hva_level(gfn, slot)
+        n = level_pages(level)
+        return _Install(level, None, 0, slot.hva(gfn - gfn % n), not slot.readonly)
+
+    def _hva_level(self, gfn: int, slot: Memslot) -> int:
+        """Largest level whose aligned region is inside the slot, hva-compatible, backed by a large enough
+        host mapping, not dirty-logged, not "mixed" and not being invalidated (spec §3.6)."""
+        profile = self.vm.profile
+        if slot.dirty_logging:
+            return PG_LEVEL_4K
+        for level in range(min(profile.max_mapping_level, profile.host_mapping_level), 1, -1):
+            n = level_pages(level)
+            base = gfn - gfn % n
+            if not slot.contains_region(base, level):
+                continue
+            hva = slot.hva(base)
+            if hva % (n * uapi.PAGE_SIZE) or not slot.hva_ok(hva, n * uapi.PAGE_SIZE):
+                continue
+            if slot.mixed[level].get(base // n) or self.overlaps_in_progress(base, base + n):
+                continue
+            return level
+        return PG_LEVEL_4K

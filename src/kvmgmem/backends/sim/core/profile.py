@@ -1,0 +1,170 @@
+"""Kernel profiles: which version's behaviour the sim models, plus the host configuration it mirrors.
+
+Why a profile and not flags sprinkled through the code: the spec (§6, §7) lists a handful of switches that
+separate 6.8, 6.18 and 7.2; each rule in the model asks the profile one named question, so a reader can see
+every version difference in this file. The default, "6.18", matches this project's host kernel exactly
+(spec/host-probes.md §2), so differential tests compare like with like.
+
+Host configuration that differs between machines (SMM address spaces, memslot count, physical address
+width, whether SW_PROTECTED VMs are compiled in) is a profile setting too, overridable per ``open_system``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from dataclasses import dataclass
+from typing import Any
+
+from kvmgmem import uapi
+
+#: Sim-only guest_memfd creation flag for the v12 RFC's huge pages (spec §5.6). Bit 63 can never collide
+#: with an upstream flag (upstream allocates from bit 0 up; 6.18 uses bits 0–1). Accepted and reported in
+#: KVM_CAP_GUEST_MEMFD_FLAGS only when the profile option ``hugepage`` is on.
+SIM_GUEST_MEMFD_FLAG_HUGEPAGE = 1 << 63
+
+#: Page-table levels, as KVM numbers them: 1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB.
+PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
+
+
+def level_pages(level: int) -> int:
+    """Number of 4 KiB pages one mapping at ``level`` covers."""
+    return 1 << (9 * (level - 1))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The questions the model asks about the kernel it imitates."""
+
+    name: str
+    version: tuple[int, int]
+    #: guest_memfd creation flags exist (6.18+: MMAP, INIT_SHARED); before that every flag is EINVAL.
+    gmem_flags: bool
+    #: GUEST_MEMFD memslots allowed on every VM type (6.18+) instead of only private-memory VMs.
+    gmem_slots_all_vm_types: bool
+    #: Memslots bound to an MMAP guest_memfd are GMEM_ONLY: every access is served from gmem (6.18+).
+    gmem_only_slots: bool
+    #: READONLY together with GUEST_MEMFD is EINVAL (Feb 2024 fix; we place it in 6.8 final, spec §6 says
+    #: [unverified] whether 6.8 or 6.9 — set False to model the original merge).
+    reject_readonly_gmem: bool
+    #: A FLAGS_ONLY update toggling GUEST_MEMFD is EINVAL (Dec 2025 fix, backported to stable; this host's
+    #: 6.18.44 has it, host-probes §2).
+    reject_gmem_flag_toggle: bool
+    #: Overlapping guest_memfd bindings: EINVAL (≤7.1) or EEXIST (7.2).
+    bind_overlap_errno: int
+    #: Binding offsets/sizes checked in unsigned arithmetic (7.2). ≤7.1 uses signed loff_t, so
+    #: offset 0x7ffffffffffff000 + size 0x4000 wraps negative and passes (host-probes §10).
+    unsigned_bind_offsets: bool
+    #: KVM_CAP_GUEST_MEMFD answers 1 on every VM (6.18+) instead of only system/private-memory VMs.
+    gmem_cap_everywhere: bool
+    # --- host configuration ---------------------------------------------------------------------------
+    #: CONFIG_KVM_SW_PROTECTED_VM (+ generic memory attributes) compiled in. The real host lacks it; the sim
+    #: has it by default because it is the oracle for private memory. False mirrors the host: VM_TYPES 1,
+    #: MEMORY_ATTRIBUTES 0 and KVM_SET_MEMORY_ATTRIBUTES → ENOTTY.
+    sw_protected: bool = True
+    #: Memslot address spaces of a VM without private memory (x86: 2 with SMM). Private VMs always have 1.
+    address_spaces: int = 2
+    #: User memslots per address space (KVM_CAP_NR_MEMSLOTS).
+    nr_memslots: int = uapi.KVM_USER_MEM_SLOTS
+    #: Guest physical address width: a memslot ending above it is EINVAL at commit (spec §2.5 N).
+    #: 52 = what x86 KVM uses without TDP (this host runs shadow paging).
+    max_gpa_bits: int = 52
+    #: Highest user virtual address + 1 (TASK_SIZE_MAX, 4-level paging): the userspace_addr range check.
+    user_addr_limit: int = 0x7FFFFFFFF000
+    #: Largest page the host mapping behind a memslot's userspace_addr provides (the sim's assumption about
+    #: host THP): shared mappings may be this large where uniform (spec §3.6). 2 = 2 MiB.
+    host_mapping_level: int = PG_LEVEL_2M
+    #: Largest TDP mapping level (2 = 2 MiB; this host's guests lack 1 GiB pages).
+    max_mapping_level: int = PG_LEVEL_2M
+    #: Enable the v12 RFC's huge-page guest_memfd (SIM_GUEST_MEMFD_FLAG_HUGEPAGE, spec §5.6). Sim-only.
+    hugepage: bool = False
+    nr_vcpus: int = 2
+    max_vcpus: int = 1024
+    max_vcpu_id: int = 4096
+
+    def with_options(self, **options: Any) -> Profile:
+        """This profile with host-configuration (or any other) fields replaced; unknown names → TypeError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown sim profile option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return dataclasses.replace(self, **options)
+
+    # --- derived answers ---------------------------------------------------------------------------------
+
+    @property
+    def vm_types_mask(self) -> int:
+        mask = 1 << uapi.KVM_X86_DEFAULT_VM
+        if self.sw_protected:
+            mask |= 1 << uapi.KVM_X86_SW_PROTECTED_VM
+        return mask
+
+    def gmem_valid_flags(self, has_private_mem: bool | None) -> int:
+        """Creation flags accepted (``has_private_mem`` None = asked on the system fd), spec §2.2/§2.4."""
+        if not self.gmem_flags:
+            flags = 0
+        else:
+            flags = uapi.GUEST_MEMFD_FLAG_MMAP
+            if not has_private_mem:  # INIT_SHARED iff kvm == NULL or the VM has no private memory
+                flags |= uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+        if self.hugepage:
+            flags |= SIM_GUEST_MEMFD_FLAG_HUGEPAGE
+        return flags
+
+    @property
+    def max_gfn(self) -> int:
+        return (1 << (self.max_gpa_bits - uapi.PAGE_SHIFT)) - 1
+
+
+PROFILES: dict[str, Profile] = {
+    "6.8": Profile(
+        name="6.8",
+        version=(6, 8),
+        gmem_flags=False,
+        gmem_slots_all_vm_types=False,
+        gmem_only_slots=False,
+        reject_readonly_gmem=True,
+        reject_gmem_flag_toggle=False,
+        bind_overlap_errno=errno.EINVAL,
+        unsigned_bind_offsets=False,
+        gmem_cap_everywhere=False,
+    ),
+    "6.18": Profile(
+        name="6.18",
+        version=(6, 18),
+        gmem_flags=True,
+        gmem_slots_all_vm_types=True,
+        gmem_only_slots=True,
+        reject_readonly_gmem=True,
+        reject_gmem_flag_toggle=True,
+        bind_overlap_errno=errno.EINVAL,
+        unsigned_bind_offsets=False,
+        gmem_cap_everywhere=True,
+    ),
+    "7.2": Profile(
+        name="7.2",
+        version=(7, 2),
+        gmem_flags=True,
+        gmem_slots_all_vm_types=True,
+        gmem_only_slots=True,
+        reject_readonly_gmem=True,
+        reject_gmem_flag_toggle=True,
+        bind_overlap_errno=errno.EEXIST,
+        unsigned_bind_offsets=True,
+        gmem_cap_everywhere=True,
+    ),
+}
+
+DEFAULT_PROFILE = "6.18"
+
+
+def get_profile(profile: str | Profile = DEFAULT_PROFILE, **options: Any) -> Profile:
+    """A named profile ("6.8", "6.18", "7.2") or a Profile instance, with ``options`` applied."""
+    if isinstance(profile, Profile):
+        base = profile
+    else:
+        try:
+            base = PROFILES[str(profile)]
+        except KeyError:
+            raise ValueError(f"unknown sim profile {profile!r} (choose {', '.join(PROFILES)})") from None
+    return base.with_options(**options) if options else base

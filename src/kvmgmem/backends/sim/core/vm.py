@@ -1,0 +1,485 @@
+"""The VM: every ioctl-level operation of the model, raising the kernel's errno in the kernel's order.
+
+Why one class sequences everything: the interesting rules are orderings — argument checks before table
+lookups, GPA overlap (EEXIST) before the guest_memfd bind, bind errors before the arch range check, zap
+before change (spec §2.5 A–N, §2.6, §2.8, §2.12, §3.5). Keeping each operation in one method, written as the
+spec's numbered steps, makes the order reviewable.
+
+Locks: ``slots_lock`` (an RLock, KVM's slots_lock) serialises the ioctl-level operations of one VM and its
+guest_memfds; ``mmu.lock`` (KVM's mmu_lock) guards what the fault path reads and is only held for short
+sections, never while zap listeners run. vCPU threads take only ``mmu.lock``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kvmgmem import uapi
+from kvmgmem.errors import KvmError
+
+from . import attributes as attrs
+from .attributes import AttributeMap
+from .caps import check_extension, supported_attributes
+from .gmem import HUGE_FOLIO_PAGES, PAGE_STATE_NAMES, Backing, GmemFile, GmemInode
+from .memslots import HUGE_LEVELS, OP_V1, OP_V2, AddressSpace, Memslot, check_region
+from .mmu import FaultResult, Mmu, ZapListener
+from .profile import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, level_pages
+
+_U64 = (1 << 64) - 1
+MAX_LFS_FILESIZE = (1 << 63) - 1
+_FALLOC_MODE_MASK = (
+    uapi.FALLOC_FL_PUNCH_HOLE
+    | uapi.FALLOC_FL_COLLAPSE_RANGE
+    | uapi.FALLOC_FL_ZERO_RANGE
+    | uapi.FALLOC_FL_INSERT_RANGE
+    | uapi.FALLOC_FL_UNSHARE_RANGE
+    | 0x80  # FALLOC_FL_WRITE_ZEROES (6.15+)
+)
+_HUGE_BYTES = HUGE_FOLIO_PAGES * uapi.PAGE_SIZE
+
+
+def signed64(value: int) -> int:
+    """A u64 field read as the kernel's signed ``loff_t``."""
+    value &= _U64
+    return value - (1 << 64) if value >> 63 else value
+
+
+class Fd(enum.Enum):
+    """What a raw fd number resolves to, other than a guest_memfd file (``fget`` outcomes)."""
+
+    NOT_OPEN = "not an open file descriptor"
+    NOT_GMEM = "not a guest_memfd"
+
+
+FdLookup = Callable[[int], "GmemFile | Fd"]
+
+
+def create_vm(profile: Profile, vm_type: int) -> VmCore:
+    """KVM_CREATE_VM (spec §2.3): the type must be < 32 and in the supported bitmap."""
+    if vm_type >= 32 or not profile.vm_types_mask & (1 << vm_type):
+        raise KvmError(errno.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} not supported")
+    return VmCore(profile, vm_type)
+
+
+class VmCore:
+    """The kernel-side state of one VM (spec §2.1) and its operations."""
+
+    def __init__(self, profile: Profile, vm_type: int) -> None:
+        self.profile = profile
+        self.vm_type = vm_type
+        self.has_private_mem = vm_type in uapi.PRIVATE_MEM_VM_TYPES
+        self.nr_address_spaces = 1 if self.has_private_mem else profile.address_spaces
+        self.slots_lock = threading.RLock()
+        self.mmu = Mmu(self)
+        self.memslots = [AddressSpace(i) for i in range(self.nr_address_spaces)]
+        self.attributes = AttributeMap()
+        self.hypercall_exit_mask = 0
+        self.refs = 1  # the VM fd; vCPU fds and every guest_memfd file add one
+        self.gmem_files: list[GmemFile] = []
+        self.destroyed = False
+        self.destroy_listeners: list[Callable[[], None]] = []
+        self.gmem_release_listeners: list[Callable[[GmemInode], None]] = []
+
+    # --- lifetime --------------------------------------------------------------------------------------
+
+    def get(self) -> None:
+        with self.slots_lock:
+            self.refs += 1
+
+    def put(self) -> None:
+        """Drop a reference (VM fd, vCPU fd, or a released guest_memfd file); the last destroys the VM."""
+        with self.slots_lock:
+            self.refs -= 1
+            if self.refs == 0:
+                self._destroy()
+
+    def _destroy(self) -> None:
+        self.destroyed = True
+        ranges = [(s.base_gfn, s.end_gfn) for s in self.memslots[0]]
+        with self.mmu.invalidate(ranges), self.mmu.lock:
+            for space in self.memslots:
+                for slot in space:
+                    space.remove(slot)
+                    slot.gmem = None  # no file can still be bound: files pin the VM
+        for cb in list(self.destroy_listeners):
+            cb()
+
+    def add_zap_listener(self, callback: ZapListener) -> None:
+        """See the contract in ``core/mmu.py``."""
+        self.mmu.zap_listeners.append(callback)
+
+    def remove_zap_listener(self, callback: ZapListener) -> None:
+        if callback in self.mmu.zap_listeners:
+            self.mmu.zap_listeners.remove(callback)
+
+    def add_gmem_release_listener(self, callback: Callable[[GmemInode], None]) -> None:
+        self.gmem_release_listeners.append(callback)
+
+    # --- KVM_CHECK_EXTENSION / KVM_ENABLE_CAP -------------------------------------------------------------
+
+    def check_extension(self, cap: int) -> int:
+        return check_extension(self.profile, cap, self)
+
+    def enable_cap(self, cap: int, flags: int, args: tuple[int, ...]) -> None:
+        """KVM_ENABLE_CAP on the VM (spec §2.7); only KVM_CAP_EXIT_HYPERCALL is modelled."""
+        op = "KVM_ENABLE_CAP"
+        if cap != uapi.KVM_CAP_EXIT_HYPERCALL:
+            raise KvmError(errno.EINVAL, op, f"capability {cap} cannot be enabled on this VM")
+        allowed = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+        if flags != 0:
+            raise KvmError(errno.EINVAL, op, f"flags {flags:#x} must be 0")
+        if args[0] & ~allowed:
+            raise KvmError(errno.EINVAL, op, f"args[0] {args[0]:#x} has bits outside {allowed:#x}")
+        with self.slots_lock:
+            self.hypercall_exit_mask = args[0]
+
+    # --- KVM_CREATE_GUEST_MEMFD (§2.4) ----------------------------------------------------------------------
+
+    def create_guest_memfd(self, size: int, flags: int, backing: Callable[[int], Backing]) -> GmemFile:
+        op = "KVM_CREATE_GUEST_MEMFD"
+        valid = self.profile.gmem_valid_flags(self.has_private_mem)
+        if flags & ~valid:
+            raise KvmError(errno.EINVAL, op, f"flags {flags:#x} not in supported {valid:#x}")
+        if signed64(size) <= 0 or size % uapi.PAGE_SIZE:
+            raise KvmError(errno.EINVAL, op, f"size {size:#x} must be positive and page aligned")
+        if flags & SIM_GUEST_MEMFD_FLAG_HUGEPAGE and size % _HUGE_BYTES:
+            raise KvmError(errno.EINVAL, op, f"huge-page guest_memfd size {size:#x} not 2 MiB aligned")
+        with self.slots_lock:
+            inode = GmemInode(size, flags, backing(size))
+            file = GmemFile(inode, self)
+            self.refs += 1
+            self.gmem_files.append(file)
+            return file
+
+    # --- KVM_SET_USER_MEMORY_REGION(2) (§2.5) -----------------------------------------------------------------
+
+    def set_user_memory_region(
+        self,
+        *,
+        v2: bool,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int,
+        guest_memfd: int = -1,
+        guest_memfd_offset: int = 0,
+        hva_live: tuple[int, int] | None = None,
+        fd_lookup: FdLookup | None = None,
+    ) -> None:
+        """All integer arguments are the raw u32/u64 field values (``guest_memfd`` the u32 fd field)."""
+        op = OP_V2 if v2 else OP_V1
+        if not v2:
+            guest_memfd_offset = 0
+        check_region(
+            self.profile, self.has_private_mem, self.nr_address_spaces, v2, slot, flags,
+            guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset,
+        )  # fmt: skip
+        as_id, slot_id = slot >> 16, slot & 0xFFFF
+        space = self.memslots[as_id]
+        base_gfn, npages = guest_phys_addr >> uapi.PAGE_SHIFT, memory_size >> uapi.PAGE_SHIFT
+        with self.slots_lock:
+            old = space.get(slot_id)
+            # I. delete
+            if npages == 0:
+                if old is None:
+                    raise KvmError(errno.EINVAL, op, f"slot {as_id}:{slot_id} does not exist")
+                self._replace(space, old, None)
+                return
+            # J. create or modify
+            if old is not None:
+                if flags & uapi.KVM_MEM_GUEST_MEMFD:
+                    raise KvmError(errno.EINVAL, op, "guest_memfd memslots are immutable (delete instead)")
+                toggle = uapi.KVM_MEM_READONLY
+                if self.profile.reject_gmem_flag_toggle:
+                    toggle |= uapi.KVM_MEM_GUEST_MEMFD
+                if userspace_addr != old.userspace_addr or npages != old.npages or (flags ^ old.flags) & toggle:
+                    raise KvmError(errno.EINVAL, op, "userspace_addr, size or READONLY/GUEST_MEMFD changed")
+                if base_gfn == old.base_gfn and flags == old.flags:
+                    old.hva_live = hva_live  # no-op for KVM; the adapter re-pinned the same memory
+                    return
+            # K. GPA overlap (CREATE or MOVE)
+            if old is None or base_gfn != old.base_gfn:
+                clash = space.overlapping(base_gfn, base_gfn + npages, exclude=old)
+                if clash:
+                    raise KvmError(errno.EEXIST, op, f"gpa range overlaps {clash[0]!r}")
+            # L. allocate
+            new = Memslot(slot_id, as_id, base_gfn, npages, flags, userspace_addr, hva_live)
+            # M. kvm_gmem_bind checks (the binding itself is committed with the slot)
+            file = None
+            if flags & uapi.KVM_MEM_GUEST_MEMFD:
+                file = self._bind_check(op, new, guest_memfd, guest_memfd_offset, fd_lookup)
+            # N. arch commit: the slot must end below the maximum guest physical address
+            if (old is None or base_gfn != old.base_gfn) and base_gfn + npages - 1 > self.profile.max_gfn:
+                raise KvmError(errno.EINVAL, op, f"slot ends above the {self.profile.max_gpa_bits}-bit GPA limit")
+            self._init_mixed(new)
+            if file is not None:
+                new.gmem, new.pgoff = file, guest_memfd_offset >> uapi.PAGE_SHIFT
+                new.gmem_only = self.profile.gmem_only_slots and file.inode.mmap_allowed
+            self._replace(space, old, new)
+
+    def _bind_check(self, op: str, slot: Memslot, fd: int, offset: int, fd_lookup: FdLookup | None) -> GmemFile:
+        """kvm_gmem_bind steps 1–5 (spec §2.5 M), without committing."""
+        fd &= 0xFFFFFFFF
+        found: GmemFile | Fd = Fd.NOT_OPEN
+        if fd < 1 << 31 and fd_lookup is not None:
+            found = fd_lookup(fd)
+        if found is Fd.NOT_OPEN:
+            raise KvmError(errno.EBADF, op, f"guest_memfd {signed32(fd)} is not an open fd")
+        if not isinstance(found, GmemFile):
+            raise KvmError(errno.EINVAL, op, f"fd {fd} is not a guest_memfd")
+        file = found
+        if file.vm is not self:
+            raise KvmError(errno.EINVAL, op, "guest_memfd belongs to another VM")
+        inode = file.inode
+        size = slot.npages * uapi.PAGE_SIZE
+        if self.profile.unsigned_bind_offsets:
+            if offset + size > inode.size:
+                raise KvmError(errno.EINVAL, op, "guest_memfd_offset + size beyond the file")
+        else:  # ≤7.1: signed loff_t arithmetic (offset + size may wrap negative and pass)
+            if signed64(offset) < 0 or signed64(offset + size) > inode.size:
+                raise KvmError(errno.EINVAL, op, "guest_memfd_offset negative or offset + size beyond the file")
+        if inode.hugepage and (offset % _HUGE_BYTES or size % _HUGE_BYTES):
+            raise KvmError(errno.EINVAL, op, "huge-page guest_memfd needs 2 MiB aligned offset and size")
+        first = offset >> uapi.PAGE_SHIFT
+        for _s, _e, other in file.bound_pieces(first, first + slot.npages):
+            raise KvmError(self.profile.bind_overlap_errno, op, f"file range already bound to {other!r}")
+        return file
+
+    def _replace(self, space: AddressSpace, old: Memslot | None, new: Memslot | None) -> None:
+        """Commit a create/delete/move/flags change: invalidate the old slot, unbind, install."""
+        ranges = [(old.base_gfn, old.end_gfn)] if old is not None and space.as_id == 0 else []
+        if old is not None:
+            with self.mmu.lock:
+                old.invalid = True  # concurrent faults on it retry
+        with self.mmu.invalidate(ranges), self.mmu.lock:
+            if old is not None:
+                space.remove(old)
+                self._unbind(old)
+            if new is not None:
+                if new.gmem is not None:
+                    new.gmem.bindings.set(new.pgoff, new.pgoff + new.npages, new)
+                space.install(new)
+
+    @staticmethod
+    def _unbind(slot: Memslot) -> None:
+        file = slot.gmem
+        if file is not None and not file.released:
+            for start, end, bound in list(file.bindings.pieces(slot.pgoff, slot.pgoff + slot.npages)):
+                if bound is slot:
+                    file.bindings.set(start, end, None)
+        slot.gmem = None
+
+    # --- huge-page "mixed" tracking (§3.6) -------------------------------------------------------------------
+
+    def _init_mixed(self, slot: Memslot) -> None:
+        for level in HUGE_LEVELS:
+            n = level_pages(level)
+            for b in self.attributes.boundaries(slot.base_gfn, slot.end_gfn):
+                if b % n and slot.contains_region(b - b % n, level):
+                    slot.mixed[level].set(b // n, b // n + 1, True)
+
+    def _update_mixed(self, slot: Memslot, start: int, end: int) -> None:
+        """After storing attributes on ``[start, end)``: fully covered regions are uniform now, the partially
+        covered head and tail regions are recomputed."""
+        for level in HUGE_LEVELS:
+            n = level_pages(level)
+            first_full, last_full = -(-start // n), end // n
+            if first_full < last_full:
+                slot.mixed[level].set(first_full, last_full, False)
+            for r in {start // n, (end - 1) // n}:
+                if (r * n < start or (r + 1) * n > end) and slot.contains_region(r * n, level):
+                    slot.mixed[level].set(r, r + 1, not self.attributes.is_uniform(r * n, (r + 1) * n))
+
+    # --- KVM_SET_MEMORY_ATTRIBUTES (§2.6) -------------------------------------------------------------------
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int) -> None:
+        if not self.profile.sw_protected:
+            raise KvmError(errno.ENOTTY, attrs.OP, "memory attributes are not compiled into this kernel")
+        start, end = attrs.validate(address, size, attributes, flags, supported_attributes(self.profile, self))
+        with self.slots_lock:
+            if self.attributes.has(start, end, attributes):
+                return  # 7. no-op: no zap
+            touched = [s for space in self.memslots for s in space.overlapping(start, end)]
+            ranges = [(max(start, s.base_gfn), min(end, s.end_gfn)) for s in touched if s.as_id == 0]
+            with self.mmu.invalidate(ranges), self.mmu.lock:
+                self.attributes.store(start, end, attributes)
+                for s in touched:
+                    self._update_mixed(s, start, end)
+
+    # --- guest_memfd file operations (§2.8, §2.12, §2.15) ---------------------------------------------------
+
+    def gmem_fallocate(self, file: GmemFile, mode: int, offset: int, length: int) -> None:
+        op = "fallocate"
+        off, ln = signed64(offset), signed64(length)
+        # generic vfs_fallocate checks
+        if off < 0 or ln <= 0:
+            raise KvmError(errno.EINVAL, op, "offset < 0 or len <= 0")
+        if mode & ~(_FALLOC_MODE_MASK | uapi.FALLOC_FL_KEEP_SIZE):
+            raise KvmError(errno.EOPNOTSUPP, op, f"unknown mode bits in {mode:#x}")
+        keep = bool(mode & uapi.FALLOC_FL_KEEP_SIZE)
+        kind = mode & _FALLOC_MODE_MASK
+        if kind in (0, uapi.FALLOC_FL_UNSHARE_RANGE, uapi.FALLOC_FL_ZERO_RANGE):
+            pass
+        elif kind == uapi.FALLOC_FL_PUNCH_HOLE:
+            if not keep:
+                raise KvmError(errno.EOPNOTSUPP, op, "PUNCH_HOLE needs KEEP_SIZE")
+        elif kind in (uapi.FALLOC_FL_COLLAPSE_RANGE, uapi.FALLOC_FL_INSERT_RANGE, 0x80):
+            if keep:
+                raise KvmError(errno.EOPNOTSUPP, op, "mode incompatible with KEEP_SIZE")
+        else:
+            raise KvmError(errno.EOPNOTSUPP, op, f"mode combination {mode:#x}")
+        if off + ln > MAX_LFS_FILESIZE:
+            raise KvmError(errno.EFBIG, op, "offset + len beyond the maximum file size")
+        # kvm_gmem_fallocate
+        if not keep:
+            raise KvmError(errno.EOPNOTSUPP, op, "guest_memfd requires KEEP_SIZE")
+        if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):
+            raise KvmError(errno.EOPNOTSUPP, op, "guest_memfd supports only allocate and punch hole")
+        if off % uapi.PAGE_SIZE or ln % uapi.PAGE_SIZE:
+            raise KvmError(errno.EINVAL, op, "offset or len not page aligned")
+        inode = file.inode
+        first, last = off >> uapi.PAGE_SHIFT, (off + ln) >> uapi.PAGE_SHIFT
+        if mode & uapi.FALLOC_FL_PUNCH_HOLE:
+            self.gmem_punch(file, first, last)
+            return
+        if off + ln > inode.size:
+            raise KvmError(errno.EINVAL, op, "allocation range beyond the end of the file")
+        if inode.backing.address(first) is None:
+            raise KvmError(errno.ENOMEM, op, "guest_memfd storage could not be mapped")
+        with self.slots_lock, self.mmu.lock:
+            inode.materialise(first, last)
+
+    def gmem_punch(self, file: GmemFile, first: int, last: int) -> None:
+        """PUNCH_HOLE pages ``[first, last)``: zap every bound gfn, then free (no bounds check)."""
+        with self.slots_lock:
+            ranges = file.gfn_ranges(first, last)
+            with self.mmu.invalidate(ranges), self.mmu.lock:
+                file.inode.free(first, last)
+
+    def gmem_poison(self, file: GmemFile, pgoff: int) -> None:
+        """Memory failure on page ``pgoff`` (§2.15): zap bound gfns, mark hwpoison, do not truncate."""
+        if not 0 <= pgoff < file.inode.npages:
+            raise KvmError(errno.EINVAL, "inject_poison", f"page {pgoff:#x} beyond the end of the file")
+        with self.slots_lock:
+            ranges = file.gfn_ranges(pgoff, pgoff + 1)
+            with self.mmu.invalidate(ranges), self.mmu.lock:
+                file.inode.poison(pgoff)
+
+    def gmem_host_fault(self, file: GmemFile, first: int, last: int) -> tuple[int, str | None]:
+        """Host accesses pages ``[first, last)`` through an mmap (§2.10.3): materialise what may be touched.
+
+        Returns ``(stop, reason)``: pages before ``stop`` are accessible; the access to page ``stop`` raises
+        SIGBUS for ``reason`` ("private", "beyond EOF", "hwpoison"), or ``reason`` is None when all are fine.
+        """
+        inode = file.inode
+        with self.mmu.lock:
+            if not inode.init_shared:
+                return first, "private (guest_memfd not INIT_SHARED)"
+            stop, reason = last, None
+            if stop > inode.npages:
+                stop, reason = max(inode.npages, first), "beyond EOF"
+            poisoned = inode.first_poisoned(first, stop)
+            if poisoned is not None:
+                stop, reason = poisoned, "hwpoison"
+            if stop > first:
+                inode.materialise(first, stop)
+            return stop, reason
+
+    def release_gmem_file(self, file: GmemFile) -> None:
+        """Last reference to a guest_memfd file dropped (§2.12). Caller holds ``slots_lock``."""
+        with self.slots_lock:
+            pieces = list(file.bound_pieces(0, 1 << 64))
+            ranges = file.gfn_ranges(0, 1 << 64)
+            with self.mmu.invalidate(ranges), self.mmu.lock:
+                for _s, _e, slot in pieces:
+                    if slot.gmem is file:
+                        slot.gmem = None
+                file.bindings.set(0, 1 << 64, None)
+                file.released = True
+            inode = file.inode
+            inode.files.remove(file)
+            if not inode.files:
+                for cb in list(self.gmem_release_listeners):
+                    cb(inode)
+                with self.mmu.lock:
+                    inode.destroy()
+            self.gmem_files.remove(file)
+            self.put()
+
+    # --- the fault path ------------------------------------------------------------------------------------
+
+    def handle_fault(
+        self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None
+    ) -> FaultResult:
+        """The CPU layer's entry point (contract in ``core/mmu.py``)."""
+        return self.mmu.fault(gpa, write, fetch, private)
+
+    # --- introspection ---------------------------------------------------------------------------------------
+
+    def introspect(self) -> dict[str, Any]:
+        """A snapshot for tests and tools: SPTEs, attributes, memslots, guest_memfd pages, counters."""
+        with self.slots_lock, self.mmu.lock:
+            return {
+                "sptes": [
+                    {
+                        "gfn": s.gfn,
+                        "level": s.level,
+                        "npages": s.npages,
+                        "backing": s.backing,
+                        "host_address": s.host_address,
+                        "writable": s.writable,
+                        "private": s.private,
+                        "slot": s.slot.slot,
+                        "gmem_ino": s.gmem.ino if s.gmem else None,
+                        "pgoff": s.pgoff if s.gmem else None,
+                    }
+                    for s in self.mmu.sptes()
+                ],
+                "attributes": [(a, b, v) for a, b, v in self.attributes.runs() if v],
+                "attribute_runs": len(self.attributes),
+                "memslots": [
+                    {
+                        "slot": s.slot,
+                        "base_gfn": s.base_gfn,
+                        "npages": s.npages,
+                        "flags": s.flags,
+                        "userspace_addr": s.userspace_addr,
+                        "gmem_ino": s.gmem.inode.ino if s.gmem else None,
+                        "pgoff": s.pgoff,
+                        "gmem_only": s.gmem_only,
+                        "mixed": {lv: [(a, b) for a, b, v in s.mixed[lv].runs() if v] for lv in HUGE_LEVELS},
+                    }
+                    for space in self.memslots
+                    for s in space
+                ],
+                "gmem": [
+                    {
+                        "ino": f.inode.ino,
+                        "size": f.inode.size,
+                        "flags": f.inode.flags,
+                        "refs": f.refs,
+                        "pages": [
+                            (a, b, PAGE_STATE_NAMES[v]) for a, b, v in f.inode.pages.pieces(0, f.inode.npages) if v
+                        ],
+                        "pages_present": f.inode.nr_present,
+                        "pages_allocated": f.inode.pages_allocated,
+                        "pages_freed": f.inode.pages_freed,
+                        "bindings": [(a, b, s.slot) for a, b, s in f.bound_pieces(0, 1 << 64)],
+                    }
+                    for f in self.gmem_files
+                ],
+                "counters": dict(vars(self.mmu.counters)),
+                "mmu_seq": self.mmu.seq,
+                "refs": self.refs,
+                "hypercall_exit_mask": self.hypercall_exit_mask,
+            }
+
+
+def signed32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >> 31 else value

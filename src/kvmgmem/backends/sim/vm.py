@@ -1,0 +1,216 @@
+"""``Vm`` on the sim: marshals arguments like a C caller and calls the model's ioctl-level operations.
+
+Also the sim-only surface other layers use: ``handle_fault`` and ``add_zap_listener`` (the CPU contract,
+see ``core/mmu.py``), ``introspect()``, and ``sim`` (the ``VmCore``).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, resolve_userspace, u32, u64
+from kvmgmem.errors import KvmError
+from kvmgmem.hostmem import HostMemory
+
+from . import cpu_types, fdtable
+from .core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, ZapListener
+from .core.vm import VmCore
+from .gmem import SimGuestMemfd
+from .storage import GmemStorage
+from .vcpu import SimVcpu
+
+if TYPE_CHECKING:
+    from .system import SimSystem
+
+
+def _close_vm(fd: int, core: VmCore) -> None:
+    os.close(fd)
+    core.put()
+
+
+def _live_range(user: Userspace) -> tuple[int, int] | None:
+    """The host range the sim can prove stays mapped while the slot pins it (None for a raw address)."""
+    owner = user.owner
+    if owner is None:
+        return None
+    if isinstance(owner, HostMemory):
+        return user.address, user.address + owner.size
+    with memoryview(owner) as view:
+        return user.address, user.address + view.nbytes
+
+
+def to_cpu_result(result: FaultResult) -> cpu_types.FaultResult:
+    """The model's fault outcome in the CPU layer's vocabulary (``cpu_types``)."""
+    if isinstance(result, FaultMapped):
+        return cpu_types.Mapped(host_ptr=result.host_address, size=result.size, writable=result.writable)
+    if isinstance(result, FaultMemoryExit):
+        return cpu_types.MemoryFault(flags=result.flags, gpa=result.gpa, size=result.size, errno=result.errno)
+    if isinstance(result, FaultMmio):
+        return cpu_types.Mmio()
+    return cpu_types.Retry()
+
+
+def _vcpu_class() -> type[SimVcpu]:
+    """The vCPU implementation: ``kvmgmem.backends.sim.cpu.VCPU_CLASS`` when part 2 provides it."""
+    try:
+        module = importlib.import_module("kvmgmem.backends.sim.cpu")
+    except ImportError:
+        return SimVcpu
+    cls = getattr(module, "VCPU_CLASS", SimVcpu)
+    return cls if isinstance(cls, type) and issubclass(cls, SimVcpu) else SimVcpu
+
+
+class SimVm(Vm):
+    def __init__(self, system: SimSystem, core: VmCore) -> None:
+        super().__init__()
+        self.system = system
+        self.vm_type = core.vm_type
+        self.core = core
+        self._fd = fdtable.placeholder_fd()
+        self._finalizer = weakref.finalize(self, _close_vm, self._fd, core)
+        self._vcpu_lock = threading.Lock()
+        # When the model destroys the VM (possibly long after this fd closed, once the last guest_memfd is
+        # gone), the memslots' host memory is unpinned. The listener must not reference ``self``.
+        users, lock, key = self._slot_users, self._slot_lock, id(self)
+
+        def unpin_all() -> None:
+            with lock:
+                for slot, user in users.items():
+                    user.unpin((key, slot))
+                users.clear()
+
+        core.destroy_listeners.append(unpin_all)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def sim(self) -> VmCore:
+        return self.core
+
+    def _release(self) -> None:
+        self._finalizer()
+
+    # --- ioctls ---------------------------------------------------------------------------------------------
+
+    def check_extension(self, cap: int) -> int:
+        op = "KVM_CHECK_EXTENSION"
+        self._check_open(op)
+        return self.core.check_extension(u64(cap, "cap", op))
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> SimGuestMemfd:
+        op = "KVM_CREATE_GUEST_MEMFD"
+        self._check_open(op)
+        file = self.core.create_guest_memfd(u64(size, "size", op), u64(flags, "flags", op), GmemStorage)
+        try:
+            return SimGuestMemfd(self, file)
+        except OSError as e:
+            file.put()
+            raise KvmError(e.errno or errno.EMFILE, op, f"no fd for the guest_memfd: {e}") from e
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, memory_size: int, userspace: Any = None, flags: int = 0
+    ) -> None:
+        self._set_region(False, slot, guest_phys_addr, memory_size, userspace, flags, None, 0)
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace: Any = None,
+        flags: int = 0,
+        guest_memfd: GuestMemfd | int | None = None,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        self._set_region(True, slot, guest_phys_addr, memory_size, userspace, flags, guest_memfd, guest_memfd_offset)
+
+    def _set_region(
+        self,
+        v2: bool,
+        slot: int,
+        gpa: int,
+        size: int,
+        userspace: Any,
+        flags: int,
+        guest_memfd: GuestMemfd | int | None,
+        offset: int,
+    ) -> None:
+        op = "KVM_SET_USER_MEMORY_REGION2" if v2 else "KVM_SET_USER_MEMORY_REGION"
+        self._check_open(op)
+        slot, flags = u32(slot, "slot", op), u32(flags, "flags", op)
+        gpa, size = u64(gpa, "guest_phys_addr", op), u64(size, "memory_size", op)
+        fd = u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op)
+        offset = u64(offset, "guest_memfd_offset", op)
+        user = resolve_userspace(userspace, op)
+        self.core.set_user_memory_region(
+            v2=v2,
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=gpa,
+            memory_size=size,
+            userspace_addr=user.address,
+            guest_memfd=fd,
+            guest_memfd_offset=offset,
+            hva_live=_live_range(user),
+            fd_lookup=fdtable.lookup,
+        )
+        self._track_slot(slot, size, user)
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        op = "KVM_SET_MEMORY_ATTRIBUTES"
+        self._check_open(op)
+        self.core.set_memory_attributes(
+            u64(address, "address", op),
+            u64(size, "size", op),
+            u64(attributes, "attributes", op),
+            u64(flags, "flags", op),
+        )
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        op = "KVM_ENABLE_CAP"
+        self._check_open(op)
+        if len(args) > 4:
+            raise ValueError(f"{op}: at most 4 args, got {len(args)}")
+        values = tuple(u64(a, f"args[{i}]", op) for i, a in enumerate(args)) + (0,) * (4 - len(args))
+        self.core.enable_cap(u32(cap, "cap", op), u32(flags, "flags", op), values)
+
+    def create_vcpu(self, vcpu_id: int = 0) -> SimVcpu:
+        op = "KVM_CREATE_VCPU"
+        self._check_open(op)
+        vcpu_id = u32(vcpu_id, "vcpu_id", op)
+        profile = self.core.profile
+        with self._vcpu_lock:
+            live = [v for v in self._vcpus if not v.closed]
+            if len(live) >= profile.max_vcpus:
+                raise KvmError(errno.EINVAL, op, f"already {len(live)} vCPUs (KVM_CAP_MAX_VCPUS)")
+            if vcpu_id >= profile.max_vcpu_id:
+                raise KvmError(errno.EINVAL, op, f"vcpu_id {vcpu_id} >= KVM_CAP_MAX_VCPU_ID {profile.max_vcpu_id}")
+            if any(v.vcpu_id == vcpu_id for v in live):
+                raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists")
+            vcpu = _vcpu_class()(self, vcpu_id)
+            self._vcpus.append(vcpu)
+            return vcpu
+
+    # --- sim-only surface -----------------------------------------------------------------------------------
+
+    def handle_fault(self, gpa: int, write: bool = False, fetch: bool = False) -> cpu_types.FaultResult:
+        """The CPU's fault entry point (``cpu_types.GpaResolver``; contract in ``core/mmu.py``), answering
+        with the CPU layer's result types. ``core.handle_fault`` gives the model's richer results."""
+        return to_cpu_result(self.core.handle_fault(gpa, write, fetch))
+
+    def add_zap_listener(self, callback: ZapListener) -> None:
+        self.core.add_zap_listener(callback)
+
+    def remove_zap_listener(self, callback: ZapListener) -> None:
+        self.core.remove_zap_listener(callback)
+
+    def introspect(self) -> dict[str, Any]:
+        """SPTEs, attribute ranges, memslots, guest_memfd page states and counters (``VmCore.introspect``)."""
+        return self.core.introspect()
