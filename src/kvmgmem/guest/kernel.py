@@ -37,7 +37,7 @@ def emit_kernel(a: Asm) -> KernelLabels:
             a.push(0)  # keep one frame shape: every vector has an "error code"
         a.push(vector).jmp(k.common)
 
-    # Report EXCEPTION(vector, error code, rip, cs, cr2, rsp) through a ucall struct built in place, then park.
+    # Report EXCEPTION(vector, error code, rip, cs, cr2, rsp) through a ucall struct built in place.
     a.label(k.common).push(rax).push(rdx).sub(rsp, U.UCALL_SIZE)
     a.mov(qword[rsp], U.EXCEPTION).mov(qword[rsp + 8], 6)
     for slot, frame in ((0, 0), (1, 8), (2, 16), (3, 24)):  # vector, error code, rip, cs
@@ -45,8 +45,8 @@ def emit_kernel(a: Asm) -> KernelLabels:
     a.mov(rax, cr2).mov(qword[rsp + 16 + 32], rax)
     a.mov(rax, qword[rsp + _FRAME + 40]).mov(qword[rsp + 16 + 40], rax)  # RSP at the fault
 
-    a.mov(rax, rsp).mov(dx, U.UCALL_PORT).out(dx, eax)
-    U.park(a)
+    report = Label("exc_report")
+    a.mov(rax, rsp).mov(dx, U.UCALL_PORT).label(report).out(dx, eax).jmp(report)  # resuming re-reports
 
     # Boot stub for CPL3 payloads: r12 = user RIP, r13 = user RSP; rsp is the vCPU's kernel stack.
     a.label(k.user_entry)

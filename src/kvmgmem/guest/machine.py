@@ -23,6 +23,14 @@ from kvmgmem.hostmem import HostMemory
 _2M = 2 << 20
 
 
+def _no_buffer_protocol(obj: Any) -> bool:
+    try:
+        memoryview(obj).release()
+    except TypeError:
+        return True
+    return False
+
+
 class GuestVcpu:
     """A vCPU of a ``GuestVm``, already in the image's boot state."""
 
@@ -67,15 +75,19 @@ class GuestVm:
 
     def __init__(self, vm: Vm, image: GuestImage, *, slot: int = 0, memory_size: int | None = None,
                  own_vm: bool = True) -> None:  # fmt: skip
-        self.vm, self.image, self.own_vm = vm, image, own_vm
+        self.vm, self.image, self.own_vm, self.slot = vm, image, own_vm, slot
+        self._closed = False
         self.memory = GuestMemory()
-        self._buffers: list[Any] = []
         size = max(memory_size or 0, (image.end + _2M - 1) // _2M * _2M)
         self.host = HostMemory(size)
-        self._buffers.append(self.host)
-        image.load(self.host, 0)
-        vm.set_user_memory_region(slot, 0, size, self.host)
+        try:
+            image.load(self.host, 0)
+            vm.set_user_memory_region(slot, 0, size, self.host)
+        except BaseException:
+            self.host.close()
+            raise
         self.memory.add(0, self.host)
+        self._slots = [(slot, 0)]
         self.vcpus: list[GuestVcpu] = []
 
     @classmethod
@@ -99,11 +111,17 @@ class GuestVm:
         guest_memfd_offset: int = 0,
     ) -> None:
         """Add a memslot backed by ``buffer`` (HostMemory or a gmem mapping) and make it readable here."""
-        size = len(memoryview(buffer))
+        size = len(buffer)
+        userspace: Any = buffer
+        if not isinstance(buffer, HostMemory) and _no_buffer_protocol(buffer):
+            # e.g. the sim's guest_memfd mapping, which refuses the buffer protocol so it can fault on
+            # private pages: hand KVM its address, as a C VMM would (the caller keeps it mapped).
+            userspace = buffer.address
         if guest_memfd is None and not flags:
-            self.vm.set_user_memory_region(slot, gpa, size, buffer)
+            self.vm.set_user_memory_region(slot, gpa, size, userspace)
         else:
-            self.vm.set_user_memory_region2(slot, gpa, size, buffer, flags, guest_memfd, guest_memfd_offset)
+            self.vm.set_user_memory_region2(slot, gpa, size, userspace, flags, guest_memfd, guest_memfd_offset)
+        self._slots.append((slot, gpa))
         self.memory.add(gpa, buffer)
 
     def create_vcpu(
@@ -123,13 +141,24 @@ class GuestVm:
         return VcpuThreads([g.vcpu for g in self.vcpus], lambda i: body(self.vcpus[i]))
 
     def close(self) -> None:
+        """Close the vCPUs, delete the memslots this object made, close the VM (if owned), drop the buffer
+        views and free the image memory.
+
+        The slots are deleted explicitly because closing the VM fd does not end the VM while a guest_memfd
+        still references it (spec §2.14), and a live slot keeps its host memory pinned. Buffers passed to
+        ``add_memory`` stay the caller's to close once this returns."""
+        if self._closed:
+            return
+        self._closed = True
         for g in self.vcpus:
             g.vcpu.close()
+        if not self.vm.closed:
+            for slot, gpa in reversed(self._slots):
+                self.vm.set_user_memory_region(slot, gpa, 0, None)
         if self.own_vm:
             self.vm.close()
         self.memory.release()
-        if self.own_vm:
-            self.host.close()
+        self.host.close()
 
     def __enter__(self) -> GuestVm:
         return self

@@ -83,13 +83,21 @@ def sync(a: Asm, *args: Arg) -> Asm:
 
 
 def done(a: Asm) -> Asm:
-    """DONE, then park: a vCPU resumed after DONE halts instead of running off the end."""
-    ucall(a, DONE)
-    return park(a)
+    """DONE, forever: a vCPU resumed after DONE reports DONE again instead of running off the end.
+
+    (Not ``hlt``: it is privileged, so a CPL3 payload would #GP.)"""
+    return _forever(a, DONE)
+
+
+def _forever(a: Asm, cmd: int, *args: Arg) -> Asm:
+    again = Label("again")
+    a.label(again)
+    ucall(a, cmd, *args)
+    return a.jmp(again)
 
 
 def park(a: Asm) -> Asm:
-    """``hlt`` forever (each resume gives the host a HltExit)."""
+    """``hlt`` forever (CPL0 only; each resume gives the host a HltExit)."""
     here = Label("park")
     return a.label(here).hlt().jmp(here)
 
@@ -101,9 +109,8 @@ def print_(a: Asm, text: str | Label | Reg, length: int | Reg | None = None) -> 
 
 
 def assert_fail(a: Asm, check: str, expected: Arg, actual: Arg, *extra: Arg) -> Asm:
-    """Report a failed check (name, the two values, up to three extra values) and park."""
-    ucall(a, ASSERT_FAIL, a.cstring(check), expected, actual, *extra)
-    return park(a)
+    """Report a failed check (name, the two values, up to three extra values); resuming reports it again."""
+    return _forever(a, ASSERT_FAIL, a.cstring(check), expected, actual, *extra)
 
 
 def assert_cmp(a: Asm, cc: str, left: Operand, right: Operand, check: str, extra: Sequence[Arg] = ()) -> Asm:

@@ -1,0 +1,132 @@
+"""Guest routines the conformance tests and the demo share: fill, verify, read-loop, touch pages, hypercalls.
+
+Each function appends straight-line code to an ``Asm`` (no calls, so they work at any privilege and need no
+stack discipline). Ranges and values may be ints or 64-bit registers; the registers each routine clobbers
+are listed in its docstring. Byte loops use the ``rep`` string instructions, 8 bytes at a time when the range
+allows, because CPL0 code on this host runs through KVM's emulator (host-probes §1) and the sim pays per
+instruction too.
+"""
+
+from __future__ import annotations
+
+from kvmgmem import uapi
+from kvmgmem.guest import ucall as U
+from kvmgmem.guest.asm import Asm
+from kvmgmem.guest.operands import Label, Reg, al, byte, edx, qword, rax, rbx, rcx, rdi, rdx, rsi
+
+Value = int | Reg
+
+BYTES8 = 0x0101010101010101
+
+
+def _load(a: Asm, reg: Reg, value: Value) -> None:
+    if isinstance(value, Reg):
+        if value != reg:
+            a.mov(reg, value)
+    else:
+        a.mov(reg, value & (1 << 64) - 1)
+
+
+def _whole_qwords(start: Value, length: Value) -> bool:
+    return isinstance(start, int) and isinstance(length, int) and start % 8 == 0 and length % 8 == 0
+
+
+def fill(a: Asm, start: Value, length: Value, value: int) -> Asm:
+    """Set [start, start+length) to byte ``value``. Clobbers rax, rcx, rdi."""
+    if _whole_qwords(start, length):
+        assert isinstance(length, int)
+        _load(a, rdi, start)
+        _load(a, rcx, length // 8)
+        a.mov(rax, (value & 0xFF) * BYTES8)
+        return a.rep_stosq()
+    _load(a, rcx, length)
+    _load(a, rdi, start)
+    a.mov(rax, value & 0xFF)
+    return a.rep_stosb()
+
+
+def verify(a: Asm, start: Value, length: Value, value: int, check: str = "verify") -> Asm:
+    """Check every byte of [start, start+length) is ``value``; on the first mismatch ASSERT_FAIL(check,
+    expected=value, actual=the byte, extra=its address) and park. Clobbers rax, rcx, rdx, rdi."""
+    ok, mismatch = Label("verify_ok"), Label("verify_bad")
+    if _whole_qwords(start, length):
+        assert isinstance(length, int)
+        _load(a, rdi, start)
+        a.mov(rax, (value & 0xFF) * BYTES8)
+        _load(a, rcx, length // 8)
+        a.test(rcx, rcx).repe_scasq().je(ok)  # ZF=1 after the scan means all equal (or length 0)
+        a.sub(rdi, 8).mov(rcx, 8)  # rescan the differing qword bytewise to find the byte
+    else:
+        _load(a, rcx, length)
+        _load(a, rdi, start)
+        a.mov(rax, value & 0xFF)
+        a.test(rcx, rcx)
+        a.je(ok)
+    a.repe_scasb().je(ok)
+    a.label(mismatch).dec(rdi).movzx(edx, byte[rdi])
+    U.assert_fail(a, check, value & 0xFF, rdx, rdi)
+    return a.label(ok)
+
+
+def read_loop(a: Asm, gva: Value) -> Asm:
+    """Read the u64 at ``gva`` forever (spec PK cases: the access the host races against). Clobbers rax, rbx."""
+    _load(a, rbx, gva)
+    top = Label("read_loop")
+    return a.label(top).mov(rax, qword[rbx]).jmp(top)
+
+
+def touch_pages(a: Asm, start: Value, length: Value, *, write: bool = True, stride: int = uapi.PAGE_SIZE) -> Asm:
+    """Access one byte in every ``stride`` of [start, start+length) — a write of 0 by default, else a read —
+    to fault every page in. Clobbers rax, rcx, rdi."""
+    done, top = Label("touch_done"), Label("touch")
+    _load(a, rdi, start)
+    _load(a, rcx, length)
+    a.add(rcx, stride - 1).shr(rcx, stride.bit_length() - 1).jz(done)
+    a.xor(rax, rax)
+    a.label(top)
+    if write:
+        a.mov(byte[rdi], 0)
+    else:
+        a.mov(al, byte[rdi])
+    return a.add(rdi, stride).dec(rcx).jnz(top).label(done)
+
+
+def hypercall(a: Asm, nr: int, *args: Value) -> Asm:
+    """KVM hypercall ABI (spec §1.8): rax = nr, rbx/rcx/rdx/rsi = a0..a3, ``vmcall``; result in rax.
+    Clobbers rax and the argument registers. Must run at CPL0: at CPL3 KVM answers -KVM_EPERM."""
+    if len(args) > 4:
+        raise ValueError("at most four hypercall arguments")
+    for reg, value in reversed(list(zip((rbx, rcx, rdx, rsi), args, strict=False))):
+        _load(a, reg, value)
+    a.mov(rax, nr)
+    return a.vmcall()
+
+
+def map_gpa_range(
+    a: Asm,
+    gpa: Value,
+    npages: Value,
+    attrs: Value,
+    *,
+    expect: int | None = 0,
+    check: str = "KVM_HC_MAP_GPA_RANGE",
+) -> Asm:
+    """KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs); with ``expect`` set, ASSERT that rax equals it (as a u64,
+    so ``expect=-uapi.KVM_ENOSYS`` checks the "not enabled" answer). The result stays in rax."""
+    hypercall(a, uapi.KVM_HC_MAP_GPA_RANGE, gpa, npages, attrs)
+    if expect is not None:
+        value = expect & (1 << 64) - 1
+        if value < 1 << 31 or value >= (1 << 64) - (1 << 31):
+            U.assert_eq(a, rax, value if value < 1 << 31 else value - (1 << 64), check)
+        else:
+            a.mov(rdx, value)
+            U.assert_eq(a, rax, rdx, check)
+    return a
+
+
+def spin_counter(a: Asm, counter: Value = rsi) -> Asm:
+    """``inc qword [counter]`` forever — a vCPU whose progress the host can sample (default: the vCPU's
+    data area, which the image passes in rsi). Clobbers rbx."""
+    _load(a, rbx, counter)
+    top = Label("spin")
+    return a.label(top).inc(qword[rbx]).jmp(top)
