@@ -43,9 +43,10 @@ class GuestMemory:
         self._regions: list[Region] = []
 
     def add(self, gpa: int, buffer: Any) -> GuestMemory:
+        view: memoryview | None
         try:
-            view: memoryview | None = memoryview(buffer).cast("B")
-            size = len(view)
+            view = memoryview(buffer).cast("B")
+            size = view.nbytes
         except TypeError:
             view, size = None, len(buffer)
         new = Region(gpa, size, view, None if view is not None else buffer)
