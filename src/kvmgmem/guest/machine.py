@@ -140,6 +140,11 @@ class GuestVm:
         """``VcpuThreads`` over this VM's vCPUs (not started)."""
         return VcpuThreads([g.vcpu for g in self.vcpus], lambda i: body(self.vcpus[i]))
 
+    def run_vcpus(self, body: Callable[[GuestVcpu], Any], timeout: float | None = 30.0) -> list[Any]:
+        """Run ``body(vcpu)`` for every vCPU on its own thread; the first failure stops the rest and is
+        raised here, as is ``GuestTimeoutError`` after ``timeout`` seconds."""
+        return self.threads(body).start().join(timeout)
+
     def close(self) -> None:
         """Close the vCPUs, delete the memslots this object made, close the VM (if owned), drop the buffer
         views and free the image memory.

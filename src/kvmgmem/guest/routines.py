@@ -75,19 +75,20 @@ def read_loop(a: Asm, gva: Value) -> Asm:
     return a.label(top).mov(rax, qword[rbx]).jmp(top)
 
 
-def touch_pages(a: Asm, start: Value, length: Value, *, write: bool = True, stride: int = uapi.PAGE_SIZE) -> Asm:
-    """Access one byte in every ``stride`` of [start, start+length) — a write of 0 by default, else a read —
-    to fault every page in. Clobbers rax, rcx, rdi."""
+def touch_pages(a: Asm, start: Value, length: Value, *, value: int | None = 0, stride: int = uapi.PAGE_SIZE) -> Asm:
+    """Access the first byte of every ``stride`` of [start, start+length) to fault each page in: write
+    ``value`` there, or only read it when ``value`` is None. Clobbers rax, rcx, rdi."""
+    if stride <= 0 or stride & (stride - 1):
+        raise ValueError("stride must be a power of two")
     done, top = Label("touch_done"), Label("touch")
     _load(a, rdi, start)
     _load(a, rcx, length)
     a.add(rcx, stride - 1).shr(rcx, stride.bit_length() - 1).jz(done)
-    a.xor(rax, rax)
     a.label(top)
-    if write:
-        a.mov(byte[rdi], 0)
-    else:
+    if value is None:
         a.mov(al, byte[rdi])
+    else:
+        a.mov(byte[rdi], value & 0xFF)
     return a.add(rdi, stride).dec(rcx).jnz(top).label(done)
 
 

@@ -73,17 +73,20 @@ def run_until_event(
     dog = _Watchdog(vcpu, timeout)
     try:
         while True:
+            exit: Exit | None = None
             try:
                 exit = vcpu.run()
             except KvmError as e:
-                if e.errno == errno.EINTR and dog.fired:
-                    raise GuestTimeoutError(
-                        f"{f'vCPU {index}: ' if index is not None else ''}no ucall within {timeout} s"
-                    ) from None
-                raise
-            if dog.fired:  # the kick landed after a normal exit: consume it, then report the timeout
-                _drain_kick(vcpu)
-                raise GuestTimeoutError(f"no ucall within {timeout} s")
+                if e.errno != errno.EINTR or not dog.fired:
+                    raise
+            # Raised outside the except block on purpose: a chained KvmError would keep the backend's
+            # KVM_RUN frame (and its kvm_run mapping) alive for as long as the caller holds the exception.
+            if dog.fired:
+                if exit is not None:  # the kick landed after a normal exit: consume it first
+                    _drain_kick(vcpu)
+                where = f"vCPU {index}: " if index is not None else ""
+                raise GuestTimeoutError(f"{where}no ucall within {timeout} s")
+            assert exit is not None
             if not (isinstance(exit, IoExit) and is_ucall(exit)):
                 return exit
             event = decode(exit, memory)
