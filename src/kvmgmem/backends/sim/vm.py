@@ -95,7 +95,12 @@ class SimVm(Vm):
         return self.core
 
     def _release(self) -> None:
+        """Close the VM fd: its vCPUs close with it and its memslots stop pinning host memory (as the kvm
+        backend does; no vCPU is left to touch it). The model VM lives on while guest_memfds pin it."""
+        for vcpu in self._vcpus:
+            vcpu.close()
         self._finalizer()
+        self._release_slots()
 
     # --- ioctls ---------------------------------------------------------------------------------------------
 
