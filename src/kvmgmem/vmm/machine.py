@@ -1,0 +1,253 @@
+"""``Machine``: a confidential VM the way a real VMM builds and runs one.
+
+Memory layout: a boot region at gpa 0 (the guest image: page tables, GDT/IDT, code, stacks; always shared)
+and RAM regions, each one memslot backed by a ``HostMemory`` (the shared side) and **its own guest_memfd**
+(the private side). One guest_memfd per region, as QEMU (per RAMBlock), cloud-hypervisor and libkrun do,
+rather than alioth's single huge file with offset = gpa: a region's two stores then have the same size and
+lifetime, punching and accounting are per region, and nothing depends on a huge sparse file.
+
+Running: one thread per vCPU runs to the next exit and dispatches it — ucall SYNCs to ``on_sync``,
+``KVM_HC_MAP_GPA_RANGE`` hypercalls (explicit conversions) and ``KVM_EXIT_MEMORY_FAULT`` (implicit ones) to
+the one :class:`~kvmgmem.vmm.convert.ConversionService`. The first failure stops every vCPU and is
+re-raised; ``close()`` always releases every fd, mapping and thread (also after Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import kvmgmem
+from kvmgmem import uapi
+from kvmgmem.api import System
+from kvmgmem.errors import KvmError
+from kvmgmem.exits import Exit, HypercallExit, MemoryFaultExit
+from kvmgmem.guest.asm import Asm
+from kvmgmem.guest.events import Done, Sync, UnexpectedExitError
+from kvmgmem.guest.image import GuestImage
+from kvmgmem.guest.machine import GuestVcpu, GuestVm
+from kvmgmem.hostmem import HostMemory, resident_bytes
+
+from .convert import ConversionError, ConversionService, DiscardPolicy, Region
+from .trace import Tracer
+
+SyncHandler = Callable[["Machine", GuestVcpu, tuple[int, ...]], None]
+
+
+class MachineError(RuntimeError):
+    """The VMM cannot continue: an exit it must not ignore (unknown memory-fault flags, poison...)."""
+
+
+@dataclass
+class StoreUsage:
+    """Bytes each store of a region holds now (measured, see :mod:`kvmgmem.hostmem`)."""
+
+    region: str
+    size: int
+    shared_bytes: int
+    private_bytes: int | None  # None: the backend cannot tell
+
+
+@dataclass
+class ExitCounts:
+    counts: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, kind: str) -> None:
+        with self._lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+
+
+class Machine:
+    """A VM with RAM regions, N vCPUs on threads and a conversion service.
+
+    ``regions`` are (gpa, size) pairs of guest RAM; ``default_private`` makes all RAM private at boot with one
+    range-based KVM_SET_MEMORY_ATTRIBUTES per region (QEMU's choice; page-by-page would cost O(pages)).
+    """
+
+    def __init__(
+        self,
+        program: Asm | GuestImage,
+        *,
+        backend: str = "auto",
+        vm_type: int = uapi.KVM_X86_SW_PROTECTED_VM,
+        regions: Sequence[tuple[int, int]] = ((4 << 30, 64 << 20),),
+        vcpus: int = 1,
+        discard_policy: DiscardPolicy | str = DiscardPolicy.BOTH,
+        default_private: bool = False,
+        user: bool = False,
+        tracer: Tracer | None = None,
+        on_sync: SyncHandler | None = None,
+        system: System | None = None,
+        args: Sequence[int] = (),
+    ) -> None:
+        self.tracer = tracer or Tracer()
+        self.policy = DiscardPolicy(discard_policy)
+        self.on_sync = on_sync
+        self.exits = ExitCounts()
+        self.regions: list[Region] = []
+        self._own_system = system is None
+        self.system = system if system is not None else kvmgmem.open(backend, vm_type=vm_type)
+        self.vm = None
+        self.guest: GuestVm | None = None
+        self._stop = threading.Event()
+        try:
+            self.vm = self.system.create_vm(vm_type)
+            self._enable_hypercall_exit()
+            image = program if isinstance(program, GuestImage) else GuestImage(program, nvcpus=vcpus, user=user)
+            self.image = image
+            self.guest = GuestVm(self.vm, image, own_vm=False)
+            for i, (gpa, size) in enumerate(regions):
+                self._add_region(f"ram{i}", 1 + i, gpa, size)
+            self.conversions = ConversionService(self.vm, self.regions, self.policy, self.tracer)
+            if default_private:
+                for region in self.regions:
+                    self.vm.set_memory_attributes(region.gpa, region.size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            for i in range(vcpus):
+                self.guest.create_vcpu(i, args=args)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction ----------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self.system.backend
+
+    def _enable_hypercall_exit(self) -> None:
+        assert self.vm is not None
+        if self.vm.check_extension(uapi.KVM_CAP_EXIT_HYPERCALL) & (1 << uapi.KVM_HC_MAP_GPA_RANGE):
+            self.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
+
+    def _add_region(self, name: str, slot: int, gpa: int, size: int) -> None:
+        assert self.vm is not None and self.guest is not None
+        host = HostMemory(size)
+        try:
+            gmem = self.vm.create_guest_memfd(size, 0)
+        except BaseException:
+            host.close()
+            raise
+        region = Region(name, slot, gpa, size, host, gmem)
+        self.regions.append(region)
+        self.guest.add_memory(slot, gpa, host, flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
+
+    # --- running ---------------------------------------------------------------------------------------
+
+    def _vcpu_main(self, gv: GuestVcpu) -> None:
+        while not self._stop.is_set():
+            got = gv.run(timeout=None)
+            if isinstance(got, Done):
+                self.exits.add("done")
+                return
+            if isinstance(got, Sync):
+                self.exits.add("sync")
+                if self.on_sync is not None:
+                    self.on_sync(self, gv, got.args)
+            elif isinstance(got, HypercallExit):
+                self.exits.add("hypercall")
+                self._hypercall(gv, got)
+            elif isinstance(got, MemoryFaultExit):
+                self.exits.add("memory_fault")
+                self._memory_fault(gv, got)
+            else:
+                assert isinstance(got, Exit)
+                raise UnexpectedExitError(got, gv.index)
+
+    def _hypercall(self, gv: GuestVcpu, exit: HypercallExit) -> None:
+        """KVM_HC_MAP_GPA_RANGE: args = gpa, number of 4 KiB pages, attributes (bit 4 = private)."""
+        if exit.nr != uapi.KVM_HC_MAP_GPA_RANGE:
+            gv.vcpu.complete_hypercall(-uapi.KVM_ENOSYS)
+            return
+        gpa, npages, attrs = exit.args[0], exit.args[1], exit.args[2]
+        private = bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED)
+        try:
+            self.conversions.convert(gpa, npages * uapi.PAGE_SIZE, private, source="hypercall", vcpu=gv.index)
+        except ConversionError:
+            gv.vcpu.complete_hypercall(-uapi.KVM_EINVAL)
+        else:
+            gv.vcpu.complete_hypercall(0)
+
+    def _memory_fault(self, gv: GuestVcpu, exit: MemoryFaultExit) -> None:
+        """An implicit conversion request: the guest accessed a page as private/shared against its attribute."""
+        self.tracer.emit("fault", vcpu=gv.index, gpa=exit.gpa, size=exit.size, flags=exit.flags, errno=exit.errno)
+        unknown = exit.flags & ~uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE
+        if unknown:
+            raise MachineError(f"vCPU {gv.index}: memory fault with unknown flags {unknown:#x} at {exit.gpa:#x}")
+        if exit.hwpoison:
+            raise MachineError(f"vCPU {gv.index}: hardware-poisoned page at gpa {exit.gpa:#x}")
+        try:
+            self.conversions.convert(exit.gpa, exit.size, exit.private, source="memory-fault", vcpu=gv.index)
+        except ConversionError as e:
+            raise MachineError(f"vCPU {gv.index}: cannot satisfy memory fault at {exit.gpa:#x}: {e}") from None
+
+    def run(self, timeout: float | None = 60.0) -> float:
+        """Run every vCPU to DONE on its own thread; returns the wall time. Re-raises the first failure."""
+        assert self.guest is not None
+        start = time.perf_counter()
+        threads = self.guest.threads(self._vcpu_main).start()
+        try:
+            threads.join(timeout)
+        except KeyboardInterrupt:
+            self._stop.set()
+            threads.stop()
+            try:
+                threads.join(10.0)
+            except BaseException:  # the EINTRs of the stop are expected; the interrupt is what we report
+                pass
+            raise
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        """Ask every vCPU to leave (used on Ctrl-C)."""
+        self._stop.set()
+        if self.guest is not None:
+            for gv in self.guest.vcpus:
+                gv.vcpu.kick()
+
+    # --- accounting ------------------------------------------------------------------------------------
+
+    def usage(self) -> list[StoreUsage]:
+        """Bytes held by each region's shared and private store, measured now."""
+        out = []
+        for region in self.regions:
+            shared = resident_bytes(region.host.address, region.size)
+            out.append(StoreUsage(region.name, region.size, shared, region.gmem.allocated_bytes()))
+        return out
+
+    def read_shared(self, gpa: int, size: int) -> bytes:
+        """The host's (shared) view of guest memory. Private contents are never visible here."""
+        assert self.guest is not None
+        return self.guest.memory.read(gpa, size)
+
+    # --- lifetime --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release everything: vCPUs, memslots, the VM, guest_memfds, host memory, the system."""
+        if self.guest is not None:
+            self.guest.close()  # vCPUs, memslots (unpins host memory), image memory
+            self.guest = None
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        for region in self.regions:
+            region.gmem.close()
+            try:
+                region.host.close()
+            except KvmError:  # still pinned only if the VM could not delete the slot; the VM is gone now
+                pass
+        self.regions = []
+        if self._own_system:
+            self.system.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["DiscardPolicy", "Machine", "MachineError", "StoreUsage"]
+
