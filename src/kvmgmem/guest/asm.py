@@ -379,8 +379,9 @@ class Asm:
             for it in items:
                 if not it.is_branch:
                     continue
+                ins = self._build(it, resolve)  # an undefined label raises here, not as "out of range"
                 try:
-                    size = _encoded_size(self._build(it, resolve), it.addr)
+                    size = _encoded_size(ins, it.addr)
                 except ValueError:
                     if it.choice + 1 >= len(it.codes):
                         raise AsmError(f"branch out of range: `{it.text}`") from None
