@@ -72,7 +72,7 @@ def _image(**kw: object) -> GuestImage:
     a = Asm()
     U.sync(a, 1)
     U.done(a)
-    return GuestImage(a, **kw)  # type: ignore[arg-type]
+    return GuestImage(a, **kw)
 
 
 def test_layout_is_disjoint_and_below_4_gib() -> None:
@@ -128,7 +128,7 @@ class _FakeVcpu:
 def test_setup_vcpu_boot_state(user: bool) -> None:
     image = _image(nvcpus=2, user=user)
     fake = _FakeVcpu()
-    image.setup_vcpu(fake, 1, args=(5, 6))  # type: ignore[arg-type]
+    image.setup_vcpu(fake, 1, args=(5, 6))
     s, r = fake.sregs, fake.regs
     assert r is not None and fake.cpuid_calls == [None]  # the system's supported CPUID
     assert (s.cr0, s.cr3, s.cr4, s.efer) == (0x80050033, image.tables.cr3, 0x620, 0x500)
