@@ -38,6 +38,22 @@ class IoExit(Exit):
         return int.from_bytes(self.data[: self.size], "little")
 
 
+_new = object.__new__
+
+
+def make_io_exit(direction: int, port: int, size: int, count: int, data: bytes) -> IoExit:
+    """``IoExit(...)`` without the frozen-dataclass ``__init__`` (one ``object.__setattr__`` per field costs
+    ~0.5 µs, a measurable share of a 25 µs exit round trip); the result is identical and still frozen."""
+    exit = _new(IoExit)
+    fields = exit.__dict__
+    fields["direction"] = direction
+    fields["port"] = port
+    fields["size"] = size
+    fields["count"] = count
+    fields["data"] = data
+    return exit
+
+
 @dataclass(frozen=True)
 class MmioExit(Exit):
     """KVM_EXIT_MMIO: an access to a gpa no memslot covers. Reads are answered with

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, u32, u64
 from kvmgmem.errors import KvmError
-from kvmgmem import uapi
 from kvmgmem.hostmem import FileMapping, resident_bytes
 
 from .sys_calls import fallocate

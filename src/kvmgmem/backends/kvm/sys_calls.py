@@ -49,10 +49,10 @@ def ioctl_ptr(fd: int, request: int, struct: Any, *, op: str | None = None) -> i
     return int(ret)
 
 
-def ioctl_raw(fd: int, request: int, arg: int) -> tuple[int, int]:
-    """ioctl returning ``(ret, errno)`` without raising — for KVM_RUN, whose failures may be exits."""
-    ret = _ioctl_int(fd, request, arg)
-    return int(ret), (ctypes.get_errno() if ret < 0 else 0)
+def kvm_run_function() -> Any:
+    """The raw ``ioctl`` foreign function for KVM_RUN's hot loop: returns the int result, errno via
+    ``ctypes.get_errno()``; no exception, because a failure may be a memory-fault exit."""
+    return _ioctl_int
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

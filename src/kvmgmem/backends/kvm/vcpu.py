@@ -12,33 +12,38 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
 from kvmgmem.api import Vcpu, u64
-from kvmgmem.errors import KvmError
+from kvmgmem.errors import KvmError, closed_error
 from kvmgmem.exits import (
     Exit,
     HltExit,
     HypercallExit,
     InternalErrorExit,
-    IoExit,
     MemoryFaultExit,
     MmioExit,
     ShutdownExit,
     SystemEventExit,
     UnknownExit,
+    make_io_exit,
 )
 
 from . import kick
-from .sys_calls import ioctl_ptr, ioctl_raw
+from .sys_calls import ioctl_ptr, kvm_run_function
 
 if TYPE_CHECKING:
     from .vm import KvmVm
 
 _MEMORY_FAULT_ERRNOS = (errno.EFAULT, uapi.EHWPOISON)
+_EXIT_UNION = uapi.kvm_run.exit.offset
+_IO_LAYOUT = struct.Struct("<BBHIQ")  # struct kvm_run.io: direction, size, port, count, data_offset
+assert _IO_LAYOUT.size == ctypes.sizeof(uapi.kvm_run_io)
+_kvm_run = kvm_run_function()
 
 
 class KvmVcpu(Vcpu):
@@ -109,39 +114,37 @@ class KvmVcpu(Vcpu):
 
     def run(self) -> Exit:
         op = "KVM_RUN"
-        self._check_open(op)
         if not self._run_lock.acquire(blocking=False):
+            self._check_open(op)
             raise KvmError(errno.EBUSY, op, "this vCPU is already running in another thread")
         try:
-            self._check_open(op)
             run = self._run_struct
-            assert run is not None
+            if run is None:
+                raise closed_error(op, self._kind)
             self._thread_id = threading.get_ident()
-            try:
-                ret, err = ioctl_raw(self.fd, uapi.KVM_RUN, 0)
-            finally:
-                self._thread_id = None
+            ret = _kvm_run(self.fd, uapi.KVM_RUN, 0)
+            self._thread_id = None
             self._pending = None
             if ret < 0:
+                err = ctypes.get_errno()
                 if err in _MEMORY_FAULT_ERRNOS and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
                     fault = run.exit.memory_fault
                     return MemoryFaultExit(flags=fault.flags, gpa=fault.gpa, size=fault.size, errno=err)
                 if err == errno.EINTR:
                     run.immediate_exit = 0
                 raise KvmError(err, op)
+            if run.exit_reason == uapi.KVM_EXIT_IO:  # the hot path: decoded with struct, not ctypes
+                direction, size, port, count, offset = _IO_LAYOUT.unpack_from(self._map, _EXIT_UNION)
+                if direction == uapi.KVM_EXIT_IO_IN:
+                    self._pending = "io_in"
+                return make_io_exit(direction, port, size, count, self._map[offset : offset + size * count])
             return self._decode(run)
         finally:
+            self._thread_id = None
             self._run_lock.release()
 
     def _decode(self, run: uapi.kvm_run) -> Exit:
         reason = run.exit_reason
-        if reason == uapi.KVM_EXIT_IO:
-            io = run.exit.io
-            length = io.size * io.count
-            data = ctypes.string_at(self._run_addr + io.data_offset, length)
-            if io.direction == uapi.KVM_EXIT_IO_IN:
-                self._pending = "io_in"
-            return IoExit(direction=io.direction, port=io.port, size=io.size, count=io.count, data=data)
         if reason == uapi.KVM_EXIT_HLT:
             return HltExit()
         if reason == uapi.KVM_EXIT_MMIO:
