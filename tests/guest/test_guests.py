@@ -24,6 +24,7 @@ from kvmgmem.guest import (
     GuestTimeoutError,
     GuestVcpu,
     Sync,
+    UnexpectedExitError,
     max_page_size,
     qword,
 )
@@ -300,3 +301,11 @@ def test_one_gib_pages_where_cpuid_offers_them(system: kvmgmem.System, backend: 
             assert mem[:] == b"\x3c" * size
         finally:
             g.close()
+
+
+def test_unexpected_ucall_is_named(make_guest: MakeGuest) -> None:
+    a = Asm()
+    U.done(a)
+    v = make_guest(GuestImage(a)).vcpus[0]
+    with pytest.raises(UnexpectedExitError, match=r"vCPU 0: unexpected ucall Done\(\)"):
+        v.expect_sync()

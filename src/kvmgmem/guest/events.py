@@ -97,12 +97,12 @@ class GuestFaultError(GuestError):
 
 
 class UnexpectedExitError(GuestError):
-    """The vCPU exited in a way the caller did not ask to handle."""
+    """The vCPU exited (or made a ucall) in a way the caller did not expect at this point."""
 
-    def __init__(self, exit: Exit, vcpu: int | None = None) -> None:
-        self.exit = exit
+    def __init__(self, got: Exit | Event, vcpu: int | None = None) -> None:
+        self.got = got
         where = f"vCPU {vcpu}: " if vcpu is not None else ""
-        super().__init__(f"{where}unexpected exit {exit}")
+        super().__init__(f"{where}unexpected {'ucall' if isinstance(got, Event) else 'exit'} {got}")
 
 
 class GuestTimeoutError(GuestError, TimeoutError):

@@ -15,7 +15,7 @@ from kvmgmem.api import GuestMemfd, System, Vcpu, Vm
 from kvmgmem.exits import Exit
 from kvmgmem.guest.asm import LabelRef
 from kvmgmem.guest.events import Done, Event, Sync, UnexpectedExitError
-from kvmgmem.guest.image import GuestImage
+from kvmgmem.guest.image import GuestImage, VcpuArea
 from kvmgmem.guest.memory import GuestMemory
 from kvmgmem.guest.runner import VcpuThreads, run_until_event
 from kvmgmem.hostmem import HostMemory
@@ -47,27 +47,18 @@ class GuestVcpu:
     def expect_sync(self, timeout: float | None = 10.0) -> tuple[int, ...]:
         got = self.run(timeout)
         if not isinstance(got, Sync):
-            raise UnexpectedExitError(got if isinstance(got, Exit) else _EventExit(got), self.index)
+            raise UnexpectedExitError(got, self.index)
         return got.args
 
     def run_to_done(self, timeout: float | None = 10.0) -> None:
         got = self.run(timeout)
         if not isinstance(got, Done):
-            raise UnexpectedExitError(got if isinstance(got, Exit) else _EventExit(got), self.index)
+            raise UnexpectedExitError(got, self.index)
 
     @property
-    def area(self) -> Any:
+    def area(self) -> VcpuArea:
+        """This vCPU's data area and stacks."""
         return self.machine.image.area(self.index)
-
-
-class _EventExit(Exit):
-    """Wraps an unexpected ucall event so ``UnexpectedExitError`` can name it."""
-
-    def __init__(self, event: Event) -> None:
-        object.__setattr__(self, "event", event)
-
-    def __repr__(self) -> str:
-        return repr(self.__dict__["event"])
 
 
 class GuestVm:
