@@ -70,12 +70,15 @@ def test_attributes_unsupported_bits_einval(attr_vm: kvmgmem.Vm) -> None:
 
 
 def test_attributes_size_zero_or_wrap_einval(attr_vm: kvmgmem.Vm) -> None:
-    """§2.6 step 4: size 0 → EINVAL; address + size wrapping u64 → EINVAL."""
+    """§2.6 step 4: size 0 → EINVAL; address + size wrapping u64 → EINVAL — including the last page, whose
+    end 2^64 wraps to 0 (the kernel tests ``address + size < address``)."""
     for attrs in (0, PRIVATE):
         with raises_kvm(EINVAL, OP):
             attr_vm.set_memory_attributes(MEM_REGION_GPA, 0, attrs)
         with raises_kvm(EINVAL, OP):
             attr_vm.set_memory_attributes((1 << 64) - P, 2 * P, attrs)
+        with raises_kvm(EINVAL, OP):
+            attr_vm.set_memory_attributes((1 << 64) - P, P, attrs)
 
 
 def test_attributes_unaligned_einval(attr_vm: kvmgmem.Vm) -> None:
@@ -94,7 +97,7 @@ def test_attributes_no_memslot_required(attr_vm: kvmgmem.Vm) -> None:
     attr_vm.set_memory_attributes(MEM_REGION_GPA, MEM_REGION_SIZE, 0)
     attr_vm.set_memory_attributes(0, 1 << 40, PRIVATE)
     attr_vm.set_memory_attributes(0, 1 << 40, 0)
-    attr_vm.set_memory_attributes((1 << 64) - P, P, PRIVATE)  # last page: address + size == 2^64 does not wrap
+    attr_vm.set_memory_attributes((1 << 64) - 2 * P, P, PRIVATE)  # next-to-last page: address + size < 2^64
 
 
 def test_attributes_over_gmem_slot(attr_vm: kvmgmem.Vm) -> None:

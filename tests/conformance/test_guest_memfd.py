@@ -219,6 +219,9 @@ def test_mmap_keeps_gmem_alive_after_close(vm: kvmgmem.Vm, backend: str) -> None
         g.close()
 
 
+EOF = "beyond EOF"
+PRIVATE_MEM = "private (guest_memfd not INIT_SHARED)"
+
 # --- SIGBUS (GM-6, GM-8) --------------------------------------------------------------------------------------
 
 _CHILD = textwrap.dedent(
@@ -255,36 +258,28 @@ def _kvm_expect_sigbus(g: kvmgmem.GuestMemfd, length: int, action: str) -> None:
     )
 
 
-def _sim_sigbus_type() -> type[BaseException]:
-    """The sim's documented stand-in for SIGBUS on a host access to a gmem mapping."""
-    import kvmgmem.backends.sim as sim
+def _sim_expect_sigbus(g: kvmgmem.GuestMemfd, length: int, action: str, offset: int, reason: str) -> None:
+    """The sim's documented stand-in for SIGBUS (``kvmgmem.backends.sim.SigBus``): the access raises it with the
+    file offset of the first inaccessible byte and the reason."""
+    from kvmgmem.backends.sim import SigBus
 
-    for name in ("SigBus", "SimSigBus", "SigBusError", "SIGBUS"):
-        exc = getattr(sim, name, None)
-        if isinstance(exc, type) and issubclass(exc, BaseException):
-            return exc
-    pytest.fail("kvmgmem.backends.sim exports no SIGBUS stand-in exception (looked for SigBus, SigBusError)")
-
-
-def _sim_access(m: Any, length: int, action: str) -> None:
-    if action == "memset":
-        m[:length] = b"\xaa" * length
-    else:
-        offset = int(action.split(":")[1])
-        m[offset]
-
-
-def _expect_sigbus(backend: str, g: kvmgmem.GuestMemfd, length: int, action: str) -> None:
-    if backend == "kvm":
-        _kvm_expect_sigbus(g, length, action)
-        return
-    exc = _sim_sigbus_type()
-    m = g.mmap(length)
+    m: Any = g.mmap(length)
     try:
-        with pytest.raises(exc):
-            _sim_access(m, length, action)
+        with pytest.raises(SigBus) as info:
+            if action == "memset":
+                m[:length] = b"\xaa" * length
+            else:
+                m[int(action.split(":")[1])]
+        assert (info.value.offset, info.value.reason) == (offset, reason)
     finally:
         m.close()
+
+
+def _expect_sigbus(backend: str, g: kvmgmem.GuestMemfd, length: int, action: str, offset: int, reason: str) -> None:
+    if backend == "kvm":
+        _kvm_expect_sigbus(g, length, action)
+    else:
+        _sim_expect_sigbus(g, length, action, offset, reason)
 
 
 def test_gm6_fault_overflow(vm: kvmgmem.Vm, backend: str) -> None:
@@ -292,13 +287,13 @@ def test_gm6_fault_overflow(vm: kvmgmem.Vm, backend: str) -> None:
     all 16p raises SIGBUS after writing the first 4p (which then read 0xaa); reading byte 4p → SIGBUS."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     with vm.create_guest_memfd(4 * P, flags) as g:
-        _expect_sigbus(backend, g, 16 * P, "memset")
+        _expect_sigbus(backend, g, 16 * P, "memset", 4 * P, EOF)
         m = g.mmap(4 * P)
         try:
             assert m[:] == b"\xaa" * (4 * P), "the in-bounds part of the memset must have landed"
         finally:
             m.close()
-        _expect_sigbus(backend, g, 16 * P, f"read:{4 * P}")
+        _expect_sigbus(backend, g, 16 * P, f"read:{4 * P}", 4 * P, EOF)
 
 
 def test_gm8_fault_private(vm: kvmgmem.Vm, backend: str) -> None:
@@ -307,8 +302,8 @@ def test_gm8_fault_private(vm: kvmgmem.Vm, backend: str) -> None:
     flags = _with_flags(vm, backend, MMAP)
     with vm.create_guest_memfd(4 * P, flags) as g:
         g.mmap(4 * P).close()  # mapping itself succeeds
-        _expect_sigbus(backend, g, 4 * P, "memset")
-        _expect_sigbus(backend, g, 4 * P, "read:0")
+        _expect_sigbus(backend, g, 4 * P, "memset", 0, PRIVATE_MEM)
+        _expect_sigbus(backend, g, 4 * P, "read:0", 0, PRIVATE_MEM)
 
 
 @pytest.mark.parametrize("flags", MMAP_FLAG_SETS)
