@@ -54,6 +54,35 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return selftest.main(backends, args.k, args.json, args.verbose)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvmgmem.vmm import demo
+
+    try:
+        memory = demo.parse_size(args.memory)
+    except ValueError as e:
+        print(f"kvmgmem demo: {e}", file=sys.stderr)
+        return 2
+    progress = None
+    if not args.json:
+        def progress(rounds: list[int], conversions: int) -> None:
+            print(f"\r  rounds per vCPU {rounds}  conversions {conversions}", end="", file=sys.stderr, flush=True)
+
+    try:
+        report = demo.run_demo(backend=args.backend, vcpus=args.vcpus, memory=memory, policy=args.policy,
+                               seconds=args.seconds, plot=args.plot, trace=args.trace, progress=progress)  # fmt: skip
+    except KeyboardInterrupt:
+        print("\nkvmgmem demo: interrupted", file=sys.stderr)
+        return 130
+    if progress is not None:
+        print(file=sys.stderr)
+    demo.print_report(report, args.json)
+    if args.plot:
+        print(f"map: {args.plot}", file=sys.stderr)
+    if args.trace:
+        print(f"trace: {args.trace} (open in https://ui.perfetto.dev)", file=sys.stderr)
+    return 0 if report.verified else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmgmem", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvmgmem {kvmgmem.__version__}")
@@ -62,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--backend", default="auto", choices=["auto", *kvmgmem.BACKENDS])
     caps.add_argument("--json", action="store_true", help="machine-readable output")
     caps.set_defaults(func=_cmd_caps)
+    demo = sub.add_parser("demo", help="a confidential VM converting memory, with a verified report")
+    demo.add_argument("--backend", default="auto", choices=["auto", *kvmgmem.BACKENDS])
+    demo.add_argument("--vcpus", type=int, default=2)
+    demo.add_argument("--memory", default="64M", help="guest RAM (e.g. 64M, 1G)")
+    demo.add_argument("--policy", default="both", choices=["both", "punch-only", "none"])
+    demo.add_argument("--seconds", type=float, default=5.0)
+    demo.add_argument("--plot", metavar="FILE.png", help="draw the guest-physical map over time")
+    demo.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
+    demo.add_argument("--json", action="store_true", help="machine-readable report")
+    demo.set_defaults(func=_cmd_demo)
     st = sub.add_parser("selftest", help="run the conformance suite; case x backend table")
     st.add_argument("--backend", default="all", choices=["all", *kvmgmem.BACKENDS])
     st.add_argument("-k", metavar="PATTERN", help="only cases matching this pytest -k expression")

@@ -65,6 +65,7 @@ class Machine:
 
     ``regions`` are (gpa, size) pairs of guest RAM; ``default_private`` makes all RAM private at boot with one
     range-based KVM_SET_MEMORY_ATTRIBUTES per region (QEMU's choice; page-by-page would cost O(pages)).
+    ``args`` are the payload arguments of every vCPU, or a function of the vCPU index returning them.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class Machine:
         tracer: Tracer | None = None,
         on_sync: SyncHandler | None = None,
         system: System | None = None,
-        args: Sequence[int] = (),
+        args: Sequence[int] | Callable[[int], Sequence[int]] = (),
     ) -> None:
         self.tracer = tracer or Tracer()
         self.policy = DiscardPolicy(discard_policy)
@@ -106,7 +107,7 @@ class Machine:
                 for region in self.regions:
                     self.vm.set_memory_attributes(region.gpa, region.size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
             for i in range(vcpus):
-                self.guest.create_vcpu(i, args=args)
+                self.guest.create_vcpu(i, args=args(i) if callable(args) else args)
         except BaseException:
             self.close()
             raise
@@ -216,6 +217,19 @@ class Machine:
             shared = resident_bytes(region.host.address, region.size)
             out.append(StoreUsage(region.name, region.size, shared, region.gmem.allocated_bytes()))
         return out
+
+    @property
+    def vcpus(self) -> list[GuestVcpu]:
+        return self.guest.vcpus if self.guest is not None else []
+
+    def read_u64(self, gpa: int) -> int:
+        """A u64 of shared guest memory (e.g. a vCPU's data area)."""
+        assert self.guest is not None
+        return self.guest.memory.read_u64(gpa)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        assert self.guest is not None
+        self.guest.memory.write(gpa, value.to_bytes(8, "little"))
 
     def read_shared(self, gpa: int, size: int) -> bytes:
         """The host's (shared) view of guest memory. Private contents are never visible here."""
