@@ -497,3 +497,106 @@ def test_closed_vm_ebadf(system: kvmgmem.System) -> None:
         vm.set_user_memory_region2(0, 0, P, None)
     with raises_kvm(errno.EBADF, V1):
         vm.set_user_memory_region(0, 0, P, None)
+
+
+# --- §2.5 later steps: ranges, modify rules, check order ----------------------------------------------------
+
+
+def test_2_5_max_nr_pages(vm: kvmgmem.Vm) -> None:
+    """§2.5 step H: a slot of more than KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages → EINVAL."""
+    with raises_kvm(EINVAL, V1):
+        vm.set_user_memory_region(0, 0, (uapi.KVM_MEM_MAX_NR_PAGES + 1) * P, None)
+    with raises_kvm(EINVAL, V2):
+        vm.set_user_memory_region2(0, 0, (uapi.KVM_MEM_MAX_NR_PAGES + 1) * P, None)
+
+
+def test_2_5_userspace_range(vm: kvmgmem.Vm) -> None:
+    """§2.5 step D: [uaddr, uaddr+size) must be a user range — a kernel address → EINVAL; a slot ending at
+    the top of the 4-level user address space (0x7ffffffff000) is fine, one page more → EINVAL."""
+    with raises_kvm(EINVAL, V1):
+        vm.set_user_memory_region(0, 0, P, 0xFFFF800000000000)
+    with raises_kvm(EINVAL, V1):
+        vm.set_user_memory_region(0, 0, 2 * P, 0x7FFFFFFFE000)
+    vm.set_user_memory_region(0, 0, P, 0x7FFFFFFFE000)
+    vm.set_user_memory_region(0, 0, 0, None)
+
+
+def test_2_5_gpa_beyond_max_gpa(vm: kvmgmem.Vm) -> None:
+    """§2.5 step N (x86 arch prepare; 52-bit GPA on this shadow-paging host): a slot whose last gfn is below
+    2^52 is accepted, one starting at 2^52 → EINVAL."""
+    vm.set_user_memory_region(0, (1 << 52) - P, P, None)
+    vm.set_user_memory_region(0, 0, 0, None)
+    with raises_kvm(EINVAL, V1):
+        vm.set_user_memory_region(0, 1 << 52, P, None)
+
+
+def test_2_5_bind_errors_precede_arch_checks(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
+    """§2.5 steps M/N: bind errors come before the arch range check (a gmem slot at gpa 2^52 with a closed fd
+    → EBADF, not EINVAL); when the commit then fails (good fd, gpa 2^52 → EINVAL) the binding is undone, so the
+    same file range can be bound right after."""
+    with raises_kvm(errno.EBADF, V2):
+        _add_private(vm, 9999, 0, gpa=1 << 52, size=P)
+    with raises_kvm(EINVAL, V2):
+        _add_private(vm, gmem_2m, 0, gpa=1 << 52, size=P)
+    _add_private(vm, gmem_2m, 0, size=P)
+    _delete(vm, MEM_REGION_SLOT)
+
+
+def test_2_5_modify_rules(vm: kvmgmem.Vm) -> None:
+    """§2.5 step J for an ordinary slot: toggling READONLY, changing npages or userspace_addr → EINVAL;
+    moving (new gpa), a flags-only change (LOG_DIRTY) and an identical call succeed; adding GUEST_MEMFD to an
+    existing non-gmem slot → EINVAL."""
+    with HostMemory(2 * P) as a, HostMemory(2 * P) as b, vm.create_guest_memfd(P, 0) as g:
+        vm.set_user_memory_region(0, 0x100000, P, a)
+        with raises_kvm(EINVAL, V1):
+            vm.set_user_memory_region(0, 0x100000, P, a, READONLY)
+        with raises_kvm(EINVAL, V1):
+            vm.set_user_memory_region(0, 0x100000, 2 * P, a)
+        with raises_kvm(EINVAL, V1):
+            vm.set_user_memory_region(0, 0x100000, P, b)
+        vm.set_user_memory_region(0, 0x200000, P, a)
+        vm.set_user_memory_region(0, 0x200000, P, a, LOG_DIRTY)
+        vm.set_user_memory_region(0, 0x200000, P, a, LOG_DIRTY)
+        with raises_kvm(EINVAL, V2):
+            vm.set_user_memory_region2(0, 0x200000, P, a, GMEM, g, 0)
+        # the move really happened: the old range is free, the new one taken
+        vm.set_user_memory_region(1, 0x100000, P, b)
+        with raises_kvm(errno.EEXIST, V1):
+            vm.set_user_memory_region(2, 0x200000, P, b)
+        vm.set_user_memory_region(0, 0, 0, a)
+        vm.set_user_memory_region(1, 0, 0, b)
+
+
+# --- SW_PROTECTED VM (the selftest's own VM type for SR-4) ----------------------------------------------------
+
+
+def test_sr4_binding_rules_sw_protected(system: kvmgmem.System, protected_vm: kvmgmem.Vm) -> None:
+    """SR-4 a–f on a SW_PROTECTED VM (spec §4.2, where the selftest runs them): /dev/kvm fd, VM fd, memfd and
+    another SW_PROTECTED VM's gmem → EINVAL; offsets 1..4095 → EINVAL; offset 0 → success."""
+    vm = protected_vm
+    memfd = os.memfd_create("sr4")
+    try:
+        for fd in (_raw_fd(system, "the System"), _raw_fd(vm, "the Vm"), memfd):
+            with raises_kvm(EINVAL, V2):
+                _add_private(vm, fd)
+    finally:
+        os.close(memfd)
+    with system.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as vm2, vm2.create_guest_memfd(MEM_REGION_SIZE, 0) as g2:
+        with raises_kvm(EINVAL, V2):
+            _add_private(vm, g2)
+        _add_private(vm2, g2)
+    with vm.create_guest_memfd(MEM_REGION_SIZE, 0) as g:
+        for off in range(1, P):
+            with raises_kvm(EINVAL, V2):
+                _add_private(vm, g, off)
+        _add_private(vm, g, 0)
+        _delete(vm, MEM_REGION_SLOT)
+
+
+def test_sw_protected_single_address_space(protected_vm: kvmgmem.Vm) -> None:
+    """§1.2/§2.5 F: VMs with private memory have one memslot address space — as_id 1 → EINVAL; as_id 0 works."""
+    with raises_kvm(EINVAL, V1):
+        protected_vm.set_user_memory_region(1 << 16, 0, P, None)
+    with raises_kvm(EINVAL, V2):
+        protected_vm.set_user_memory_region2((1 << 16) | MEM_REGION_SLOT, 0, P, None)
+    protected_vm.set_user_memory_region(0, 0, P, None)
