@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import time
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ from kvmgmem import HostMemory, KvmError, uapi
 from kvmgmem.backends.sim import SimSystem, SimVm
 from kvmgmem.backends.sim.core.rangemap import RangeMap
 
-from .conftest import GMEM, M2, P, PRIVATE
+from .conftest import GMEM, M2, PRIVATE, P
 
 GPA = 0xC0000000
 
@@ -78,7 +79,15 @@ def test_2_6_step9_zap_before_store(pvm: SimVm, hostmem: Callable[[int], HostMem
 
         def listener(lo: int, hi: int) -> None:
             core = pvm.sim
-            seen.append((lo, hi, core.attributes.is_private(GPA // P), len(core.mmu.sptes()), type(core.handle_fault(GPA)).__name__))
+            seen.append(
+                (
+                    lo,
+                    hi,
+                    core.attributes.is_private(GPA // P),
+                    len(core.mmu.sptes()),
+                    type(core.handle_fault(GPA)).__name__,
+                )
+            )
 
         pvm.add_zap_listener(listener)
         seq = pvm.sim.mmu.seq
@@ -153,7 +162,7 @@ def test_rangemap_against_dict() -> None:
         ref[lo:hi] = [v] * (hi - lo)
         assert [rm.get(i) for i in range(200)] == ref
         runs = rm.runs()
-        assert all(a[2] != b[2] for a, b in zip(runs, runs[1:], strict=False))
+        assert all(a[2] != b[2] for a, b in itertools.pairwise(runs))
         a, b = sorted((rnd.randrange(201), rnd.randrange(201)))
         assert rm.is_uniform(a, b) == (len(set(ref[a:b])) <= 1)
         assert rm.count(a, b, 1) == ref[a:b].count(1)

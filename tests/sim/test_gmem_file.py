@@ -11,7 +11,7 @@ import pytest
 from kvmgmem import KvmError, uapi
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SigBus, SimSystem, SimVm
 
-from .conftest import INIT_SHARED, MMAP, M2, P
+from .conftest import INIT_SHARED, M2, MMAP, P
 
 KEEP = uapi.FALLOC_FL_KEEP_SIZE
 PUNCH = uapi.FALLOC_FL_PUNCH_HOLE
@@ -114,7 +114,7 @@ def test_GM_8_private_mapping_sigbus(pvm: SimVm) -> None:
         with pytest.raises(SigBus):
             m[0]
         with pytest.raises(SigBus):
-            m.address
+            _ = m.address
         assert g.introspect()["pages_present"] == 0
 
 

@@ -86,7 +86,9 @@ def test_SR_4_bad_fds_ebadf(pvm: SimVm) -> None:
         assert errno_of(lambda f=fd: pvm.set_user_memory_region2(SLOT, GPA, M2, None, GMEM, f, 0)) == errno.EBADF
 
 
-@pytest.mark.parametrize("profile, overlap_errno", [("6.8", errno.EINVAL), ("6.18", errno.EINVAL), ("7.2", errno.EEXIST)])
+@pytest.mark.parametrize(
+    "profile, overlap_errno", [("6.8", errno.EINVAL), ("6.18", errno.EINVAL), ("7.2", errno.EEXIST)]
+)
 def test_SR_5_overlapping_bindings(open_sim: Callable[..., SimSystem], profile: str, overlap_errno: int) -> None:
     """SR-5: file-offset overlap → EINVAL ≤7.1 / EEXIST 7.2; GPA overlap → EEXIST in every version."""
     with open_sim(profile).create_vm(1) as vm, vm.create_guest_memfd(10 << 20) as g:
@@ -94,7 +96,9 @@ def test_SR_5_overlapping_bindings(open_sim: Callable[..., SimSystem], profile: 
         vm.set_user_memory_region2(11, 0x180000000, 4 << 20, None, GMEM, g, 4 << 20)
         vm.set_user_memory_region2(10, 0, 0, None, GMEM, None, 0)
         for off in (2 << 20, 6 << 20):
-            assert errno_of(lambda o=off: vm.set_user_memory_region2(10, GPA, 4 << 20, None, GMEM, g, o)) == overlap_errno
+            assert (
+                errno_of(lambda o=off: vm.set_user_memory_region2(10, GPA, 4 << 20, None, GMEM, g, o)) == overlap_errno
+            )
         for gpa in (0x180000000 - M2, 0x180000000 + M2):
             assert errno_of(lambda a=gpa: vm.set_user_memory_region2(10, a, 4 << 20, None, GMEM, g, 0)) == errno.EEXIST
 

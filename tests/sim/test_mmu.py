@@ -13,7 +13,7 @@ from kvmgmem import HostMemory, uapi
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm, cpu_types
 from kvmgmem.backends.sim.core import FaultMapped, FaultMemoryExit, FaultMmio, FaultRetry
 
-from .conftest import GMEM, INIT_SHARED, M2, MMAP, P, PRIVATE
+from .conftest import GMEM, INIT_SHARED, M2, MMAP, PRIVATE, P
 
 GPA = 0xC0000000
 EXIT_PRIVATE = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE
