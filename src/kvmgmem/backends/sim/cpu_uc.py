@@ -1,0 +1,285 @@
+"""Low-level unicorn 2.1.x plumbing for the sim's vCPUs: engine setup, CPU-state layout, a native insn hook.
+
+Three things here go below unicorn's Python API, each because the API cannot express what KVM needs:
+
+* **Hidden segment state** (KVM_SET_SREGS semantics). In ``UC_MODE_64`` unicorn's ``reg_write(CS/SS/DS/ES)``
+  only stores the selector; the descriptor cache and the CPL (in QEMU's ``hflags``) stay as they were. KVM
+  loads base/limit/attributes straight from ``kvm_segment``. We do the same by editing the CPU state through
+  ``uc_context_save``/``uc_context_restore``: the context is QEMU's ``CPUX86State`` prefix, and the offsets
+  below (``segs[]``, ``hflags``, ``efer``) are verified at runtime against values written through the
+  public API (``verify_layout``) — a unicorn with another layout is refused instead of corrupted.
+* **Precise stops.** ``emu_stop`` (from a hook or another thread) is honoured only at a translation-block
+  boundary unless some ``UC_HOOK_CODE`` hook exists, in which case unicorn checks for a stop request before
+  every instruction. A Python code hook costs ~3 MIPS; instead we register a 4-byte *native* hook
+  (``mov [rcx], rsi; ret``) that stores the address of the instruction about to execute into a per-vCPU
+  slot. That buys: IN/OUT/MMIO exits that stop exactly after the instruction (measured ~95-105 MIPS for a
+  ``dec rcx; jnz`` loop against ~450 without any hook), and an exact HLT test: after ``emu_start`` returns
+  normally, HLT was the reason iff ``last_insn == RIP - 1`` and that byte is 0xF4 (an external stop leaves
+  ``last_insn == RIP``).
+* **No ``until`` address** (``ctl_exits_enabled`` with an empty set), see ``new_engine``.
+* **TLB flush**, which the binding has no named wrapper for: ``uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import threading
+from typing import Any
+
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_TLB_VIRTUAL, Uc
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_OK, UC_HOOK_CODE
+from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.x86_const import UC_X86_REG_CR4, UC_X86_REG_FS_BASE, UC_X86_REG_GDTR, UC_X86_REG_TR
+
+MSR_EFER = 0xC0000080
+
+# --- CPUX86State layout inside a uc_context (unicorn 2.1.x, x86_64 target) -----------------------------------
+# uc_context header: size_t context_size, uc_mode, uc_arch, int snapshot_level, bool ramblock_freed,
+# RAMBlock *last_block  -> 40 bytes, then the CPUX86State bytes.
+CTX_DATA = 40
+OFF_REGS = CTX_DATA + 0  # target_ulong regs[16]
+OFF_EIP = CTX_DATA + 128
+OFF_EFLAGS = CTX_DATA + 136
+OFF_HFLAGS = CTX_DATA + 176  # uint32_t hflags
+OFF_SEGS = CTX_DATA + 184  # SegmentCache segs[6]: ES CS SS DS FS GS, then ldt, tr, gdt, idt
+SEGCACHE_SIZE = 24  # uint32 selector, pad, uint64 base, uint32 limit, uint32 flags
+OFF_CR = CTX_DATA + 424  # target_ulong cr[5]
+OFF_EFER = CTX_DATA + 592  # uint64_t efer
+
+# QEMU segment-cache indices
+R_ES, R_CS, R_SS, R_DS, R_FS, R_GS, R_LDT, R_TR = range(8)
+
+# QEMU hflags bits (target/i386/cpu.h)
+HF_CPL_MASK = 3
+HF_CS32_MASK = 1 << 4
+HF_SS32_MASK = 1 << 5
+HF_ADDSEG_MASK = 1 << 6
+HF_PE_MASK = 1 << 7
+HF_TF_MASK = 1 << 8
+HF_MP_MASK = 1 << 9
+HF_EM_MASK = 1 << 10
+HF_TS_MASK = 1 << 11
+HF_IOPL_MASK = 3 << 12
+HF_LMA_MASK = 1 << 14
+HF_CS64_MASK = 1 << 15
+HF_VM_MASK = 1 << 17
+HF_OSFXSR_MASK = 1 << 22
+
+# QEMU descriptor-cache flag bits (the descriptor's high dword)
+DESC_TYPE_SHIFT = 8
+DESC_S_MASK = 1 << 12
+DESC_DPL_SHIFT = 13
+DESC_P_MASK = 1 << 15
+DESC_AVL_MASK = 1 << 20
+DESC_L_SHIFT = 21
+DESC_B_SHIFT = 22
+DESC_G_MASK = 1 << 23
+
+
+#: unicorn's ``Uc`` factory returns an ``UcIntel``; its API is only partly visible to type checkers.
+Engine = Any
+
+
+class LayoutError(RuntimeError):
+    """The installed unicorn's CPU-state layout is not the one this module was written against."""
+
+
+class CpuState:
+    """A reusable context buffer: ``load()`` snapshots the CPU state, ``store()`` writes it back.
+
+    Field accessors read and patch the raw bytes; only ``store()`` touches the engine.
+    """
+
+    def __init__(self, uc: Engine) -> None:
+        self._uc = uc
+        self._ctx = uc.context_save()
+        size = self._ctx.size
+        addr = self._ctx.context.value
+        if addr is None:  # pragma: no cover - context_save raised otherwise
+            raise LayoutError("uc_context_save returned NULL")
+        self.buf = (ctypes.c_uint8 * size).from_address(addr)
+
+    def load(self) -> CpuState:
+        self._uc.context_update(self._ctx)  # uc_context_save into the existing buffer
+        return self
+
+    def store(self) -> None:
+        self._uc.context_restore(self._ctx)
+
+    # raw fields
+    def u32(self, off: int) -> int:
+        return int(struct.unpack_from("<I", self.buf, off)[0])
+
+    def u64(self, off: int) -> int:
+        return int(struct.unpack_from("<Q", self.buf, off)[0])
+
+    def set_u32(self, off: int, value: int) -> None:
+        struct.pack_into("<I", self.buf, off, value & 0xFFFFFFFF)
+
+    def set_u64(self, off: int, value: int) -> None:
+        struct.pack_into("<Q", self.buf, off, value & 0xFFFFFFFFFFFFFFFF)
+
+    @property
+    def hflags(self) -> int:
+        return self.u32(OFF_HFLAGS)
+
+    @property
+    def cpl(self) -> int:
+        return self.hflags & HF_CPL_MASK
+
+    def cr(self, n: int) -> int:
+        return self.u64(OFF_CR + 8 * n)
+
+    @property
+    def efer(self) -> int:
+        return self.u64(OFF_EFER)
+
+    @property
+    def eflags(self) -> int:
+        return self.u64(OFF_EFLAGS)
+
+    def segment(self, index: int) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) of segment cache ``index`` (R_ES ... R_TR)."""
+        sel, _pad, base, limit, flags = struct.unpack_from("<IIQII", self.buf, OFF_SEGS + SEGCACHE_SIZE * index)
+        return sel & 0xFFFF, base, limit, flags
+
+    def set_segment(self, index: int, selector: int, base: int, limit: int, flags: int) -> None:
+        struct.pack_into(
+            "<IIQII",
+            self.buf,
+            OFF_SEGS + SEGCACHE_SIZE * index,
+            selector & 0xFFFF,
+            0,
+            base & 0xFFFFFFFFFFFFFFFF,
+            limit & 0xFFFFFFFF,
+            flags & 0xFFFFFFFF,
+        )
+
+
+def compute_hflags(state: CpuState) -> int:
+    """QEMU's ``x86_update_hflags`` over the (patched) state: CPL from SS.DPL, code size from CS.L/D."""
+    keep = ~(
+        HF_CPL_MASK | HF_PE_MASK | HF_MP_MASK | HF_EM_MASK | HF_TS_MASK | HF_TF_MASK | HF_VM_MASK
+        | HF_IOPL_MASK | HF_OSFXSR_MASK | HF_LMA_MASK | HF_CS32_MASK | HF_SS32_MASK | HF_CS64_MASK
+        | HF_ADDSEG_MASK
+    )  # fmt: skip
+    hflags = state.hflags & keep
+    _, ss_base, _, ss_flags = state.segment(R_SS)
+    _, _, _, cs_flags = state.segment(R_CS)
+    cr0, cr4, efer, eflags = state.cr(0), state.cr(4), state.efer, state.eflags
+    hflags |= (ss_flags >> DESC_DPL_SHIFT) & HF_CPL_MASK
+    hflags |= (cr0 & 1) << 7  # PE
+    hflags |= (cr0 << (9 - 1)) & (HF_MP_MASK | HF_EM_MASK | HF_TS_MASK)
+    hflags |= eflags & (HF_TF_MASK | HF_VM_MASK | HF_IOPL_MASK)
+    if cr4 & (1 << 9):  # OSFXSR
+        hflags |= HF_OSFXSR_MASK
+    if efer & (1 << 10):  # LMA
+        hflags |= HF_LMA_MASK
+    if (hflags & HF_LMA_MASK) and (cs_flags >> DESC_L_SHIFT) & 1:
+        hflags |= HF_CS32_MASK | HF_SS32_MASK | HF_CS64_MASK
+    else:
+        hflags |= ((cs_flags >> DESC_B_SHIFT) & 1) << 4
+        hflags |= ((ss_flags >> DESC_B_SHIFT) & 1) << 5
+        if not (cr0 & 1) or (eflags & HF_VM_MASK) or not (hflags & HF_CS32_MASK):
+            hflags |= HF_ADDSEG_MASK
+        else:
+            ds_base = state.segment(R_DS)[1]
+            es_base = state.segment(R_ES)[1]
+            hflags |= int((ds_base | es_base | ss_base) != 0) << 6
+    return hflags
+
+
+def verify_layout(uc: Engine) -> None:
+    """Check the offsets above against values written through unicorn's public API (on a scratch engine)."""
+    uc.reg_write(UC_X86_REG_FS_BASE, 0x1122334455667788)
+    uc.reg_write(UC_X86_REG_GDTR, (0, 0x0BADC0DE000, 0x57, 0))
+    uc.reg_write(UC_X86_REG_TR, (0x28, 0x0FEEDF00D000, 0x67, 0x8B00))
+    uc.msr_write(MSR_EFER, 0xD01)
+    st = CpuState(uc).load()
+    problems = []
+    if st.segment(R_FS)[1] != 0x1122334455667788:
+        problems.append("segs[FS].base")
+    if st.u64(OFF_SEGS + SEGCACHE_SIZE * 8 + 8) != 0x0BADC0DE000:
+        problems.append("gdt.base")
+    if st.segment(R_TR) != (0x28, 0x0FEEDF00D000, 0x67, 0x8B00):
+        problems.append("tr")
+    if st.cr(4) != uc.reg_read(UC_X86_REG_CR4):
+        problems.append("cr[4]")
+    if st.efer != 0xD01:
+        problems.append("efer")
+    if not st.hflags & HF_CS64_MASK:
+        problems.append("hflags")
+    if problems:
+        raise LayoutError(f"unsupported unicorn CPU-state layout ({', '.join(problems)} mismatch)")
+
+
+_layout_lock = threading.Lock()
+_layout_checked = False
+
+
+def ensure_layout() -> None:
+    global _layout_checked
+    with _layout_lock:
+        if not _layout_checked:
+            scratch = Uc(UC_ARCH_X86, UC_MODE_64)
+            try:
+                verify_layout(scratch)
+            finally:
+                del scratch
+            _layout_checked = True
+
+
+# --- the native "last instruction" code hook ------------------------------------------------------------------
+
+_STUB_CODE = bytes.fromhex("488931c3")  # mov [rcx], rsi ; ret   (cb(uc, address, size, user_data))
+_stub_lock = threading.Lock()
+_stub_page: mmap.mmap | None = None  # never unmapped: every engine may call into it until it is closed
+_stub_addr = 0
+
+
+def _native_stub() -> int:
+    global _stub_page, _stub_addr
+    with _stub_lock:
+        if _stub_page is None:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            page = mmap.mmap(-1, mmap.PAGESIZE, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            page[: len(_STUB_CODE)] = _STUB_CODE
+            _stub_addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
+            _stub_page = page
+        return _stub_addr
+
+
+def add_last_insn_hook(uc: Engine, slot: ctypes.c_uint64) -> int:
+    """Register the native code hook writing each instruction's address into ``slot`` (keep it alive)."""
+    handle = ctypes.c_size_t()
+    err = uclib.uc_hook_add(
+        uc._uch,
+        ctypes.byref(handle),
+        UC_HOOK_CODE,
+        ctypes.c_void_p(_native_stub()),
+        ctypes.cast(ctypes.byref(slot), ctypes.c_void_p),
+        ctypes.c_uint64(1),
+        ctypes.c_uint64(0),
+    )
+    if err != UC_ERR_OK:  # pragma: no cover - only on a broken unicorn
+        raise LayoutError(f"uc_hook_add(native code hook) failed: {err}")
+    return handle.value
+
+
+def new_engine() -> Engine:
+    """A ``UC_MODE_64`` engine in virtual-TLB mode (our TLB-fill hook is the only address translation)."""
+    ensure_layout()
+    uc: Engine = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+    # Use the (empty) exit-address set instead of emu_start's ``until``: after every emu_start unicorn
+    # invalidates the code at ``until - 1`` through a *fetch TLB fill*, i.e. it would call our hook for a
+    # made-up address after the CPU loop has ended (a refusal there longjmps into a dead frame).
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    return uc
+
+
+def tlb_flush(uc: Engine) -> None:
+    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
