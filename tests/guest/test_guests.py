@@ -16,6 +16,7 @@ from kvmgmem import uapi
 from kvmgmem.exits import HypercallExit
 from kvmgmem.guest import (
     PAGE_1G,
+    PAGE_4K,
     Asm,
     Done,
     GuestAssertionError,
@@ -309,3 +310,22 @@ def test_unexpected_ucall_is_named(make_guest: MakeGuest) -> None:
     v = make_guest(GuestImage(a)).vcpus[0]
     with pytest.raises(UnexpectedExitError, match=r"vCPU 0: unexpected ucall Done\(\)"):
         v.expect_sync()
+
+
+def test_4k_pages(make_guest: MakeGuest) -> None:
+    """Page size is configurable: a 1 GiB identity map with 4 KiB leaves reaches a slot at 512 MiB."""
+    gpa, size = 512 * MiB, 1 * MiB
+    a = Asm()
+    R.fill(a, gpa, size, 0x77)
+    R.verify(a, gpa, size, 0x77, "4k fill")
+    U.done(a)
+    image = GuestImage(a, user=True, page_size=PAGE_4K, reach=1 * GiB)
+    assert image.tables.size == (1 + 1 + 1 + 512) * 4096
+    g = make_guest(image)
+    with HostMemory(size) as mem:
+        try:
+            g.add_memory(1, gpa, mem)
+            g.vcpus[0].run_to_done()
+            assert mem[:] == b"\x77" * size
+        finally:
+            g.close()
