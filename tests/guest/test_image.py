@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Iterable
+from typing import Any, cast
 
 import pytest
 
 from kvmgmem import uapi
+from kvmgmem.api import Vcpu
 from kvmgmem.guest import PAGE_1G, PAGE_2M, PAGE_4K, Asm, GuestImage
 from kvmgmem.guest import descriptors as D
 from kvmgmem.guest import paging as P
@@ -68,7 +70,7 @@ def test_gdt_tss_idt_encodings() -> None:
     assert D.io_bitmap()[-1] == 0xFF and not any(D.io_bitmap()[:-1])
 
 
-def _image(**kw: object) -> GuestImage:
+def _image(**kw: Any) -> GuestImage:
     a = Asm()
     U.sync(a, 1)
     U.done(a)
@@ -128,7 +130,7 @@ class _FakeVcpu:
 def test_setup_vcpu_boot_state(user: bool) -> None:
     image = _image(nvcpus=2, user=user)
     fake = _FakeVcpu()
-    image.setup_vcpu(fake, 1, args=(5, 6))
+    image.setup_vcpu(cast(Vcpu, fake), 1, args=(5, 6))
     s, r = fake.sregs, fake.regs
     assert r is not None and fake.cpuid_calls == [None]  # the system's supported CPUID
     assert (s.cr0, s.cr3, s.cr4, s.efer) == (0x80050033, image.tables.cr3, 0x620, 0x500)
