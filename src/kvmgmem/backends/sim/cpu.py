@@ -61,16 +61,18 @@ Mechanism
   happens under the request lock and only while ``_req == _ack``; otherwise the access is retried from the
   vCPU's safe point, where requests are serviced.
 
-Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy; see tests/sim_cpu and bench/ for numbers)
-----------------------------------------------------------------------------------------------------------------
+Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbers belong to bench/)
+-----------------------------------------------------------------------------------------------------
 
-* guest ``dec rcx; jnz``: ~95-105 M instructions/s with the native code hook (~450 without it; a Python code
-  hook would give ~3).
-* ``emu_start`` round trip without exit work: ~3-4 µs; unicorn TLB flush ~1.4 µs; TB-cache flush ~10 µs;
-  context save+restore ~3 µs; one ``reg_read`` ~2 µs.
-* TLB fill (4-level walk with cached page-table pages + data-page resolve): ~15-25 µs; first touch of a
-  page adds the resolver's own cost for each uncached level.
-* exit round trip (OUT → run returns → run again): ~30-50 µs.
+* guest ``dec rcx; jnz``: ~90-105 M instructions/s with the native code hook (~450 M without it; a Python
+  code hook would give ~3 M). Steady-state guest code runs with no Python callback at all.
+* TLB fill: ~20 µs per 4 KiB page (hook + 4-level walk over cached table pages + data-page resolve), about
+  the same on first touch with the fake resolver (the VM's own fault cost adds to that).
+* exit round trip (guest OUT → ``run()`` returns → ``run()`` again): ~21 µs; a hypercall answered in the
+  "kernel" (ENOSYS): ~65 µs (invalid-opcode stop + instruction fetch through the software walk).
+* ``emu_start`` without exit work: ~3-4 µs; unicorn TLB flush ~1.4 µs; TB-cache flush ~10 µs; context
+  save+restore ~3 µs; one ``reg_read`` ~2 µs.
+* remote flush of a vCPU spinning in guest code (stop, flush, ack, resume): ~14 µs.
 """
 
 from __future__ import annotations
