@@ -40,9 +40,18 @@ if TYPE_CHECKING:
     from .vm import KvmVm
 
 _MEMORY_FAULT_ERRNOS = (errno.EFAULT, uapi.EHWPOISON)
+# kvm_run is read with struct at fixed offsets (and copied into the ctypes struct for the rare exits) rather
+# than through a ctypes view of the mapping: a view would be a buffer export, and a traceback frame holding
+# one would make close() fail with BufferError (and unmapping under a live view would crash).
 _EXIT_UNION = uapi.kvm_run.exit.offset
+_IMMEDIATE_EXIT = uapi.kvm_run.immediate_exit.offset
+_EXIT_REASON = struct.Struct("<I")
+_EXIT_REASON_OFFSET = uapi.kvm_run.exit_reason.offset
 _IO_LAYOUT = struct.Struct("<BBHIQ")  # struct kvm_run.io: direction, size, port, count, data_offset
 assert _IO_LAYOUT.size == ctypes.sizeof(uapi.kvm_run_io)
+_U64 = struct.Struct("<Q")
+_HYPERCALL_RET = _EXIT_UNION + uapi.kvm_run_hypercall.ret.offset
+_MMIO_DATA = _EXIT_UNION + uapi.kvm_run_mmio.data.offset
 _kvm_run = kvm_run_function()
 
 
@@ -52,26 +61,22 @@ class KvmVcpu(Vcpu):
         self.fd = fd
         self.vcpu_id = vcpu_id
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._run_struct: uapi.kvm_run | None = uapi.kvm_run.from_buffer(self._map)
-        self._run_addr = ctypes.addressof(self._run_struct)
         # Held for the whole of run(); close() takes it after kicking, so kvm_run is never unmapped
         # under a running vCPU thread.
         self._run_lock = threading.Lock()
         self._thread_id: int | None = None
         self._pending: str | None = None  # exit awaiting completion: "io_in", "mmio_read", "hypercall"
+        self._last: uapi.kvm_run | None = None  # copy of kvm_run at the last slow-path exit
         kick.install_handler()
 
-    @property
     def kvm_run(self) -> uapi.kvm_run:
-        """The shared ``struct kvm_run`` (valid until close)."""
+        """A snapshot (copy) of the shared ``struct kvm_run``."""
         self._check_open("kvm_run")
-        assert self._run_struct is not None
-        return self._run_struct
+        return uapi.kvm_run.from_buffer_copy(self._map)
 
     def _release(self) -> None:
         self.kick()
         with self._run_lock:
-            self._run_struct = None
             self._map.close()
             os.close(self.fd)
 
@@ -118,27 +123,28 @@ class KvmVcpu(Vcpu):
             self._check_open(op)
             raise KvmError(errno.EBUSY, op, "this vCPU is already running in another thread")
         try:
-            run = self._run_struct
-            if run is None:
+            if self._closed:
                 raise closed_error(op, self._kind)
+            kvm_run = self._map
             self._thread_id = threading.get_ident()
             ret = _kvm_run(self.fd, uapi.KVM_RUN, 0)
             self._thread_id = None
             self._pending = None
             if ret < 0:
                 err = ctypes.get_errno()
-                if err in _MEMORY_FAULT_ERRNOS and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
-                    fault = run.exit.memory_fault
+                reason = _EXIT_REASON.unpack_from(kvm_run, _EXIT_REASON_OFFSET)[0]
+                if err in _MEMORY_FAULT_ERRNOS and reason == uapi.KVM_EXIT_MEMORY_FAULT:
+                    fault = uapi.kvm_run.from_buffer_copy(kvm_run).exit.memory_fault
                     return MemoryFaultExit(flags=fault.flags, gpa=fault.gpa, size=fault.size, errno=err)
                 if err == errno.EINTR:
-                    run.immediate_exit = 0
+                    kvm_run[_IMMEDIATE_EXIT] = 0
                 raise KvmError(err, op)
-            if run.exit_reason == uapi.KVM_EXIT_IO:  # the hot path: decoded with struct, not ctypes
-                direction, size, port, count, offset = _IO_LAYOUT.unpack_from(self._map, _EXIT_UNION)
+            if _EXIT_REASON.unpack_from(kvm_run, _EXIT_REASON_OFFSET)[0] == uapi.KVM_EXIT_IO:  # the hot path
+                direction, size, port, count, offset = _IO_LAYOUT.unpack_from(kvm_run, _EXIT_UNION)
                 if direction == uapi.KVM_EXIT_IO_IN:
                     self._pending = "io_in"
-                return make_io_exit(direction, port, size, count, self._map[offset : offset + size * count])
-            return self._decode(run)
+                return make_io_exit(direction, port, size, count, kvm_run[offset : offset + size * count])
+            return self._decode(uapi.kvm_run.from_buffer_copy(kvm_run))
         finally:
             self._thread_id = None
             self._run_lock.release()
@@ -177,33 +183,30 @@ class KvmVcpu(Vcpu):
         self._check_open(op)
         if self._pending != kind:
             raise KvmError(errno.EINVAL, op, f"no pending {kind.replace('_', ' ')} exit to complete")
-        assert self._run_struct is not None
-        return self._run_struct
+        return uapi.kvm_run.from_buffer_copy(self._map)
 
     def complete_io(self, data: bytes) -> None:
-        run = self._expect_pending("io_in", "complete_io")
-        io = run.exit.io
+        io = self._expect_pending("io_in", "complete_io").exit.io
         length = io.size * io.count
         if len(data) != length:
             raise ValueError(f"complete_io: expected {length} bytes (size {io.size} x count {io.count})")
-        ctypes.memmove(self._run_addr + io.data_offset, bytes(data), length)
+        self._map[io.data_offset : io.data_offset + length] = bytes(data)
 
     def complete_mmio(self, data: bytes) -> None:
-        run = self._expect_pending("mmio_read", "complete_mmio")
-        mmio = run.exit.mmio
+        mmio = self._expect_pending("mmio_read", "complete_mmio").exit.mmio
         if len(data) != mmio.len:
             raise ValueError(f"complete_mmio: expected {mmio.len} bytes")
-        ctypes.memmove(ctypes.addressof(mmio.data), bytes(data), mmio.len)
+        self._map[_MMIO_DATA : _MMIO_DATA + mmio.len] = bytes(data)
 
     def complete_hypercall(self, ret: int) -> None:
-        run = self._expect_pending("hypercall", "complete_hypercall")
-        run.exit.hypercall.ret = u64(ret, "ret", "complete_hypercall")
+        self._expect_pending("hypercall", "complete_hypercall")
+        _U64.pack_into(self._map, _HYPERCALL_RET, u64(ret, "ret", "complete_hypercall"))
 
     def kick(self) -> None:
-        run = self._run_struct
-        if run is None:
+        try:
+            self._map[_IMMEDIATE_EXIT] = 1
+        except ValueError:  # already unmapped by close()
             return
-        run.immediate_exit = 1
         thread = self._thread_id
         if thread is not None:
             kick.send(thread)
