@@ -121,7 +121,6 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
 )
 from kvmgmem.backends.sim.cpu_stores import Store, StoreMap
 from kvmgmem.backends.sim.cpu_types import (
-    HUGE_PAGE_SIZE,
     PAGE_SIZE,
     FaultResult,
     GpaResolver,
@@ -596,8 +595,8 @@ class SimCpu:
         res = self._resolver.handle_fault(gpa_page, write, fetch)
         if not isinstance(res, Mapped):
             return res
-        if res.size not in (PAGE_SIZE, HUGE_PAGE_SIZE) or res.host_ptr & (res.size - 1) & PAGE_MASK & 0xFFF:
-            raise _emulation_failure(gpa_page)
+        if res.size < PAGE_SIZE or res.size & (res.size - 1) or res.host_ptr & (PAGE_SIZE - 1):
+            raise _emulation_failure(gpa_page)  # a resolver bug; refusing beats dereferencing garbage
         host_page = res.host_ptr + (gpa_page & (res.size - 1))
         if write and not res.writable:
             return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
@@ -714,7 +713,7 @@ class SimCpu:
         uc = self._uc
         next_rip = uc.reg_read(UC_X86_REG_RIP)
         if io.direction == uapi.KVM_EXIT_IO_IN:
-            code = self.read_virt(io.rip, max(1, min(15, (next_rip - io.rip) & MASK64)), ACCESS_FETCH)
+            code = self._fetch_insn(io.rip)
             opcode = next((b for b in code if b not in _IO_PREFIXES), 0)
             if opcode in (0x6C, 0x6D):  # INS: the dummy value already went to memory; not emulated
                 return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip,))

@@ -20,8 +20,9 @@ HUGE_PAGE_SIZE = 2 << 20
 class Mapped:
     """The gpa is backed by host memory.
 
-    ``host_ptr`` is the process address of the *start* of the backing page (``size`` bytes, 4 KiB or 2 MiB,
-    naturally aligned in gpa space), inside a store registered with ``CpuSet.add_store``. ``writable`` says
+    ``host_ptr`` is the process address of the *start* of the backing mapping (``size`` bytes: 4 KiB, 2 MiB or
+    any power of two, naturally aligned in gpa space; the CPU maps 4 KiB of it per TLB entry), inside a store
+    registered with ``CpuSet.add_store``. ``writable`` says
     whether the mapping may be written (False for a read-only memslot, for example); a write through a
     non-writable mapping faults again with ``write=True``.
     """
