@@ -56,10 +56,12 @@ Mechanism
 * **Requests and acks** (KVM's ``kvm_make_all_cpus_request``). A vCPU is *in guest mode* while unicorn executes
   guest code, and leaves it whenever it is in Python (fault hook, exit handling). Requests (flush, store
   changes) bump ``_req``; the requester stops a vCPU in guest mode with ``emu_stop`` (repeated until it
-  took, since a stop racing with ``emu_start``'s setup is lost) and waits for ``_ack``. Outside guest mode the
-  vCPU cannot use a stale translation: every TLB install and every Python-side dereference of guest memory
-  happens under the request lock and only while ``_req == _ack``; otherwise the access is retried from the
-  vCPU's safe point, where requests are serviced.
+  took, since a stop racing with ``emu_start``'s setup is lost) and waits for ``_ack`` from every vCPU that is
+  inside ``run()`` on another thread — except one inside ``handle_fault``, which may be blocked on a lock the
+  requester holds (KVM likewise only waits for vCPUs in guest mode). Such a vCPU cannot use a stale
+  translation: every TLB install and every Python-side dereference of guest memory happens under the
+  request lock and only while ``_req == _ack``; otherwise the access is retried from the vCPU's safe point,
+  where requests are serviced.
 
 Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbers belong to bench/)
 -----------------------------------------------------------------------------------------------------
@@ -276,6 +278,7 @@ class SimCpu:
         # request state (KVM's vcpu->requests + vcpu->mode), guarded by _cond
         self._cond = threading.Condition(threading.Lock())
         self._in_guest = False
+        self._in_resolver = False
         self._owner: int | None = None  # thread ident inside run()
         self._req = 0
         self._ack = 0
@@ -358,8 +361,9 @@ class SimCpu:
         """Make the running (or next) ``run()`` raise ``KvmError(EINTR)``; waits until it left the guest."""
         with self._cond:
             self._kick = True
-            while self._in_guest and self._owner != threading.get_ident():
-                self._uc.emu_stop()
+            while self._kick and self._must_wait_locked():
+                if self._in_guest:
+                    self._uc.emu_stop()
                 self._cond.wait(0.0005)
 
     def _post_request(self, flush: tuple[int | None, int | None] | None) -> int:
@@ -375,11 +379,17 @@ class SimCpu:
                 self._uc.emu_stop()
             return self._req
 
+    def _must_wait_locked(self) -> bool:
+        """Whether a requester has to wait for this vCPU's ack: it is inside ``run()`` on another thread and
+        not inside the resolver (which may be blocked on a lock the requester holds)."""
+        owner = self._owner
+        return owner is not None and owner != threading.get_ident() and not self._in_resolver
+
     def _wait_ack(self, ticket: int) -> None:
-        me = threading.get_ident()
         with self._cond:
-            while self._ack < ticket and self._in_guest and self._owner != me:
-                self._uc.emu_stop()
+            while self._ack < ticket and self._must_wait_locked():
+                if self._in_guest:
+                    self._uc.emu_stop()
                 self._cond.wait(0.0005)
 
     def _service_locked(self) -> None:
@@ -436,6 +446,7 @@ class SimCpu:
                 if self._kick:
                     self._kick = False
                     self._owner = None
+                    self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
             try:
                 self._finish_completion()
@@ -476,6 +487,7 @@ class SimCpu:
                 self._service_locked()
                 if self._kick:
                     self._kick = False
+                    self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
             try:
                 if self._pending_event is not None:
@@ -592,7 +604,13 @@ class SimCpu:
         cached = self._data_cache.get(gpa_page)
         if cached is not None and (cached[1] or not write):
             return cached
-        res = self._resolver.handle_fault(gpa_page, write, fetch)
+        with self._cond:
+            self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
+        try:
+            res = self._resolver.handle_fault(gpa_page, write, fetch)
+        finally:
+            with self._cond:
+                self._in_resolver = False
         if not isinstance(res, Mapped):
             return res
         if res.size < PAGE_SIZE or res.size & (res.size - 1) or res.host_ptr & (PAGE_SIZE - 1):
