@@ -30,7 +30,9 @@ from kvmgmem.hostmem import HostMemory
 
 def as_uint(value: Any, bits: int, name: str, op: str) -> int:
     """``value`` as the unsigned ``bits``-wide field a C caller would pass (negative → two's complement)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, not bool")
+    if not isinstance(value, int):
         try:
             value = value.__index__()
         except AttributeError:
