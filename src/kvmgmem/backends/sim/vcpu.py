@@ -1,8 +1,8 @@
-"""``Vcpu`` on the sim, without execution: register state storage and the KVM_RUN placeholder.
+"""``Vcpu`` on the sim: the API object over one ``SimCpu`` (a unicorn engine, ``cpu.py``).
 
-Why separate from execution: the unicorn CPU (part 2, ``cpu*.py``) subclasses ``SimVcpu`` and exposes it as
-``kvmgmem.backends.sim.cpu.VCPU_CLASS``; ``SimVm.create_vcpu`` picks it up when present. Until then
-``run()`` fails with ENOSYS, and everything else (regs, sregs, cpuid, the completion answers) works.
+Why a separate object: ``SimCpu`` is the execution engine with KVM's run semantics; this class is the
+kernel-object side — an fd, a VM reference (a vCPU pins its VM as a vCPU fd does), the architectural RESET
+state a fresh vCPU reports before userspace loads its own, CPUID storage and lifetime.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import Vcpu
+from kvmgmem.api import Vcpu, u64
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit
 
@@ -22,6 +22,7 @@ from . import fdtable
 from .core.vm import VmCore
 
 if TYPE_CHECKING:
+    from .cpu import CpuSet
     from .vm import SimVm
 
 
@@ -56,16 +57,14 @@ def reset_sregs() -> uapi.kvm_sregs:
 class SimVcpu(Vcpu):
     """A vCPU of a sim VM. It holds a VM reference (as a vCPU fd does)."""
 
-    def __init__(self, vm: SimVm, vcpu_id: int) -> None:
+    def __init__(self, vm: SimVm, vcpu_id: int, cpus: CpuSet) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self._regs = reset_regs()
-        self._sregs = reset_sregs()
+        # Until userspace loads a state, the vCPU reports RESET state (unicorn starts in its own long mode).
+        self._regs: uapi.kvm_regs | None = reset_regs()
+        self._sregs: uapi.kvm_sregs | None = reset_sregs()
         self._cpuid: list[uapi.kvm_cpuid_entry2] = []
-        self.pending_io: bytes | None = None
-        self.pending_mmio: bytes | None = None
-        self.pending_hypercall_ret: int | None = None
-        self.immediate_exit = False
+        self._cpu = cpus.create_cpu(vcpu_id)
         core = vm.core
         core.get()
         self._fd = fdtable.placeholder_fd()
@@ -76,23 +75,34 @@ class SimVcpu(Vcpu):
         return self._fd
 
     def _release(self) -> None:
+        self._cpu.close()
         self._finalizer()
 
     def get_regs(self) -> uapi.kvm_regs:
         self._check_open("KVM_GET_REGS")
-        return uapi.kvm_regs.from_buffer_copy(self._regs)
+        if self._regs is not None:
+            return uapi.kvm_regs.from_buffer_copy(self._regs)
+        return self._cpu.get_regs()
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
         self._check_open("KVM_SET_REGS")
-        self._regs = uapi.kvm_regs.from_buffer_copy(regs)
+        if not isinstance(regs, uapi.kvm_regs):
+            raise TypeError(f"KVM_SET_REGS: expected uapi.kvm_regs, not {type(regs).__name__}")
+        self._cpu.set_regs(regs)
+        self._regs = None
 
     def get_sregs(self) -> uapi.kvm_sregs:
         self._check_open("KVM_GET_SREGS")
-        return uapi.kvm_sregs.from_buffer_copy(self._sregs)
+        if self._sregs is not None:
+            return uapi.kvm_sregs.from_buffer_copy(self._sregs)
+        return self._cpu.get_sregs()
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         self._check_open("KVM_SET_SREGS")
-        self._sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+        if not isinstance(sregs, uapi.kvm_sregs):
+            raise TypeError(f"KVM_SET_SREGS: expected uapi.kvm_sregs, not {type(sregs).__name__}")
+        self._cpu.set_sregs(sregs)
+        self._sregs = None
 
     def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
         self._check_open("KVM_SET_CPUID2")
@@ -106,16 +116,24 @@ class SimVcpu(Vcpu):
 
     def run(self) -> Exit:
         self._check_open("KVM_RUN")
-        raise KvmError(errno.ENOSYS, "KVM_RUN", "sim vCPU execution not available yet")
+        if self._regs is not None or self._sregs is not None:
+            # Never loaded: unicorn cannot start from real-mode RESET state (it runs long-mode engines).
+            raise KvmError(errno.EINVAL, "KVM_RUN", "the sim starts vCPUs only from a loaded long-mode state "
+                           "(KVM_SET_REGS and KVM_SET_SREGS first)")  # fmt: skip
+        return self._cpu.run()
 
     def complete_io(self, data: bytes) -> None:
-        self.pending_io = bytes(data)
+        self._check_open("complete_io")
+        self._cpu.complete_io(bytes(data))
 
     def complete_mmio(self, data: bytes) -> None:
-        self.pending_mmio = bytes(data)
+        self._check_open("complete_mmio")
+        self._cpu.complete_mmio(bytes(data))
 
     def complete_hypercall(self, ret: int) -> None:
-        self.pending_hypercall_ret = ret & ((1 << 64) - 1)
+        self._check_open("complete_hypercall")
+        self._cpu.complete_hypercall(u64(ret, "ret", "complete_hypercall"))
 
     def kick(self) -> None:
-        self.immediate_exit = True
+        if not self.closed:
+            self._cpu.kick()

@@ -7,7 +7,6 @@ see ``core/mmu.py``), ``introspect()``, and ``sim`` (the ``VmCore``).
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import threading
 import weakref
@@ -18,8 +17,10 @@ from kvmgmem.errors import KvmError
 from kvmgmem.hostmem import HostMemory
 
 from . import cpu_types, fdtable
+from .core.gmem import GmemInode
 from .core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, ZapListener
 from .core.vm import VmCore
+from .cpu import CpuSet
 from .gmem import SimGuestMemfd
 from .storage import GmemStorage
 from .vcpu import SimVcpu
@@ -55,14 +56,52 @@ def to_cpu_result(result: FaultResult) -> cpu_types.FaultResult:
     return cpu_types.Retry()
 
 
-def _vcpu_class() -> type[SimVcpu]:
-    """The vCPU implementation: ``kvmgmem.backends.sim.cpu.VCPU_CLASS`` when part 2 provides it."""
-    try:
-        module = importlib.import_module("kvmgmem.backends.sim.cpu")
-    except ImportError:
-        return SimVcpu
-    cls = getattr(module, "VCPU_CLASS", SimVcpu)
-    return cls if isinstance(cls, type) and issubclass(cls, SimVcpu) else SimVcpu
+class _Stores:
+    """The host memory the VM's vCPUs may reach (memslot buffers, guest_memfd storage), refcounted by start
+    address, and mirrored into the ``CpuSet`` once one exists: each store is mapped into unicorn once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stores: dict[int, list[int]] = {}  # host_ptr -> [size, references]
+        self.cpus: CpuSet | None = None
+
+    def get(self, host_ptr: int, size: int) -> None:
+        with self._lock:
+            entry = self._stores.get(host_ptr)
+            if entry is not None and entry[0] >= size:
+                entry[1] += 1
+                return
+            if entry is not None:  # the same start, now larger: remap with the larger size
+                self._stores[host_ptr] = [size, entry[1] + 1]
+                if self.cpus is not None:
+                    self.cpus.remove_store(host_ptr)
+            else:
+                self._stores[host_ptr] = [size, 1]
+            if self.cpus is not None:
+                self.cpus.add_store(host_ptr, size)
+
+    def put(self, host_ptr: int) -> None:
+        with self._lock:
+            entry = self._stores.get(host_ptr)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._stores[host_ptr]
+            if self.cpus is not None:
+                self.cpus.remove_store(host_ptr)
+
+    def attach(self, cpus: CpuSet) -> None:
+        with self._lock:
+            self.cpus = cpus
+            for host_ptr, (size, _refs) in self._stores.items():
+                cpus.add_store(host_ptr, size)
+
+    def detach(self) -> CpuSet | None:
+        with self._lock:
+            cpus, self.cpus = self.cpus, None
+            return cpus
 
 
 class SimVm(Vm):
@@ -85,6 +124,22 @@ class SimVm(Vm):
                 users.clear()
 
         core.destroy_listeners.append(unpin_all)
+        # vCPU execution: the CpuSet is created with the first vCPU (VMs without vCPUs never touch
+        # unicorn); stores and zaps reach it through these listeners, which hold no reference to ``self``.
+        stores = self._stores = _Stores()
+
+        def gmem_released(inode: GmemInode) -> None:
+            base = getattr(inode.backing, "base", None)
+            if base is not None:
+                stores.put(base)
+
+        def zapped(gfn_start: int, gfn_end: int) -> None:
+            cpus = stores.cpus
+            if cpus is not None:
+                cpus.flush(gfn_start, gfn_end)
+
+        core.add_gmem_release_listener(gmem_released)
+        core.add_zap_listener(zapped)
 
     @property
     def fd(self) -> int:
@@ -99,6 +154,9 @@ class SimVm(Vm):
         backend does; no vCPU is left to touch it). The model VM lives on while guest_memfds pin it."""
         for vcpu in self._vcpus:
             vcpu.close()
+        cpus = self._stores.detach()
+        if cpus is not None:
+            cpus.close()
         self._finalizer()
         self._release_slots()
 
@@ -114,10 +172,14 @@ class SimVm(Vm):
         self._check_open(op)
         file = self.core.create_guest_memfd(u64(size, "size", op), u64(flags, "flags", op), GmemStorage)
         try:
-            return SimGuestMemfd(self, file)
+            gmem = SimGuestMemfd(self, file)
         except OSError as e:
             file.put()
             raise KvmError(e.errno or errno.EMFILE, op, f"no fd for the guest_memfd: {e}") from e
+        base = getattr(file.inode.backing, "base", None)
+        if base is not None:
+            self._stores.get(base, file.inode.size)
+        return gmem
 
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, memory_size: int, userspace: Any = None, flags: int = 0
@@ -154,6 +216,7 @@ class SimVm(Vm):
         fd = u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op)
         offset = u64(offset, "guest_memfd_offset", op)
         user = resolve_userspace(userspace, op)
+        old = self._slot_users.get(slot)
         self.core.set_user_memory_region(
             v2=v2,
             slot=slot,
@@ -167,6 +230,12 @@ class SimVm(Vm):
             fd_lookup=fdtable.lookup,
         )
         self._track_slot(slot, size, user)
+        new = _live_range(user) if size else None
+        if new is not None:
+            self._stores.get(new[0], new[1] - new[0])
+        previous = _live_range(old) if old is not None else None
+        if previous is not None:
+            self._stores.put(previous[0])
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         op = "KVM_SET_MEMORY_ATTRIBUTES"
@@ -185,6 +254,9 @@ class SimVm(Vm):
             raise ValueError(f"{op}: at most 4 args, got {len(args)}")
         values = tuple(u64(a, f"args[{i}]", op) for i, a in enumerate(args)) + (0,) * (4 - len(args))
         self.core.enable_cap(u32(cap, "cap", op), u32(flags, "flags", op), values)
+        cpus = self._stores.cpus
+        if cpus is not None:
+            cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
 
     def create_vcpu(self, vcpu_id: int = 0) -> SimVcpu:
         op = "KVM_CREATE_VCPU"
@@ -199,9 +271,18 @@ class SimVm(Vm):
                 raise KvmError(errno.EINVAL, op, f"vcpu_id {vcpu_id} >= KVM_CAP_MAX_VCPU_ID {profile.max_vcpu_id}")
             if any(v.vcpu_id == vcpu_id for v in live):
                 raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists")
-            vcpu = _vcpu_class()(self, vcpu_id)
+            vcpu = SimVcpu(self, vcpu_id, self._cpuset())
             self._vcpus.append(vcpu)
             return vcpu
+
+    def _cpuset(self) -> CpuSet:
+        """The VM's CpuSet, created with the first vCPU (caller holds ``_vcpu_lock``)."""
+        cpus = self._stores.cpus
+        if cpus is None:
+            cpus = CpuSet(self)
+            cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
+            self._stores.attach(cpus)
+        return cpus
 
     # --- sim-only surface -----------------------------------------------------------------------------------
 
