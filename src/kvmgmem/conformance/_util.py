@@ -40,7 +40,7 @@ def raises_kvm(expected_errno: int, op: str) -> Iterator[Raised]:
     err = info.value
     box.error = err
     assert err.errno == expected_errno, (
-        f"{op}: expected {errno_name(expected_errno)}, got {errno_name(err.errno)} ({err})"
+        f"{op}: expected {errno_name(expected_errno)}, got {errno_name(err.errno or 0)} ({err})"
     )
     assert err.op == op, f"expected KvmError.op == {op!r}, got {err.op!r} ({err})"
 
