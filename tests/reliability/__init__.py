@@ -1,0 +1,1 @@
+"""Reliability tests (issue 9): bad input, faults, concurrency, resource safety, isolation, fuzzing."""
