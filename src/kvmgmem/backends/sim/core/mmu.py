@@ -60,13 +60,12 @@ from kvmgmem.exits import MemoryFaultExit
 
 from .gmem import PAGE_HWPOISON, PAGE_PRESENT, GmemInode
 from .memslots import Memslot
-from .profile import PG_LEVEL_1G, PG_LEVEL_4K, level_pages
+from .profile import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, level_pages
 
 if TYPE_CHECKING:
     from .vm import VmCore
 
 ZapListener = Callable[[int, int], None]
-_MAX_SPTE_PAGES = level_pages(PG_LEVEL_1G)
 
 
 @dataclass(frozen=True)
@@ -187,13 +186,21 @@ class Mmu:
         return [self._sptes[g] for g in self._gfns]
 
     def _overlapping(self, lo: int, hi: int) -> Iterator[Spte]:
-        i = bisect_left(self._gfns, lo - lo % _MAX_SPTE_PAGES)
-        for g in self._gfns[i:]:
-            if g >= hi:
-                break
-            s = self._sptes[g]
-            if s.end_gfn > lo:
-                yield s
+        """SPTEs intersecting ``[lo, hi)``, in O(log n + hits): only a huge SPTE can start before ``lo`` and
+        still cover it, and it then starts at ``lo`` rounded down to its level, so two lookups find those;
+        the rest start inside the range and come from the sorted keys."""
+        for level in (PG_LEVEL_1G, PG_LEVEL_2M):
+            n = level_pages(level)
+            base = lo - lo % n
+            if base < lo:
+                s = self._sptes.get(base)
+                if s is not None and s.level == level and s.end_gfn > lo:
+                    yield s
+        gfns = self._gfns
+        i = bisect_left(gfns, lo)
+        while i < len(gfns) and gfns[i] < hi:
+            yield self._sptes[gfns[i]]
+            i += 1
 
     def _remove(self, s: Spte) -> None:
         del self._sptes[s.gfn]
