@@ -154,11 +154,11 @@ def run_threads(
 # --- subprocess runner -------------------------------------------------------------------------------------
 
 
-def run_python(code: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run_python(code: str, args: list[str] | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter; assert it exited normally (status 0, not killed by a signal),
     with the output in the failure message."""
     proc = subprocess.run(
-        [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)],
+        [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code), *(args or [])],
         capture_output=True,
         text=True,
         timeout=timeout,
