@@ -259,15 +259,12 @@ def _progress_thread(machine: Machine, sampler: _Sampler, progress: Any) -> thre
 
 
 def _sim_counters(machine: Machine) -> dict[str, int]:
-    """Fault/zap counters where the backend exposes them (the sim's introspection); empty otherwise."""
-    introspect = getattr(machine.vm, "counters", None)
-    if introspect is None:
+    """Fault/zap counters where the backend exposes them (the sim's ``introspect()``); empty otherwise."""
+    introspect = getattr(machine.vm, "introspect", None)
+    if not callable(introspect):
         return {}
-    try:
-        counters = introspect() if callable(introspect) else introspect
-        return {k: int(v) for k, v in dict(counters).items()}
-    except (TypeError, ValueError):
-        return {}
+    counters = introspect().get("counters", {})
+    return {k: int(v) for k, v in counters.items() if isinstance(v, int)}
 
 
 def print_report(report: DemoReport, as_json: bool = False) -> None:

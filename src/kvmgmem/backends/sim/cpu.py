@@ -165,6 +165,9 @@ __all__ = [
 ]
 
 
+_HUGE_SIZES = (2 << 20, 1 << 30)
+
+
 def _emulation_failure(*data: int) -> VmExitSignal:
     return VmExitSignal(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, tuple(data)))
 
@@ -290,6 +293,9 @@ class SimCpu:
         # per-vCPU caches, valid until the next flush (vCPU thread only)
         self._pt_cache: dict[int, int] = {}  # gpa page -> host address of that 4 KiB page
         self._data_cache: dict[int, tuple[int, bool]] = {}  # gpa page -> (host page, writable)
+        # Huge mappings (Mapped.size > 4 KiB) by their aligned gpa: every 4 KiB page inside resolves from here
+        # without asking the resolver again (one fault per 2 MiB, as with a huge SPTE).
+        self._huge_cache: dict[int, tuple[int, bool, int]] = {}  # gpa base -> (host base, writable, size)
         self._mapped: dict[int, Store] = {}  # window -> store mapped into this engine
         self._stores_gen = -1
         self._code_stale = False
@@ -406,6 +412,7 @@ class SimCpu:
 
     def _clear_translations(self, ranges: list[tuple[int, int]] | None = None) -> None:
         tlb_flush(self._uc)
+        self._huge_cache.clear()  # few entries; refilled with one fault per huge page
         if ranges is None or len(self._pt_cache) + len(self._data_cache) < 64:
             self._pt_cache.clear()
             self._data_cache.clear()
@@ -423,6 +430,7 @@ class SimCpu:
         if removed:
             tlb_flush(self._uc)
             self._pt_cache.clear()
+            self._huge_cache.clear()
             self._data_cache.clear()
             self._code_stale = True
         for window in removed:
@@ -604,6 +612,10 @@ class SimCpu:
         cached = self._data_cache.get(gpa_page)
         if cached is not None and (cached[1] or not write):
             return cached
+        for size in _HUGE_SIZES:
+            huge = self._huge_cache.get(gpa_page & ~(size - 1))
+            if huge is not None and huge[2] == size and (huge[1] or not write):
+                return (huge[0] + (gpa_page & (size - 1)), huge[1])
         with self._cond:
             self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
         try:
@@ -619,7 +631,10 @@ class SimCpu:
         if write and not res.writable:
             return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
         result = (host_page, res.writable)
-        self._data_cache[gpa_page] = result
+        if res.size > PAGE_SIZE:
+            self._huge_cache[gpa_page & ~(res.size - 1)] = (res.host_ptr, res.writable, res.size)
+        else:
+            self._data_cache[gpa_page] = result
         return result
 
     def _read_pte(self, gpa: int) -> int | FaultResult:

@@ -54,6 +54,10 @@ class SimGuestMemfd(GuestMemfd):
     def _release(self) -> None:
         self._finalizer()
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the file backed by pages now (the model's count of present pages)."""
+        return self._file.inode.nr_present * uapi.PAGE_SIZE
+
     # --- fallocate ------------------------------------------------------------------------------------------
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
