@@ -84,6 +84,25 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def judge(row: Row, want: str, met: bool | None, measured: str) -> Row:
+    """Write the target verdict next to the measured value: ``want: met|missed (measured)``."""
+    verdict = "n/a" if met is None else ("met" if met else "missed")
+    row.target = f"target {want}: {verdict} ({measured})"
+    return row
+
+
+def interleaved(samplers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Best rate per variant over ``rounds`` rounds that run every variant once, in turn.
+
+    Interleaving spreads the noise of other jobs on this 2-core host over all variants alike, so the ratios
+    of one run stay meaningful even when the absolute rates move."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in samplers.items():
+            best[name] = max(best.get(name, 0.0), fn())
+    return best
+
+
 def open_or_none(backend: str) -> kvmgmem.System | None:
     try:
         return kvmgmem.open(backend)
