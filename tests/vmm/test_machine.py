@@ -190,3 +190,21 @@ def test_ctrl_c_stops_every_vcpu(protected_system: kvmgmem.System) -> None:
         assert time.monotonic() - start < 30
     timer.join()
     assert threading.active_count() <= before
+
+
+def test_default_private_is_one_range_per_region(protected_system: kvmgmem.System) -> None:
+    """``default_private`` marks all RAM private with one KVM_SET_MEMORY_ATTRIBUTES per region (QEMU's
+    choice), so the attribute map holds one run per region however large the region is."""
+    regions = [(RAM, 64 * MiB), (RAM + (1 << 30), 256 * MiB)]
+    with Machine(Asm().hlt(), system=protected_system, regions=regions, default_private=True) as m:
+        introspect = getattr(m.vm, "introspect", None)
+        if introspect is None:
+            pytest.skip(f"backend {m.backend} has no attribute introspection")
+        private = [(lo, hi) for lo, hi, attrs in _runs(introspect()) if attrs == uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE]
+        assert private == [(gpa >> 12, (gpa + size) >> 12) for gpa, size in regions]
+
+
+def _runs(snapshot: dict[str, object]) -> list[tuple[int, int, int]]:
+    runs = snapshot["attributes"]  # the non-zero runs: (first gfn, end gfn, attributes)
+    assert isinstance(runs, list)
+    return [(int(lo), int(hi), int(a)) for lo, hi, a in runs]
