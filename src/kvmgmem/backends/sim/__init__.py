@@ -5,6 +5,16 @@ matches this project's host kernel) or "7.2"; ``options`` override profile field
 e.g. ``hugepage=True`` (the sim-only SIM_GUEST_MEMFD_FLAG_HUGEPAGE), ``sw_protected=False`` (mirror a host
 without KVM_X86_SW_PROTECTED_VM), ``address_spaces=1``, ``nr_memslots=509``.
 
+``private_access_bit=N`` (sim-only, off by default; not reported by any cap) gives the vCPUs of
+KVM_X86_SW_PROTECTED_VMs an SEV-style "C-bit": bit N of a guest leaf PTE marks the access private (and is not
+part of the address). Upstream SW_PROTECTED takes private/shared from the gfn's attribute, so a guest can
+never trigger an implicit conversion (spec §3.2); with the bit, as on SNP/TDX, an access whose type
+disagrees with the attribute fails KVM_RUN with EFAULT and a ``MemoryFaultExit`` (flags PRIVATE iff the
+access was private, page-aligned gpa, size 4096), which the VMM answers by converting the page and running
+again — the instruction then re-executes. ``kvmgmem.open("sim", private_access_bit=51)``;
+``SimSystem.private_access_bit`` / ``SimVm.private_access_bit`` tell what is in effect, and
+``GuestImage(private_alias=51)`` builds the matching private alias mapping.
+
 Layout: ``core/`` is the pure kernel model; ``system``/``vm``/``gmem``/``vcpu``/``mapping`` adapt it to the
 backend-neutral API; ``storage`` and ``fdtable`` own the real resources (memory and fd numbers).
 Sim-only surface: ``SigBus`` (host access the kernel answers with SIGBUS), ``SimGuestMemfd.inject_poison``,

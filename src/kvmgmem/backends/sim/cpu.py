@@ -7,6 +7,12 @@ Interface for the sim VM
 
 * ``resolver``: a ``GpaResolver`` (``handle_fault(gpa, write, fetch) -> Mapped | MemoryFault | Mmio | Retry``,
   see ``cpu_types``) — the VM's TDP fault handler.
+* ``private_access_bit`` (sim-only, default None): bit N of a leaf guest PTE marks the access private, like
+  SEV's C-bit (``cpu_pagewalk``). The bit is stripped from the frame address and every data access resolves
+  with ``handle_fault(..., private=True/False)``; a mismatch with the gfn's attribute is then a
+  ``MemoryFaultExit`` whose re-run re-executes the instruction — the guest-driven *implicit* conversion.
+  Data translations are cached per (gpa, private), so the same gpa reached through a private and a shared
+  alias never shares a cache entry.
 * ``add_store(host_ptr, size) -> window`` / ``remove_store(host_ptr)``: declare a backing store (a memslot's
   userspace buffer, a guest_memfd's page storage; page aligned, one mmap each). Every ``Mapped.host_ptr``
   must lie inside a registered store. Each store is mapped once per engine with ``mem_map_ptr``; a vCPU
@@ -205,8 +211,9 @@ class _Completion:
 class CpuSet:
     """The vCPUs of one VM, the store windows they share, and VM-wide CPU settings."""
 
-    def __init__(self, resolver: GpaResolver) -> None:
+    def __init__(self, resolver: GpaResolver, private_access_bit: int | None = None) -> None:
         self.resolver = resolver
+        self.private_access_bit = private_access_bit
         self.stores = StoreMap()
         self.exit_hypercall_mask = 0
         self._cpus: list[SimCpu] = []
@@ -264,6 +271,7 @@ class SimCpu:
         self.cpuset = cpuset
         self.vcpu_id = vcpu_id
         self._resolver = cpuset.resolver
+        self._private_bit = cpuset.private_access_bit
         self._stores: StoreMap = cpuset.stores
         self._uc: Engine = new_engine()
         self._state = CpuState(self._uc)
@@ -292,10 +300,12 @@ class SimCpu:
 
         # per-vCPU caches, valid until the next flush (vCPU thread only)
         self._pt_cache: dict[int, int] = {}  # gpa page -> host address of that 4 KiB page
-        self._data_cache: dict[int, tuple[int, bool]] = {}  # gpa page -> (host page, writable)
+        # data translations are keyed by (gpa page, private): with a private access bit the same gpa has a
+        # private and a shared translation (None: no such bit, the attribute decides)
+        self._data_cache: dict[tuple[int, bool | None], tuple[int, bool]] = {}  # -> (host page, writable)
         # Huge mappings (Mapped.size > 4 KiB) by their aligned gpa: every 4 KiB page inside resolves from here
         # without asking the resolver again (one fault per 2 MiB, as with a huge SPTE).
-        self._huge_cache: dict[int, tuple[int, bool, int]] = {}  # gpa base -> (host base, writable, size)
+        self._huge_cache: dict[tuple[int, bool | None], tuple[int, bool, int]] = {}  # -> (host, writable, size)
         self._mapped: dict[int, Store] = {}  # window -> store mapped into this engine
         self._stores_gen = -1
         self._code_stale = False
@@ -417,9 +427,10 @@ class SimCpu:
             self._pt_cache.clear()
             self._data_cache.clear()
             return
-        for cache in (self._pt_cache, self._data_cache):
-            for page in [p for p in cache if any(s <= p >> 12 < e for s, e in ranges)]:
-                del cache[page]
+        for page in [p for p in self._pt_cache if any(s <= p >> 12 < e for s, e in ranges)]:
+            del self._pt_cache[page]
+        for key in [k for k in self._data_cache if any(s <= k[0] >> 12 < e for s, e in ranges)]:
+            del self._data_cache[key]
 
     def _sync_stores(self) -> None:
         gen, stores = self._stores.snapshot()
@@ -608,18 +619,24 @@ class SimCpu:
         st = self._state.load()
         return Paging(st.cr(0), st.cr(3), st.cr(4), st.efer, st.eflags, st.cpl if cpl is None else cpl)
 
-    def _resolve_page(self, gpa_page: int, write: bool, fetch: bool) -> tuple[int, bool] | FaultResult:
-        cached = self._data_cache.get(gpa_page)
+    def _resolve_page(
+        self, gpa_page: int, write: bool, fetch: bool, private: bool | None = None
+    ) -> tuple[int, bool] | FaultResult:
+        """``private`` None: the resolver decides from the attribute (page-table reads, no private bit)."""
+        cached = self._data_cache.get((gpa_page, private))
         if cached is not None and (cached[1] or not write):
             return cached
         for size in _HUGE_SIZES:
-            huge = self._huge_cache.get(gpa_page & ~(size - 1))
+            huge = self._huge_cache.get((gpa_page & ~(size - 1), private))
             if huge is not None and huge[2] == size and (huge[1] or not write):
                 return (huge[0] + (gpa_page & (size - 1)), huge[1])
         with self._cond:
             self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
         try:
-            res = self._resolver.handle_fault(gpa_page, write, fetch)
+            if private is None:  # the three-argument form every GpaResolver understands
+                res = self._resolver.handle_fault(gpa_page, write, fetch)
+            else:
+                res = self._resolver.handle_fault(gpa_page, write, fetch, private=private)
         finally:
             with self._cond:
                 self._in_resolver = False
@@ -632,9 +649,9 @@ class SimCpu:
             return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
         result = (host_page, res.writable)
         if res.size > PAGE_SIZE:
-            self._huge_cache[gpa_page & ~(res.size - 1)] = (res.host_ptr, res.writable, res.size)
+            self._huge_cache[(gpa_page & ~(res.size - 1), private)] = (res.host_ptr, res.writable, res.size)
         else:
-            self._data_cache[gpa_page] = result
+            self._data_cache[(gpa_page, private)] = result
         return result
 
     def _read_pte(self, gpa: int) -> int | FaultResult:
@@ -666,10 +683,10 @@ class SimCpu:
     def _translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int] | object:
         """For the TLB: (window address, unicorn perms), or the outcome that prevents it."""
         try:
-            res = walk(vaddr, acc, self._paging(cpl), self._read_pte)
+            res = walk(vaddr, acc, self._paging(cpl), self._read_pte, self._private_bit)
             if not isinstance(res, Translation):
                 return res
-            page = self._resolve_page(res.gpa & PAGE_MASK, acc == ACCESS_WRITE, acc == ACCESS_FETCH)
+            page = self._resolve_page(res.gpa & PAGE_MASK, acc == ACCESS_WRITE, acc == ACCESS_FETCH, res.private)
             if not isinstance(page, tuple):
                 return _DataOutcome(res.gpa & PAGE_MASK, page)
             host_page, host_writable = page
@@ -688,14 +705,14 @@ class SimCpu:
     # --- guest virtual memory for Python-side emulation (GuestMemory protocol) ------------------------------
 
     def _host_for(self, va: int, acc: int, cpl: int | None) -> int:
-        res = walk(va, acc, self._paging(cpl), self._read_pte)
+        res = walk(va, acc, self._paging(cpl), self._read_pte, self._private_bit)
         if isinstance(res, PageFault):
             raise GuestException(VEC_PF, res.error_code, va)
         if isinstance(res, NonCanonical):
             raise GuestException(VEC_GP, 0)
         if not isinstance(res, Translation):
             raise self._outcome_signal(res, va & PAGE_MASK)
-        page = self._resolve_page(res.gpa & PAGE_MASK, acc == ACCESS_WRITE, acc == ACCESS_FETCH)
+        page = self._resolve_page(res.gpa & PAGE_MASK, acc == ACCESS_WRITE, acc == ACCESS_FETCH, res.private)
         if not isinstance(page, tuple):
             raise self._outcome_signal(page, res.gpa & PAGE_MASK)
         return page[0] + (res.gpa & 0xFFF)

@@ -11,6 +11,15 @@ U/S, NX (with EFER.NXE; bit 63 is reserved without it), SMEP and SMAP (EFLAGS.AC
 (P, W/R, U/S, RSVD, I/D). Not modelled: accessed/dirty bits are not written back, protection keys, LA57,
 MAXPHYADDR-reserved bits (52 bits are assumed), and implicit supervisor accesses made at CPL 3 (for
 example descriptor-table reads) are checked with CPL 3's rights.
+
+**Private access bit** (sim-only, ``walk(..., private_bit=N)``; the profile option ``private_access_bit``
+on a KVM_X86_SW_PROTECTED_VM). Models the SEV C-bit: bit N is removed from the frame address of every entry
+(leaf and non-leaf), and the *leaf's* bit N says whether the access is private (``Translation.private``),
+which the CPU passes to the fault path so an access against the gfn's attribute exits with
+KVM_EXIT_MEMORY_FAULT (spec §3.2/§3.3). Page-table reads themselves stay attribute-derived (the C-bit of
+non-leaf entries and CR3 is ignored), and instruction fetches follow the leaf bit too (real SNP forces them
+private). Without the option (``private_bit=None``) bit N is an ordinary address bit and
+``Translation.private`` is None: the access type comes from the attribute, as before.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class Translation:
     page_size: int
     writable: bool
     executable: bool
+    private: bool | None = None  # the leaf's private access bit; None when the walk has no such bit
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,15 @@ def is_canonical(va: int) -> bool:
     return top == 0 or top == 0x1FFFF
 
 
-def walk(va: int, access: int, regs: Paging, read_pte: Callable[[int], int | FaultResult]) -> WalkResult:
-    """Translate linear address ``va`` for ``access`` (ACCESS_*) under ``regs``."""
+def walk(
+    va: int,
+    access: int,
+    regs: Paging,
+    read_pte: Callable[[int], int | FaultResult],
+    private_bit: int | None = None,
+) -> WalkResult:
+    """Translate linear address ``va`` for ``access`` (ACCESS_*) under ``regs``; ``private_bit`` is the
+    private access bit (module docstring) or None."""
     if not regs.paging:  # unicorn-style flat long mode: VA = PA
         return Translation(va, 1 << 12, True, True)
     if not is_canonical(va):
@@ -102,10 +119,13 @@ def walk(va: int, access: int, regs: Paging, read_pte: Callable[[int], int | Fau
     fetch_bit = PFERR_FETCH if access == ACCESS_FETCH and (nxe or regs.cr4 & CR4_SMEP) else 0
     base_err = (PFERR_WRITE if access == ACCESS_WRITE else 0) | (PFERR_USER if user else 0) | fetch_bit
 
-    table = regs.cr3 & PTE_ADDR
+    c_bit = 0 if private_bit is None else 1 << private_bit
+    addr_mask = PTE_ADDR & ~c_bit
+    table = regs.cr3 & addr_mask
     rw = us = True
     nx = False
     gpa = page_size = 0
+    private = False
     for level, shift in enumerate((39, 30, 21, 12)):
         pte_gpa = table + ((va >> shift) & 0x1FF) * 8
         pte = read_pte(pte_gpa)
@@ -120,12 +140,13 @@ def walk(va: int, access: int, regs: Paging, read_pte: Callable[[int], int | Fau
         nx = nx or bool(pte & PTE_NX)
         if shift == 12 or (shift in (30, 21) and pte & PTE_PS):
             page_size = 1 << shift
-            frame = pte & PTE_ADDR & ~(page_size - 1)
-            if page_size > 4096 and pte & PTE_ADDR & (page_size - 1) & ~0x1000:  # reserved bits below frame
+            frame = pte & addr_mask & ~(page_size - 1)
+            if page_size > 4096 and pte & addr_mask & (page_size - 1) & ~0x1000:  # reserved bits below frame
                 return PageFault(base_err | PFERR_PRESENT | PFERR_RSVD)
             gpa = frame | (va & (page_size - 1))
+            private = bool(pte & c_bit)
             break
-        table = pte & PTE_ADDR
+        table = pte & addr_mask
 
     smap = bool(regs.cr4 & CR4_SMAP) and not (regs.eflags & EFLAGS_AC)
     if user:
@@ -139,4 +160,4 @@ def walk(va: int, access: int, regs: Paging, read_pte: Callable[[int], int | Fau
     allowed = {ACCESS_READ: readable, ACCESS_WRITE: writable, ACCESS_FETCH: executable}[access]
     if not allowed:
         return PageFault(base_err | PFERR_PRESENT)
-    return Translation(gpa, page_size, writable, executable)
+    return Translation(gpa, page_size, writable, executable, None if private_bit is None else private)

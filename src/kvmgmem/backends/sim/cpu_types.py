@@ -69,9 +69,15 @@ class GpaResolver(Protocol):
     page-table entries, ``write=False, fetch=False``). ``gpa`` is the exact guest-physical byte address.
     It may call ``SimCpu.flush``/``CpuSet.flush`` (the CPU handles flushes requested from inside its own
     hooks without deadlocking) but must not call ``run()``.
+
+    ``private`` (optional; only passed by keyword, and only when the CPU has a private access bit, see
+    ``CpuSet(private_access_bit=...)``): True/False = the access is private/shared as the guest's leaf PTE
+    says (hardware that reports the access type, spec §3.2); an access that disagrees with the gfn's
+    attribute answers ``MemoryFault`` (flags PRIVATE iff ``private``). Resolvers written against the
+    three-argument form keep working: the CPU never passes ``private`` unless the bit is enabled.
     """
 
-    def handle_fault(self, gpa: int, write: bool, fetch: bool) -> FaultResult: ...
+    def handle_fault(self, gpa: int, write: bool, fetch: bool, private: bool | None = None) -> FaultResult: ...
 
 
 __all__ = [

@@ -42,6 +42,11 @@ class SimSystem(System):
         self._check_open(op)
         return SimVm(self, create_vm(self.profile, u64(vm_type, "vm_type", op)))
 
+    @property
+    def private_access_bit(self) -> int | None:
+        """The sim-only private access bit (profile option; None = off). Not a kernel capability."""
+        return self.profile.private_access_bit
+
     def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         self._check_open("KVM_GET_SUPPORTED_CPUID")
         return supported_cpuid(self.profile)

@@ -12,6 +12,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, resolve_userspace, u32, u64
 from kvmgmem.errors import KvmError
 from kvmgmem.hostmem import HostMemory
@@ -279,17 +280,28 @@ class SimVm(Vm):
         """The VM's CpuSet, created with the first vCPU (caller holds ``_vcpu_lock``)."""
         cpus = self._stores.cpus
         if cpus is None:
-            cpus = CpuSet(self)
+            cpus = CpuSet(self, self.private_access_bit)
             cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
             self._stores.attach(cpus)
         return cpus
 
     # --- sim-only surface -----------------------------------------------------------------------------------
 
-    def handle_fault(self, gpa: int, write: bool = False, fetch: bool = False) -> cpu_types.FaultResult:
+    def handle_fault(
+        self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None
+    ) -> cpu_types.FaultResult:
         """The CPU's fault entry point (``cpu_types.GpaResolver``; contract in ``core/mmu.py``), answering
-        with the CPU layer's result types. ``core.handle_fault`` gives the model's richer results."""
-        return to_cpu_result(self.core.handle_fault(gpa, write, fetch))
+        with the CPU layer's result types. ``core.handle_fault`` gives the model's richer results.
+        ``private`` None derives the access type from the attribute; True/False is what the vCPU's private
+        access bit reported (a mismatch is a memory-fault exit)."""
+        return to_cpu_result(self.core.handle_fault(gpa, write, fetch, private))
+
+    @property
+    def private_access_bit(self) -> int | None:
+        """The profile's ``private_access_bit`` if this VM's vCPUs honour it (KVM_X86_SW_PROTECTED_VM only)."""
+        if self.vm_type != uapi.KVM_X86_SW_PROTECTED_VM:
+            return None
+        return self.core.profile.private_access_bit
 
     def add_zap_listener(self, callback: ZapListener) -> None:
         self.core.add_zap_listener(callback)

@@ -269,7 +269,13 @@ class Mmu:
         with self.lock:
             c.faults += 1
             existing = self.lookup(gfn)
-            if existing is not None and private is None and (existing.writable or not write):
+            # An SPTE exists only while the attribute still says what it was installed for (every attribute
+            # change zaps first), so a reported access type matching it is spurious too.
+            if (
+                existing is not None
+                and (private is None or existing.private == bool(private))
+                and (existing.writable or not write)
+            ):
                 c.spurious += 1
                 return self._mapped(existing, spurious=True)
             slot = vm.memslots[0].lookup(gfn)

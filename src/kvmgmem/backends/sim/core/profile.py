@@ -81,6 +81,17 @@ class Profile:
     nr_vcpus: int = 2
     max_vcpus: int = 1024
     max_vcpu_id: int = 4096
+    #: Sim-only, not a kernel cap (None = off, the upstream behaviour). Bit N (12..51; SEV's C-bit is
+    #: typically 51) of a guest leaf PTE marks the access private on KVM_X86_SW_PROTECTED_VMs: the vCPU's
+    #: page walk strips it from the address and reports private/shared per access, as SNP/TDX hardware does,
+    #: so an access against the gfn's attribute exits with KVM_EXIT_MEMORY_FAULT (spec §3.2/§3.3 step 2) —
+    #: guest-driven implicit conversions. Other VM types ignore it (bit N stays an address bit).
+    private_access_bit: int | None = None
+
+    def __post_init__(self) -> None:
+        bit = self.private_access_bit
+        if bit is not None and (isinstance(bit, bool) or not isinstance(bit, int) or not 12 <= bit <= 51):
+            raise ValueError(f"private_access_bit must be None or a PTE address bit 12..51, not {bit!r}")
 
     def with_options(self, **options: Any) -> Profile:
         """This profile with host-configuration (or any other) fields replaced; unknown names → TypeError."""
