@@ -65,7 +65,8 @@ class Report:
         for r in self.rows:
             ratio = f"{r.ratio:.3g}" if r.ratio is not None else ""
             extra = "; ".join(x for x in (r.target, r.note) if x)
-            lines.append(f"| {r.bench} | {r.variant} | {_fmt(r.value)} | {r.unit} | {ratio} | {extra} |")
+            cells = (r.bench, r.variant, _fmt(r.value), r.unit, ratio, extra)
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         return "\n".join(lines) + "\n"
 
     def save(self, name: str, command: str) -> tuple[Path, Path]:

@@ -32,7 +32,9 @@ ROUNDS = 5
 TARGET = 0.9
 
 
-def _python_sampler(stack: ExitStack, backend: str, user: bool, n: int, raw: bool = False) -> Callable[[], float] | None:
+def _python_sampler(
+    stack: ExitStack, backend: str, user: bool, n: int, raw: bool = False
+) -> Callable[[], float] | None:
     system = open_or_none(backend)
     if system is None:
         return None
@@ -107,8 +109,8 @@ def run(report: Report, rounds: int = ROUNDS) -> None:
     }
     for name in samplers:
         note = next((v for k, v in notes.items() if name.startswith(k)), "")
-        row = report.add(Row(bench, name, best.get(name), "exits/s", note=f"best of {rounds} interleaved; {note}".rstrip("; ")))
-        _ = row
+        note = f"best of {rounds} interleaved; {note}".rstrip("; ")
+        report.add(Row(bench, name, best.get(name), "exits/s", note=note))
     _ratios_per_cpl(report, bench)
     for r in report.rows:
         if r.bench == bench and r.variant.startswith("kvmgmem kvm"):
