@@ -12,6 +12,12 @@ Memory map (from ``base``, page aligned pieces)::
 Payload entry ABI: rdi = vCPU index, rsi = that vCPU's data area, rdx/rcx/r8/r9 = up to four arguments,
 rsp = the top of its own stack. With ``user=True`` the payload runs at CPL3 (user pages, DPL3 segments,
 IOPL=3) and faults still reach the CPL0 IDT, which reports them through an EXCEPTION ucall.
+
+Private alias (``private_alias=N``, for the sim's ``private_access_bit=N``): the identity-mapped range is
+mapped a second time at ``PRIVATE_ALIAS_BASE + pa`` with bit N set in every leaf PTE, as an SEV guest maps
+memory with the C-bit. The guest touches a gpa *privately* through ``image.private_va(gpa)`` and *shared*
+through its identity address; on a backend honouring the bit, a mismatch with the page's attribute is a
+KVM_EXIT_MEMORY_FAULT the VMM answers by converting (an implicit conversion).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from kvmgmem.guest.operands import Label
 
 PAGE = uapi.PAGE_SIZE
 MAX_ARGS = 4
+#: VA of the private alias of gpa 0: PML4 slot 128 (64 TiB), far above any identity reach in use.
+PRIVATE_ALIAS_BASE = 0x4000_0000_0000
 
 
 def _up(x: int, align: int = PAGE) -> int:
@@ -65,12 +73,18 @@ class GuestImage:
         stack_size: int = 64 * 1024,
         kstack_size: int = 16 * 1024,
         data_size: int = PAGE,
+        private_alias: int | None = None,
+        private_alias_base: int = PRIVATE_ALIAS_BASE,
     ) -> None:
         if not 1 <= nvcpus <= (PAGE - D.TSS_FIRST) // 16:
             raise ValueError(f"nvcpus must be 1..{(PAGE - D.TSS_FIRST) // 16}")
         if base % PAGE:
             raise ValueError("image base must be page aligned")
+        if private_alias is not None and (isinstance(private_alias, bool) or not 12 <= private_alias <= 62):
+            raise ValueError(f"private_alias must be a PTE bit 12..62, not {private_alias!r}")
         self.nvcpus, self.user, self.base = nvcpus, user, base
+        self.private_alias = private_alias
+        self.private_alias_base = private_alias_base if private_alias is not None else None
         self.gdt = base
         self.idt = base + PAGE
         self.tss_base = base + 2 * PAGE
@@ -93,7 +107,12 @@ class GuestImage:
             tss = self.tss_base + i * D.TSS_STRIDE
             limit = self.io_bitmap - tss + D.IO_BITMAP_SIZE - 1
             self.areas.append(VcpuArea(i, data + i * _up(data_size), data_size, kstack_top, stack_top, tss, limit))
-        self.tables = paging.build(_up(cursor), reach, page_size, user=user)
+        if private_alias is None:
+            self.tables = paging.build(_up(cursor), reach, page_size, user=user)
+        else:
+            self.tables = paging.build(
+                _up(cursor), reach, page_size, user=user, alias_base=private_alias_base, alias_bits=1 << private_alias
+            )
         self.end = self.tables.base + self.tables.size
         if self.end > reach:
             raise ValueError(f"the image ends at {self.end:#x}, beyond the mapped reach {reach:#x}")
@@ -132,6 +151,14 @@ class GuestImage:
     def address(self, label: LabelRef) -> int:
         """Final gpa (== gva) of a payload label."""
         return self.program.address(label)
+
+    def private_va(self, gpa: int) -> int:
+        """The VA at which the guest accesses ``gpa`` privately (through the C-bit alias)."""
+        if self.private_alias_base is None:
+            raise ValueError("this image has no private alias (build it with private_alias=N)")
+        if not 0 <= gpa < self.tables.reach:
+            raise ValueError(f"gpa {gpa:#x} is outside the mapped reach {self.tables.reach:#x}")
+        return self.private_alias_base + gpa
 
     def area(self, index: int) -> VcpuArea:
         return self.areas[index]

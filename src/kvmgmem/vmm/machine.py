@@ -10,6 +10,11 @@ Running: one thread per vCPU runs to the next exit and dispatches it — ucall S
 ``KVM_HC_MAP_GPA_RANGE`` hypercalls (explicit conversions) and ``KVM_EXIT_MEMORY_FAULT`` (implicit ones) to
 the one :class:`~kvmgmem.vmm.convert.ConversionService`. The first failure stops every vCPU and is
 re-raised; ``close()`` always releases every fd, mapping and thread (also after Ctrl-C).
+
+Implicit conversions need hardware that reports private/shared per access (SNP's C-bit, TDX's shared bit);
+upstream SW_PROTECTED has none (spec §3.2). ``private_access_bit=N`` asks the sim for its C-bit model
+(``kvmgmem.backends.sim``) and builds the guest image with the matching private alias
+(``image.private_va(gpa)``), so the guest's own accesses drive ``KVM_EXIT_MEMORY_FAULT`` conversions.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class Machine:
     ``regions`` are (gpa, size) pairs of guest RAM; ``default_private`` makes all RAM private at boot with one
     range-based KVM_SET_MEMORY_ATTRIBUTES per region (QEMU's choice; page-by-page would cost O(pages)).
     ``args`` are the payload arguments of every vCPU, or a function of the vCPU index returning them.
+    ``private_access_bit`` (sim only): the C-bit the vCPUs honour and the image's private alias sets; an
+    ``Asm`` program gets an image with that alias, a ``GuestImage`` must already have it (``private_alias``),
+    and a given ``system`` must have been opened with it. ValueError where that cannot hold (e.g. kvm).
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class Machine:
         on_sync: SyncHandler | None = None,
         system: System | None = None,
         args: Sequence[int] | Callable[[int], Sequence[int]] = (),
+        private_access_bit: int | None = None,
     ) -> None:
         self.tracer = tracer or Tracer()
         self.policy = DiscardPolicy(discard_policy)
@@ -90,14 +99,21 @@ class Machine:
         self.exits = ExitCounts()
         self.regions: list[Region] = []
         self._own_system = system is None
-        self.system = system if system is not None else kvmgmem.open(backend, vm_type=vm_type)
+        self.private_access_bit = private_access_bit
+        if system is None:
+            system = self._open(backend, vm_type, private_access_bit)
+        self.system = system
         self.vm = None
         self.guest: GuestVm | None = None
         self._stop = threading.Event()
         try:
             self.vm = self.system.create_vm(vm_type)
+            self._check_private_access_bit(program)
             self._enable_hypercall_exit()
-            image = program if isinstance(program, GuestImage) else GuestImage(program, nvcpus=vcpus, user=user)
+            if isinstance(program, GuestImage):
+                image = program
+            else:
+                image = GuestImage(program, nvcpus=vcpus, user=user, private_alias=private_access_bit)
             self.image = image
             self.guest = GuestVm(self.vm, image, own_vm=False)
             for i, (gpa, size) in enumerate(regions):
@@ -117,6 +133,25 @@ class Machine:
     @property
     def backend(self) -> str:
         return self.system.backend
+
+    @staticmethod
+    def _open(backend: str, vm_type: int, private_access_bit: int | None) -> System:
+        if private_access_bit is None:
+            return kvmgmem.open(backend, vm_type=vm_type)
+        if backend == "kvm":
+            raise ValueError("private_access_bit is a sim-only option: the kvm backend has no C-bit model")
+        return kvmgmem.open(backend, vm_type=vm_type, private_access_bit=private_access_bit)
+
+    def _check_private_access_bit(self, program: Asm | GuestImage) -> None:
+        bit = self.private_access_bit
+        if bit is None:
+            return
+        have = getattr(self.vm, "private_access_bit", None)  # the sim's VMs say what their vCPUs honour
+        if have != bit:
+            raise ValueError(f"private_access_bit={bit}: this {self.system.backend} VM honours {have} "
+                             "(a sim option, for KVM_X86_SW_PROTECTED_VM only)")  # fmt: skip
+        if isinstance(program, GuestImage) and program.private_alias != bit:
+            raise ValueError(f"private_access_bit={bit}: the image's private alias sets bit {program.private_alias}")
 
     def _enable_hypercall_exit(self) -> None:
         assert self.vm is not None

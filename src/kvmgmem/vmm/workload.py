@@ -12,6 +12,17 @@ Each vCPU owns a chunk of RAM and repeats, until the host sets its stop flag:
 
 Steps 3 and 4 make the discard policy visible to the guest itself, so a wrong policy implementation fails
 inside the guest with the address of the first wrong byte.
+
+The same round with *implicit* conversions (``implicit_conversion_workload``; needs a backend with a private
+access bit, i.e. the sim's ``private_access_bit``, and an image with the matching private alias): the guest
+never issues a hypercall, it just accesses memory privately through the alias (``image.private_va``) or
+shared through the identity map, and every access against the page's current attribute is a
+KVM_EXIT_MEMORY_FAULT that the VMM answers by converting that page, after which the instruction re-executes.
+Per round: fill through the private alias (to-private faults, by write) → SYNC(CHECK_HIDDEN) → verify through
+the shared map (to-shared faults, by read: ``expect_shared``) → verify through the alias (to-private, by read:
+``expect_private``) → fill through the shared map (to-shared, by write) → SYNC(CHECK_SHARED).
+``mixed_conversion_workload`` does an explicit round on one range and an implicit round on another, so one
+run exercises both conversion sources.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from kvmgmem import uapi
 from kvmgmem.guest import routines as R
 from kvmgmem.guest import ucall as U
 from kvmgmem.guest.asm import Asm
-from kvmgmem.guest.operands import Label, qword, r10, r11, r12, r13, rcx, rdx, rsi
+from kvmgmem.guest.operands import Label, Reg, qword, r8, r9, r10, r11, r12, r13, r14, rcx, rdx, rsi
 
 from .convert import DiscardPolicy
 
@@ -57,9 +68,76 @@ def conversion_workload(expect: Expectations) -> Asm:
     # The routines clobber rax/rbx/rcx/rdx/rsi/rdi: keep the arguments in r10-r13.
     a.mov(r10, rsi).mov(r12, rdx).mov(r13, rcx)
     a.mov(r11, r13).shr(r11, uapi.PAGE_SHIFT)  # pages in the chunk
+    a.label(top)
+    _explicit_round(a, expect)
+    a.inc(qword[r10 + ROUNDS])
+    a.cmp(qword[r10 + STOP], 0).je(top)
+    U.done(a)
+    return a
+
+
+def implicit_conversion_workload(expect: Expectations, alias_offset: int) -> Asm:
+    """The implicit-conversion payload (module docstring). ``alias_offset`` = private VA - gpa (the image's
+    ``private_alias_base``). Entry ABI: rsi = data area, rdx = range gpa, rcx = range size."""
+    a = Asm()
+    top = Label("implicit_round")
+    a.mov(r10, rsi).mov(r8, rdx).mov(r9, rcx)
+    _implicit_setup(a, alias_offset)
+    a.label(top)
+    _implicit_round(a, expect)
+    a.inc(qword[r10 + ROUNDS])
+    a.cmp(qword[r10 + STOP], 0).je(top)
+    U.done(a)
+    return a
+
+
+def mixed_conversion_workload(expect: Expectations, alias_offset: int) -> Asm:
+    """Both sources in every round: the explicit round on [rdx, +rcx), the implicit one on [r8, +r9)."""
+    a = Asm()
+    top = Label("mixed_round")
+    a.mov(r10, rsi).mov(r12, rdx).mov(r13, rcx)
+    a.mov(r11, r13).shr(r11, uapi.PAGE_SHIFT)
+    _implicit_setup(a, alias_offset)
+    a.label(top)
+    _explicit_round(a, expect)
+    _implicit_round(a, expect)
+    a.inc(qword[r10 + ROUNDS])
+    a.cmp(qword[r10 + STOP], 0).je(top)
+    U.done(a)
+    return a
+
+
+# Register use: r10 = data area; explicit range r12 (gpa), r13 (size), r11 (pages); implicit range r8 (gpa ==
+# its shared VA), r9 (size), r14 (private VA). The routines clobber only rax/rbx/rcx/rdx/rsi/rdi.
+_SHARED_VA: Reg = r8
+_SIZE: Reg = r9
+_PRIVATE_VA: Reg = r14
+
+
+def _implicit_setup(a: Asm, alias_offset: int) -> None:
+    """Private VA of the implicit range; then make it hold shared data the host can see (starts shared)."""
+    a.mov(_PRIVATE_VA, alias_offset & (1 << 64) - 1).add(_PRIVATE_VA, _SHARED_VA)
+    R.fill(a, _SHARED_VA, _SIZE, SHARED_BYTE)
+    R.verify(a, _SHARED_VA, _SIZE, SHARED_BYTE, "implicit: shared fill")
+    U.sync(a, SYNC_CHECK_SHARED, _SHARED_VA, _SIZE, SHARED_BYTE)
+
+
+def _implicit_round(a: Asm, expect: Expectations) -> None:
+    """Starts and ends with the range shared; every conversion is a memory fault the VMM answers."""
+    R.fill(a, _PRIVATE_VA, _SIZE, PRIVATE_BYTE)  # private writes to shared pages: to private, page by page
+    R.verify(a, _PRIVATE_VA, _SIZE, PRIVATE_BYTE, "implicit: private fill")
+    U.sync(a, SYNC_CHECK_HIDDEN, _SHARED_VA, _SIZE, PRIVATE_BYTE)
+    R.verify(a, _SHARED_VA, _SIZE, expect.shared_after_round_trip, "implicit: shared copy after round trip")
+    R.verify(a, _PRIVATE_VA, _SIZE, expect.private_after_round_trip, "implicit: private copy after round trip")
+    R.fill(a, _SHARED_VA, _SIZE, SHARED_BYTE)  # shared writes to private pages: back to shared
+    R.verify(a, _SHARED_VA, _SIZE, SHARED_BYTE, "implicit: shared fill")
+    U.sync(a, SYNC_CHECK_SHARED, _SHARED_VA, _SIZE, SHARED_BYTE)
+
+
+def _explicit_round(a: Asm, expect: Expectations) -> None:
+    """One explicit round on r12/r13/r11 (module docstring, steps 1-4)."""
     private = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
     shared = uapi.KVM_MAP_GPA_RANGE_DECRYPTED
-    a.label(top)
     R.fill(a, r12, r13, SHARED_BYTE)
     R.verify(a, r12, r13, SHARED_BYTE, "shared fill")
     U.sync(a, SYNC_CHECK_SHARED, r12, r13, SHARED_BYTE)
@@ -72,10 +150,6 @@ def conversion_workload(expect: Expectations) -> Asm:
     R.map_gpa_range(a, r12, r11, private, check="to private again")
     R.verify(a, r12, r13, expect.private_after_round_trip, "private copy after round trip")
     R.map_gpa_range(a, r12, r11, shared, check="to shared again")
-    a.inc(qword[r10 + ROUNDS])
-    a.cmp(qword[r10 + STOP], 0).je(top)
-    U.done(a)
-    return a
 
 
 __all__ = [
@@ -87,4 +161,6 @@ __all__ = [
     "SYNC_CHECK_SHARED",
     "Expectations",
     "conversion_workload",
+    "implicit_conversion_workload",
+    "mixed_conversion_workload",
 ]
