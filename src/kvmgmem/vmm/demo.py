@@ -4,6 +4,12 @@ It boots a ``KVM_X86_SW_PROTECTED_VM`` (real KVM where the host has it, the sim 
 conversion workload of :mod:`kvmgmem.vmm.workload` on every vCPU for ``seconds``, checks at every step that
 the host cannot see private memory through any API it has, and ends with a report. ``--plot`` draws the
 guest-physical map over time, ``--trace`` writes a Chrome/Perfetto trace.
+
+Both conversion paths, when the backend can: explicit ``KVM_HC_MAP_GPA_RANGE`` hypercalls on most of each
+vCPU's chunk and, on a backend with a private access bit (the sim's SEV-style C-bit, ``private_access_bit``),
+implicit conversions — ``KVM_EXIT_MEMORY_FAULT`` on the guest's own private/shared accesses — on the last
+``IMPLICIT_MAX`` bytes of it (:func:`~kvmgmem.vmm.workload.mixed_conversion_workload`). The report's
+``conversions_by_source`` tells them apart ("hypercall" / "memory-fault"). On kvm only the explicit path runs.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import kvmgmem
 from kvmgmem import uapi
+from kvmgmem.api import System
 from kvmgmem.errors import KvmError
-from kvmgmem.guest.image import GuestImage
+from kvmgmem.guest.image import PRIVATE_ALIAS_BASE, GuestImage
 from kvmgmem.guest.machine import GuestVcpu
 
 from .convert import DiscardPolicy, Region
@@ -31,10 +39,13 @@ from .workload import (
     SYNC_CHECK_SHARED,
     Expectations,
     conversion_workload,
+    mixed_conversion_workload,
 )
 
 RAM_GPA = 4 << 30
 SAMPLE_PERIOD = 0.1
+PRIVATE_ACCESS_BIT = 51  # the sim's C-bit for implicit conversions (SEV's usual position)
+IMPLICIT_MAX = 256 << 10  # per vCPU: every page of it is four memory-fault exits per round
 
 
 def parse_size(text: str) -> int:
@@ -103,6 +114,8 @@ class DemoReport:
     leaks: list[str]
     verified: bool
     wall_seconds: float
+    private_access_bit: int | None = None  # set when the implicit (memory-fault) path ran
+    implicit_bytes_per_vcpu: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,13 +172,68 @@ def run_demo(
     plot: str | None = None,
     trace: str | None = None,
     progress: Any = None,
+    implicit: bool | None = None,
 ) -> DemoReport:
-    """Run the demo and return its report (``progress(rounds, conversions)`` is called while it runs)."""
+    """Run the demo and return its report (``progress(rounds, conversions)`` is called while it runs).
+
+    ``implicit``: None = also drive implicit conversions where the backend supports a private access bit
+    (the sim), False = explicit hypercalls only, True = require the implicit path (ValueError on kvm)."""
     discard = DiscardPolicy(policy)
     chunk = memory // vcpus // uapi.PAGE_SIZE * uapi.PAGE_SIZE
     if chunk == 0:
         raise ValueError(f"demo: {memory} bytes of memory cannot be split over {vcpus} vCPUs")
-    image = GuestImage(conversion_workload(Expectations.for_policy(discard)), nvcpus=vcpus)
+    implicit_size = min(IMPLICIT_MAX, chunk // 2 // uapi.PAGE_SIZE * uapi.PAGE_SIZE)
+    if implicit and implicit_size == 0:
+        raise ValueError(f"demo: a {chunk}-byte chunk per vCPU leaves no room for implicit conversions")
+    system = _open_system(backend, implicit if implicit_size else False)
+    try:
+        return _run_demo(system, discard, vcpus, memory, chunk, implicit_size, seconds, plot, trace, progress)
+    finally:
+        system.close()
+
+
+def _open_system(backend: str, implicit: bool | None) -> System:
+    """Open the backend, with the sim's private access bit unless ``implicit`` is False."""
+    vm_type = uapi.KVM_X86_SW_PROTECTED_VM
+    if implicit is False or (backend == "kvm" and implicit is None):
+        return kvmgmem.open(backend, vm_type=vm_type)
+    if backend == "kvm":
+        raise ValueError("demo: implicit conversions need a private access bit, which only the sim models")
+    system = kvmgmem.open(backend, vm_type=vm_type, private_access_bit=PRIVATE_ACCESS_BIT)
+    if implicit and getattr(system, "private_access_bit", None) is None:
+        system.close()
+        raise ValueError(f"demo: backend {system.backend} has no private access bit for implicit conversions")
+    return system
+
+
+def _run_demo(
+    system: System,
+    discard: DiscardPolicy,
+    vcpus: int,
+    memory: int,
+    chunk: int,
+    implicit_size: int,
+    seconds: float,
+    plot: str | None,
+    trace: str | None,
+    progress: Any,
+) -> DemoReport:
+    bit: int | None = getattr(system, "private_access_bit", None)
+    expect = Expectations.for_policy(discard)
+    if bit is None:
+        implicit_size = 0
+        image = GuestImage(conversion_workload(expect), nvcpus=vcpus)
+    else:
+        payload = mixed_conversion_workload(expect, PRIVATE_ALIAS_BASE)
+        image = GuestImage(payload, nvcpus=vcpus, private_alias=bit, private_alias_base=PRIVATE_ALIAS_BASE)
+    explicit_size = chunk - implicit_size
+
+    def args(i: int) -> tuple[int, ...]:
+        base = RAM_GPA + i * chunk
+        if bit is None:
+            return (base, chunk)
+        return (base, explicit_size, base + explicit_size, implicit_size)
+
     tracer = Tracer()
     log = IsolationLog()
     failures: list[str] = []
@@ -182,14 +250,15 @@ def run_demo(
     start = time.perf_counter()
     with Machine(
         image,
-        backend=backend,
+        system=system,
         vm_type=uapi.KVM_X86_SW_PROTECTED_VM,
         regions=[(RAM_GPA, memory)],
         vcpus=vcpus,
         discard_policy=discard,
         tracer=tracer,
         on_sync=on_sync,
-        args=lambda i: (RAM_GPA + i * chunk, chunk),
+        args=args,
+        private_access_bit=bit,
     ) as machine:
         sampler = _Sampler(machine, chunks=64)
         sampler.start()
@@ -229,6 +298,8 @@ def run_demo(
             leaks=log.leaks + failures,
             verified=log.ok and not failures,
             wall_seconds=elapsed,
+            private_access_bit=bit,
+            implicit_bytes_per_vcpu=implicit_size,
         )
         if trace:
             tracer.write_chrome_trace(trace)
@@ -279,6 +350,11 @@ def print_report(report: DemoReport, as_json: bool = False) -> None:
     t = Table(show_header=False)
     t.add_row("vCPUs / memory / policy", f"{report.vcpus} / {report.memory >> 20} MiB / {report.policy}")
     t.add_row("rounds per vCPU", ", ".join(map(str, report.rounds)))
+    if report.private_access_bit is None:
+        t.add_row("conversion paths", "explicit (KVM_HC_MAP_GPA_RANGE)")
+    else:
+        implicit = f"{report.implicit_bytes_per_vcpu >> 10} KiB per vCPU, C-bit {report.private_access_bit}"
+        t.add_row("conversion paths", f"explicit (KVM_HC_MAP_GPA_RANGE) + implicit (memory faults, {implicit})")
     t.add_row("conversions", f"{report.conversions} ({report.conversions_per_second:,.0f}/s) by source "
               f"{report.conversions_by_source}")  # fmt: skip
     t.add_row("exits", ", ".join(f"{k} {v}" for k, v in sorted(report.exits.items())))

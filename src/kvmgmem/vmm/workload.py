@@ -33,7 +33,7 @@ from kvmgmem import uapi
 from kvmgmem.guest import routines as R
 from kvmgmem.guest import ucall as U
 from kvmgmem.guest.asm import Asm
-from kvmgmem.guest.operands import Label, Reg, qword, r8, r9, r10, r11, r12, r13, r14, rcx, rdx, rsi
+from kvmgmem.guest.operands import Label, Reg, qword, r8, r9, r10, r11, r12, r13, r14, r15, rcx, rdx, rsi
 
 from .convert import DiscardPolicy
 
@@ -92,14 +92,16 @@ def implicit_conversion_workload(expect: Expectations, alias_offset: int) -> Asm
 
 
 def mixed_conversion_workload(expect: Expectations, alias_offset: int) -> Asm:
-    """Both sources in every round: the explicit round on [rdx, +rcx), the implicit one on [r8, +r9)."""
+    """Both sources in every round: the explicit round on [rdx, +rcx), the implicit one on [r8, +r9).
+    With a private access bit every private access must use the alias, so the explicit round does too."""
     a = Asm()
     top = Label("mixed_round")
     a.mov(r10, rsi).mov(r12, rdx).mov(r13, rcx)
     a.mov(r11, r13).shr(r11, uapi.PAGE_SHIFT)
+    a.mov(r15, alias_offset & (1 << 64) - 1).add(r15, r12)  # the explicit range's private VA
     _implicit_setup(a, alias_offset)
     a.label(top)
-    _explicit_round(a, expect)
+    _explicit_round(a, expect, private_va=r15)
     _implicit_round(a, expect)
     a.inc(qword[r10 + ROUNDS])
     a.cmp(qword[r10 + STOP], 0).je(top)
@@ -107,8 +109,9 @@ def mixed_conversion_workload(expect: Expectations, alias_offset: int) -> Asm:
     return a
 
 
-# Register use: r10 = data area; explicit range r12 (gpa), r13 (size), r11 (pages); implicit range r8 (gpa ==
-# its shared VA), r9 (size), r14 (private VA). The routines clobber only rax/rbx/rcx/rdx/rsi/rdi.
+# Register use: r10 = data area; explicit range r12 (gpa), r13 (size), r11 (pages), r15 (its private VA in
+# the mixed workload); implicit range r8 (gpa == its shared VA), r9 (size), r14 (private VA). The routines
+# clobber only rax/rbx/rcx/rdx/rsi/rdi.
 _SHARED_VA: Reg = r8
 _SIZE: Reg = r9
 _PRIVATE_VA: Reg = r14
@@ -134,21 +137,23 @@ def _implicit_round(a: Asm, expect: Expectations) -> None:
     U.sync(a, SYNC_CHECK_SHARED, _SHARED_VA, _SIZE, SHARED_BYTE)
 
 
-def _explicit_round(a: Asm, expect: Expectations) -> None:
-    """One explicit round on r12/r13/r11 (module docstring, steps 1-4)."""
+def _explicit_round(a: Asm, expect: Expectations, private_va: Reg = r12) -> None:
+    """One explicit round on r12/r13/r11 (module docstring, steps 1-4). ``private_va`` is where the guest
+    touches the range while it is private: its identity address, or (with a private access bit, where an
+    identity access is a *shared* access and would convert the page back) its private alias."""
     private = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
     shared = uapi.KVM_MAP_GPA_RANGE_DECRYPTED
     R.fill(a, r12, r13, SHARED_BYTE)
     R.verify(a, r12, r13, SHARED_BYTE, "shared fill")
     U.sync(a, SYNC_CHECK_SHARED, r12, r13, SHARED_BYTE)
     R.map_gpa_range(a, r12, r11, private, check="to private")
-    R.fill(a, r12, r13, PRIVATE_BYTE)
-    R.verify(a, r12, r13, PRIVATE_BYTE, "private fill")
+    R.fill(a, private_va, r13, PRIVATE_BYTE)
+    R.verify(a, private_va, r13, PRIVATE_BYTE, "private fill")
     U.sync(a, SYNC_CHECK_HIDDEN, r12, r13, PRIVATE_BYTE)
     R.map_gpa_range(a, r12, r11, shared, check="to shared")
     R.verify(a, r12, r13, expect.shared_after_round_trip, "shared copy after round trip")
     R.map_gpa_range(a, r12, r11, private, check="to private again")
-    R.verify(a, r12, r13, expect.private_after_round_trip, "private copy after round trip")
+    R.verify(a, private_va, r13, expect.private_after_round_trip, "private copy after round trip")
     R.map_gpa_range(a, r12, r11, shared, check="to shared again")
 
 
