@@ -70,7 +70,7 @@ def run(report: Report) -> None:
     if kvm is not None:
         with kvm:
             types = kvm.supported_vm_types
-        reason = (f"KVM_CAP_VM_TYPES has no KVM_X86_SW_PROTECTED_VM (types {sorted(types)}), ; VMCALL never"
+        reason = (f"KVM_CAP_VM_TYPES has no KVM_X86_SW_PROTECTED_VM (types {sorted(types)}); VMCALL never"
                   " returns here either (host-probes §1), so MAP_GPA_RANGE cannot run")  # fmt: skip
         if uapi.KVM_X86_SW_PROTECTED_VM in types:  # pragma: no cover - not on this host
             wall, conversions, _ = pc_workload("kvm")
