@@ -72,7 +72,14 @@ class Report:
     def save(self, name: str, command: str) -> tuple[Path, Path]:
         RESULTS.mkdir(exist_ok=True)
         jpath, mpath = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
-        jpath.write_text(json.dumps({"command": command, "rows": [asdict(r) for r in self.rows]}, indent=2))
+        meta = {
+            "command": command,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "host": f"{platform.node()} {platform.machine()} Linux {platform.release()}",
+            "python": platform.python_version(),
+            "seconds": round(time.time() - self.started, 1),
+        }
+        jpath.write_text(json.dumps({**meta, "rows": [asdict(r) for r in self.rows]}, indent=2))
         mpath.write_text(self.markdown(command))
         return jpath, mpath
 
