@@ -1,0 +1,483 @@
+"""Guest-running conformance cases: GM-13 (spec §4.1), PK-1/PK-2 (§4.3), PC-1/PC-2 (§4.4), the hypercall
+error returns of §3.4, and a guest access after its guest_memfd was closed (§2.12).
+
+Guests are built with :mod:`kvmgmem.guest`. PK/PC need KVM_X86_SW_PROTECTED_VM: on a kernel without it (this
+host) they skip naming it. A backend that cannot execute vCPUs yet (KVM_RUN → ENOSYS/ENOTTY/EOPNOTSUPP, or
+NotImplementedError) skips with that error instead of failing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import kvmgmem
+from kvmgmem import KvmError, uapi
+from kvmgmem.exits import HypercallExit, MemoryFaultExit
+from kvmgmem.guest import (
+    Asm,
+    Done,
+    GuestFaultError,
+    GuestImage,
+    GuestTimeoutError,
+    GuestVcpu,
+    GuestVm,
+    Sync,
+    UnexpectedExitError,
+)
+from kvmgmem.guest import routines as R
+from kvmgmem.guest import ucall as U
+from kvmgmem.guest.operands import r12, r13, rax, rdi
+from kvmgmem.hostmem import HostMemory
+
+from ._util import GMEM, INIT_SHARED, KEEP, MMAP, PUNCH, P, require_cap
+from .fixtures import require_vm_type
+
+GIB, MIB = 1 << 30, 1 << 20
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+HC_BIT = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+_NOT_READY = (errno.ENOSYS, errno.ENOTTY, errno.EOPNOTSUPP)
+
+MakeGuest = Callable[..., GuestVm]
+
+
+def skip_if_unready(backend: str, what: str, e: BaseException) -> None:
+    """Skip (naming the error) when ``e`` says the backend cannot do ``what`` yet; otherwise return."""
+    if isinstance(e, NotImplementedError) or (isinstance(e, KvmError) and e.errno in _NOT_READY):
+        pytest.skip(f"backend {backend} cannot {what} yet: {type(e).__name__}: {e}")
+
+
+@pytest.fixture
+def make_guest(system: kvmgmem.System, backend: str) -> Iterator[MakeGuest]:
+    """``make_guest(image, vcpus=N, vm_type=T)`` → a GuestVm with N booted vCPUs (closed at teardown); skips
+    naming the VM type when the backend lacks it, or the error when it cannot run vCPUs yet."""
+    made: list[GuestVm] = []
+
+    def make(image: GuestImage, *, vcpus: int = 1, vm_type: int = uapi.KVM_X86_DEFAULT_VM, **kw: Any) -> GuestVm:
+        require_vm_type(system, backend, vm_type)
+        g = GuestVm.create(system, image, vm_type=vm_type, **kw)
+        made.append(g)
+        for _ in range(vcpus):
+            try:
+                g.create_vcpu()
+            except (KvmError, NotImplementedError) as e:
+                skip_if_unready(backend, "create and boot a vCPU", e)
+                raise
+        return g
+
+    try:
+        yield make
+    finally:
+        for g in reversed(made):
+            g.close()
+
+
+def run(v: GuestVcpu, backend: str, timeout: float = 30.0) -> Any:
+    try:
+        return v.run(timeout)
+    except (KvmError, NotImplementedError) as e:
+        if backend != "kvm":
+            skip_if_unready(backend, "run vCPUs", e)
+        raise
+
+
+# --- GM-13 --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user", [False, True], ids=["cpl0", "cpl3"])
+def test_gm13_guest_round_trip(system: kvmgmem.System, backend: str, make_guest: MakeGuest, user: bool) -> None:
+    """GM-13 (spec §4.1, 6.18+): DEFAULT VM with MMAP and INIT_SHARED; gmem(p, MMAP|INIT_SHARED) bound at
+    slot 1, gpa 4 GiB; the host fills 0xaa through an mmap; the guest checks every byte is 0xaa and writes
+    0xff; a fresh host mapping reads 0xff. The slot's hva is the gmem's own mapping (host-probes §2/§10:
+    this host's emulated CPL0 accesses go through the hva)."""
+    want = MMAP | INIT_SHARED
+    require_cap(system, uapi.KVM_CAP_GUEST_MEMFD_FLAGS, "KVM_CAP_GUEST_MEMFD_FLAGS", backend, mask=want)
+    gpa = 4 * GIB
+    a = Asm()
+    R.verify(a, gpa, P, 0xAA, "gm13 reads 0xaa")
+    R.fill(a, gpa, P, 0xFF)
+    U.done(a)
+    g = make_guest(GuestImage(a, user=user))
+    assert g.vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) & want == want
+    with g.vm.create_guest_memfd(P, want) as gmem:
+        mapping = gmem.mmap()
+        try:
+            g.add_memory(1, gpa, mapping, flags=GMEM, guest_memfd=gmem)
+            mapping[:] = b"\xaa" * P
+            got = run(g.vcpus[0], backend)
+            assert isinstance(got, Done), got
+            again = gmem.mmap()
+            try:
+                assert again[:] == b"\xff" * P
+            finally:
+                again.close()
+        finally:
+            g.close()
+            mapping.close()
+
+
+# --- PK-1, PK-2 (private_mem_kvm_exits_test.c) -----------------------------------------------------------------
+
+PK_GPA, PK_SLOT = 0xC0000000, 10
+#: Found by PK-1 (reported to the sim's owner): deleting a memslot while a vCPU thread runs deadlocks —
+#: ``SimCpu._service_locked`` holds ``_cond`` (a plain Lock) and calls ``uc.mem_unmap``, which re-enters
+#: ``_hook_tlb_fill``, which takes ``_cond`` again (backends/sim/cpu.py _sync_stores / _hook_tlb_fill).
+SIM_PK1_DEADLOCK = (
+    "sim bug: deleting a memslot while a vCPU thread runs deadlocks (SimCpu._service_locked holds _cond, "
+    "uc.mem_unmap re-enters _hook_tlb_fill which takes _cond again); not run"
+)
+
+
+def _read_loop_guest() -> GuestImage:
+    a = Asm()
+    R.read_loop(a, PK_GPA)  # gva == gpa through the identity map
+    return GuestImage(a)
+
+
+def _expect_private_fault(got: object) -> None:
+    """§4.3: KVM_RUN → -1/EFAULT, exit 39, flags PRIVATE, gpa 0xc0000000, size 4096."""
+    assert got == MemoryFaultExit(uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE, PK_GPA, P, errno.EFAULT), got
+
+
+def test_pk1_memslot_deleted(backend: str, make_guest: MakeGuest) -> None:
+    """PK-1 (spec §4.3): SW_PROTECTED VM, slot 10 with GUEST_MEMFD (hva + 1-page gmem), PRIVATE on the page;
+    a vCPU thread loops reading it; the host deletes slot 10; the thread's KVM_RUN returns -1/EFAULT with
+    KVM_EXIT_MEMORY_FAULT, flags PRIVATE, gpa 0xc0000000, size 4096."""
+    if backend == "sim":
+        pytest.xfail(SIM_PK1_DEADLOCK)  # not run: the deadlock would hang the suite
+    g = make_guest(_read_loop_guest(), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
+    with HostMemory(P) as mem, g.vm.create_guest_memfd(P, 0) as gmem:
+        try:
+            g.vm.set_user_memory_region2(PK_SLOT, PK_GPA, P, mem, GMEM, gmem, 0)
+            g.vm.set_memory_attributes(PK_GPA, P, PRIVATE)
+            v = g.vcpus[0]
+            with pytest.raises(GuestTimeoutError):
+                run(v, backend, timeout=0.3)  # it reads private memory happily
+            threads = g.threads(lambda gv: gv.run(timeout=30)).start()
+            time.sleep(0.05)
+            g.vm.set_user_memory_region2(PK_SLOT, PK_GPA, 0, None, GMEM, None, 0)
+            (got,) = threads.join(30.0)
+            _expect_private_fault(got)
+        finally:
+            g.close()
+
+
+def test_pk2_private_access_without_gmem(backend: str, make_guest: MakeGuest) -> None:
+    """PK-2 (spec §4.3): slot 10 without GUEST_MEMFD, PRIVATE on the page → the first read faults: -1/EFAULT,
+    KVM_EXIT_MEMORY_FAULT, flags PRIVATE, gpa 0xc0000000, size 4096."""
+    g = make_guest(_read_loop_guest(), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
+    with HostMemory(P) as mem:
+        try:
+            g.vm.set_user_memory_region(PK_SLOT, PK_GPA, P, mem)
+            g.vm.set_memory_attributes(PK_GPA, P, PRIVATE)
+            _expect_private_fault(run(g.vcpus[0], backend))
+        finally:
+            g.close()
+
+
+def test_gmem_closed_while_bound_then_private_access(backend: str, make_guest: MakeGuest) -> None:
+    """§2.12 / §3.3: closing the guest_memfd while slot 10 is bound (and the page PRIVATE) leaves the slot
+    without private backing: the guest's next private access → -1/EFAULT, KVM_EXIT_MEMORY_FAULT (PRIVATE);
+    deleting the slot afterwards still works."""
+    g = make_guest(_read_loop_guest(), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
+    with HostMemory(P) as mem:
+        try:
+            gmem = g.vm.create_guest_memfd(P, 0)
+            g.vm.set_user_memory_region2(PK_SLOT, PK_GPA, P, mem, GMEM, gmem, 0)
+            g.vm.set_memory_attributes(PK_GPA, P, PRIVATE)
+            gmem.close()
+            _expect_private_fault(run(g.vcpus[0], backend))
+            g.vm.set_user_memory_region2(PK_SLOT, PK_GPA, 0, None, GMEM, None, 0)  # delete works (§2.12)
+        finally:
+            g.close()
+
+
+# --- PC-1, PC-2 (private_mem_conversions_test.c) --------------------------------------------------------------
+
+PC_BASE = 4 * GIB
+PER_CPU_SHIFT = 22  # per_cpu = align_up(2M + 4K, 2M) = 4 MiB
+PER_CPU = 1 << PER_CPU_SHIFT
+DATA = 2 * MIB + P
+RANGES = [(0, P), (0, 2 * MIB), (P, P), (P, 2 * MIB), (2 * MIB, P)]
+# MAP_GPA_RANGE a2 bits as the selftest uses them (KVM does not check bits 63:5 nor give 0-2 a meaning).
+SET_ATTRS, SHARED, DO_FALLOCATE = 1, 2, 4
+SYNC_SHARED, SYNC_PRIVATE = 1, 2
+
+
+class PcGuest:
+    """Emits the §4.4 guest program; r12 = this vCPU's base (4 GiB + index * 4 MiB), r13 = scratch address."""
+
+    def __init__(self) -> None:
+        self.a = Asm()
+        a = self.a
+        a.mov(r12, rdi).shl(r12, PER_CPU_SHIFT).mov(rax, PC_BASE).add(r12, rax)
+
+    def at(self, offset: int) -> Any:
+        self.a.mov(r13, r12)
+        if offset:
+            self.a.mov(rax, offset).add(r13, rax)
+        return r13
+
+    def fill(self, offset: int, size: int, value: int) -> None:
+        R.fill(self.a, self.at(offset), size, value)
+
+    def verify(self, offset: int, size: int, value: int, check: str) -> None:
+        if size:
+            R.verify(self.a, self.at(offset), size, value, check)
+
+    def map(self, offset: int, size: int, flags: int) -> None:
+        R.map_gpa_range(self.a, self.at(offset), size // P, flags, expect=0)
+
+    def sync_shared(self, offset: int, size: int, cur: int, new: int) -> None:
+        U.sync(self.a, SYNC_SHARED, self.at(offset), size, cur, new)
+
+    def sync_private(self, offset: int, size: int, pattern: int) -> None:
+        U.sync(self.a, SYNC_PRIVATE, self.at(offset), size, pattern)
+
+
+def _pc1_program(g: PcGuest, falloc: bool) -> None:
+    f = DO_FALLOCATE if falloc else 0
+    g.fill(0, DATA, 0xAA)
+    g.verify(0, DATA, 0xAA, "pc1 shared 0xaa")
+    g.sync_shared(0, DATA, 0xAA, 0xCC)
+    g.verify(0, DATA, 0xCC, "pc1 host wrote 0xcc")
+    for o, s in RANGES:
+        g.fill(o, s, 0x11)
+        g.map(o, s, SET_ATTRS | f)  # → private
+        if s > P:
+            g.fill(o, P, 0x22)
+        else:
+            g.fill(o, s, 0x22)
+            g.sync_private(o, s, 0x11)  # the hva view must still hold the shared 0x11
+            g.verify(o, s, 0x22, f"pc1 private 0x22 at +{o:#x}")
+            g.verify(0, o, 0xCC, "pc1 0xcc before the range")
+            g.verify(o + s, DATA - o - s, 0xCC, "pc1 0xcc after the range")
+        g.map(o, s, SET_ATTRS | SHARED | f)  # → shared
+        g.fill(o, s, 0x33)
+        g.sync_shared(o, s, 0x33, 0x44)
+        g.verify(o, s, 0x44, f"pc1 host wrote 0x44 at +{o:#x}")
+        g.fill(o, s, 0xCC)
+        g.map(0, DATA, SET_ATTRS | SHARED | DO_FALLOCATE)
+
+
+def _pc2_program(g: PcGuest, precise: bool) -> None:
+    g.map(0, DATA, SET_ATTRS)  # everything private, nothing allocated
+    for o, s in RANGES:
+        g.map(0, DATA, SHARED | DO_FALLOCATE)  # punch everything; attributes stay private
+        lo, size = (o, s) if precise else (0, DATA)
+        g.fill(lo, size, 0xCC)
+        g.verify(lo, size, 0xCC, "pc2 private 0xcc")
+        g.map(o, s, SHARED | DO_FALLOCATE)  # punch just the range
+        g.verify(o, s, 0x00, f"pc2 punched range reads zero at +{o:#x}")
+
+
+class PcHost:
+    """The VMM side: memslots 10+i over one gmem, hypercall handling (attributes and fallocate), SYNCs."""
+
+    def __init__(self, g: GuestVm, nvcpus: int, nslots: int) -> None:
+        self.g, self.vm = g, g.vm
+        self.total = PER_CPU * nvcpus
+        self.slot_size = self.total // nslots
+        self.gmem = g.vm.create_guest_memfd(self.total, 0)
+        self.mems: list[HostMemory] = []
+        for i in range(nslots):
+            mem = HostMemory(self.slot_size)
+            self.mems.append(mem)
+            g.add_memory(10 + i, PC_BASE + i * self.slot_size, mem, flags=GMEM, guest_memfd=self.gmem,
+                         guest_memfd_offset=i * self.slot_size)  # fmt: skip
+
+    def hva(self, gpa: int, size: int) -> bytes:
+        out = b""
+        while size:
+            off = gpa - PC_BASE
+            i, within = divmod(off, self.slot_size)
+            n = min(size, self.slot_size - within)
+            out += self.mems[i][within : within + n]
+            gpa, size = gpa + n, size - n
+        return out
+
+    def hva_write(self, gpa: int, size: int, value: int) -> None:
+        while size:
+            i, within = divmod(gpa - PC_BASE, self.slot_size)
+            n = min(size, self.slot_size - within)
+            self.mems[i][within : within + n] = bytes([value]) * n
+            gpa, size = gpa + n, size - n
+
+    def handle_hypercall(self, ex: HypercallExit) -> None:
+        assert ex.nr == uapi.KVM_HC_MAP_GPA_RANGE, ex
+        gpa, size, flags = ex.args[0], ex.args[1] * P, ex.args[2]
+        if flags & DO_FALLOCATE:
+            mode = KEEP | PUNCH if flags & SHARED else KEEP
+            self.gmem.fallocate(mode, gpa - PC_BASE, size)
+        if flags & SET_ATTRS:
+            self.vm.set_memory_attributes(gpa, size, 0 if flags & SHARED else PRIVATE)
+
+    def drive(self, v: GuestVcpu) -> None:
+        while True:
+            got = v.run(timeout=120)
+            if isinstance(got, Done):
+                return
+            if isinstance(got, HypercallExit):
+                self.handle_hypercall(got)
+                v.vcpu.complete_hypercall(0)
+                continue
+            if not isinstance(got, Sync):
+                raise UnexpectedExitError(got, v.index)
+            kind, gpa, size, *rest = got.args
+            view = self.hva(gpa, size)
+            if kind == SYNC_SHARED:
+                cur, new = rest[:2]
+                assert view == bytes([cur]) * size, f"vCPU {v.index}: shared view at {gpa:#x} is not {cur:#x}"
+                self.hva_write(gpa, size, new)
+            else:
+                (pattern,) = rest[:1]
+                assert view == bytes([pattern]) * size, (
+                    f"vCPU {v.index}: private writes leaked into the shared view at {gpa:#x} (want {pattern:#x})"
+                )
+
+    def close(self) -> None:
+        self.gmem.close()
+        for mem in self.mems:
+            mem.close()
+
+
+PC_SHAPES = [
+    pytest.param(1, 1, id="1vcpu-1slot"),
+    pytest.param(4, 1, id="4vcpu-1slot"),
+    pytest.param(1, 4, id="1vcpu-4slots"),
+    pytest.param(4, 4, id="4vcpu-4slots"),
+]
+
+
+def _run_pc(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus: int, nslots: int,
+            program: Callable[[PcGuest, bool], None]) -> None:  # fmt: skip
+    require_vm_type(system, backend, uapi.KVM_X86_SW_PROTECTED_VM)
+    require_cap(system, uapi.KVM_CAP_EXIT_HYPERCALL, "KVM_CAP_EXIT_HYPERCALL", backend, mask=HC_BIT)
+    pg = PcGuest()
+    program(pg, False)
+    program(pg, True)
+    U.done(pg.a)
+    g = make_guest(GuestImage(pg.a, nvcpus=nvcpus), vcpus=nvcpus, vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
+    g.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_BIT)
+    host = PcHost(g, nvcpus, nslots)
+    try:
+        try:
+            g.run_vcpus(host.drive, timeout=300)
+        except (KvmError, NotImplementedError) as e:
+            if backend != "kvm":
+                skip_if_unready(backend, "run vCPUs", e)
+            raise
+        g.close()  # the VM is freed; the gmem outlives it (§2.14)
+        host.gmem.fallocate(KEEP | PUNCH, 0, host.total)
+        host.gmem.fallocate(KEEP, 0, host.total)
+    finally:
+        g.close()
+        host.close()
+
+
+@pytest.mark.parametrize(("nvcpus", "nslots"), PC_SHAPES)
+def test_pc1_explicit_conversions(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus: int,
+                                  nslots: int) -> None:  # fmt: skip
+    """PC-1 (spec §4.4), run without then with fallocate: shared writes reach the host view; converting a
+    range to private (MAP_GPA_RANGE → KVM_EXIT_HYPERCALL → KVM_SET_MEMORY_ATTRIBUTES [+ fallocate]) gives the
+    guest private memory whose writes do not leak into the hva view; converting back shows the shared data
+    again; ranges (0,p) (0,2M) (p,p) (p,2M) (2M,p), per vCPU, N vCPUs over M memslots of one guest_memfd."""
+    _run_pc(system, backend, make_guest, nvcpus, nslots, _pc1_program)
+
+
+@pytest.mark.parametrize(("nvcpus", "nslots"), PC_SHAPES)
+def test_pc2_punch_hole(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus: int,
+                        nslots: int) -> None:  # fmt: skip
+    """PC-2 (spec §4.4), imprecise then precise: with everything private, PUNCH_HOLE zaps the guest's private
+    mappings and the range re-faults as zero pages; the gmem outlives the VM (punch/allocate after close)."""
+    _run_pc(system, backend, make_guest, nvcpus, nslots, _pc2_program)
+
+
+# --- §3.4 hypercall error returns -----------------------------------------------------------------------------
+
+
+def _hc_guest(*calls: tuple[int, int, int, int], user: bool = False) -> GuestImage:
+    a = Asm()
+    for gpa, npages, attrs, expect in calls:
+        R.map_gpa_range(a, gpa, npages, attrs, expect=expect, check=f"MAP_GPA_RANGE({gpa:#x}, {npages})")
+    U.done(a)
+    return GuestImage(a, user=user)
+
+
+def _hc_vm(system: kvmgmem.System, backend: str, make_guest: MakeGuest, image: GuestImage, enable: bool) -> GuestVm:
+    vm_type = (
+        uapi.KVM_X86_SW_PROTECTED_VM
+        if uapi.KVM_X86_SW_PROTECTED_VM in system.supported_vm_types
+        else uapi.KVM_X86_DEFAULT_VM
+    )
+    g = make_guest(image, vm_type=vm_type)
+    if enable:
+        require_cap(system, uapi.KVM_CAP_EXIT_HYPERCALL, "KVM_CAP_EXIT_HYPERCALL", backend, mask=HC_BIT)
+        g.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_BIT)
+    return g
+
+
+def _run_hc(v: GuestVcpu, backend: str) -> object:
+    """Run; skip when VMCALL never comes back (this host's kvm_pvm spins on VMCALL, host-probes §1)."""
+    try:
+        return run(v, backend, timeout=1.0)
+    except GuestTimeoutError:
+        pass
+    pytest.skip(f"backend {backend}: VMCALL never returned to the VMM within 1 s (host-probes §1: kvm_pvm spins)")
+
+
+def test_hypercall_einval_bad_args(system: kvmgmem.System, backend: str, make_guest: MakeGuest) -> None:
+    """§3.4 step 4 (enabled): a0 not page aligned, a1 == 0, gfn(a0) + a1 wrapping → RAX = -KVM_EINVAL and the
+    guest continues (no exit); a well-formed call afterwards still exits with KVM_EXIT_HYPERCALL."""
+    bad = -uapi.KVM_EINVAL
+    image = _hc_guest(
+        (4 * GIB + 1, 1, 0, bad),
+        (4 * GIB, 0, 0, bad),
+        (4 * GIB, (1 << 64) - 1, 0, bad),  # gfn + npages wraps u64
+        (4 * GIB, 1, uapi.KVM_MAP_GPA_RANGE_ENCRYPTED, 0),
+    )
+    g = _hc_vm(system, backend, make_guest, image, enable=True)
+    v = g.vcpus[0]
+    got = _run_hc(v, backend)
+    assert isinstance(got, HypercallExit), got
+    assert got.args[:3] == (4 * GIB, 1, uapi.KVM_MAP_GPA_RANGE_ENCRYPTED)
+    v.vcpu.complete_hypercall(0)
+    assert isinstance(run(v, backend), Done)
+
+
+def test_hypercall_enosys_when_not_enabled(system: kvmgmem.System, backend: str, make_guest: MakeGuest) -> None:
+    """§3.4 step 3: without KVM_CAP_EXIT_HYPERCALL bit 12, MAP_GPA_RANGE → RAX = -KVM_ENOSYS (-1000), no exit;
+    enabling then disabling again (args[0] = 0) restores that answer."""
+    g = _hc_vm(system, backend, make_guest, _hc_guest((4 * GIB, 1, 0, -uapi.KVM_ENOSYS)), enable=False)
+    g.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_BIT)
+    g.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 0)
+    assert isinstance(_run_hc(g.vcpus[0], backend), Done)
+
+
+def test_hypercall_eperm_at_cpl3(system: kvmgmem.System, backend: str, make_guest: MakeGuest) -> None:
+    """§3.4 step 1: a hypercall from CPL3 → RAX = -KVM_EPERM (-1), even with the exit enabled — no exit.
+
+    Documented deviation of this host (kvm, Linux 6.18 kvm_pvm): CPL3 guest code runs natively under PVM
+    (host-probes §1), and a VMCALL there is delivered to the guest as #GP(0) at the VMCALL instead of reaching
+    KVM's hypercall emulation, so the guest never sees -KVM_EPERM. Asserted as observed on a kernel that
+    loaded kvm_pvm; any other KVM must give -KVM_EPERM."""
+    image = _hc_guest((4 * GIB, 1, 0, -uapi.KVM_EPERM), user=True)
+    g = _hc_vm(system, backend, make_guest, image, enable=True)
+    if backend == "kvm" and _kvm_is_pvm():
+        with pytest.raises(GuestFaultError) as info:
+            _run_hc(g.vcpus[0], backend)
+        ev = info.value.event
+        assert (ev.vector, ev.error_code, ev.cpl) == (13, 0, 3), info.value
+        assert g.memory.read(ev.rip, 3) == b"\x0f\x01\xc1", "the #GP must be at the vmcall"
+        return
+    assert isinstance(_run_hc(g.vcpus[0], backend), Done)
+
+
+def _kvm_is_pvm() -> bool:
+    """Whether the host's KVM is kvm_pvm (the module is loaded), whose CPL3 guests run natively."""
+    return os.path.isdir("/sys/module/kvm_pvm")
