@@ -14,10 +14,11 @@ no C caller could express (wrong Python type, more bits than the field has) are 
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kvmgmem import uapi
@@ -51,6 +52,43 @@ def u32(value: Any, name: str, op: str) -> int:
     return as_uint(value, 32, name, op)
 
 
+#: The kernel's MAX_RW_COUNT: a single read/write transfers at most this many bytes (larger counts are clamped).
+MAX_RW_COUNT = 0x7FFFF000
+
+
+def count_arg(value: Any, name: str, op: str) -> int:
+    """A byte count passed as C would (size_t; negative → two's complement), clamped to MAX_RW_COUNT as the
+    kernel clamps it, so the kernel's own errno comes back for any value."""
+    return min(as_uint(value, 64, name, op), MAX_RW_COUNT)
+
+
+def bytes_arg(data: Any, op: str) -> bytes:
+    """Any bytes-like object as bytes, or TypeError naming the operation."""
+    try:
+        return bytes(memoryview(data))
+    except TypeError:
+        raise TypeError(f"{op}: data must be a bytes-like object, not {type(data).__name__}") from None
+
+
+def signed64(value: int) -> int:
+    """A u64 as the signed 64-bit value (loff_t) the kernel reads."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def cpuid_entries(entries: Any, op: str = "KVM_SET_CPUID2") -> list[uapi.kvm_cpuid_entry2]:
+    """Copies of ``entries``, each a ``uapi.kvm_cpuid_entry2`` (TypeError naming the operation otherwise)."""
+    try:
+        items = list(entries)
+    except TypeError:
+        raise TypeError(f"{op}: entries must be an iterable of uapi.kvm_cpuid_entry2") from None
+    out = []
+    for i, entry in enumerate(items):
+        if not isinstance(entry, uapi.kvm_cpuid_entry2):
+            raise TypeError(f"{op}: entries[{i}] is a {type(entry).__name__}, not uapi.kvm_cpuid_entry2")
+        out.append(uapi.kvm_cpuid_entry2.from_buffer_copy(entry))
+    return out
+
+
 def fd_of(obj: Any, name: str, op: str) -> int:
     """A raw fd from a ``GuestMemfd``, an int, or ``None`` (→ -1, "no fd")."""
     if obj is None:
@@ -63,14 +101,30 @@ def fd_of(obj: Any, name: str, op: str) -> int:
 
 
 class Userspace:
-    """A resolved ``userspace`` argument: the address KVM sees, and what keeps it mapped."""
+    """A resolved ``userspace`` argument: the address KVM sees, and what keeps it mapped.
 
-    __slots__ = ("_holder", "address", "owner")
+    A ``HostMemory`` is pinned *before* the ioctl (the "pending" pin) and stays pinned until the memslot pin
+    replaces it, so ``HostMemory.close()`` racing with a memslot update either happens first (the update then
+    fails with EFAULT) or is refused (EBUSY) — never in between, with a slot left over unmapped memory.
+    """
+
+    __slots__ = ("_holder", "_pending", "address", "owner")
 
     def __init__(self, address: int, owner: Any = None, holder: Any = None) -> None:
         self.address = address
         self.owner = owner  # HostMemory or the buffer object, None for a raw int
         self._holder = holder  # a ctypes export that blocks resizing/closing a plain buffer
+        self._pending: tuple[int, int] | None = None
+
+    def pin_pending(self, op: str) -> None:
+        if isinstance(self.owner, HostMemory):
+            self._pending = (-1, id(self))
+            self.owner._pin(self._pending, f"{op} in progress")
+
+    def release_pending(self) -> None:
+        if self._pending is not None and isinstance(self.owner, HostMemory):
+            self.owner._unpin(self._pending)
+        self._pending = None
 
     def pin(self, key: tuple[int, int], what: str) -> None:
         if isinstance(self.owner, HostMemory):
@@ -91,7 +145,9 @@ def resolve_userspace(userspace: Any, op: str) -> Userspace:
     if isinstance(userspace, HostMemory):
         if userspace.closed:
             raise KvmError(errno.EFAULT, op, "userspace HostMemory is closed")
-        return Userspace(userspace.address, userspace)
+        user = Userspace(userspace.address, userspace)
+        user.pin_pending(op)
+        return user
     if isinstance(userspace, bool):
         raise TypeError(f"{op}: userspace must be HostMemory, a writable buffer, an int address or None")
     if isinstance(userspace, int):
@@ -303,6 +359,16 @@ class Vm(Resource, abc.ABC):
         return self.vm_type in uapi.PRIVATE_MEM_VM_TYPES
 
     # Pin bookkeeping shared by backends: a slot id (with its address space) keeps its host memory alive.
+
+    @contextlib.contextmanager
+    def _memslot_update(self, userspace: Any, op: str) -> Iterator[Userspace]:
+        """Resolve ``userspace`` pinned for the duration of one memslot ioctl; the backend issues the ioctl
+        and calls ``_track_slot`` inside the block."""
+        user = resolve_userspace(userspace, op)
+        try:
+            yield user
+        finally:
+            user.release_pending()
 
     def _track_slot(self, slot: int, memory_size: int, userspace: Userspace) -> None:
         with self._slot_lock:

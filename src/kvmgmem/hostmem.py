@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import sys
 import threading
 from typing import Any
 
@@ -53,9 +54,12 @@ class HostMemory(mmap.mmap):
     def __new__(cls, size: int) -> HostMemory:
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"HostMemory: size must be an int, not {type(size).__name__}")
-        if size <= 0:
-            raise ValueError(f"HostMemory: size must be positive, got {size}")
-        self = super().__new__(cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
+        if not 0 < size <= sys.maxsize:
+            raise ValueError(f"HostMemory: size must be in 1..{sys.maxsize}, got {size}")
+        try:
+            self = super().__new__(cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
+        except OSError as e:
+            raise KvmError(e.errno or errno.ENOMEM, "HostMemory", f"cannot map {size} bytes") from None
         self._init_tracking()
         return self
 

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 import kvmgmem
-from conftest import open_backend
 from kvmgmem import HostMemory, KvmError, uapi
 from kvmgmem.api import GuestMemfd, System, Vcpu, Vm
+from kvmgmem.conformance.fixtures import open_backend
 
 P = uapi.PAGE_SIZE
 KEEP = uapi.FALLOC_FL_KEEP_SIZE

@@ -8,7 +8,7 @@ and a race of ``HostMemory.close()`` against ``set_user_memory_region`` using th
 
 from __future__ import annotations
 
-from conftest import open_backend
+from kvmgmem.conformance.fixtures import open_backend
 
 from ._support import run_python
 

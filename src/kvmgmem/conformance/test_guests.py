@@ -127,12 +127,6 @@ PK_GPA, PK_SLOT = 0xC0000000, 10
 #: Found by PK-1 (reported to the sim's owner): deleting a memslot while a vCPU thread runs deadlocks —
 #: ``SimCpu._service_locked`` holds ``_cond`` (a plain Lock) and calls ``uc.mem_unmap``, which re-enters
 #: ``_hook_tlb_fill``, which takes ``_cond`` again (backends/sim/cpu.py _sync_stores / _hook_tlb_fill).
-SIM_PK1_DEADLOCK = (
-    "sim bug: deleting a memslot while a vCPU thread runs deadlocks (SimCpu._service_locked holds _cond, "
-    "uc.mem_unmap re-enters _hook_tlb_fill which takes _cond again); not run"
-)
-
-
 def _read_loop_guest() -> GuestImage:
     a = Asm()
     R.read_loop(a, PK_GPA)  # gva == gpa through the identity map
@@ -148,8 +142,6 @@ def test_pk1_memslot_deleted(backend: str, make_guest: MakeGuest) -> None:
     """PK-1 (spec §4.3): SW_PROTECTED VM, slot 10 with GUEST_MEMFD (hva + 1-page gmem), PRIVATE on the page;
     a vCPU thread loops reading it; the host deletes slot 10; the thread's KVM_RUN returns -1/EFAULT with
     KVM_EXIT_MEMORY_FAULT, flags PRIVATE, gpa 0xc0000000, size 4096."""
-    if backend == "sim":
-        pytest.xfail(SIM_PK1_DEADLOCK)  # not run: the deadlock would hang the suite
     g = make_guest(_read_loop_guest(), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
     with HostMemory(P) as mem, g.vm.create_guest_memfd(P, 0) as gmem:
         try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, u32, u64
+from kvmgmem.api import GuestMemfd, bytes_arg, count_arg, signed64, u32, u64
 from kvmgmem.errors import KvmError
 from kvmgmem.hostmem import FileMapping, resident_bytes
 
@@ -14,11 +16,6 @@ from .sys_calls import fallocate
 
 if TYPE_CHECKING:
     from .vm import KvmVm
-
-
-def _signed(value: int) -> int:
-    """A u64 as the signed loff_t the kernel reads."""
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 class KvmGuestMemfd(GuestMemfd):
@@ -29,13 +26,14 @@ class KvmGuestMemfd(GuestMemfd):
         self._fd = fd
         self.size = size
         self.flags = flags
+        self._finalizer = weakref.finalize(self, os.close, fd)  # dropped without close(): no fd leak
 
     @property
     def fd(self) -> int:
         return self._fd
 
     def _release(self) -> None:
-        os.close(self._fd)
+        self._finalizer()
 
     def _os(self, op: str, func: Any, *args: Any) -> Any:
         self._check_open(op)
@@ -51,31 +49,34 @@ class KvmGuestMemfd(GuestMemfd):
         fallocate(
             self._fd,
             raw_mode - (1 << 32) if raw_mode >= 1 << 31 else raw_mode,
-            _signed(u64(offset, "offset", op)),
-            _signed(u64(length, "length", op)),
+            signed64(u64(offset, "offset", op)),
+            signed64(u64(length, "length", op)),
         )
 
     def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> FileMapping:
-        self._check_open("mmap")
-        length = self.size if length is None else length
-        if length <= 0:
-            raise ValueError(f"mmap: length must be positive, got {length}")
-        return FileMapping(self._fd, length, u64(offset, "offset", "mmap"), shared)
+        op = "mmap"
+        self._check_open(op)
+        length = self.size if length is None else u64(length, "length", op)
+        if length == 0:
+            raise KvmError(errno.EINVAL, op, "length 0")
+        return FileMapping(self._fd, length, u64(offset, "offset", op), bool(shared))
 
     def read(self, n: int) -> bytes:
-        return bytes(self._os("read", os.read, n))
+        return bytes(self._os("read", os.read, count_arg(n, "n", "read")))
 
     def write(self, data: bytes) -> int:
-        return int(self._os("write", os.write, data))
+        return int(self._os("write", os.write, bytes_arg(data, "write")))
 
     def pread(self, n: int, offset: int) -> bytes:
-        return bytes(self._os("pread", os.pread, n, offset))
+        n = count_arg(n, "n", "pread")
+        return bytes(self._os("pread", os.pread, n, signed64(u64(offset, "offset", "pread"))))
 
     def pwrite(self, data: bytes, offset: int) -> int:
-        return int(self._os("pwrite", os.pwrite, data, offset))
+        data = bytes_arg(data, "pwrite")
+        return int(self._os("pwrite", os.pwrite, data, signed64(u64(offset, "offset", "pwrite"))))
 
     def truncate(self, length: int) -> None:
-        self._os("ftruncate", os.ftruncate, length)
+        self._os("ftruncate", os.ftruncate, signed64(u64(length, "length", "ftruncate")))
 
     def allocated_bytes(self) -> int | None:
         """Measured through a temporary mapping with mincore (page cache), which never faults pages in.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 from kvmgmem import uapi
 from kvmgmem.api import System, u32
@@ -29,9 +30,10 @@ class KvmSystem(System):
             os.close(self.fd)
             raise
         self._cpuid: list[uapi.kvm_cpuid_entry2] | None = None
+        self._finalizer = weakref.finalize(self, os.close, self.fd)  # dropped without close(): no fd leak
 
     def _release(self) -> None:
-        os.close(self.fd)
+        self._finalizer()
 
     def check_extension(self, cap: int) -> int:
         self._check_open("KVM_CHECK_EXTENSION")

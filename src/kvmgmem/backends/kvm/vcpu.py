@@ -14,11 +14,12 @@ import mmap
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import Vcpu, u64
+from kvmgmem.api import Vcpu, cpuid_entries, u64
 from kvmgmem.errors import KvmError, closed_error
 from kvmgmem.exits import (
     Exit,
@@ -66,7 +67,7 @@ class KvmVcpu(Vcpu):
         self._run_lock = threading.Lock()
         self._thread_id: int | None = None
         self._pending: str | None = None  # exit awaiting completion: "io_in", "mmio_read", "hypercall"
-        self._last: uapi.kvm_run | None = None  # copy of kvm_run at the last slow-path exit
+        self._finalizer = weakref.finalize(self, os.close, fd)  # dropped without close(): no fd leak
         kick.install_handler()
 
     def kvm_run(self) -> uapi.kvm_run:
@@ -78,7 +79,7 @@ class KvmVcpu(Vcpu):
         self.kick()
         with self._run_lock:
             self._map.close()
-            os.close(self.fd)
+            self._finalizer()
 
     # --- registers -------------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class KvmVcpu(Vcpu):
 
     def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
         self._check_open("KVM_SET_CPUID2")
-        chosen = list(self.vm.system.get_supported_cpuid() if entries is None else entries)
+        chosen = self.vm.system.get_supported_cpuid() if entries is None else cpuid_entries(entries)
         cpuid = uapi.cpuid2_type(len(chosen))()
         cpuid.nent = len(chosen)
         for i, entry in enumerate(chosen):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, Vm, fd_of, resolve_userspace, u32, u64
+from kvmgmem.api import GuestMemfd, Vm, fd_of, u32, u64
 
 from .gmem import KvmGuestMemfd
 from .sys_calls import ioctl, ioctl_ptr
@@ -27,11 +28,12 @@ class KvmVm(Vm):
         self.system = system
         self.fd = fd
         self.vm_type = vm_type
+        self._finalizer = weakref.finalize(self, os.close, fd)  # dropped without close(): no fd leak
 
     def _release(self) -> None:
         for vcpu in self._vcpus:
             vcpu.close()
-        os.close(self.fd)
+        self._finalizer()
         self._release_slots()
 
     def check_extension(self, cap: int) -> int:
@@ -50,16 +52,16 @@ class KvmVm(Vm):
     ) -> None:
         op = "KVM_SET_USER_MEMORY_REGION"
         self._check_open(op)
-        user = resolve_userspace(userspace, op)
         region = uapi.kvm_userspace_memory_region(
             slot=u32(slot, "slot", op),
             flags=u32(flags, "flags", op),
             guest_phys_addr=u64(guest_phys_addr, "guest_phys_addr", op),
             memory_size=u64(memory_size, "memory_size", op),
-            userspace_addr=user.address,
         )
-        ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
-        self._track_slot(region.slot, region.memory_size, user)
+        with self._memslot_update(userspace, op) as user:
+            region.userspace_addr = user.address
+            ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
+            self._track_slot(region.slot, region.memory_size, user)
 
     def set_user_memory_region2(
         self,
@@ -73,18 +75,18 @@ class KvmVm(Vm):
     ) -> None:
         op = "KVM_SET_USER_MEMORY_REGION2"
         self._check_open(op)
-        user = resolve_userspace(userspace, op)
         region = uapi.kvm_userspace_memory_region2(
             slot=u32(slot, "slot", op),
             flags=u32(flags, "flags", op),
             guest_phys_addr=u64(guest_phys_addr, "guest_phys_addr", op),
             memory_size=u64(memory_size, "memory_size", op),
-            userspace_addr=user.address,
             guest_memfd_offset=u64(guest_memfd_offset, "guest_memfd_offset", op),
             guest_memfd=u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op),
         )
-        ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION2, region)
-        self._track_slot(region.slot, region.memory_size, user)
+        with self._memslot_update(userspace, op) as user:
+            region.userspace_addr = user.address
+            ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION2, region)
+            self._track_slot(region.slot, region.memory_size, user)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         op = "KVM_SET_MEMORY_ATTRIBUTES"

@@ -305,6 +305,7 @@ class SimCpu:
         self._data_cache: dict[tuple[int, bool | None], tuple[int, bool]] = {}  # -> (host page, writable)
         # Huge mappings (Mapped.size > 4 KiB) by their aligned gpa: every 4 KiB page inside resolves from here
         # without asking the resolver again (one fault per 2 MiB, as with a huge SPTE).
+        self._changing_map = False  # inside _sync_stores (see _hook_tlb_fill)
         self._huge_cache: dict[tuple[int, bool | None], tuple[int, bool, int]] = {}  # -> (host, writable, size)
         self._mapped: dict[int, Store] = {}  # window -> store mapped into this engine
         self._stores_gen = -1
@@ -444,13 +445,17 @@ class SimCpu:
             self._huge_cache.clear()
             self._data_cache.clear()
             self._code_stale = True
-        for window in removed:
-            store = self._mapped.pop(window)
-            self._uc.mem_unmap(window, store.size)
-        for window, store in wanted.items():
-            if window not in self._mapped:
-                self._uc.mem_map_ptr(window, store.size, UC_PROT_ALL, store.host_ptr)
-                self._mapped[window] = store
+        self._changing_map = True
+        try:
+            for window in removed:
+                store = self._mapped.pop(window)
+                self._uc.mem_unmap(window, store.size)
+            for window, store in wanted.items():
+                if window not in self._mapped:
+                    self._uc.mem_map_ptr(window, store.size, UC_PROT_ALL, store.host_ptr)
+                    self._mapped[window] = store
+        finally:
+            self._changing_map = False
         self._stores_gen = gen
 
     # --- run (KVM_RUN) ------------------------------------------------------------------------------------
@@ -597,6 +602,10 @@ class SimCpu:
         return False  # ends emu_start with UC_ERR_INSN_INVALID, RIP at the instruction
 
     def _hook_tlb_fill(self, uc: Engine, vaddr: int, access: int, entry: object, _ud: object) -> bool:
+        if self._changing_map:
+            # unicorn's own mem_unmap/mem_map_ptr probe addresses through this hook while we hold _cond
+            # to change the store map: no guest access is in flight, so there is nothing to translate.
+            return False
         acc = _UC_ACCESS.get(access, ACCESS_READ)
         with self._cond:
             self._in_guest = False  # in "the kernel" now: requesters need not wait for us
@@ -878,6 +887,7 @@ class SimCpu:
                 self._closed = True
                 self._kick = False
             self.cpuset._forget(self)
+            self._changing_map = True
             for window, store in list(self._mapped.items()):
                 self._uc.mem_unmap(window, store.size)
             self._mapped.clear()

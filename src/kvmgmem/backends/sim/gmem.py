@@ -12,7 +12,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, as_uint, u64
+from kvmgmem.api import GuestMemfd, as_uint, bytes_arg, count_arg, u64
 from kvmgmem.errors import KvmError
 
 from . import fdtable
@@ -22,6 +22,9 @@ from .mapping import GmemMapping
 
 if TYPE_CHECKING:
     from .vm import SimVm
+
+
+_TASK_SIZE = 1 << 47  # x86-64 user address space: longer mappings fail with ENOMEM
 
 
 def _close_gmem_fd(fd: int, file: GmemFile) -> None:
@@ -87,6 +90,8 @@ class SimGuestMemfd(GuestMemfd):
         offset = u64(offset, "offset", op)
         if length == 0 or offset % uapi.PAGE_SIZE or signed64(offset) < 0:
             raise KvmError(errno.EINVAL, op, "length 0 or offset not page aligned")
+        if length > _TASK_SIZE:
+            raise KvmError(errno.ENOMEM, op, f"length {length:#x} exceeds the user address space")
         inode = self._file.inode
         if not (self._file.vm.profile.gmem_flags and inode.mmap_allowed):
             raise KvmError(errno.ENODEV, op, "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
@@ -99,26 +104,31 @@ class SimGuestMemfd(GuestMemfd):
     # --- file operations guest_memfd does not have (§2.9, §2.11; errnos as measured on 6.18) -----------------
 
     def read(self, n: int) -> bytes:
+        count_arg(n, "n", "read")
         self._check_open("read")
         raise KvmError(errno.EINVAL, "read", "guest_memfd has no read operation")
 
     def write(self, data: bytes) -> int:
+        bytes_arg(data, "write")
         self._check_open("write")
         raise KvmError(errno.EINVAL, "write", "guest_memfd has no write operation")
 
     def pread(self, n: int, offset: int) -> bytes:
+        count_arg(n, "n", "pread")
         self._check_open("pread")
         if signed64(u64(offset, "offset", "pread")) < 0:
             raise KvmError(errno.EINVAL, "pread", "negative offset")
         raise KvmError(errno.ESPIPE, "pread", "guest_memfd is not seekable")
 
     def pwrite(self, data: bytes, offset: int) -> int:
+        bytes_arg(data, "pwrite")
         self._check_open("pwrite")
         if signed64(u64(offset, "offset", "pwrite")) < 0:
             raise KvmError(errno.EINVAL, "pwrite", "negative offset")
         raise KvmError(errno.ESPIPE, "pwrite", "guest_memfd is not seekable")
 
     def truncate(self, length: int) -> None:
+        u64(length, "length", "ftruncate")
         self._check_open("ftruncate")
         raise KvmError(errno.EINVAL, "ftruncate", "guest_memfd is not resizable")
 

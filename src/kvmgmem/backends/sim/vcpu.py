@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import Vcpu, u64
+from kvmgmem.api import Vcpu, bytes_arg, cpuid_entries, u64
 from kvmgmem.errors import KvmError
-from kvmgmem.exits import Exit
+from kvmgmem.exits import Exit, HypercallExit, IoExit, MmioExit
 
 from . import fdtable
 from .core.vm import VmCore
@@ -65,6 +65,7 @@ class SimVcpu(Vcpu):
         self._sregs: uapi.kvm_sregs | None = reset_sregs()
         self._cpuid: list[uapi.kvm_cpuid_entry2] = []
         self._cpu = cpus.create_cpu(vcpu_id)
+        self._pending: tuple[str, int] | None = None  # exit awaiting completion, and its data length
         core = vm.core
         core.get()
         self._fd = fdtable.placeholder_fd()
@@ -106,9 +107,7 @@ class SimVcpu(Vcpu):
 
     def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
         self._check_open("KVM_SET_CPUID2")
-        if entries is None:
-            entries = self.vm.system.get_supported_cpuid()
-        self._cpuid = [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
+        self._cpuid = cpuid_entries(self.vm.system.get_supported_cpuid() if entries is None else entries)
 
     @property
     def cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
@@ -120,19 +119,41 @@ class SimVcpu(Vcpu):
             # Never loaded: unicorn cannot start from real-mode RESET state (it runs long-mode engines).
             raise KvmError(errno.EINVAL, "KVM_RUN", "the sim starts vCPUs only from a loaded long-mode state "
                            "(KVM_SET_REGS and KVM_SET_SREGS first)")  # fmt: skip
-        return self._cpu.run()
+        self._pending = None
+        exit = self._cpu.run()
+        if isinstance(exit, IoExit) and not exit.is_out:
+            self._pending = ("io_in", exit.size * exit.count)
+        elif isinstance(exit, MmioExit) and not exit.is_write:
+            self._pending = ("mmio_read", exit.length)
+        elif isinstance(exit, HypercallExit):
+            self._pending = ("hypercall", 0)
+        return exit
+
+    def _expect_pending(self, kind: str, op: str) -> int:
+        """The byte count the pending ``kind`` exit expects; EINVAL (as the kvm backend) if none is pending."""
+        self._check_open(op)
+        if self._pending is None or self._pending[0] != kind:
+            raise KvmError(errno.EINVAL, op, f"no pending {kind.replace('_', ' ')} exit to complete")
+        return self._pending[1]
 
     def complete_io(self, data: bytes) -> None:
-        self._check_open("complete_io")
-        self._cpu.complete_io(bytes(data))
+        data = bytes_arg(data, "complete_io")
+        length = self._expect_pending("io_in", "complete_io")
+        if len(data) != length:
+            raise ValueError(f"complete_io: expected {length} bytes")
+        self._cpu.complete_io(data)
 
     def complete_mmio(self, data: bytes) -> None:
-        self._check_open("complete_mmio")
-        self._cpu.complete_mmio(bytes(data))
+        data = bytes_arg(data, "complete_mmio")
+        length = self._expect_pending("mmio_read", "complete_mmio")
+        if len(data) != length:
+            raise ValueError(f"complete_mmio: expected {length} bytes")
+        self._cpu.complete_mmio(data)
 
     def complete_hypercall(self, ret: int) -> None:
-        self._check_open("complete_hypercall")
-        self._cpu.complete_hypercall(u64(ret, "ret", "complete_hypercall"))
+        value = u64(ret, "ret", "complete_hypercall")
+        self._expect_pending("hypercall", "complete_hypercall")
+        self._cpu.complete_hypercall(value)
 
     def kick(self) -> None:
         if not self.closed:

@@ -13,7 +13,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, resolve_userspace, u32, u64
+from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, u32, u64
 from kvmgmem.errors import KvmError
 from kvmgmem.hostmem import HostMemory
 
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from .system import SimSystem
 
 
-def _close_vm(fd: int, core: VmCore) -> None:
+def _close_vm(fd: int, core: VmCore, stores: _Stores) -> None:
+    cpus = stores.detach()
+    if cpus is not None:
+        cpus.close()
     os.close(fd)
     core.put()
 
@@ -112,7 +115,8 @@ class SimVm(Vm):
         self.vm_type = core.vm_type
         self.core = core
         self._fd = fdtable.placeholder_fd()
-        self._finalizer = weakref.finalize(self, _close_vm, self._fd, core)
+        stores = self._stores = _Stores()
+        self._finalizer = weakref.finalize(self, _close_vm, self._fd, core, stores)
         self._vcpu_lock = threading.Lock()
         # When the model destroys the VM (possibly long after this fd closed, once the last guest_memfd is
         # gone), the memslots' host memory is unpinned. The listener must not reference ``self``.
@@ -127,7 +131,7 @@ class SimVm(Vm):
         core.destroy_listeners.append(unpin_all)
         # vCPU execution: the CpuSet is created with the first vCPU (VMs without vCPUs never touch
         # unicorn); stores and zaps reach it through these listeners, which hold no reference to ``self``.
-        stores = self._stores = _Stores()
+        self._slot_stores: dict[int, int] = {}  # memslot -> start of the store its userspace lies in
 
         def gmem_released(inode: GmemInode) -> None:
             base = getattr(inode.backing, "base", None)
@@ -216,27 +220,33 @@ class SimVm(Vm):
         gpa, size = u64(gpa, "guest_phys_addr", op), u64(size, "memory_size", op)
         fd = u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op)
         offset = u64(offset, "guest_memfd_offset", op)
-        user = resolve_userspace(userspace, op)
-        old = self._slot_users.get(slot)
-        self.core.set_user_memory_region(
-            v2=v2,
-            slot=slot,
-            flags=flags,
-            guest_phys_addr=gpa,
-            memory_size=size,
-            userspace_addr=user.address,
-            guest_memfd=fd,
-            guest_memfd_offset=offset,
-            hva_live=_live_range(user),
-            fd_lookup=fdtable.lookup,
-        )
-        self._track_slot(slot, size, user)
-        new = _live_range(user) if size else None
-        if new is not None:
-            self._stores.get(new[0], new[1] - new[0])
-        previous = _live_range(old) if old is not None else None
-        if previous is not None:
-            self._stores.put(previous[0])
+        with self._memslot_update(userspace, op) as user:
+            live = _live_range(user) if size else None
+            if live is not None:  # registered before the slot exists, so no vCPU can see an unknown store
+                self._stores.get(live[0], live[1] - live[0])
+            try:
+                self.core.set_user_memory_region(
+                    v2=v2,
+                    slot=slot,
+                    flags=flags,
+                    guest_phys_addr=gpa,
+                    memory_size=size,
+                    userspace_addr=user.address,
+                    guest_memfd=fd,
+                    guest_memfd_offset=offset,
+                    hva_live=live,
+                    fd_lookup=fdtable.lookup,
+                )
+            except BaseException:
+                if live is not None:
+                    self._stores.put(live[0])
+                raise
+            self._track_slot(slot, size, user)
+            previous = self._slot_stores.pop(slot, None)
+            if live is not None:
+                self._slot_stores[slot] = live[0]
+            if previous is not None:
+                self._stores.put(previous)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         op = "KVM_SET_MEMORY_ATTRIBUTES"
@@ -280,7 +290,9 @@ class SimVm(Vm):
         """The VM's CpuSet, created with the first vCPU (caller holds ``_vcpu_lock``)."""
         cpus = self._stores.cpus
         if cpus is None:
-            cpus = CpuSet(self, self.private_access_bit)
+            # A weak proxy: the core's zap listener reaches the CpuSet, which must not keep this VM alive
+            # (a VM dropped without close() is then collected, and its finalizer closes the CpuSet).
+            cpus = CpuSet(weakref.proxy(self), self.private_access_bit)
             cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
             self._stores.attach(cpus)
         return cpus
