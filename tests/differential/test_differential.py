@@ -14,8 +14,8 @@ accesses (``poke``/``peek``) are only rendered for MMAP|INIT_SHARED files, insid
 files the step maps and unmaps without touching. The decision uses only facts both backends have already
 agreed on (a creation's flags and size, whether the file was closed).
 
-Guest runs: the sim's vCPUs do not execute yet (``KVM_RUN`` → ENOSYS), so no guest-run operation is
-generated; ``test_guest_runs_need_sim_vcpus`` probes for it and skips naming the error until then.
+Guest runs are differential-tested by ``test_guest_differential.py``: generated guest programs reading and
+writing guest_memfd pages, with host punches and pokes between their syncs.
 
 Host configuration: the sim runs with ``sw_protected=False`` (no KVM_X86_SW_PROTECTED_VM, no memory
 attributes) *and* ``address_spaces=1``: this host's kernel is built without SMM (KVM_CAP_MULTI_ADDRESS_SPACE
@@ -24,7 +24,6 @@ attributes) *and* ``address_spaces=1``: this host's kernel is built without SMM 
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -164,7 +163,7 @@ FD_KINDS = ["g", "g", "g", "g", "-1", "9999", "vm", "memfd", "g2"]
 #: ftruncate lengths. Not 1<<63: the kvm backend passes it to os.ftruncate, which raises OverflowError, while
 #: the sim answers the kernel's EINVAL (a C caller's (off_t)(1<<63) is negative) — reported, not hidden:
 #: see test_truncate_huge_length_kvm_backend_overflow below.
-TRUNCATE_SIZES = [0, P, 2 * P, 4 * P, 8 * P, (1 << 63) - P]
+TRUNCATE_SIZES = [0, P, 2 * P, 4 * P, 8 * P, (1 << 63) - P, 1 << 63]
 FALLOC_MODES = [KEEP, KEEP | PUNCH, KEEP | PUNCH, 0, PUNCH, uapi.FALLOC_FL_ZERO_RANGE | KEEP]
 FALLOC_OFFS = [0, P, 2 * P, 4 * P, 8 * P, 1, -P]
 FALLOC_LENS = [P, 2 * P, 4 * P, 8 * P, 0, 1]
@@ -444,39 +443,11 @@ def test_render_never_touches_private_pages() -> None:
             assert rendered[0].startswith("map_only("), rendered[0]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="kvm backend: GuestMemfd.truncate(1<<63) raises OverflowError (os.ftruncate) "
-    "instead of the kernel's EINVAL the sim returns (API argument rule: pass as a C caller would)",
-)
-def test_truncate_huge_length_kvm_backend_overflow(systems: tuple[kvmgmem.System, kvmgmem.System]) -> None:
-    """Found by the differential test: ftruncate to 2^63 (a negative off_t for a C caller) must fail the same
-    way on both backends. Non-strict xfail: the kvm backend fix is in progress (XPASS once it lands; then drop
-    the marker and put 1<<63 back into TRUNCATE_SIZES)."""
+def test_truncate_huge_length(systems: tuple[kvmgmem.System, kvmgmem.System]) -> None:
+    """Found by the differential test: ftruncate to 2^63 (a negative off_t for a C caller) fails the same way
+    on both backends (the kernel's EINVAL)."""
     results = []
     for system in systems:
         with system.create_vm() as vm, vm.create_guest_memfd(P, 0) as gm:
             results.append(outcome("g.truncate(1 << 63)", {"g": gm}))
     assert results[0] == results[1] == ("errno", "EINVAL", "ftruncate"), results
-
-
-def test_guest_runs_need_sim_vcpus(systems: tuple[kvmgmem.System, kvmgmem.System]) -> None:
-    """Guest-run operations join the sequences once the sim executes vCPUs; until then this skips with the
-    sim's KVM_RUN error (the other operations above still run)."""
-    _, sim = systems
-    with sim.create_vm() as vm:
-        vcpu = vm.create_vcpu(0)
-        try:
-            vcpu.run()  # reset state, no memory: only asks whether KVM_RUN executes at all
-        except KvmError as e:
-            if e.errno == errno.ENOSYS:
-                reason = f"sim cannot run vCPUs yet ({e}); guest-run operations are not generated"
-            else:
-                reason = ""
-        else:
-            reason = ""
-        finally:
-            vcpu.close()
-    if reason:
-        pytest.skip(reason)
-    pytest.skip("sim vCPUs run: add the guest-run operation to the sequences (issue 6 follow-up)")
