@@ -21,6 +21,7 @@ from kvmgmem.hostmem import HostMemory
 GPA = 4 << 30
 SIZE = 4 << 20
 PAGE = uapi.PAGE_SIZE
+HUGE = 2 << 20
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 
@@ -37,14 +38,19 @@ class Guest:
     def __init__(self, system: kvmgmem.System, program: Asm) -> None:
         self.guest = GuestVm.create(system, GuestImage(program), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
         self.vm = self.guest.vm
-        self.shared = HostMemory(SIZE)
+        # Shared memory 2 MiB aligned like the gpa, so shared accesses may map at 2 MiB (spec §3.6 needs
+        # compatible gfn/hva alignment): a view into a larger HostMemory.
+        self.shared = HostMemory(SIZE + HUGE)
+        skip = -self.shared.address % HUGE
+        self.view = memoryview(self.shared)[skip : skip + SIZE]
         self.gmem = self.vm.create_guest_memfd(SIZE)
-        self.guest.add_memory(1, GPA, self.shared, flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=self.gmem)
+        self.guest.add_memory(1, GPA, self.view, flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=self.gmem)
         self.vcpu = self.guest.create_vcpu()
 
     def close(self) -> None:
         self.guest.close()
         self.gmem.close()
+        self.view.release()
         self.shared.close()
 
 
