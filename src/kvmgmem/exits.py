@@ -39,18 +39,14 @@ class IoExit(Exit):
 
 
 _new = object.__new__
+_set = object.__setattr__
 
 
 def make_io_exit(direction: int, port: int, size: int, count: int, data: bytes) -> IoExit:
     """``IoExit(...)`` without the frozen-dataclass ``__init__`` (one ``object.__setattr__`` per field costs
     ~0.5 µs, a measurable share of a 25 µs exit round trip); the result is identical and still frozen."""
     exit = _new(IoExit)
-    fields = exit.__dict__
-    fields["direction"] = direction
-    fields["port"] = port
-    fields["size"] = size
-    fields["count"] = count
-    fields["data"] = data
+    _set(exit, "__dict__", {"direction": direction, "port": port, "size": size, "count": count, "data": data})
     return exit
 
 

@@ -50,6 +50,7 @@ _EXIT_REASON = struct.Struct("<I")
 _EXIT_REASON_OFFSET = uapi.kvm_run.exit_reason.offset
 _IO_LAYOUT = struct.Struct("<BBHIQ")  # struct kvm_run.io: direction, size, port, count, data_offset
 assert _IO_LAYOUT.size == ctypes.sizeof(uapi.kvm_run_io)
+_REASON_AND_IO = struct.Struct(f"<I{_EXIT_UNION - _EXIT_REASON_OFFSET - 4}xBBHIQ")
 _U64 = struct.Struct("<Q")
 _HYPERCALL_RET = _EXIT_UNION + uapi.kvm_run_hypercall.ret.offset
 _MMIO_DATA = _EXIT_UNION + uapi.kvm_run_mmio.data.offset
@@ -140,8 +141,9 @@ class KvmVcpu(Vcpu):
                 if err == errno.EINTR:
                     kvm_run[_IMMEDIATE_EXIT] = 0
                 raise KvmError(err, op)
-            if _EXIT_REASON.unpack_from(kvm_run, _EXIT_REASON_OFFSET)[0] == uapi.KVM_EXIT_IO:  # the hot path
-                direction, size, port, count, offset = _IO_LAYOUT.unpack_from(kvm_run, _EXIT_UNION)
+            # The hot path: exit_reason and the io member in one unpack (io is garbage unless reason is IO).
+            reason, direction, size, port, count, offset = _REASON_AND_IO.unpack_from(kvm_run, _EXIT_REASON_OFFSET)
+            if reason == uapi.KVM_EXIT_IO:
                 if direction == uapi.KVM_EXIT_IO_IN:
                     self._pending = "io_in"
                 return make_io_exit(direction, port, size, count, kvm_run[offset : offset + size * count])
