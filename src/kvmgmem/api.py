@@ -116,24 +116,35 @@ class Userspace:
         self._holder = holder  # a ctypes export that blocks resizing/closing a plain buffer
         self._pending: tuple[int, int] | None = None
 
+    @property
+    def pinnable(self) -> bool:
+        """Owned by memory with memslot pins (HostMemory, the sim's guest_memfd mapping)."""
+        return is_pinnable(self.owner)
+
     def pin_pending(self, op: str) -> None:
-        if isinstance(self.owner, HostMemory):
+        if self.pinnable:
             self._pending = (-1, id(self))
             self.owner._pin(self._pending, f"{op} in progress")
 
     def release_pending(self) -> None:
-        if self._pending is not None and isinstance(self.owner, HostMemory):
+        if self._pending is not None and self.pinnable:
             self.owner._unpin(self._pending)
         self._pending = None
 
     def pin(self, key: tuple[int, int], what: str) -> None:
-        if isinstance(self.owner, HostMemory):
+        if self.pinnable:
             self.owner._pin(key, what)
 
     def unpin(self, key: tuple[int, int]) -> None:
-        if isinstance(self.owner, HostMemory):
+        if self.pinnable:
             self.owner._unpin(key)
         self._holder = None
+
+
+def is_pinnable(obj: Any) -> bool:
+    """Memory that memslots pin (``_pin``/``_unpin``, ``address``, ``size``, ``closed``): HostMemory, and
+    mappings a backend hands out that have no buffer protocol (the sim's guest_memfd mapping)."""
+    return isinstance(obj, HostMemory) or (hasattr(obj, "_pin") and hasattr(obj, "_unpin"))
 
 
 def resolve_userspace(userspace: Any, op: str) -> Userspace:
@@ -142,9 +153,9 @@ def resolve_userspace(userspace: Any, op: str) -> Userspace:
 
     if userspace is None:
         return Userspace(0)
-    if isinstance(userspace, HostMemory):
+    if is_pinnable(userspace):
         if userspace.closed:
-            raise KvmError(errno.EFAULT, op, "userspace HostMemory is closed")
+            raise KvmError(errno.EFAULT, op, "userspace memory is closed")
         user = Userspace(userspace.address, userspace)
         user.pin_pending(op)
         return user

@@ -13,6 +13,7 @@ import errno
 import mmap
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kvmgmem.errors import KvmError
@@ -40,6 +41,42 @@ def buffer_address(buf: Any) -> int:
         del holder
 
 
+class Pins:
+    """Memslot pins of a piece of host memory: who uses it, and the lock ``close()`` checks them under.
+
+    Shared by ``HostMemory`` and the sim's guest_memfd mapping, so "memory a memslot uses cannot be unmapped"
+    is one rule: ``close()`` is refused with EBUSY while pinned, a pin on closed memory fails with EFAULT.
+    """
+
+    __slots__ = ("_lock", "_pins")
+
+    def __init__(self) -> None:
+        self._pins: dict[tuple[int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def pin(self, key: tuple[int, int], what: str, is_closed: Callable[[], bool]) -> None:
+        """Pin unless the memory is already closed (checked under the lock ``close`` takes: no race)."""
+        with self._lock:
+            if is_closed():
+                raise KvmError(errno.EFAULT, what, "host memory is closed")
+            self._pins[key] = what
+
+    def unpin(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._pins.pop(key, None)
+
+    def users(self) -> list[str]:
+        with self._lock:
+            return list(self._pins.values())
+
+    def close_if_unpinned(self, op: str, unmap: Callable[[], None]) -> None:
+        """Run ``unmap`` unless a memslot still uses the memory (then EBUSY, naming the users)."""
+        with self._lock:
+            if self._pins:
+                raise KvmError(errno.EBUSY, op, f"still used by {', '.join(sorted(self._pins.values()))}")
+            unmap()
+
+
 class HostMemory(mmap.mmap):
     """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address``.
 
@@ -48,8 +85,7 @@ class HostMemory(mmap.mmap):
     """
 
     address: int
-    _pins: dict[tuple[int, int], str]
-    _pin_lock: threading.Lock
+    _pins: Pins
 
     def __new__(cls, size: int) -> HostMemory:
         if not isinstance(size, int) or isinstance(size, bool):
@@ -65,8 +101,7 @@ class HostMemory(mmap.mmap):
 
     def _init_tracking(self) -> None:
         self.address = buffer_address(self)
-        self._pins = {}
-        self._pin_lock = threading.Lock()
+        self._pins = Pins()
 
     @property  # the issue's contract: ``.size`` is an attribute (mmap's size() method is shadowed)
     def size(self) -> int:  # type: ignore[override]
@@ -75,30 +110,20 @@ class HostMemory(mmap.mmap):
     # --- pinning by memslots ---------------------------------------------------------------------------
 
     def _pin(self, key: tuple[int, int], what: str) -> None:
-        with self._pin_lock:
-            if self.closed:
-                raise KvmError(errno.EFAULT, what, "host memory is closed")
-            self._pins[key] = what
+        self._pins.pin(key, what, lambda: self.closed)
 
     def _unpin(self, key: tuple[int, int]) -> None:
-        with self._pin_lock:
-            self._pins.pop(key, None)
+        self._pins.unpin(key)
 
     @property
     def pinned_by(self) -> list[str]:
         """Descriptions of the memslots currently using this memory."""
-        with self._pin_lock:
-            return list(self._pins.values())
+        return self._pins.users()
 
     def close(self) -> None:
         """Unmap. Idempotent; refused (EBUSY) while a memslot still uses the memory."""
-        with self._pin_lock:
-            if self.closed:
-                return
-            if self._pins:
-                users = ", ".join(sorted(self._pins.values()))
-                raise KvmError(errno.EBUSY, "HostMemory.close", f"still used by {users}")
-            super().close()
+        if not self.closed:
+            self._pins.close_if_unpinned("HostMemory.close", super().close)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"address=0x{self.address:x}"

@@ -23,14 +23,6 @@ from kvmgmem.hostmem import HostMemory
 _2M = 2 << 20
 
 
-def _no_buffer_protocol(obj: Any) -> bool:
-    try:
-        memoryview(obj).release()
-    except TypeError:
-        return True
-    return False
-
-
 class GuestVcpu:
     """A vCPU of a ``GuestVm``, already in the image's boot state."""
 
@@ -103,11 +95,7 @@ class GuestVm:
     ) -> None:
         """Add a memslot backed by ``buffer`` (HostMemory or a gmem mapping) and make it readable here."""
         size = len(buffer)
-        userspace: Any = buffer
-        if not isinstance(buffer, HostMemory) and _no_buffer_protocol(buffer):
-            # e.g. the sim's guest_memfd mapping, which refuses the buffer protocol so it can fault on
-            # private pages: hand KVM its address, as a C VMM would (the caller keeps it mapped).
-            userspace = buffer.address
+        userspace: Any = buffer  # HostMemory, any buffer, or a backend's mapping: the memslot pins it
         if guest_memfd is None and not flags:
             self.vm.set_user_memory_region(slot, gpa, size, userspace)
         else:

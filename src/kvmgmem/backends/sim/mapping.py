@@ -18,6 +18,7 @@ from typing import Any
 
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError
+from kvmgmem.hostmem import Pins
 
 from .core.gmem import GmemFile
 from .storage import GmemStorage
@@ -62,6 +63,7 @@ class GmemMapping:
         self._length = length
         self.offset = offset
         self._finalizer = weakref.finalize(self, _put_file, file)
+        self._pins = Pins()  # memslots using this mapping as their userspace memory
 
     # --- lifetime -------------------------------------------------------------------------------------------
 
@@ -70,8 +72,19 @@ class GmemMapping:
         return not self._finalizer.alive
 
     def close(self) -> None:
-        """munmap. Idempotent."""
-        self._finalizer()
+        """munmap. Idempotent; refused (EBUSY) while a memslot uses the mapping as its userspace memory."""
+        if not self.closed:
+            self._pins.close_if_unpinned("GmemMapping.close", self._finalizer)
+
+    # pinning by memslots (the HostMemory protocol, see kvmgmem.hostmem.Pins)
+
+    def _pin(self, key: tuple[int, int], what: str) -> None:
+        if not self._file.inode.init_shared:
+            raise KvmError(errno.EFAULT, what, "a private guest_memfd mapping cannot back a memslot's userspace")
+        self._pins.pin(key, what, lambda: self.closed)
+
+    def _unpin(self, key: tuple[int, int]) -> None:
+        self._pins.unpin(key)
 
     def __enter__(self) -> GmemMapping:
         return self

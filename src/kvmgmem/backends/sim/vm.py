@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, u32, u64
 from kvmgmem.errors import KvmError
-from kvmgmem.hostmem import HostMemory
 
 from . import cpu_types, fdtable
 from .core.gmem import GmemInode
@@ -43,7 +42,7 @@ def _live_range(user: Userspace) -> tuple[int, int] | None:
     owner = user.owner
     if owner is None:
         return None
-    if isinstance(owner, HostMemory):
+    if user.pinnable:  # HostMemory, or a guest_memfd mapping: pinned while the slot uses it
         return user.address, user.address + owner.size
     with memoryview(owner) as view:
         return user.address, user.address + view.nbytes
