@@ -1,11 +1,13 @@
-"""The ``kvmgmem`` command line: ``caps`` (and, as they land, ``demo``, ``selftest``, ``bench``)."""
+"""The ``kvmgmem`` command line: ``caps``, ``demo``, ``selftest`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import kvmgmem
 from kvmgmem import uapi
@@ -83,6 +85,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.verified else 1
 
 
+def _bench_dir() -> Path | None:
+    """The repository's bench/ (benchmarks are not installed: they compile a C baseline and write results)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "bench" / "run.py").is_file():
+            return root / "bench"
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench = _bench_dir()
+    if bench is None:
+        print("kvmgmem bench: no bench/run.py here; run it from a kvmgmem checkout", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(bench / "run.py"), *args.names], cwd=bench.parent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmgmem", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvmgmem {kvmgmem.__version__}")
@@ -101,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
     demo.add_argument("--json", action="store_true", help="machine-readable report")
     demo.set_defaults(func=_cmd_demo)
+    bench = sub.add_parser("bench", help="run the benchmarks of a checkout (bench/run.py): JSON + markdown table")
+    bench.add_argument("names", nargs="*", help="exits populate convert faults execspeed workload (default: all)")
+    bench.set_defaults(func=_cmd_bench)
     st = sub.add_parser("selftest", help="run the conformance suite; case x backend table")
     st.add_argument("--backend", default="all", choices=["all", *kvmgmem.BACKENDS])
     st.add_argument("-k", metavar="PATTERN", help="only cases matching this pytest -k expression")
