@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
 import kvmgmem
-from kvmgmem.guest import GuestVm
-
-MakeGuest = Callable[..., GuestVm]
+from kvmgmem.conformance.fixtures import MakeGuest  # noqa: F401 (re-export for the tests)
 
 
 def require_cap(system: kvmgmem.System, backend: str, cap_name: str, cap: int, mask: int = 0) -> int:

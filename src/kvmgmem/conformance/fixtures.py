@@ -21,12 +21,15 @@ import gc
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import kvmgmem
 from kvmgmem import uapi
+
+if TYPE_CHECKING:
+    from kvmgmem.guest import GuestVm
 
 ENV_BACKENDS = "KVMGMEM_BACKENDS"
 #: Every backend (ignores ``KVMGMEM_BACKENDS``; :func:`backend_names` honours it).
@@ -138,6 +141,33 @@ def vm_of(system: kvmgmem.System, backend: str) -> Iterator[Callable[[int], kvmg
             v.close()
 
 
+#: ``make_guest(image, vcpus=N, vm_type=T, **GuestVm kwargs)`` → a GuestVm with N vCPUs in the image's boot state.
+MakeGuest = Callable[..., "GuestVm"]
+
+
+@pytest.fixture
+def make_guest(system: kvmgmem.System, backend: str) -> Iterator[MakeGuest]:
+    """Guests on the parametrized backend, closed at teardown; skips naming the VM type when the backend
+    lacks it. Any other failure (also a backend refusing to run vCPUs) is a test failure."""
+    from kvmgmem.guest import GuestImage, GuestVm
+
+    made: list[GuestVm] = []
+
+    def make(image: GuestImage, *, vcpus: int = 1, vm_type: int = uapi.KVM_X86_DEFAULT_VM, **kw: Any) -> GuestVm:
+        require_vm_type(system, backend, vm_type)
+        g = GuestVm.create(system, image, vm_type=vm_type, **kw)
+        made.append(g)
+        for _ in range(vcpus):
+            g.create_vcpu()
+        return g
+
+    try:
+        yield make
+    finally:
+        for g in reversed(made):
+            g.close()
+
+
 @pytest.fixture
 def protected_vm(vm_of: Callable[[int], kvmgmem.Vm]) -> kvmgmem.Vm:
     """A KVM_X86_SW_PROTECTED_VM (skips when the backend lacks it, e.g. this host's real KVM)."""
@@ -244,8 +274,10 @@ def _no_resource_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 #: What a conftest re-exports (``from kvmgmem.conformance.fixtures import *``): hooks and fixtures.
 __all__ = [
+    "MakeGuest",
     "_no_resource_leaks",
     "backend",
+    "make_guest",
     "protected_vm",
     "pytest_configure",
     "pytest_generate_tests",

@@ -2,8 +2,7 @@
 error returns of §3.4, and a guest access after its guest_memfd was closed (§2.12).
 
 Guests are built with :mod:`kvmgmem.guest`. PK/PC need KVM_X86_SW_PROTECTED_VM: on a kernel without it (this
-host) they skip naming it. A backend that cannot execute vCPUs yet (KVM_RUN → ENOSYS/ENOTTY/EOPNOTSUPP, or
-NotImplementedError) skips with that error instead of failing.
+host) they skip naming it.
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import kvmgmem
-from kvmgmem import KvmError, uapi
+from kvmgmem import uapi
 from kvmgmem.exits import HypercallExit, MemoryFaultExit
 from kvmgmem.guest import (
     Asm,
@@ -36,54 +35,14 @@ from kvmgmem.guest.operands import r12, r13, rax, rdi
 from kvmgmem.hostmem import HostMemory
 
 from ._util import GMEM, INIT_SHARED, KEEP, MMAP, PUNCH, P, require_cap
-from .fixtures import require_vm_type
+from .fixtures import MakeGuest, require_vm_type
 
 GIB, MIB = 1 << 30, 1 << 20
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 HC_BIT = 1 << uapi.KVM_HC_MAP_GPA_RANGE
-_NOT_READY = (errno.ENOSYS, errno.ENOTTY, errno.EOPNOTSUPP)
-
-MakeGuest = Callable[..., GuestVm]
-
-
-def skip_if_unready(backend: str, what: str, e: BaseException) -> None:
-    """Skip (naming the error) when ``e`` says the backend cannot do ``what`` yet; otherwise return."""
-    if isinstance(e, NotImplementedError) or (isinstance(e, KvmError) and e.errno in _NOT_READY):
-        pytest.skip(f"backend {backend} cannot {what} yet: {type(e).__name__}: {e}")
-
-
-@pytest.fixture
-def make_guest(system: kvmgmem.System, backend: str) -> Iterator[MakeGuest]:
-    """``make_guest(image, vcpus=N, vm_type=T)`` → a GuestVm with N booted vCPUs (closed at teardown); skips
-    naming the VM type when the backend lacks it, or the error when it cannot run vCPUs yet."""
-    made: list[GuestVm] = []
-
-    def make(image: GuestImage, *, vcpus: int = 1, vm_type: int = uapi.KVM_X86_DEFAULT_VM, **kw: Any) -> GuestVm:
-        require_vm_type(system, backend, vm_type)
-        g = GuestVm.create(system, image, vm_type=vm_type, **kw)
-        made.append(g)
-        for _ in range(vcpus):
-            try:
-                g.create_vcpu()
-            except (KvmError, NotImplementedError) as e:
-                skip_if_unready(backend, "create and boot a vCPU", e)
-                raise
-        return g
-
-    try:
-        yield make
-    finally:
-        for g in reversed(made):
-            g.close()
-
 
 def run(v: GuestVcpu, backend: str, timeout: float = 30.0) -> Any:
-    try:
-        return v.run(timeout)
-    except (KvmError, NotImplementedError) as e:
-        if backend != "kvm":
-            skip_if_unready(backend, "run vCPUs", e)
-        raise
+    return v.run(timeout)
 
 
 # --- GM-13 --------------------------------------------------------------------------------------------------
@@ -358,12 +317,7 @@ def _run_pc(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus:
     g.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_BIT)
     host = PcHost(g, nvcpus, nslots)
     try:
-        try:
-            g.run_vcpus(host.drive, timeout=300)
-        except (KvmError, NotImplementedError) as e:
-            if backend != "kvm":
-                skip_if_unready(backend, "run vCPUs", e)
-            raise
+        g.run_vcpus(host.drive, timeout=300)
         g.close()  # the VM is freed; the gmem outlives it (§2.14)
         host.gmem.fallocate(KEEP | PUNCH, 0, host.total)
         host.gmem.fallocate(KEEP, 0, host.total)
