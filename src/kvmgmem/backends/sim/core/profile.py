@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvmgmem import uapi
@@ -127,42 +127,38 @@ class Profile:
         return (1 << (self.max_gpa_bits - uapi.PAGE_SHIFT)) - 1
 
 
+_V6_18 = Profile(
+    name="6.18",
+    version=(6, 18),
+    gmem_flags=True,
+    gmem_slots_all_vm_types=True,
+    gmem_only_slots=True,
+    reject_readonly_gmem=True,
+    reject_gmem_flag_toggle=True,
+    bind_overlap_errno=errno.EINVAL,
+    unsigned_bind_offsets=False,
+    gmem_cap_everywhere=True,
+)
+
+#: The other versions as their documented deltas from 6.18 (spec §6, §7).
 PROFILES: dict[str, Profile] = {
-    "6.8": Profile(
+    "6.8": replace(
+        _V6_18,
         name="6.8",
         version=(6, 8),
-        gmem_flags=False,
-        gmem_slots_all_vm_types=False,
+        gmem_flags=False,  # no creation flags, no mmap before 6.18
+        gmem_slots_all_vm_types=False,  # GUEST_MEMFD slots only on private-memory VMs
         gmem_only_slots=False,
-        reject_readonly_gmem=True,
-        reject_gmem_flag_toggle=False,
-        bind_overlap_errno=errno.EINVAL,
-        unsigned_bind_offsets=False,
+        reject_gmem_flag_toggle=False,  # before the Dec 2025 fix
         gmem_cap_everywhere=False,
     ),
-    "6.18": Profile(
-        name="6.18",
-        version=(6, 18),
-        gmem_flags=True,
-        gmem_slots_all_vm_types=True,
-        gmem_only_slots=True,
-        reject_readonly_gmem=True,
-        reject_gmem_flag_toggle=True,
-        bind_overlap_errno=errno.EINVAL,
-        unsigned_bind_offsets=False,
-        gmem_cap_everywhere=True,
-    ),
-    "7.2": Profile(
+    "6.18": _V6_18,
+    "7.2": replace(
+        _V6_18,
         name="7.2",
         version=(7, 2),
-        gmem_flags=True,
-        gmem_slots_all_vm_types=True,
-        gmem_only_slots=True,
-        reject_readonly_gmem=True,
-        reject_gmem_flag_toggle=True,
-        bind_overlap_errno=errno.EEXIST,
+        bind_overlap_errno=errno.EEXIST,  # commit 7ea987a905855
         unsigned_bind_offsets=True,
-        gmem_cap_everywhere=True,
     ),
 }
 
