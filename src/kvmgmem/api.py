@@ -71,8 +71,9 @@ def bytes_arg(data: Any, op: str) -> bytes:
 
 
 def signed64(value: int) -> int:
-    """A u64 as the signed 64-bit value (loff_t) the kernel reads."""
-    return value - (1 << 64) if value >= 1 << 63 else value
+    """A u64 field read as the kernel's signed 64-bit ``loff_t``."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
 
 
 def cpuid_entries(entries: Any, op: str = "KVM_SET_CPUID2") -> list[uapi.kvm_cpuid_entry2]:

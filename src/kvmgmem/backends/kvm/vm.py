@@ -58,10 +58,7 @@ class KvmVm(Vm):
             guest_phys_addr=u64(guest_phys_addr, "guest_phys_addr", op),
             memory_size=u64(memory_size, "memory_size", op),
         )
-        with self._memslot_update(userspace, op) as user:
-            region.userspace_addr = user.address
-            ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
-            self._track_slot(region.slot, region.memory_size, user)
+        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION, region, userspace, op)
 
     def set_user_memory_region2(
         self,
@@ -83,9 +80,13 @@ class KvmVm(Vm):
             guest_memfd_offset=u64(guest_memfd_offset, "guest_memfd_offset", op),
             guest_memfd=u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op),
         )
+        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION2, region, userspace, op)
+
+    def _set_region(self, request: int, region: Any, userspace: Any, op: str) -> None:
+        """Both region ioctls: fill in the (pinned) userspace address, issue, then track the slot's pin."""
         with self._memslot_update(userspace, op) as user:
             region.userspace_addr = user.address
-            ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION2, region)
+            ioctl_ptr(self.fd, request, region)
             self._track_slot(region.slot, region.memory_size, user)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:

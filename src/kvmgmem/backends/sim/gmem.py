@@ -12,12 +12,11 @@ import weakref
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, as_uint, bytes_arg, count_arg, u64
+from kvmgmem.api import GuestMemfd, as_uint, bytes_arg, count_arg, signed64, u64
 from kvmgmem.errors import KvmError
 
 from . import fdtable
 from .core.gmem import GmemFile
-from .core.vm import signed64
 from .mapping import GmemMapping
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmgmem import uapi
+from kvmgmem.api import signed64
 from kvmgmem.errors import KvmError
 
 from . import attributes as attrs
@@ -29,7 +30,6 @@ from .memslots import HUGE_LEVELS, OP_V1, OP_V2, AddressSpace, Memslot, check_re
 from .mmu import FaultResult, Mmu, ZapListener
 from .profile import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, level_pages
 
-_U64 = (1 << 64) - 1
 MAX_LFS_FILESIZE = (1 << 63) - 1
 _FALLOC_MODE_MASK = (
     uapi.FALLOC_FL_PUNCH_HOLE
@@ -40,12 +40,6 @@ _FALLOC_MODE_MASK = (
     | 0x80  # FALLOC_FL_WRITE_ZEROES (6.15+)
 )
 _HUGE_BYTES = HUGE_FOLIO_PAGES * uapi.PAGE_SIZE
-
-
-def signed64(value: int) -> int:
-    """A u64 field read as the kernel's signed ``loff_t``."""
-    value &= _U64
-    return value - (1 << 64) if value >> 63 else value
 
 
 class Fd(enum.Enum):
