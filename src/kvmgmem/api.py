@@ -19,7 +19,7 @@ import errno
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError, closed_error
@@ -202,7 +202,7 @@ class Resource:
         if self._closed:
             raise closed_error(op, self._kind)
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -210,12 +210,24 @@ class Resource:
 
 
 # --- the four objects --------------------------------------------------------------------------------------
+#
+# Every public method below documents what it does, the errnos it raises (``KvmError.errno``, in the order
+# the kernel checks them) and why, with an example that runs on the sim; ``tests/test_api_docs.py`` runs the
+# examples as doctests, so they cannot drift from the code.
 
 
 class GuestMemfd(Resource, abc.ABC):
     """A guest_memfd file (``KVM_CREATE_GUEST_MEMFD``): the VM's private memory, owned by this object.
 
-    Closing the VM leaves it working (it pins the VM, spec §2.14); memslots do not pin it.
+    Closing the VM leaves it working: the file holds a reference on the VM (``kvm_gmem_create`` takes it),
+    not the other way round. Memslots do not pin it: closing it while bound clears the slots' file pointer
+    (``kvm_gmem_release``) and later private accesses exit with ``KVM_EXIT_MEMORY_FAULT``.
+
+    >>> import kvmgmem
+    >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+    ...     with vm.create_guest_memfd(1 << 20, kvmgmem.GUEST_MEMFD_FLAG_MMAP) as gmem:
+    ...         (gmem.size, gmem.flags)
+    (1048576, 1)
     """
 
     _kind = "guest_memfd"
@@ -225,47 +237,128 @@ class GuestMemfd(Resource, abc.ABC):
     @property
     @abc.abstractmethod
     def fd(self) -> int:
-        """The file descriptor (the sim hands out a reserved real fd so the number is unique)."""
+        """The file descriptor (the sim hands out a reserved real fd so the number is unique).
+
+        Pass it as ``guest_memfd`` to :meth:`Vm.set_user_memory_region2`, or use the object itself.
+        """
 
     @abc.abstractmethod
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        """``fallocate(2)`` with the kernel's checks (spec §2.8)."""
+        """``fallocate(2)``: allocate (``KEEP_SIZE``) or free (``PUNCH_HOLE|KEEP_SIZE``) a page range.
+
+        Errors, in the order ``vfs_fallocate`` then ``kvm_gmem_fallocate`` check them: EINVAL for a negative
+        offset or a length ≤ 0; EOPNOTSUPP for unknown mode bits, for a mode without ``KEEP_SIZE`` or with
+        any bit besides ``KEEP_SIZE|PUNCH_HOLE``; EFBIG when ``offset + length`` passes the maximum file
+        size; EINVAL for an unaligned offset or length, and for an allocation that reaches past EOF
+        (punching past EOF is a no-op, as ``kvm_gmem_punch_hole`` has no bounds check). Works after the VM
+        is closed: the file pins the VM.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
+        ...     gmem.fallocate(kvmgmem.FALLOC_FL_KEEP_SIZE, 0, 8192)
+        ...     try:
+        ...         gmem.fallocate(0, 0, 4096)           # no KEEP_SIZE: guest_memfd is not resizable
+        ...     except kvmgmem.KvmError as e:
+        ...         e.errno == errno.EOPNOTSUPP, e.op
+        (True, 'fallocate')
+        """
 
     def allocate(self, offset: int, length: int) -> None:
-        """Materialise pages: ``fallocate(KEEP_SIZE)``."""
+        """Materialise zeroed pages: ``fallocate(KEEP_SIZE)`` (existing pages and their data stay).
+
+        Errors as :meth:`fallocate`; EINVAL when the range passes EOF.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
+        ...     gmem.allocate(0, 8192)
+        ...     gmem.allocated_bytes()
+        8192
+        """
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
 
     def punch_hole(self, offset: int, length: int) -> None:
-        """Free pages, zapping guest mappings first: ``fallocate(PUNCH_HOLE|KEEP_SIZE)``."""
+        """Free pages, zapping guest mappings first: ``fallocate(PUNCH_HOLE|KEEP_SIZE)``.
+
+        ``kvm_gmem_punch_hole`` brackets the change with an MMU invalidation, so no vCPU can keep using a
+        freed page; the next access re-materialises a zero page. Errors as :meth:`fallocate`.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
+        ...     gmem.allocate(0, 8192)
+        ...     gmem.punch_hole(0, 4096)
+        ...     gmem.allocated_bytes()
+        4096
+        """
         self.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, offset, length)
 
     @abc.abstractmethod
     def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> Any:
-        """Map the file (6.18+, needs GUEST_MEMFD_FLAG_MMAP). ``length`` defaults to the file size."""
+        """Map the file into the host (6.18+, ``kvm_gmem_mmap``); ``length`` defaults to the file size.
+
+        Errors: ENODEV when the file was created without ``GUEST_MEMFD_FLAG_MMAP``; EINVAL for
+        ``shared=False`` (``MAP_PRIVATE`` is refused). A host access to a page past EOF, or to any page of a
+        file without ``GUEST_MEMFD_FLAG_INIT_SHARED`` (private memory), is answered with SIGBUS by
+        ``kvm_gmem_fault_user_mapping``: the host never touches private memory. The mapping holds a
+        reference on the file, so closing the fd keeps the memory while it is mapped.
+
+        >>> import kvmgmem
+        >>> flags = kvmgmem.GUEST_MEMFD_FLAG_MMAP | kvmgmem.GUEST_MEMFD_FLAG_INIT_SHARED
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20, flags) as gmem:
+        ...     with gmem.mmap() as view:
+        ...         view[0:2] = b"hi"
+        ...         gmem.punch_hole(0, 4096)
+        ...         bytes(view[0:2])
+        b'\\x00\\x00'
+        """
 
     @abc.abstractmethod
     def read(self, n: int) -> bytes:
-        """``read(2)``: always fails on a guest_memfd (spec §2.9); kept so tests can check the errno."""
+        """``read(2)``: always EINVAL — guest_memfd's file operations have no read (kept to check the errno).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(4096) as gmem:
+        ...     try:
+        ...         gmem.read(1)
+        ...     except kvmgmem.KvmError as e:
+        ...         e.op
+        'read'
+        """
 
     @abc.abstractmethod
     def write(self, data: bytes) -> int:
-        """``write(2)``: always fails (spec §2.9)."""
+        """``write(2)``: always EINVAL, as :meth:`read` (TypeError for data that is not bytes-like)."""
 
     @abc.abstractmethod
     def pread(self, n: int, offset: int) -> bytes:
-        """``pread(2)``: always fails (spec §2.9)."""
+        """``pread(2)``: always fails as :meth:`read` (EINVAL for a negative offset first, as the VFS)."""
 
     @abc.abstractmethod
     def pwrite(self, data: bytes, offset: int) -> int:
-        """``pwrite(2)``: always fails (spec §2.9)."""
+        """``pwrite(2)``: always fails as :meth:`write` (EINVAL for a negative offset first, as the VFS)."""
 
     @abc.abstractmethod
     def truncate(self, length: int) -> None:
-        """``ftruncate(2)``: always EINVAL, guest_memfd is not resizable (spec §2.11)."""
+        """``ftruncate(2)``: always EINVAL — ``kvm_gmem_setattr`` refuses every size change, even a no-op.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(4096) as gmem:
+        ...     try:
+        ...         gmem.truncate(4096)
+        ...     except kvmgmem.KvmError as e:
+        ...         e.errno == errno.EINVAL
+        True
+        """
 
     @abc.abstractmethod
     def stat(self) -> os.stat_result:
-        """``fstat(2)``."""
+        """``fstat(2)``: ``st_size`` is the creation size, ``st_blksize`` 4096, ``st_ino`` unique per file.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
+        ...     st = gmem.stat()
+        ...     (st.st_size, st.st_blksize)
+        (1048576, 4096)
+        """
 
     def allocated_bytes(self) -> int | None:
         """Bytes of the file backed by pages now (not a kernel API: for accounting), or None if unknowable."""
@@ -277,51 +370,107 @@ class GuestMemfd(Resource, abc.ABC):
 
 
 class Vcpu(Resource, abc.ABC):
-    """A vCPU (``KVM_CREATE_VCPU``). ``run()`` returns a typed exit; ``kick()`` makes it return soon."""
+    """A vCPU (``KVM_CREATE_VCPU``). ``run()`` returns a typed exit; ``kick()`` makes it return soon.
+
+    A vCPU starts in the architectural reset state. ``kvmgmem.guest.GuestVm`` loads a long-mode guest
+    image and its boot state; the examples here use the raw calls.
+    """
 
     _kind = "vCPU"
     vm: Vm
     vcpu_id: int
 
     @abc.abstractmethod
-    def get_regs(self) -> uapi.kvm_regs: ...
+    def get_regs(self) -> uapi.kvm_regs:
+        """``KVM_GET_REGS``: the general-purpose registers, RIP and RFLAGS, as a ``uapi.kvm_regs`` copy.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     hex(vcpu.get_regs().rip)                  # the reset vector's offset
+        '0xfff0'
+        """
 
     @abc.abstractmethod
-    def set_regs(self, regs: uapi.kvm_regs) -> None: ...
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """``KVM_SET_REGS``: load registers (TypeError for anything but a ``uapi.kvm_regs``).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     regs = vcpu.get_regs()
+        ...     regs.rax = 42
+        ...     vcpu.set_regs(regs)
+        ...     vcpu.get_regs().rax
+        42
+        """
 
     @abc.abstractmethod
-    def get_sregs(self) -> uapi.kvm_sregs: ...
+    def get_sregs(self) -> uapi.kvm_sregs:
+        """``KVM_GET_SREGS``: segment, control and descriptor-table registers (``uapi.kvm_sregs``)."""
 
     @abc.abstractmethod
-    def set_sregs(self, sregs: uapi.kvm_sregs) -> None: ...
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """``KVM_SET_SREGS``: load them; the long-mode boot state of a guest image is loaded this way."""
 
     @abc.abstractmethod
     def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
-        """``KVM_SET_CPUID2``; ``None`` loads the system's supported CPUID (what VMMs do)."""
+        """``KVM_SET_CPUID2``; ``None`` loads the system's supported CPUID (what VMMs do).
+
+        Errors: TypeError naming the operation for entries that are not ``uapi.kvm_cpuid_entry2``.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     vcpu.set_cpuid()
+        """
 
     @abc.abstractmethod
     def run(self) -> Exit:
-        """``KVM_RUN`` until the next exit. A memory fault returns ``MemoryFaultExit``; other failures raise."""
+        """``KVM_RUN`` until the next exit, returned as a typed ``kvmgmem.Exit``.
+
+        A failure with EFAULT or EHWPOISON while the exit reason is ``KVM_EXIT_MEMORY_FAULT`` *returns* a
+        ``MemoryFaultExit`` (the gpa, size and PRIVATE flag the VMM needs to convert); EINTR after
+        :meth:`kick` or a signal raises ``KvmError``, as does every other failure. The GIL is released while
+        the guest runs, so other threads (and other vCPUs) go on. See ``kvmgmem.guest`` for a runnable guest.
+        """
 
     @abc.abstractmethod
     def complete_io(self, data: bytes) -> None:
-        """Answer the pending IN exit: ``data`` is loaded into the guest on the next ``run()``."""
+        """Answer the pending IN exit: ``data`` is loaded into the guest on the next ``run()``.
+
+        Errors: EINVAL when the last exit was not an IN waiting for data, or ``data`` has the wrong size.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     try:
+        ...         vcpu.complete_io(b"\\x01")                # nothing is pending on a fresh vCPU
+        ...     except kvmgmem.KvmError as e:
+        ...         e.errno == errno.EINVAL
+        True
+        """
 
     @abc.abstractmethod
     def complete_mmio(self, data: bytes) -> None:
-        """Answer the pending MMIO read exit."""
+        """Answer the pending MMIO read exit (EINVAL when none is pending or the size differs)."""
 
     @abc.abstractmethod
     def complete_hypercall(self, ret: int) -> None:
-        """Answer the pending hypercall exit: ``ret`` goes to RAX and the VMCALL is skipped on the next run."""
+        """Answer the pending hypercall exit: ``ret`` goes to RAX and the VMCALL is skipped on the next run.
+
+        Errors: EINVAL when the last exit was not a ``HypercallExit``.
+        """
 
     @abc.abstractmethod
     def kick(self) -> None:
-        """Make a running (or the next) ``run()`` return with ``KvmError(EINTR)`` (KVM's immediate_exit)."""
+        """Make a running (or the next) ``run()`` return with ``KvmError(EINTR)`` (KVM's immediate_exit).
+
+        Safe from any thread or a signal handler's thread; this is how a VMM stops its vCPU threads.
+        """
 
 
 class Vm(Resource, abc.ABC):
-    """A VM (``KVM_CREATE_VM``): memslots, memory attributes, guest_memfds and vCPUs."""
+    """A VM (``KVM_CREATE_VM``): memslots, memory attributes, guest_memfds and vCPUs.
+
+    Closing the VM closes its vCPUs; its guest_memfds keep working (they pin the kernel's VM).
+    """
 
     _kind = "VM"
     system: System
@@ -333,16 +482,60 @@ class Vm(Resource, abc.ABC):
         self._vcpus: list[Vcpu] = []
 
     @abc.abstractmethod
-    def check_extension(self, cap: int) -> int: ...
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd: answers may differ by VM type (``kvm_vm_ioctl_check_extension``).
+
+        Unknown capabilities answer 0, never an error.
+
+        >>> import kvmgmem
+        >>> from kvmgmem import uapi
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)   # MMAP | INIT_SHARED on a DEFAULT VM
+        3
+        """
 
     @abc.abstractmethod
-    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd: ...
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD``: a new guest_memfd file of ``size`` bytes bound to this VM.
+
+        Errors, in ``kvm_gmem_create``'s order: EINVAL for flags outside ``KVM_CAP_GUEST_MEMFD_FLAGS`` (on
+        6.18, ``INIT_SHARED`` only for VMs without private memory); EINVAL for a size ≤ 0 (as a signed
+        64-bit value) or not a multiple of 4096. Nothing is allocated until the guest or ``allocate`` touches
+        a page.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     try:
+        ...         vm.create_guest_memfd(4097)
+        ...     except kvmgmem.KvmError as e:
+        ...         (e.errno == errno.EINVAL, e.op)
+        (True, 'KVM_CREATE_GUEST_MEMFD')
+        """
 
     @abc.abstractmethod
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, memory_size: int, userspace: Any = None, flags: int = 0
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION``; ``memory_size`` 0 deletes the slot."""
+        """``KVM_SET_USER_MEMORY_REGION``; ``memory_size`` 0 deletes the slot.
+
+        ``slot`` carries the address space in its high 16 bits. ``userspace`` is a ``HostMemory``, any
+        writable buffer (kept alive and unresizable while the slot exists), an int address or None (0).
+        Errors, in ``__kvm_set_memory_region``'s order: EINVAL for flags other than LOG_DIRTY_PAGES|READONLY
+        (so ``KVM_MEM_GUEST_MEMFD`` needs :meth:`set_user_memory_region2`), a slot id out of range, an
+        unaligned size, gpa or userspace address, an address space the VM does not have, a wrapping range,
+        deleting a slot that does not exist, or changing a slot's size or userspace; EEXIST when a new or
+        moved slot overlaps another in the same address space.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
+        ...     vm.set_user_memory_region(0, 0, 1 << 20, mem)
+        ...     try:
+        ...         vm.set_user_memory_region(1, 0x80000, 1 << 20, mem)   # overlaps slot 0
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno])
+        ...     vm.set_user_memory_region(0, 0, 0)                        # delete before the memory goes
+        EEXIST
+        """
 
     @abc.abstractmethod
     def set_user_memory_region2(
@@ -355,19 +548,72 @@ class Vm(Resource, abc.ABC):
         guest_memfd: GuestMemfd | int | None = None,
         guest_memfd_offset: int = 0,
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION2``; ``guest_memfd`` may be a raw int fd so bad fds can be tested."""
+        """``KVM_SET_USER_MEMORY_REGION2``: a memslot that may bind a guest_memfd range (``KVM_MEM_GUEST_MEMFD``).
+
+        ``guest_memfd`` may be a raw int fd so bad fds can be tested. Errors: those of
+        :meth:`set_user_memory_region`, then from ``kvm_gmem_bind``: EBADF for a closed or invalid fd;
+        EINVAL for a file that is not a guest_memfd of this VM, an unaligned offset, or a range past the
+        file's end; a file range already bound gives EINVAL (EEXIST from 7.2). A guest_memfd slot can only
+        be deleted, never changed (EINVAL).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
+        ...     with vm.create_guest_memfd(1 << 20) as gmem:
+        ...         vm.set_user_memory_region2(0, 1 << 32, 1 << 20, mem, kvmgmem.KVM_MEM_GUEST_MEMFD, gmem, 0)
+        ...         vm.set_user_memory_region2(0, 1 << 32, 0)     # delete: the gmem keeps its pages
+        """
 
     @abc.abstractmethod
-    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None: ...
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES``: set (overwrite, not OR) the attributes of a gpa range.
+
+        ``KVM_MEMORY_ATTRIBUTE_PRIVATE`` makes the range's guest accesses use the guest_memfd; clearing it
+        makes them use the slot's userspace memory. No memslot is needed. The change is bracketed by an MMU
+        invalidation that zaps the old mappings before the new attributes are visible
+        (``kvm_vm_set_mem_attributes``). Errors, in order: ENOTTY where the kernel lacks the ioctl; EINVAL
+        for flags ≠ 0, attributes outside ``KVM_CAP_MEMORY_ATTRIBUTES`` of this VM (none on a DEFAULT VM),
+        size 0, a wrapping range, or an unaligned address or size.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm(kvmgmem.KVM_X86_SW_PROTECTED_VM) as vm:
+        ...     vm.set_memory_attributes(1 << 32, 2 << 20, kvmgmem.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        ...     try:
+        ...         vm.set_memory_attributes(1 << 32, 4096, kvmgmem.KVM_MEMORY_ATTRIBUTE_PRIVATE, flags=1)
+        ...     except kvmgmem.KvmError as e:
+        ...         e.op
+        'KVM_SET_MEMORY_ATTRIBUTES'
+        """
 
     @abc.abstractmethod
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None: ...
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on the VM, with up to four ``args``.
+
+        The one capability modelled is ``KVM_CAP_EXIT_HYPERCALL``: ``args[0]`` is the mask of hypercalls
+        that exit to the VMM (only ``1 << KVM_HC_MAP_GPA_RANGE``). Errors: EINVAL for flags ≠ 0 or bits
+        outside the supported mask; EINVAL for capabilities that cannot be enabled.
+
+        >>> import kvmgmem
+        >>> from kvmgmem import uapi
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
+        """
 
     @abc.abstractmethod
-    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu: ...
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        """``KVM_CREATE_VCPU``: a vCPU with this id (EEXIST if the id is taken, EINVAL past the limit).
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        ...     try:
+        ...         vm.create_vcpu(0)
+        ...     except kvmgmem.KvmError as e:
+        ...         e.errno == errno.EEXIST
+        True
+        """
 
     @property
     def has_private_mem(self) -> bool:
+        """Whether the VM type has private memory (``kvm_arch_has_private_mem``): SW_PROTECTED, SNP, TDX."""
         return self.vm_type in uapi.PRIVATE_MEM_VM_TYPES
 
     # Pin bookkeeping shared by backends: a slot id (with its address space) keeps its host memory alive.
@@ -403,24 +649,55 @@ class Vm(Resource, abc.ABC):
 
 
 class System(Resource, abc.ABC):
-    """An open KVM (``/dev/kvm`` or the sim): capabilities and VM creation."""
+    """An open KVM (``/dev/kvm`` or the sim): capabilities and VM creation. Made by ``kvmgmem.open``."""
 
     _kind = "KVM system"
     backend: str
     selection_reason: str = ""
 
     @abc.abstractmethod
-    def check_extension(self, cap: int) -> int: ...
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm``: what the KVM can do; unknown capabilities answer 0.
+
+        >>> import kvmgmem
+        >>> from kvmgmem import uapi
+        >>> with kvmgmem.open("sim") as kvm:
+        ...     kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD), kvm.check_extension(123456)
+        (1, 0)
+        """
 
     @abc.abstractmethod
-    def create_vm(self, vm_type: int = 0) -> Vm: ...
+    def create_vm(self, vm_type: int = 0) -> Vm:
+        """``KVM_CREATE_VM``: a VM of ``vm_type`` (EINVAL unless the type is in ``supported_vm_types``).
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm:
+        ...     try:
+        ...         kvm.create_vm(7)
+        ...     except kvmgmem.KvmError as e:
+        ...         (e.errno == errno.EINVAL, e.op)
+        (True, 'KVM_CREATE_VM')
+        """
 
     @abc.abstractmethod
-    def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]: ...
+    def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
+        """``KVM_GET_SUPPORTED_CPUID``: the CPUID entries a VMM may give its vCPUs (see :meth:`Vcpu.set_cpuid`).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm:
+        ...     any(e.function == 0 for e in kvm.get_supported_cpuid())
+        True
+        """
 
     @property
     def supported_vm_types(self) -> frozenset[int]:
-        """VM types from KVM_CAP_VM_TYPES (0 means only the default type, as the selftests assume)."""
+        """VM types from KVM_CAP_VM_TYPES (0 means only the default type, as the selftests assume).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm:
+        ...     sorted(kvm.supported_vm_types)            # DEFAULT and SW_PROTECTED
+        [0, 1]
+        """
         mask = self.check_extension(uapi.KVM_CAP_VM_TYPES)
         if not mask:
             return frozenset({uapi.KVM_X86_DEFAULT_VM})
