@@ -1,4 +1,4 @@
-"""Host memory handed to memslots: stable addresses that stay mapped while a memslot uses them.
+"""Host memory handed to memslots: stable, 2 MiB-aligned addresses that stay mapped while a memslot uses them.
 
 KVM only ever sees a ``userspace_addr``, and reflects whatever is mapped there into the guest
 (``Documentation/virt/kvm/api.rst``, KVM_SET_USER_MEMORY_REGION: with KVM_CAP_SYNC_MMU "changes in the backing
@@ -18,6 +18,12 @@ unicorn, would crash the interpreter. A memslot therefore *pins* its host memory
   in either nesting order. (A live ``memoryview`` can still block an unmap, as for any ``mmap``: the deferred
   one is then retried by ``close()``, or happens when the object is collected.)
 - Plain buffers are held through a ctypes export, which makes ``mmap.close()``/``bytearray`` resizing fail.
+
+Placement: a HostMemory of 2 MiB or more starts on a 2 MiB boundary. KVM maps a guest page huge only if the
+host address and the guest address agree modulo the huge page (``kvm_alloc_memslot_metadata`` disallows large
+pages for a slot whose ``userspace_addr`` and ``base_gfn`` are misaligned), and the sim follows the same rule;
+the kernel places ``MAP_SHARED`` anonymous memory at any page boundary. Python's ``mmap`` takes no address, so
+``_place_aligned`` steers the kernel's own choice into an aligned hole and checks where it landed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from kvmgmem.errors import KvmError
 
@@ -44,7 +50,15 @@ _libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctyp
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MREMAP_MAYMOVE = 1
 _MREMAP_FIXED = 2
+_MAP_NORESERVE = 0x4000
+_PROT_NONE = 0  # not in Python 3.11's mmap module
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+#: The x86-64 huge page (PMD) size: HostMemory at least this big starts on a multiple of it.
+HUGE_PAGE = 2 << 20
+#: Attempts before ``_place_aligned`` accepts an unaligned placement (each failed one plugs the address-space
+#: hole the kernel preferred, so the next lands elsewhere; in practice the first attempt lands).
+_PLACEMENT_TRIES = 64
 
 
 def buffer_address(buf: Any) -> int:
@@ -54,6 +68,74 @@ def buffer_address(buf: Any) -> int:
         return ctypes.addressof(holder)
     finally:
         del holder
+
+
+# --- placement -----------------------------------------------------------------------------------------------
+
+
+class _AlignedHole:
+    """An unmapped, 2 MiB-aligned hole of ``size`` bytes that the kernel's next ``size``-byte mapping should take.
+
+    The kernel puts a new mapping at the top of the highest gap that fits it (top-down layout, the default;
+    ``vm_unmapped_area``). A ``PROT_NONE`` reservation a little over ``size`` + 2 MiB lands at the top of
+    such a gap (its length is kept off a 2 MiB multiple, else the kernel would place it THP-aligned instead,
+    ``thp_get_unmapped_area``, leaving room above it). Opening exactly ``size`` bytes at the *highest*
+    aligned address inside leaves a placeholder below (the head) and one above that is under 2 MiB (or
+    none: the hole then reaches the mapping above), so the hole's top is ``start`` + ``size`` and a
+    ``size``-byte mapping placed in it lands at ``start``. ``close()`` unmaps the placeholders; the gap left
+    above the memory is under 2 MiB (no later huge mapping is drawn there), the one below merges with the
+    free space under it. Placeholders cost address space only (``PROT_NONE``, ``MAP_NORESERVE``).
+    """
+
+    def __init__(self, size: int) -> None:
+        page = mmap.PAGESIZE
+        span = size + HUGE_PAGE + page
+        if span % HUGE_PAGE == 0:
+            span += page
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        base = _libc.mmap(None, span, _PROT_NONE, flags, -1, 0)
+        if base is None or base == _MAP_FAILED:
+            raise KvmError(ctypes.get_errno(), "HostMemory", f"cannot reserve {span} bytes of address space")
+        self.start = (base + span - size) // HUGE_PAGE * HUGE_PAGE
+        self._fences = [(base, self.start - base), (self.start + size, base + span - self.start - size)]
+        _libc.munmap(self.start, size)
+
+    def close(self) -> None:
+        for start, length in self._fences:
+            if length:
+                _libc.munmap(start, length)
+        self._fences = []
+
+
+_T = TypeVar("_T")
+
+
+def _place_aligned(size: int, place: Callable[[], _T], address: Callable[[_T], int], drop: Callable[[_T], None]) -> _T:
+    """Run ``place`` (which maps ``size`` bytes wherever the kernel chooses) so that the mapping starts on a
+    2 MiB boundary; ``address`` reads where it landed, ``drop`` unmaps a misplaced one.
+
+    A mapping that lands elsewhere (another thread mapped into the hole first, or a higher gap of between
+    ``size`` and ``size`` + 2 MiB existed) is kept until the end as a plug over the place the kernel preferred,
+    and the next attempt opens a new hole. Smaller mappings are placed as the kernel likes: they fit in one
+    huge page anyway.
+    """
+    if size < HUGE_PAGE:
+        return place()
+    plugs: list[_T] = []
+    try:
+        for _ in range(_PLACEMENT_TRIES):
+            hole = _AlignedHole(size)
+            try:
+                obj = place()
+            finally:
+                hole.close()
+            if address(obj) % HUGE_PAGE == 0:
+                return obj
+            plugs.append(obj)
+        return plugs.pop()  # a pathologically fragmented address space: usable, merely not aligned
+    finally:
+        for plug in plugs:
+            drop(plug)
 
 
 # --- pinning -------------------------------------------------------------------------------------------------
@@ -158,7 +240,7 @@ def _unmapped(m: mmap.mmap) -> bool:
 
 
 class HostMemory(mmap.mmap):
-    """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address``.
+    """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address`` (2 MiB-aligned from 2 MiB up).
 
     It *is* an ``mmap.mmap`` (buffer protocol, slicing, ``madvise``), plus: ``address``, ``size``, and pinning by
     memslots so it cannot be unmapped or moved under a running guest (see the module docstring for the rules).
@@ -173,10 +255,15 @@ class HostMemory(mmap.mmap):
         if not 0 < size <= sys.maxsize:
             raise ValueError(f"HostMemory: size must be in 1..{sys.maxsize}, got {size}")
 
-        try:
-            self = super().__new__(cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
-        except OSError as e:
-            raise KvmError(e.errno or errno.ENOMEM, "HostMemory", f"cannot map {size} bytes") from None
+        def place() -> HostMemory:
+            try:
+                return super(HostMemory, cls).__new__(
+                    cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW
+                )
+            except OSError as e:
+                raise KvmError(e.errno or errno.ENOMEM, "HostMemory", f"cannot map {size} bytes") from None
+
+        self = _place_aligned(size, place, buffer_address, mmap.mmap.close)
         self._init_tracking()
         return self
 
@@ -220,7 +307,7 @@ class HostMemory(mmap.mmap):
     def resize(self, newsize: int) -> None:
         """``mmap.resize``: refused (EBUSY) while a memslot uses the memory, as ``close()`` is, since resizing
         may move it and the slot's ``userspace_addr`` would then point at nothing (or at someone else's memory).
-        Unpinned, the mapping may move: ``address`` follows it."""
+        Unpinned, the mapping may move: ``address`` follows it (and may lose its 2 MiB alignment)."""
         op = "HostMemory.resize"
         if not isinstance(newsize, int) or isinstance(newsize, bool):
             raise TypeError(f"{op}: newsize must be an int, not {type(newsize).__name__}")
@@ -276,8 +363,13 @@ class FileMapping(HostMemory):
         if raw is None or raw == _MAP_FAILED:
             err = ctypes.get_errno()
             raise KvmError(err, "mmap", f"guest_memfd fd {fd}, length {length}, offset {offset}")
-        try:
-            self = mmap.mmap.__new__(cls, -1, length, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
+        try:  # the carrier the file mapping moves onto, placed like any HostMemory
+            self = _place_aligned(
+                length,
+                lambda: mmap.mmap.__new__(cls, -1, length, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW),
+                buffer_address,
+                mmap.mmap.close,
+            )
         except BaseException:
             _libc.munmap(raw, length)
             raise

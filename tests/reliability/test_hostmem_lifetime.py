@@ -1,4 +1,4 @@
-"""HostMemory's lifetime against memslots, on both backends (issue 14).
+"""HostMemory's lifetime against memslots, on both backends (issues 14 and 15).
 
 - ``resize()`` (and every other inherited ``mmap`` method) cannot move or unmap memory a memslot uses: the
   guest keeps reading its bytes. A regression crashed the interpreter on the sim, so the scenario that
@@ -6,12 +6,14 @@
 - A VM dropped without ``close()`` lets go of its memslots' memory when it is garbage-collected.
 - Leaving a ``with`` block never replaces the exception leaving it, and ``with vm, HostMemory(n) as mem``
   works: the unmap waits for the last memslot.
+- HostMemory of 2 MiB or more is 2 MiB-aligned, and placing it leaves no mapping behind.
 
 The autouse leak check (tests/conftest.py) also runs after every test here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import mmap
@@ -23,12 +25,14 @@ from collections import Counter
 import pytest
 
 import kvmgmem
-from kvmgmem import HostMemory, KvmError
+from kvmgmem import HostMemory, KvmError, hostmem
 from kvmgmem.conformance.fixtures import open_backend
+from kvmgmem.hostmem import FileMapping, buffer_address
 
 from ._support import P, run_python
 
 MiB = 1 << 20
+HUGE = 2 * MiB
 
 #: Real-mode guest at 0x1000: ``mov al, [0x2000]; out 0x10, al; hlt`` — reports the byte at gpa 0x2000.
 GUEST = bytes.fromhex("a00020e610f4")
@@ -336,3 +340,127 @@ def test_with_exit_racing_a_memslot_update(system: kvmgmem.System) -> None:
     finally:
         sys.setswitchinterval(interval)
     assert sum(outcomes.values()) == 200
+
+
+# --- issue 15: 2 MiB alignment, no leaked mappings -------------------------------------------------------
+
+
+def _maps_of_kind() -> Counter[str]:
+    """What placement may create: PROT_NONE fences and shared mappings, counted by line and by size (a fence
+    leaked next to another would merge into one line, so bytes are counted too)."""
+    out: Counter[str] = Counter()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            perms = parts[1]
+            if perms == "---p" or perms.endswith("s"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                kind = "fence" if perms == "---p" else "shared"
+                out[f"{kind} lines"] += 1
+                out[f"{kind} bytes"] += hi - lo
+    return out
+
+
+SIZES = [2 * MiB, 2 * MiB + P, 3 * MiB, 5 * MiB - P, 64 * MiB]
+
+
+def test_hostmemory_is_2mib_aligned_and_placement_leaks_nothing() -> None:
+    """Issue 15: every HostMemory of 2 MiB or more starts on a 2 MiB boundary (the sim and KVM map it huge only
+    then); smaller ones need not. Fences and misplaced attempts are all unmapped."""
+    HostMemory(HUGE).close()  # warm-up: anything placement loads lazily
+    before = _maps_of_kind()
+    for _ in range(10):
+        mems = [HostMemory(size) for size in SIZES]
+        for mem in mems:
+            assert mem.address % HUGE == 0, f"{mem!r} is {mem.address % HUGE:#x} off a 2 MiB boundary"
+            assert mem.address == buffer_address(mem) and len(mem) == mem.size
+            mem[-1] = 1  # all of it is mapped
+        small = HostMemory(P)
+        small.close()
+        for mem in mems:
+            mem.close()
+    assert _maps_of_kind() == before
+
+
+def test_alignment_when_the_kernel_prefers_a_misaligned_hole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gap that fits the memory but not the placement's reservation, its top 1 MiB off a boundary: a plain
+    mmap lands there misaligned (checked first); HostMemory still lands aligned, on a later attempt, and the
+    attempt that went there is unmapped again."""
+    size = 4 * MiB
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    span = size + 12 * MiB
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000  # MAP_NORESERVE
+    base = libc.mmap(None, span, 0, flags, -1, 0)
+    assert base not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    hole = (base // HUGE + 1) * HUGE + MiB
+    hole_end = hole + size + 2 * MiB  # fits 4 MiB, not the 6 MiB reservation; its top is 1 MiB off
+    holes_opened = []
+
+    class Counting(hostmem._AlignedHole):
+        def __init__(self, size: int) -> None:
+            holes_opened.append(size)
+            super().__init__(size)
+
+    monkeypatch.setattr(hostmem, "_AlignedHole", Counting)
+    try:
+        assert libc.munmap(hole, hole_end - hole) == 0
+        before = _maps_of_kind()
+        with mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS) as probe:
+            landed = buffer_address(probe)
+        mem = HostMemory(size)
+        try:
+            assert mem.address % HUGE == 0, f"{mem!r}: {mem.address % HUGE:#x} off"
+        finally:
+            mem.close()
+        after = _maps_of_kind()
+        assert after == before, f"placement left mappings behind: {after - before} / {before - after}"
+        if hole <= landed < hole_end:  # the set-up did what it says (top-down layout): a misaligned offer
+            assert landed % HUGE == MiB and len(holes_opened) >= 2, (hex(landed), holes_opened)
+    finally:
+        libc.munmap(base, span)
+
+
+def test_guest_memfd_style_file_mapping_is_aligned() -> None:
+    """``FileMapping`` (what the kvm backend's ``GuestMemfd.mmap()`` returns) lands aligned too."""
+    fd = os.memfd_create("hostmem-test")
+    try:
+        os.ftruncate(fd, 4 * MiB)
+        before = _maps_of_kind()
+        with FileMapping(fd, 4 * MiB) as m:
+            assert m.address % HUGE == 0
+            m[0] = 7
+            assert os.pread(fd, 1, 0) == b"\x07"
+        assert _maps_of_kind() == before
+    finally:
+        os.close(fd)
+
+
+def test_placement_gives_up_usably(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If no attempt lands aligned (a pathologically fragmented address space), the memory is still made —
+    merely unaligned — and the misplaced attempts are unmapped."""
+    monkeypatch.setattr(hostmem, "_PLACEMENT_TRIES", 3)
+
+    class NoHole:  # opens no hole: the kernel places as it likes
+        def __init__(self, size: int) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(hostmem, "_AlignedHole", NoHole)
+    before = _maps_of_kind()
+    placed = []
+
+    def place() -> mmap.mmap:
+        m = mmap.mmap(-1, 2 * MiB + P, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        placed.append(m)
+        return m
+
+    result = hostmem._place_aligned(2 * MiB + P, place, lambda m: HUGE // 2, mmap.mmap.close)  # never aligned
+    assert len(placed) == 3 and result is placed[-1] and not result.closed
+    assert all(m.closed for m in placed[:-1])
+    result.close()
+    assert _maps_of_kind() == before
