@@ -22,9 +22,9 @@ def _drop_vm(fd: int, slot_users: dict[int, Userspace], lock: threading.Lock, ke
     """Close the VM fd and let go of the host memory its memslots pinned.
 
     Runs from ``close()`` or when the VM is garbage-collected without one. Once the VM fd is closed no vCPU
-    is left (each holds its VM), so nothing here can reach a memslot's host memory any more — even if a
-    guest_memfd keeps the kernel's VM alive (``kvm_gmem_release`` drops that reference, not the memslots).
-    It must not reference the ``KvmVm``: a finalizer that did would keep it alive forever.
+    is left (each holds its VM), so no guest can reach a memslot's host memory any more — even while a
+    guest_memfd keeps the kernel's VM, memslots included, alive (``__kvm_gmem_create`` takes a reference on
+    it). It must not reference the ``KvmVm``: a finalizer that did would keep it alive forever.
     """
     os.close(fd)
     with lock:
