@@ -1,9 +1,29 @@
-"""Host memory handed to memslots: stable addresses that stay mapped while a memslot uses them.
+"""Host memory handed to memslots: stable, 2 MiB-aligned addresses that stay mapped while a memslot uses them.
 
-KVM only ever sees a ``userspace_addr``; if Python frees the buffer behind it while a memslot points there,
-the real kernel copes but the sim (which maps the same bytes into unicorn) would crash the interpreter. So a
-memslot *pins* its host memory: ``HostMemory.close()`` is refused while any memslot uses it, and plain
-buffers are held through a ctypes export, which makes ``mmap.close()``/``bytearray`` resizing fail as well.
+KVM only ever sees a ``userspace_addr``, and reflects whatever is mapped there into the guest
+(``Documentation/virt/kvm/api.rst``, KVM_SET_USER_MEMORY_REGION: with KVM_CAP_SYNC_MMU "changes in the backing
+of the memory region are automatically reflected into the guest"). So if Python unmaps or moves the memory
+behind a memslot, on real KVM the guest silently loses its memory, and the sim, which maps the same bytes into
+unicorn, would crash the interpreter. A memslot therefore *pins* its host memory. The rule, for ``HostMemory``:
+
+- ``close()`` ("unmap now") and ``resize()`` (which may move the mapping) are refused with EBUSY, naming the
+  memslots, while any memslot uses the memory. While pinned the object also holds a buffer export of itself,
+  so even ``mmap.mmap.close(mem)``/``mmap.mmap.resize(mem, n)`` (the C methods, bypassing these overrides)
+  fail instead of unmapping. The other inherited ``mmap`` methods (read/write/seek/find/flush/move/madvise)
+  change bytes, never the mapping, and stay allowed.
+- Leaving a ``with`` block never fails because of a pin and never replaces the exception leaving the block:
+  pinned memory is *closed* (``closed`` is True, no new memslot may use it: EFAULT) and its unmap deferred
+  until the last memslot lets go — deleted, or its VM closed or garbage-collected — the way a mapping
+  outlives the close of the fd it came from. So ``with kvm.create_vm() as vm, HostMemory(n) as mem:`` works
+  in either nesting order. (A live ``memoryview`` can still block an unmap, as for any ``mmap``: the deferred
+  one is then retried by ``close()``, or happens when the object is collected.)
+- Plain buffers are held through a ctypes export, which makes ``mmap.close()``/``bytearray`` resizing fail.
+
+Placement: a HostMemory of 2 MiB or more starts on a 2 MiB boundary. KVM maps a guest page huge only if the
+host address and the guest address agree modulo the huge page (``kvm_alloc_memslot_metadata`` disallows large
+pages for a slot whose ``userspace_addr`` and ``base_gfn`` are misaligned), and the sim follows the same rule;
+the kernel places ``MAP_SHARED`` anonymous memory at any page boundary. Python's ``mmap`` takes no address, so
+``_place_aligned`` steers the kernel's own choice into an aligned hole and checks where it landed.
 """
 
 from __future__ import annotations
@@ -13,8 +33,9 @@ import errno
 import mmap
 import sys
 import threading
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from kvmgmem.errors import KvmError
 
@@ -29,7 +50,15 @@ _libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctyp
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MREMAP_MAYMOVE = 1
 _MREMAP_FIXED = 2
+_MAP_NORESERVE = 0x4000
+_PROT_NONE = 0  # not in Python 3.11's mmap module
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+
+#: The x86-64 huge page (PMD) size: HostMemory at least this big starts on a multiple of it.
+HUGE_PAGE = 2 << 20
+#: Attempts before ``_place_aligned`` accepts an unaligned placement (each failed one plugs the address-space
+#: hole the kernel preferred, so the next lands elsewhere; in practice the first attempt lands).
+_PLACEMENT_TRIES = 64
 
 
 def buffer_address(buf: Any) -> int:
@@ -41,47 +70,180 @@ def buffer_address(buf: Any) -> int:
         del holder
 
 
+# --- placement -----------------------------------------------------------------------------------------------
+
+
+class _AlignedHole:
+    """An unmapped, 2 MiB-aligned hole of ``size`` bytes that the kernel's next ``size``-byte mapping should take.
+
+    The kernel puts a new mapping at the top of the highest gap that fits it (top-down layout, the default;
+    ``vm_unmapped_area``). A ``PROT_NONE`` reservation a little over ``size`` + 2 MiB lands at the top of
+    such a gap (its length is kept off a 2 MiB multiple, else the kernel would place it THP-aligned instead,
+    ``thp_get_unmapped_area``, leaving room above it). Opening exactly ``size`` bytes at the *highest*
+    aligned address inside leaves a placeholder below (the head) and one above that is under 2 MiB (or
+    none: the hole then reaches the mapping above), so the hole's top is ``start`` + ``size`` and a
+    ``size``-byte mapping placed in it lands at ``start``. ``close()`` unmaps the placeholders; the gap left
+    above the memory is under 2 MiB (no later huge mapping is drawn there), the one below merges with the
+    free space under it. Placeholders cost address space only (``PROT_NONE``, ``MAP_NORESERVE``).
+    """
+
+    def __init__(self, size: int) -> None:
+        page = mmap.PAGESIZE
+        span = size + HUGE_PAGE + page
+        if span % HUGE_PAGE == 0:
+            span += page
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        base = _libc.mmap(None, span, _PROT_NONE, flags, -1, 0)
+        if base is None or base == _MAP_FAILED:
+            raise KvmError(ctypes.get_errno(), "HostMemory", f"cannot reserve {span} bytes of address space")
+        self.start = (base + span - size) // HUGE_PAGE * HUGE_PAGE
+        self._fences = [(base, self.start - base), (self.start + size, base + span - self.start - size)]
+        _libc.munmap(self.start, size)
+
+    def close(self) -> None:
+        for start, length in self._fences:
+            if length:
+                _libc.munmap(start, length)
+        self._fences = []
+
+
+_T = TypeVar("_T")
+
+
+def _place_aligned(size: int, place: Callable[[], _T], address: Callable[[_T], int], drop: Callable[[_T], None]) -> _T:
+    """Run ``place`` (which maps ``size`` bytes wherever the kernel chooses) so that the mapping starts on a
+    2 MiB boundary; ``address`` reads where it landed, ``drop`` unmaps a misplaced one.
+
+    A mapping that lands elsewhere (another thread mapped into the hole first, or a higher gap of between
+    ``size`` and ``size`` + 2 MiB existed) is kept until the end as a plug over the place the kernel preferred,
+    and the next attempt opens a new hole. Smaller mappings are placed as the kernel likes: they fit in one
+    huge page anyway.
+    """
+    if size < HUGE_PAGE:
+        return place()
+    plugs: list[_T] = []
+    try:
+        for _ in range(_PLACEMENT_TRIES):
+            hole = _AlignedHole(size)
+            try:
+                obj = place()
+            finally:
+                hole.close()
+            if address(obj) % HUGE_PAGE == 0:
+                return obj
+            plugs.append(obj)
+        return plugs.pop()  # a pathologically fragmented address space: usable, merely not aligned
+    finally:
+        for plug in plugs:
+            drop(plug)
+
+
+# --- pinning -------------------------------------------------------------------------------------------------
+
+
 class Pins:
     """Memslot pins of a piece of host memory: who uses it, and the lock ``close()`` checks them under.
 
     Shared by ``HostMemory`` and the sim's guest_memfd mapping, so "memory a memslot uses cannot be unmapped"
-    is one rule: ``close()`` is refused with EBUSY while pinned, a pin on closed memory fails with EFAULT.
+    is one rule: ``close()`` is refused with EBUSY while pinned, a pin on closed memory fails with EFAULT, and
+    ``close_when_unpinned`` (leaving a ``with`` block) defers the unmap to the last ``unpin``.
+
+    ``export``, if given, is called when the first pin arrives and its result kept until the last pin goes: a
+    buffer export of the memory, so the C-level ``mmap`` close/resize cannot unmap it behind these checks.
     """
 
-    __slots__ = ("_lock", "_pins")
+    __slots__ = ("_deferred", "_export", "_held", "_lock", "_pins")
 
-    def __init__(self) -> None:
+    def __init__(self, export: Callable[[], object] | None = None) -> None:
         self._pins: dict[tuple[int, int], str] = {}
-        self._lock = threading.Lock()
+        # Reentrant: a VM dropped without close() unpins from a garbage-collector finalizer, which may run at
+        # any allocation — also one made by this thread while it holds the lock (a plain Lock would deadlock).
+        self._lock = threading.RLock()
+        self._export = export
+        self._held: object = None
+        self._deferred: Callable[[], None] | None = None
 
     def pin(self, key: tuple[int, int], what: str, is_closed: Callable[[], bool]) -> None:
-        """Pin unless the memory is already closed (checked under the lock ``close`` takes: no race)."""
+        """Pin unless the memory is already unmapped (checked under the lock ``close`` takes: no race).
+
+        A deferred close does not refuse the pin: new users were turned away when their call resolved its
+        ``userspace`` (``closed`` is True from the close on), so a pin arriving now belongs to a memslot update
+        that was already under way — its slot exists in the kernel and the unmap must wait for it too. Only
+        when no memslot is left (a live view blocked the unmap) is there nothing to wait for."""
         with self._lock:
             if is_closed():
                 raise KvmError(errno.EFAULT, what, "host memory is closed")
+            if self._deferred is not None and not self._pins:
+                raise KvmError(errno.EFAULT, what, "host memory is closed (its unmap waits for a view)")
+            if not self._pins and self._export is not None:
+                self._held = self._export()
             self._pins[key] = what
 
     def unpin(self, key: tuple[int, int]) -> None:
+        """Drop one pin; the last one releases the export and runs a deferred unmap."""
         with self._lock:
-            self._pins.pop(key, None)
+            if self._pins.pop(key, None) is None or self._pins:
+                return
+            self._held = None
+            if self._deferred is not None:
+                try:
+                    self._deferred()
+                except BufferError:  # the user still holds a view: close() retries, or the object's collection
+                    return
+                self._deferred = None
 
     def users(self) -> list[str]:
         with self._lock:
             return list(self._pins.values())
 
+    @property
+    def closing(self) -> bool:
+        """Closed by its owner, the unmap still to come (a memslot uses the memory, or a view blocked it)."""
+        return self._deferred is not None
+
     def close_if_unpinned(self, op: str, unmap: Callable[[], None]) -> None:
-        """Run ``unmap`` unless a memslot still uses the memory (then EBUSY, naming the users)."""
+        """Run ``unmap`` unless a memslot still uses the memory: then EBUSY, naming the users — or nothing if
+        the unmap is already deferred to the last of them (closing twice is not an error)."""
+        with self._lock:
+            if self._pins:
+                if self._deferred is not None:
+                    return
+                raise KvmError(errno.EBUSY, op, f"still used by {', '.join(sorted(self._pins.values()))}")
+            unmap()
+            self._deferred = None
+
+    def run_if_unpinned(self, op: str, action: Callable[[], None]) -> None:
+        """Run ``action`` (e.g. a move) unless a memslot uses the memory (EBUSY, naming the users); the lock
+        keeps a new pin from arriving while it runs."""
         with self._lock:
             if self._pins:
                 raise KvmError(errno.EBUSY, op, f"still used by {', '.join(sorted(self._pins.values()))}")
-            unmap()
+            action()
+
+    def close_when_unpinned(self, unmap: Callable[[], None]) -> bool:
+        """Run ``unmap`` now if nothing uses the memory (True), else when the last pin goes (False)."""
+        with self._lock:
+            if self._pins:
+                self._deferred = unmap
+                return False
+            unmap()  # under the lock, like close(): no pin can arrive between the check and the unmap
+            self._deferred = None
+            return True
+
+
+_MMAP_CLOSED: Any = vars(mmap.mmap)["closed"]
+
+
+def _unmapped(m: mmap.mmap) -> bool:
+    """``mmap.mmap``'s own ``closed``: the mapping is gone (HostMemory's ``closed`` also counts a pending close)."""
+    return bool(_MMAP_CLOSED.__get__(m, type(m)))
 
 
 class HostMemory(mmap.mmap):
-    """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address``.
+    """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address`` (2 MiB-aligned from 2 MiB up).
 
     It *is* an ``mmap.mmap`` (buffer protocol, slicing, ``madvise``), plus: ``address``, ``size``, and pinning by
-    memslots so it cannot be unmapped under a running guest.
+    memslots so it cannot be unmapped or moved under a running guest (see the module docstring for the rules).
     """
 
     address: int
@@ -92,16 +254,27 @@ class HostMemory(mmap.mmap):
             raise TypeError(f"HostMemory: size must be an int, not {type(size).__name__}")
         if not 0 < size <= sys.maxsize:
             raise ValueError(f"HostMemory: size must be in 1..{sys.maxsize}, got {size}")
-        try:
-            self = super().__new__(cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
-        except OSError as e:
-            raise KvmError(e.errno or errno.ENOMEM, "HostMemory", f"cannot map {size} bytes") from None
+
+        def place() -> HostMemory:
+            try:
+                return super(HostMemory, cls).__new__(
+                    cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW
+                )
+            except OSError as e:
+                raise KvmError(e.errno or errno.ENOMEM, "HostMemory", f"cannot map {size} bytes") from None
+
+        self = _place_aligned(size, place, buffer_address, mmap.mmap.close)
         self._init_tracking()
         return self
 
     def _init_tracking(self) -> None:
         self.address = buffer_address(self)
-        self._pins = Pins()
+        me = weakref.ref(self)  # no cycle through the pins: dropped memory is unmapped by refcounting alone
+
+        def export() -> object:  # called by a pin, which runs on a live (referenced) object
+            return ctypes.c_char.from_buffer(me())  # type: ignore[arg-type]
+
+        self._pins = Pins(export=export)
 
     @property  # the issue's contract: ``.size`` is an attribute (mmap's size() method is shadowed)
     def size(self) -> int:  # type: ignore[override]
@@ -110,7 +283,7 @@ class HostMemory(mmap.mmap):
     # --- pinning by memslots ---------------------------------------------------------------------------
 
     def _pin(self, key: tuple[int, int], what: str) -> None:
-        self._pins.pin(key, what, lambda: self.closed)
+        self._pins.pin(key, what, lambda: _unmapped(self))
 
     def _unpin(self, key: tuple[int, int]) -> None:
         self._pins.unpin(key)
@@ -120,18 +293,59 @@ class HostMemory(mmap.mmap):
         """Descriptions of the memslots currently using this memory."""
         return self._pins.users()
 
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        """Closed by its owner: unmapped, or left by a ``with`` block and waiting for its last memslot to let
+        go (the bytes stay mapped for that memslot; nothing new may use them)."""
+        return self._pins.closing or _unmapped(self)
+
     def close(self) -> None:
-        """Unmap. Idempotent; refused (EBUSY) while a memslot still uses the memory."""
-        if not self.closed:
+        """Unmap now. Idempotent; refused (EBUSY) while a memslot still uses the memory."""
+        if not _unmapped(self):  # also retries a deferred unmap that a live view blocked
             self._pins.close_if_unpinned("HostMemory.close", super().close)
 
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"address=0x{self.address:x}"
-        return f"<{type(self).__name__} size={len(self) if not self.closed else '?'} {state}>"
+    def resize(self, newsize: int) -> None:
+        """``mmap.resize``: refused (EBUSY) while a memslot uses the memory, as ``close()`` is, since resizing
+        may move it and the slot's ``userspace_addr`` would then point at nothing (or at someone else's memory).
+        Unpinned, the mapping may move: ``address`` follows it (and may lose its 2 MiB alignment)."""
+        op = "HostMemory.resize"
+        if not isinstance(newsize, int) or isinstance(newsize, bool):
+            raise TypeError(f"{op}: newsize must be an int, not {type(newsize).__name__}")
+        if not 0 < newsize <= sys.maxsize:
+            raise ValueError(f"{op}: newsize must be in 1..{sys.maxsize}, got {newsize}")
+        if self.closed:
+            raise ValueError(f"{op}: memory is closed")
 
-    # ``mmap.mmap`` has a C-level __enter__/__exit__; keep them but route exit through our close().
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        def move() -> None:
+            try:
+                super(HostMemory, self).resize(newsize)
+            except OSError as e:  # mremap's errno (ENOMEM): the mapping is unchanged
+                raise KvmError(e.errno or errno.ENOMEM, op, f"cannot resize to {newsize} bytes") from None
+            self.address = buffer_address(self)
+
+        self._pins.run_if_unpinned(op, move)
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        if _unmapped(self):
+            return f"<{name} closed>"
+        if self._pins.closing:
+            users = self._pins.users()
+            waits = f"once {', '.join(sorted(users))} lets go" if users else "once its views are released"
+            return f"<{name} closed, unmapped {waits}>"
+        return f"<{name} size={len(self)} address=0x{self.address:x}>"
+
+    # ``mmap.mmap`` has a C-level __enter__/__exit__; keep enter, route exit through the deferring close.
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Leave the block: unmap, or defer the unmap to the last memslot still using the memory. A failure
+        to unmap (a live ``memoryview``) is raised only if the block itself did not raise: never masked."""
+        if self.closed:
+            return
+        try:
+            self._pins.close_when_unpinned(super().close)
+        except BufferError:
+            if exc_type is None:
+                raise
 
 
 class FileMapping(HostMemory):
@@ -149,8 +363,13 @@ class FileMapping(HostMemory):
         if raw is None or raw == _MAP_FAILED:
             err = ctypes.get_errno()
             raise KvmError(err, "mmap", f"guest_memfd fd {fd}, length {length}, offset {offset}")
-        try:
-            self = mmap.mmap.__new__(cls, -1, length, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW)
+        try:  # the carrier the file mapping moves onto, placed like any HostMemory
+            self = _place_aligned(
+                length,
+                lambda: mmap.mmap.__new__(cls, -1, length, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW),
+                buffer_address,
+                mmap.mmap.close,
+            )
         except BaseException:
             _libc.munmap(raw, length)
             raise

@@ -134,6 +134,7 @@ OPS: dict[tuple[str, str], tuple[str, ...]] = {
     ("GuestMemfd", "stat"): ("fstat", "stat"),
     ("HostMemory", "HostMemory"): ("HostMemory",),
     ("HostMemory", "close"): ("HostMemory.close",),
+    ("HostMemory", "resize"): ("HostMemory.resize",),
     ("HostMemory", "size"): ("HostMemory", "mmap closed"),
 }
 
@@ -396,6 +397,14 @@ SEMANTIC: list[Row] = [
     Row("HostMemory", "HostMemory", "size 2**70", lambda w: HostMemory(1 << 70), ANY),
     Row("HostMemory", "HostMemory", "size 2**60 (no memory)", lambda w: HostMemory(1 << 60), ANY),
     Row("HostMemory", "close", "pinned by a memslot", lambda w: (_region(w, slot=3), w.mem.close()), errno.EBUSY),
+    Row("HostMemory", "resize", "size 0", lambda w: w.mem.resize(0), ValueError),
+    Row("HostMemory", "resize", "size -1", lambda w: w.mem.resize(-1), ValueError),
+    Row("HostMemory", "resize", "size 2**70", lambda w: w.mem.resize(1 << 70), ValueError),
+    Row("HostMemory", "resize", "size str", lambda w: w.mem.resize("4096"), TypeError),  # type: ignore[arg-type]
+    Row("HostMemory", "resize", "size bool", lambda w: w.mem.resize(True), TypeError),
+    Row("HostMemory", "resize", "size 2**60 (past the address space)", lambda w: w.mem.resize(1 << 60), errno.EINVAL),
+    # last of the resize rows: it leaves slot 3 pinning w.mem
+    Row("HostMemory", "resize", "pinned", lambda w: (_region(w, slot=3), w.mem.resize(32 * P)), errno.EBUSY),
 ]
 
 # --- closed objects: every method → EBADF (close() stays idempotent, kick() a no-op) ---------------------
@@ -444,6 +453,7 @@ CLOSED: list[Row] = [
     Row("GuestMemfd", "close", "twice", lambda w: w.cgmem.close(), OK),
     Row("HostMemory", "close", "twice", lambda w: w.cmem.close(), OK),
     Row("HostMemory", "size", "closed", lambda w: w.cmem.size, ValueError),
+    Row("HostMemory", "resize", "closed", lambda w: w.cmem.resize(P), ValueError),
     Row("HostMemory", "pinned_by", "closed", lambda w: w.cmem.pinned_by == [] or 1 / 0, OK),
     Row("HostMemory", "closed", "closed", lambda w: w.cmem.closed or 1 / 0, OK),
 ]
@@ -539,7 +549,7 @@ def public_methods() -> set[tuple[str, str]]:
                 continue
             if callable(value) or isinstance(value, property):
                 out.add((cls.__name__, name))
-    for name in ("close", "size", "pinned_by", "closed"):
+    for name in ("close", "resize", "size", "pinned_by", "closed"):
         out.add(("HostMemory", name))
     out.add(("HostMemory", "HostMemory"))  # the constructor
     return out

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, Vm, fd_of, u32, u64
+from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, u32, u64
 
 from .gmem import KvmGuestMemfd
 from .sys_calls import ioctl, ioctl_ptr
@@ -15,6 +16,21 @@ from .vcpu import KvmVcpu
 
 if TYPE_CHECKING:
     from .system import KvmSystem
+
+
+def _drop_vm(fd: int, slot_users: dict[int, Userspace], lock: threading.Lock, key: int) -> None:
+    """Close the VM fd and let go of the host memory its memslots pinned.
+
+    Runs from ``close()`` or when the VM is garbage-collected without one. Once the VM fd is closed no vCPU
+    is left (each holds its VM), so no guest can reach a memslot's host memory any more — even while a
+    guest_memfd keeps the kernel's VM, memslots included, alive (``__kvm_gmem_create`` takes a reference on
+    it). It must not reference the ``KvmVm``: a finalizer that did would keep it alive forever.
+    """
+    os.close(fd)
+    with lock:
+        for slot, user in slot_users.items():
+            user.unpin((key, slot))
+        slot_users.clear()
 
 
 class KvmVm(Vm):
@@ -28,13 +44,14 @@ class KvmVm(Vm):
         self.system = system
         self.fd = fd
         self.vm_type = vm_type
-        self._finalizer = weakref.finalize(self, os.close, fd)  # dropped without close(): no fd leak
+        # Dropped without close(): no fd leak, and the memslots' host memory is unpinned (HostMemory.close()
+        # would otherwise be refused forever, naming a VM nobody can reach).
+        self._finalizer = weakref.finalize(self, _drop_vm, fd, self._slot_users, self._slot_lock, id(self))
 
     def _release(self) -> None:
         for vcpu in self._vcpus:
             vcpu.close()
         self._finalizer()
-        self._release_slots()
 
     def check_extension(self, cap: int) -> int:
         self._check_open("KVM_CHECK_EXTENSION")
