@@ -66,3 +66,4 @@ def gmem_flag_sets(vm: Any) -> list[int]:
 
 
 EINVAL = errno_mod.EINVAL
+EEXIST = errno_mod.EEXIST
