@@ -453,3 +453,17 @@ def test_truncate_huge_length(systems: tuple[kvmgmem.System, kvmgmem.System]) ->
         with system.create_vm() as vm, vm.create_guest_memfd(P, 0) as gm:
             results.append(outcome("g.truncate(1 << 63)", {"g": gm}))
     assert results[0] == results[1] == ("errno", "EINVAL", "ftruncate"), results
+
+
+def test_host_profile_caps_match_kvm(systems: tuple[kvmgmem.System, kvmgmem.System]) -> None:
+    """``profile="host"`` mirrors this host: every capability the sim models (``uapi.CAPS``, spec §1.5, plus
+    the vCPU limits) answers the same on the system fd and on a DEFAULT VM, and the VM types are the same. (It
+    was not so for ``sw_protected=False`` alone: KVM_CAP_MULTI_ADDRESS_SPACE was 2 there, 0 here.)"""
+    caps = {**uapi.CAPS, "NR_VCPUS": uapi.KVM_CAP_NR_VCPUS, "MAX_VCPUS": uapi.KVM_CAP_MAX_VCPUS, "MAX_VCPU_ID": 128}
+    kvm, sim = systems
+    with kvm.create_vm() as kvm_vm, sim.create_vm() as sim_vm:
+        for name, cap in caps.items():
+            on_kvm = (kvm.check_extension(cap), kvm_vm.check_extension(cap))
+            on_sim = (sim.check_extension(cap), sim_vm.check_extension(cap))
+            assert on_kvm == on_sim, f"KVM_CAP_{name}: kvm {on_kvm}, sim profile=host {on_sim}"
+    assert kvm.supported_vm_types == sim.supported_vm_types
