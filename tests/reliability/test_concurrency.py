@@ -15,6 +15,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import pytest
@@ -129,14 +130,19 @@ def _stress(profile: str, vm_type: int, gmem_flags: int, seed: int) -> dict[str,
             gmem.punch_hole(page * P, P)  # clears poison marks
 
     def checker() -> None:
-        while not done.is_set():
-            problems = spte_violations(vm.introspect())
-            with lock:
-                stats["checks"] += 1
-            if problems:
-                violations.extend(problems[:10])
-                return
-            time.sleep(0.001)
+        # Not under run_threads (it runs until the workers finish), so its own failure is caught here and
+        # reported like a violation: an exception in a plain thread would otherwise only be printed.
+        try:
+            while not done.is_set():
+                problems = spte_violations(vm.introspect())
+                with lock:
+                    stats["checks"] += 1
+                if problems:
+                    violations.extend(problems[:10])
+                    return
+                time.sleep(0.001)
+        except BaseException:
+            violations.append(f"checker thread failed:\n{traceback.format_exc()}")
 
     workers: dict[str, Callable[[], None]] = {f"fault{k}": faulter(k) for k in range(FAULTERS)}
     workers.update(
@@ -157,6 +163,7 @@ def _stress(profile: str, vm_type: int, gmem_flags: int, seed: int) -> dict[str,
         sys.setswitchinterval(interval)
         done.set()
         check_thread.join(WATCHDOG_S)
+    assert not check_thread.is_alive(), "the checker thread did not stop"
     assert not violations, "invariant violated during the run:\n" + "\n".join(violations)
     final = spte_violations(vm.introspect())
     assert not final, "invariant violated at the end:\n" + "\n".join(final)

@@ -22,18 +22,34 @@ P = uapi.PAGE_SIZE
 done = []
 
 failed = []
+thread_failures = []  # exceptions in helper threads: a plain thread would only print them and let the scenario pass
+
+def in_thread(target):
+    """A daemon thread running ``target`` whose exception is recorded for the current scenario."""
+    import traceback
+    def run():
+        try:
+            target()
+        except BaseException:
+            thread_failures.append(traceback.format_exc())
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
 
 def scenario(fn):
     import traceback
     try:
         fn()
         gc.collect()
+        if thread_failures:
+            raise AssertionError("a helper thread failed:\n" + "\n".join(thread_failures))
     except BaseException:
         failed.append(fn.__name__)
         print("FAIL", fn.__name__, traceback.format_exc(), flush=True)
     else:
         done.append(fn.__name__)
         print("ok", fn.__name__, flush=True)
+    thread_failures.clear()
     return fn
 
 def spin_vm(s):
@@ -57,9 +73,7 @@ def runner(c, results):
                 results.append(e)
                 if e.errno == errno.EBADF:
                     return
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return t
+    return in_thread(loop)
 
 @scenario
 def hostmemory_closed_under_a_slot():
@@ -226,8 +240,7 @@ def close_races_set_user_memory_region():
                     mem.close()
                 except KvmError as e:
                     assert e.errno == errno.EBUSY
-            t = threading.Thread(target=closer)
-            t.start()
+            t = in_thread(closer)
             barrier.wait()
             try:
                 vm.set_user_memory_region(0, 0, 4 * P, mem)

@@ -82,15 +82,16 @@ def test_gc_releases_everything(simsys: SimSystem) -> None:
 
 def test_3_5_concurrent_faults_never_map_stale(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
     """§3.5: a vCPU thread faulting while another thread converts and punches never installs an SPTE that
-    the current state forbids (checked after every conversion under the MMU lock), and retries happen."""
+    the current state forbids (checked after every conversion under the MMU lock). Whether a fault races an
+    invalidation here is up to the scheduler, so retries are not counted; ``test_mmu`` forces one."""
     n = 64
     mem = hostmem(n * P)
     g = pvm.create_guest_memfd(n * P)
     pvm.set_user_memory_region2(10, GPA, n * P, mem, GMEM, g, 0)
     core = pvm.sim
     stop = threading.Event()
+    faulting = threading.Event()  # the conversions start only once the vCPU thread is faulting
     errors: list[BaseException] = []
-    retries_seen = [0]
 
     def vcpu() -> None:
         i = 0
@@ -99,9 +100,8 @@ def test_3_5_concurrent_faults_never_map_stale(pvm: SimVm, hostmem: Callable[[in
                 r = core.handle_fault(GPA + (i % n) * P, write=bool(i & 1))
                 if isinstance(r, FaultMapped):
                     ctypes.string_at(r.host_address, 1)
-                elif type(r).__name__ == "FaultRetry":
-                    retries_seen[0] += 1
                 i += 1
+                faulting.set()
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -118,6 +118,7 @@ def test_3_5_concurrent_faults_never_map_stale(pvm: SimVm, hostmem: Callable[[in
     t = threading.Thread(target=vcpu)
     t.start()
     try:
+        assert faulting.wait(30), "the vCPU thread never faulted"
         for k in range(300):
             lo = (k * 7) % n
             pvm.set_memory_attributes(GPA + lo * P, 8 * P, PRIVATE if k % 2 == 0 else 0)

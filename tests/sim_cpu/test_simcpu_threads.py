@@ -1,4 +1,7 @@
-"""Remote TLB flush with acknowledgement, stores added while running, kick → EINTR, vCPUs on threads, speed."""
+"""Remote TLB flush with acknowledgement, stores added while running, kick → EINTR, vCPUs on threads.
+
+Guest speed is measured by ``bench/execspeed.py`` (bench 5), not asserted here: a test suite sharing its
+machine has no business failing on a slow moment."""
 
 from __future__ import annotations
 
@@ -23,15 +26,12 @@ class Runner(threading.Thread):
         super().__init__(daemon=True)
         self.cpu = cpu
         self.result: Exit | BaseException | None = None
-        self.started_at = self.ended_at = 0.0
 
     def run(self) -> None:
-        self.started_at = time.perf_counter()
         try:
             self.result = self.cpu.run()
         except BaseException as e:
             self.result = e
-        self.ended_at = time.perf_counter()
 
 
 def wait_in_guest(cpu: SimCpu, timeout: float = 5.0) -> None:
@@ -140,36 +140,31 @@ def test_kick_before_run_is_consumed_once(guest: Guest) -> None:
     assert isinstance(cpu.run(), HltExit)
 
 
-def _count_loop(iterations: int) -> Asm:
-    a = Asm().mov_imm(R.RCX, iterations)
-    a.label("loop")(I.create_reg(C.DEC_RM64, R.RCX)).branch(C.JNE_REL8_64, "loop")
+def _handshake(mine: int, theirs: int) -> Asm:
+    """Set my flag, then spin until the other vCPU's flag is set: finishes only if the other vCPU runs while
+    this one is still running."""
+    a = Asm()(I.create_mem_i32(C.MOV_RM64_IMM32, mem_op(mine), 1))
+    a.label("wait")(I.create_reg_mem(C.MOV_R64_RM64, R.RAX, mem_op(theirs)))
+    a(I.create_reg_i32(C.CMP_RM64_IMM8, R.RAX, 0)).branch(C.JE_REL8_64, "wait")
     return a.hlt()
 
 
 def test_two_vcpus_run_concurrently(guest: Guest) -> None:
-    guest.load(_count_loop(20_000_000))
-    cpus = [guest.cpu(vcpu_id=i) for i in range(2)]
+    """Two vCPU threads in run() at once: each guest waits for the other's flag, so both halt only if their
+    runs overlap (decided by the guests, not by clocks; serialized vCPUs would never halt)."""
+    flags = (DATA, DATA + 8)
+    guest.load(_handshake(flags[0], flags[1]), at=CODE)
+    guest.load(_handshake(flags[1], flags[0]), at=CODE + 0x1000)
+    cpus = [guest.cpu(rip=CODE + i * 0x1000, vcpu_id=i) for i in range(2)]
     runners = [Runner(c) for c in cpus]
     for r in runners:
         r.start()
     for r in runners:
         r.join(60)
+    if any(r.is_alive() for r in runners):
+        for c in cpus:
+            c.kick()
+        for r in runners:
+            r.join(10)
     assert all(isinstance(r.result, HltExit) for r in runners), [r.result for r in runners]
-    a, b = runners
-    assert a.started_at < b.ended_at and b.started_at < a.ended_at  # the runs overlapped in time
-    assert all(c.get_regs().rcx == 0 for c in cpus)
-
-
-def test_throughput_loose() -> None:
-    """≥ 20 M guest instructions/s for ``dec rcx; jnz`` (≥ 50 expected; real numbers belong to bench/)."""
-    g = Guest()
-    try:
-        iterations = 25_000_000
-        g.load(_count_loop(iterations))
-        cpu = g.cpu()
-        t0 = time.perf_counter()
-        assert isinstance(cpu.run(), HltExit)
-        mips = 2 * iterations / (time.perf_counter() - t0) / 1e6
-        assert mips >= 20, f"{mips:.1f} MIPS"
-    finally:
-        g.close()
+    assert (guest.u64(flags[0]), guest.u64(flags[1])) == (1, 1)

@@ -2,6 +2,17 @@
 
 ``auto`` picks real KVM when the host can do what is asked (``/dev/kvm`` opens and, if a VM type is named,
 the host supports it), otherwise the sim; the chosen System says why in ``selection_reason``.
+
+Options are checked before anything is opened, the same way on every backend, because an option that is
+silently dropped makes a test or a VMM run against a configuration it did not ask for:
+
+- a name no backend knows → ``TypeError`` (as for any unexpected keyword argument), naming the known ones;
+- a sim-only option (``profile`` and the profile fields in ``backends/sim/core/profile.py``) with
+  ``backend="kvm"`` → ``ValueError``: the real ``/dev/kvm`` cannot be configured that way;
+- ``path`` (the device node, kvm-only) with ``backend="sim"`` or ``"auto"`` → ``ValueError``;
+- with ``backend="auto"``, sim-only options *select the sim* (only the sim can honour them), and
+  ``selection_reason`` says so;
+- a bad value (``address_spaces=0``, ``profile="9.9"``, ``hugepage="yes"``) → ``ValueError`` at open.
 """
 
 from __future__ import annotations
@@ -13,6 +24,33 @@ from kvmgmem.api import System
 
 BACKENDS = ("kvm", "sim")
 
+#: Options only the kvm backend takes: the device node to open.
+KVM_OPTIONS = frozenset({"path"})
+
+
+def sim_options() -> frozenset[str]:
+    """Options only the sim takes: ``profile`` and every profile field (imported lazily: the sim needs
+    unicorn, which a kvm-only user may not have)."""
+    import dataclasses
+
+    from kvmgmem.backends.sim.core.profile import Profile
+
+    return frozenset({"profile", *(f.name for f in dataclasses.fields(Profile))})
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(kvm options, sim options); a name neither backend knows → TypeError."""
+    kvm = {k: v for k, v in options.items() if k in KVM_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in KVM_OPTIONS}
+    if not rest:
+        return kvm, {}
+    known_sim = sim_options()
+    unknown = sorted(set(rest) - known_sim)
+    if unknown:
+        known = ", ".join(sorted(KVM_OPTIONS | known_sim))
+        raise TypeError(f"kvmgmem.open: unknown option(s) {', '.join(unknown)} (known: vm_type, {known})")
+    return kvm, rest
+
 
 def _open_backend(name: str, **options: Any) -> System:
     module = importlib.import_module(f"kvmgmem.backends.{name}")
@@ -21,14 +59,34 @@ def _open_backend(name: str, **options: Any) -> System:
 
 
 def open(backend: str = "auto", *, vm_type: int | None = None, **options: Any) -> System:
-    """Open a KVM. ``vm_type`` (for ``auto``) is the VM type the caller needs; ``options`` go to the backend
-    (the sim takes ``profile=``)."""
+    """Open a KVM.
+
+    ``vm_type`` (for ``auto``) is the VM type the caller needs: auto uses real KVM only if it lists that
+    type; an explicit backend opens regardless (``create_vm`` then gives the kernel's EINVAL).
+    ``options`` configure a backend: the sim takes ``profile=`` ("6.8", "6.18", "host", "7.2") and the
+    profile fields (``sw_protected``, ``address_spaces``, ``hugepage``, ``private_access_bit``, ...), the kvm
+    backend takes ``path=``. The rules for options given to the wrong backend are in the module docstring.
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"kvmgmem.open: unknown backend {backend!r} (choose auto, {', '.join(BACKENDS)})")
+    if vm_type is not None and (isinstance(vm_type, bool) or not isinstance(vm_type, int) or vm_type < 0):
+        raise ValueError(f"kvmgmem.open: vm_type must be None or a KVM_X86_*_VM number, not {vm_type!r}")
+    kvm_opts, sim_opts = _split_options(options)
+    if backend == "kvm" and sim_opts:
+        raise ValueError(
+            f"kvmgmem.open: {', '.join(sorted(sim_opts))} configure(s) the sim; backend 'kvm' is the real "
+            "/dev/kvm, whose configuration is the host's (use backend='sim' or 'auto')"
+        )
+    if backend != "kvm" and kvm_opts:
+        raise ValueError(f"kvmgmem.open: {', '.join(sorted(kvm_opts))} is a kvm backend option (use backend='kvm')")
     if backend in BACKENDS:
-        system = _open_backend(backend, **options)
+        system = _open_backend(backend, **(kvm_opts if backend == "kvm" else sim_opts))
         system.selection_reason = f"backend {backend!r} requested"
         return system
-    if backend != "auto":
-        raise ValueError(f"kvmgmem.open: unknown backend {backend!r} (choose auto, {', '.join(BACKENDS)})")
+    if sim_opts:
+        system = _open_backend("sim", **sim_opts)
+        system.selection_reason = f"auto: sim-only option(s) {', '.join(sorted(sim_opts))} given, using the sim"
+        return system
     why = ""
     try:
         system = _open_backend("kvm")
@@ -41,7 +99,7 @@ def open(backend: str = "auto", *, vm_type: int | None = None, **options: Any) -
         why = f"/dev/kvm lacks VM type {vm_type}"
         system.close()
     try:
-        system = _open_backend("sim", **options)
+        system = _open_backend("sim")
     except ImportError as e:
         raise OSError(f"kvmgmem.open: {why}, and the sim backend is unavailable ({e})") from e
     system.selection_reason = f"auto: {why}, using the sim"

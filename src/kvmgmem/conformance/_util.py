@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,3 +67,33 @@ def gmem_flag_sets(vm: Any) -> list[int]:
 
 
 EINVAL = errno_mod.EINVAL
+EEXIST = errno_mod.EEXIST
+
+
+# --- host defects ----------------------------------------------------------------------------------------------
+
+
+class HostDefect(AssertionError):
+    """The kvm backend did what a documented defect of this host's KVM does, not what the kernel rule says.
+
+    Raised by a test only after it saw the defect's exact symptom, so ``expect_host_defect`` can mark just that
+    outcome as an expected failure: any other failure still fails, and a host without the defect passes the
+    test, which the strict marker turns into a failure that asks for the marker to go."""
+
+
+def kvm_is_pvm() -> bool:
+    """Whether the host's KVM is the paravirtual kvm_pvm module (loaded), the KVM whose defects
+    ``HOST_DEVIATIONS`` lists: CPL3 guest code runs natively, CPL0 code is emulated."""
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
+def expect_host_defect(request: pytest.FixtureRequest, backend: str, deviation: str) -> bool:
+    """On kvm under kvm_pvm, mark the running test a strict expected failure naming ``deviation`` (a key of the
+    sim profile module's ``HOST_DEVIATIONS``) that only a :class:`HostDefect` satisfies. True if marked."""
+    from kvmgmem.backends.sim.core.profile import HOST_DEVIATIONS
+
+    if backend != "kvm" or not kvm_is_pvm():
+        return False
+    reason = f"host defect ({deviation}, kvm_pvm): {HOST_DEVIATIONS[deviation]}"
+    request.applymarker(pytest.mark.xfail(strict=True, raises=HostDefect, reason=reason))
+    return True

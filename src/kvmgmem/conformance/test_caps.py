@@ -10,7 +10,7 @@ import pytest
 import kvmgmem
 from kvmgmem import uapi
 
-from ._util import EINVAL, INIT_SHARED, MMAP, P, raises_kvm
+from ._util import EEXIST, EINVAL, INIT_SHARED, MMAP, P, raises_kvm
 
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 HC_BIT = 1 << uapi.KVM_HC_MAP_GPA_RANGE
@@ -139,6 +139,18 @@ def test_enable_cap_exit_hypercall_after_vcpu(vm: kvmgmem.Vm) -> None:
     """host-probes §1: enabling EXIT_HYPERCALL works after KVM_CREATE_VCPU too."""
     vm.create_vcpu(0)
     vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_BIT)
+
+
+def test_create_vcpu_duplicate_id_eexist(vm: kvmgmem.Vm) -> None:
+    """kvm_vm_ioctl_create_vcpu: a vCPU id the VM already has → EEXIST, also after the first vCPU's fd was
+    closed (the kernel's vCPU lives until the VM is destroyed, so its id stays taken); other ids still work."""
+    first = vm.create_vcpu(0)
+    with raises_kvm(EEXIST, "KVM_CREATE_VCPU"):
+        vm.create_vcpu(0)
+    first.close()
+    with raises_kvm(EEXIST, "KVM_CREATE_VCPU"):
+        vm.create_vcpu(0)
+    assert vm.create_vcpu(1).vcpu_id == 1
 
 
 def test_enable_cap_bad_arguments(vm: kvmgmem.Vm) -> None:

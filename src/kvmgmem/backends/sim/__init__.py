@@ -1,9 +1,9 @@
 """The sim backend: a software KVM (design.md §2).
 
-``open_system(profile="6.18", **options)`` returns a ``SimSystem``. ``profile`` is "6.8", "6.18" (default;
-matches this project's host kernel) or "7.2"; ``options`` override profile fields (``core/profile.py``),
-e.g. ``hugepage=True`` (the sim-only SIM_GUEST_MEMFD_FLAG_HUGEPAGE), ``sw_protected=False`` (mirror a host
-without KVM_X86_SW_PROTECTED_VM), ``address_spaces=1``, ``nr_memslots=509``.
+``open_system(profile="6.18", **options)`` returns a ``SimSystem``. ``profile`` is "6.8", "6.18" (default:
+upstream 6.18 with KVM_X86_SW_PROTECTED_VM and SMM), "host" (this project's host: 6.18 without either) or
+"7.2"; ``options`` override profile fields (``core/profile.py``), e.g. ``hugepage=True`` (the sim-only
+SIM_GUEST_MEMFD_FLAG_HUGEPAGE), ``sw_protected=False``, ``address_spaces=1``, ``nr_memslots=509``.
 
 ``private_access_bit=N`` (sim-only, off by default; not reported by any cap) gives the vCPUs of
 KVM_X86_SW_PROTECTED_VMs an SEV-style "C-bit": bit N of a guest leaf PTE marks the access private (and is not

@@ -273,14 +273,16 @@ class SimVm(Vm):
         self._check_open(op)
         vcpu_id = u32(vcpu_id, "vcpu_id", op)
         profile = self.core.profile
+        # Closed vCPUs count too: closing a vCPU fd does not destroy the kernel's vCPU, which lives until the
+        # VM is destroyed (kvm_vm_ioctl_create_vcpu checks created_vcpus and the id against every vCPU the VM
+        # ever created), so a second vCPU 0 is EEXIST even after the first one's fd was closed.
         with self._vcpu_lock:
-            live = [v for v in self._vcpus if not v.closed]
-            if len(live) >= profile.max_vcpus:
-                raise KvmError(errno.EINVAL, op, f"already {len(live)} vCPUs (KVM_CAP_MAX_VCPUS)")
             if vcpu_id >= profile.max_vcpu_id:
                 raise KvmError(errno.EINVAL, op, f"vcpu_id {vcpu_id} >= KVM_CAP_MAX_VCPU_ID {profile.max_vcpu_id}")
-            if any(v.vcpu_id == vcpu_id for v in live):
-                raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists")
+            if len(self._vcpus) >= profile.max_vcpus:
+                raise KvmError(errno.EINVAL, op, f"already {len(self._vcpus)} vCPUs (KVM_CAP_MAX_VCPUS)")
+            if any(v.vcpu_id == vcpu_id for v in self._vcpus):
+                raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists (closing its fd does not free the id)")
             vcpu = SimVcpu(self, vcpu_id, self._cpuset())
             self._vcpus.append(vcpu)
             return vcpu

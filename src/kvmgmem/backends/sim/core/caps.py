@@ -34,6 +34,10 @@ def check_extension(profile: Profile, cap: int, vm: VmCore | None = None) -> int
     if cap in (uapi.KVM_CAP_READONLY_MEM, uapi.KVM_CAP_CHECK_EXTENSION_VM, uapi.KVM_CAP_IMMEDIATE_EXIT):
         return 1
     if cap == uapi.KVM_CAP_MULTI_ADDRESS_SPACE:
+        # kvm_vm_ioctl_check_extension_generic only has this case when KVM_MAX_NR_ADDRESS_SPACES > 1 (SMM
+        # compiled in); without SMM the cap is unknown, i.e. 0, on the system fd and on every VM.
+        if profile.address_spaces == 1:
+            return 0
         return 1 if private else profile.address_spaces
     if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
         return 1 << uapi.KVM_HC_MAP_GPA_RANGE

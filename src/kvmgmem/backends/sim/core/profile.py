@@ -2,11 +2,17 @@
 
 Why a profile and not flags sprinkled through the code: the spec (§6, §7) lists a handful of switches that
 separate 6.8, 6.18 and 7.2; each rule in the model asks the profile one named question, so a reader can see
-every version difference in this file. The default, "6.18", matches this project's host kernel exactly
-(spec/host-probes.md §2), so differential tests compare like with like.
+every version difference in this file.
+
+"6.18" (the default) is upstream 6.18 built the way the sim is most useful: with KVM_X86_SW_PROTECTED_VM and
+SMM, so private memory can be exercised. "host" is this project's host: the same 6.18 rules, built without
+KVM_X86_SW_PROTECTED_VM (VM_TYPES 1, MEMORY_ATTRIBUTES 0, KVM_SET_MEMORY_ATTRIBUTES → ENOTTY) and without SMM
+(one memslot address space, KVM_CAP_MULTI_ADDRESS_SPACE 0). Where the host still differs, the difference is
+the host's, not the model's, and the sim keeps upstream's behaviour (see ``HOST_DEVIATIONS``).
 
 Host configuration that differs between machines (SMM address spaces, memslot count, physical address
 width, whether SW_PROTECTED VMs are compiled in) is a profile setting too, overridable per ``open_system``.
+Every value is checked when the profile is built, so a bad option is a ValueError at ``kvmgmem.open``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ SIM_GUEST_MEMFD_FLAG_HUGEPAGE = 1 << 63
 
 #: Page-table levels, as KVM numbers them: 1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB.
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value: object, lo: int, hi: int) -> None:
+    """ValueError unless ``value`` is an int (not a bool) in [lo, hi]."""
+    if not _is_int(value) or not lo <= value <= hi:  # type: ignore[operator]
+        raise ValueError(f"sim profile option {name} must be an integer in {lo}..{hi}, not {value!r}")
 
 
 def level_pages(level: int) -> int:
@@ -59,10 +75,11 @@ class Profile:
     gmem_cap_everywhere: bool
     # --- host configuration ---------------------------------------------------------------------------
     #: CONFIG_KVM_SW_PROTECTED_VM (+ generic memory attributes) compiled in. The real host lacks it; the sim
-    #: has it by default because it is the oracle for private memory. False mirrors the host: VM_TYPES 1,
+    #: has it by default because it is the oracle for private memory. False (part of profile "host"): VM_TYPES 1,
     #: MEMORY_ATTRIBUTES 0 and KVM_SET_MEMORY_ATTRIBUTES → ENOTTY.
     sw_protected: bool = True
     #: Memslot address spaces of a VM without private memory (x86: 2 with SMM). Private VMs always have 1.
+    #: 1 = a kernel built without SMM, where KVM_CAP_MULTI_ADDRESS_SPACE is compiled out and answers 0.
     address_spaces: int = 2
     #: User memslots per address space (KVM_CAP_NR_MEMSLOTS).
     nr_memslots: int = uapi.KVM_USER_MEM_SLOTS
@@ -89,9 +106,31 @@ class Profile:
     private_access_bit: int | None = None
 
     def __post_init__(self) -> None:
+        """Refuse values the model cannot honour, here rather than as an IndexError deep in a VM later."""
         bit = self.private_access_bit
         if bit is not None and (isinstance(bit, bool) or not isinstance(bit, int) or not 12 <= bit <= 51):
             raise ValueError(f"private_access_bit must be None or a PTE address bit 12..51, not {bit!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"sim profile option {f.name} must be True or False, not {value!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"sim profile name must be a non-empty string, not {self.name!r}")
+        if not (isinstance(self.version, tuple) and len(self.version) == 2 and all(_is_int(v) for v in self.version)):
+            raise ValueError(f"sim profile version must be a (major, minor) tuple, not {self.version!r}")
+        if self.bind_overlap_errno not in (errno.EINVAL, errno.EEXIST):
+            raise ValueError(f"bind_overlap_errno must be EINVAL or EEXIST, not {self.bind_overlap_errno!r}")
+        _check_range("address_spaces", self.address_spaces, 1, 2)  # x86: 2 with SMM, 1 without
+        _check_range("nr_memslots", self.nr_memslots, 1, uapi.KVM_USER_MEM_SLOTS)
+        _check_range("max_gpa_bits", self.max_gpa_bits, 32, 52)  # x86-64 MAXPHYADDR
+        _check_range("user_addr_limit", self.user_addr_limit, uapi.PAGE_SIZE, 1 << 57)  # 5-level paging at most
+        if self.user_addr_limit % uapi.PAGE_SIZE:
+            raise ValueError(f"user_addr_limit must be page aligned, not {self.user_addr_limit:#x}")
+        _check_range("host_mapping_level", self.host_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
+        _check_range("max_mapping_level", self.max_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
+        _check_range("nr_vcpus", self.nr_vcpus, 1, 1 << 32)
+        _check_range("max_vcpus", self.max_vcpus, 1, 1 << 32)
+        _check_range("max_vcpu_id", self.max_vcpu_id, 1, 1 << 32)
 
     def with_options(self, **options: Any) -> Profile:
         """This profile with host-configuration (or any other) fields replaced; unknown names → TypeError."""
@@ -153,6 +192,9 @@ PROFILES: dict[str, Profile] = {
         gmem_cap_everywhere=False,
     ),
     "6.18": _V6_18,
+    #: This project's host: 6.18 built without KVM_X86_SW_PROTECTED_VM and without SMM (as measured there: VM_TYPES 1,
+    #: MEMORY_ATTRIBUTES 0, MULTI_ADDRESS_SPACE 0). What still differs is listed in HOST_DEVIATIONS.
+    "host": replace(_V6_18, name="host", sw_protected=False, address_spaces=1),
     "7.2": replace(
         _V6_18,
         name="7.2",
@@ -164,9 +206,29 @@ PROFILES: dict[str, Profile] = {
 
 DEFAULT_PROFILE = "6.18"
 
+#: Where this project's host (Linux 6.18 with the paravirtual kvm_pvm module, shadow paging) differs from
+#: upstream 6.18 and therefore from ``profile="host"``. These are the host's deviations: the sim keeps the
+#: upstream behaviour, and tests that meet one on the kvm backend report it as a strict expected failure.
+HOST_DEVIATIONS: dict[str, str] = {
+    "gmem_only_slot_hva_at_cpl0": (
+        "a memslot bound to an MMAP guest_memfd is served from the guest_memfd for native (CPL3) guest accesses, "
+        "but from the memslot's userspace_addr for emulated CPL0 accesses and page-table walks; upstream 6.18 "
+        "(kvm_gmem_get_pfn for every access of a gmem-only slot) and the sim always use the guest_memfd"
+    ),
+    "vmcall_never_returns": (
+        "KVM_CAP_EXIT_HYPERCALL is advertised and KVM_ENABLE_CAP accepts bit KVM_HC_MAP_GPA_RANGE, but a guest "
+        "VMCALL at CPL0 never reaches kvm_emulate_hypercall: KVM_RUN spins until a signal, so neither "
+        "KVM_EXIT_HYPERCALL nor an error return in RAX is ever produced"
+    ),
+    "vmcall_at_cpl3_gp": (
+        "a VMCALL from CPL3 (guest code runs natively there) is delivered to the guest as #GP(0) instead of "
+        "returning -KVM_EPERM in RAX (kvm_emulate_hypercall's CPL check)"
+    ),
+}
+
 
 def get_profile(profile: str | Profile = DEFAULT_PROFILE, **options: Any) -> Profile:
-    """A named profile ("6.8", "6.18", "7.2") or a Profile instance, with ``options`` applied."""
+    """A named profile ("6.8", "6.18", "host", "7.2") or a Profile instance, with ``options`` applied."""
     if isinstance(profile, Profile):
         base = profile
     else:
