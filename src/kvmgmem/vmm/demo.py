@@ -20,7 +20,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from kvmgmem.guest.machine import GuestVcpu
 
 from .convert import DiscardPolicy, Region
 from .machine import Machine
+from .plot import demo_bands
 from .trace import Tracer
 from .workload import (
     PHASE,
@@ -179,7 +180,8 @@ class Progress:
             if rounds == 0 and phase == PHASES[1]:
                 phase = "populating"
             in_round = min(slices - rounds * self.slices_per_round + 1, self.slices_per_round)
-            where = f"slice {in_round}/{self.slices_per_round} " if self.slices_per_round > 1 else ""
+            implicit = phase == PHASES[5]  # the implicit range is not one of the slices
+            where = f"slice {in_round}/{self.slices_per_round} " if self.slices_per_round > 1 and not implicit else ""
             parts.append(f"vCPU{i} round {rounds + 1} {where}{phase}")
         if len(parts) > 4:  # many vCPUs: a summary, not a line no terminal can show
             counts: dict[str, int] = {}
@@ -192,10 +194,10 @@ class Progress:
 class _Sampler(threading.Thread):
     """Samples rounds per vCPU and the residency of each map chunk while the guest runs."""
 
-    def __init__(self, machine: Machine, chunks: int) -> None:
+    def __init__(self, machine: Machine, rows: Sequence[tuple[int, int]]) -> None:
         super().__init__(name="demo-sampler", daemon=True)
         self.machine = machine
-        self.chunks = chunks
+        self.rows = list(rows)  # (offset, size) in the RAM region: the plot's rows
         self.stop_event = threading.Event()
         self.samples: list[tuple[float, list[int], list[bool]]] = []
 
@@ -211,9 +213,9 @@ class _Sampler(threading.Thread):
         from kvmgmem.hostmem import resident_bytes
 
         region = self.machine.regions[0]
-        size = region.size // self.chunks
+        base = region.host.address
         while not self.stop_event.wait(SAMPLE_PERIOD):
-            resident = [resident_bytes(region.host.address + i * size, size) > 0 for i in range(self.chunks)]
+            resident = [resident_bytes(base + offset, size) > 0 for offset, size in self.rows]
             self.samples.append((self.machine.tracer.now(), self.rounds(), resident))
 
 
@@ -358,7 +360,8 @@ def _run_demo(
     ) as machine:
         for i in range(vcpus):
             machine.write_u64(machine.image.area(i).data + SLICE, SLICE_BYTES)
-        sampler = _Sampler(machine, chunks=_map_rows(memory))
+        bands = demo_bands(vcpus, chunk, implicit_size, memory)
+        sampler = _Sampler(machine, [r for band in bands for r in band.row_ranges()])
         time_up = threading.Event()
         run_start = time.perf_counter()
         setup = run_start - start
@@ -425,14 +428,8 @@ def _run_demo(
         if plot:
             from .plot import plot_map
 
-            plot_map(plot, tracer, sampler.samples, machine.regions[0], chunks=sampler.chunks, report=report)
+            plot_map(plot, tracer, sampler.samples, machine.regions[0], bands=bands, report=report)
     return report
-
-
-def _map_rows(memory: int) -> int:
-    """Rows of the plotted map: one per 256 KiB while that stays readable, so one implicit range (up to
-    IMPLICIT_MAX) shows as its own strip; at most 512 rows."""
-    return max(1, min(512, memory // (256 << 10)))
 
 
 def _stop_all(machine: Machine) -> None:
@@ -512,8 +509,8 @@ def print_report(report: DemoReport, as_json: bool = False) -> None:
                   f"guest_memfd holds {private}")  # fmt: skip
     t.add_row("discarded (cumulative)", f"{human_size(report.punched_bytes)} punched from guest_memfd in "
               f"{report.punches} punches, {human_size(report.discarded_shared_bytes)} of shared memory dropped in "
-              f"{report.discards} discards, over the whole run: every round converts each page again, so these "
-              f"add up past the {human_size(report.memory)} of RAM")  # fmt: skip
+              f"{report.discards} discards: totals over the whole run, which count a page again each time a "
+              f"round converts it (so they can exceed the {human_size(report.memory)} of RAM)")  # fmt: skip
     t.add_row("isolation", f"{report.isolation_refused}/{report.isolation_attempts} host reads of private "
               "memory refused" + (f"; LEAKS: {report.leaks}" if report.leaks else ""))  # fmt: skip
     t.add_row("wall time", f"{report.wall_seconds:.2f} s of workload (limit {report.seconds:g} s, then the slices "
