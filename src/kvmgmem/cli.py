@@ -23,15 +23,14 @@ from kvmgmem import uapi
 from kvmgmem.caps import collect
 
 DESCRIPTION = """\
-fd-based private guest memory for KVM (guest_memfd), on the real /dev/kvm or on a software KVM (the sim).
+fd-based private guest memory for KVM (guest_memfd), on the real /dev/kvm or on a
+software KVM (the sim). Run `kvmgmem COMMAND --help` for a command's options."""
 
-commands:
-  demo      boot a confidential VM whose vCPUs convert memory back and forth; print a verified report
-  caps      what this KVM can do for guest_memfd, and a verdict in plain words
-  selftest  run the installed conformance suite; a case x backend table
-  bench     run a checkout's benchmarks (bench/run.py)
-
-Run `kvmgmem COMMAND --help` for a command's options."""
+DEMO_DESCRIPTION = """\
+Boot a KVM_X86_SW_PROTECTED_VM (real KVM where the host has it, else the sim) whose
+vCPUs convert their share of RAM between shared and private, filling and verifying
+it, while the host checks that it can never read private memory. Ends with a report;
+exit status 0 when everything that ran verified."""
 
 DEMO_EPILOG = """\
 examples:
@@ -118,7 +117,7 @@ def _add_caps(sub: Any) -> None:
     caps.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                       help="kvm (/dev/kvm), sim, or auto: kvm when it can, else the sim "
                       "(default: %(default)s)")  # fmt: skip
-    caps.add_argument("--json", action="store_true", help="machine-readable output instead of a table")
+    caps.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
     caps.set_defaults(func=_cmd_caps)
 
 
@@ -164,9 +163,7 @@ def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="a confidential VM converting memory, with a verified report",
-        description="Boot a KVM_X86_SW_PROTECTED_VM (real KVM where the host has it, else the sim) whose vCPUs "
-        "convert their share of RAM between shared and private, filling and verifying it, while the host "
-        "checks it can never read private memory. Ends with a report; exit 0 when everything verified.",
+        description=DEMO_DESCRIPTION,
         epilog=DEMO_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -179,8 +176,8 @@ def _add_demo(sub: Any) -> None:
                       help="guest RAM: a number of bytes with an optional K/M/G unit, e.g. 64M, 1G "
                       "(default: 64M)")  # fmt: skip
     demo.add_argument("--policy", default="both", choices=["both", "punch-only", "none"],
-                      help="what a conversion discards: both copies' unused side (QEMU), only guest_memfd "
-                      "(cloud-hypervisor) or nothing (default: %(default)s)")  # fmt: skip
+                      help="what a conversion discards: both = the copy no longer used, either side (QEMU); "
+                      "punch-only = only guest_memfd (cloud-hypervisor); none (default: %(default)s)")  # fmt: skip
     demo.add_argument("--seconds", type=_seconds, default=5.0, metavar="S",
                       help="run the workload this long after setup, then let each vCPU finish its slice "
                       "(default: %(default)s)")  # fmt: skip
@@ -297,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmgmem", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"kvmgmem {kvmgmem.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for add in SUBCOMMANDS:
         add(sub)
     for name, subparser in sub.choices.items():  # lets a command report a usage error across options
