@@ -176,6 +176,31 @@ def test_selftest_says_when_nothing_matches_or_the_pattern_is_invalid(tmp_path: 
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "not a valid expression" in bad.stderr
 
 
+def _interrupt(args: list[str], cwd: Path, after: float) -> tuple[int, str, str, int]:
+    """Run the installed command, send it SIGINT (Ctrl-C) after ``after`` seconds; rc, stdout, stderr, pid."""
+    proc = subprocess.Popen(
+        [_installed(), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # the test runner may ignore it
+    )  # fmt: skip
+    try:
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err, proc.pid
+
+
+def test_selftest_ctrl_c_says_interrupted(tmp_path: Path) -> None:
+    rc, out, err, _ = _interrupt(["selftest", "--backend", "sim", "--json"], tmp_path, after=6)
+    assert rc == 130, err[-2000:]
+    assert "interrupted after" in err and "Traceback" not in err
+    assert json.loads(out)["interrupted"] is True
+
+
 # --- the demo running ------------------------------------------------------------------------------------
 
 
@@ -224,23 +249,11 @@ def test_demo_kvm_without_sw_protected_says_what_is_missing(tmp_path: Path) -> N
 
 def test_demo_ctrl_c_is_one_line_and_leaves_nothing_running(tmp_path: Path) -> None:
     _require_protected()
-    proc = subprocess.Popen(
-        [_installed(), "demo", "--seconds", "120"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # the test runner may ignore it
-    )  # fmt: skip
-    try:
-        time.sleep(4)  # past startup: the vCPUs are running
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err[-2000:]
+    rc, out, err, pid = _interrupt(["demo", "--seconds", "120"], tmp_path, after=4)  # past startup
+    assert rc == 130, err[-2000:]
     assert err.strip() == "kvmgmem demo: interrupted" and out == ""
     with pytest.raises(ProcessLookupError):  # nothing of its session survives it
-        os.killpg(proc.pid, 0)
+        os.killpg(pid, 0)
 
 
 def test_map_bands_cover_ram_and_give_each_implicit_range_its_own_strip() -> None:

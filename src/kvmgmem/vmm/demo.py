@@ -2,7 +2,13 @@
 
 It boots a ``KVM_X86_SW_PROTECTED_VM`` (real KVM where the host has it, the sim elsewhere), runs the
 conversion workload of :mod:`kvmgmem.vmm.workload` on every vCPU for ``seconds``, checks at every step that
-the host cannot see private memory through any API it has, and ends with a report. ``--plot`` draws the
+the host cannot see private memory through any API it has, and ends with a report.
+
+``seconds`` is a limit however big the memory: each vCPU walks its range in ``SLICE_BYTES`` slices and
+polls its stop flag after each one, so when the time is up every vCPU finishes the slice in flight (a round's
+last slice finishes the round) and the report says how far each got. Stopping at a slice boundary keeps the
+verification whole: every slice that ran was filled, converted and checked. Only a vCPU still busy
+``STOP_GRACE`` seconds later is kicked out mid-slice, and the report names it. ``--plot`` draws the
 guest-physical map over time, ``--trace`` writes a Chrome/Perfetto trace.
 
 Both conversion paths, when the backend can: explicit ``KVM_HC_MAP_GPA_RANGE`` hypercalls on most of each
