@@ -219,7 +219,9 @@ def test_demo_seconds_is_a_limit_and_no_live_display_off_a_terminal(tmp_path: Pa
     result = _run(["demo", "--memory", "256M", "--seconds", "1"], tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stderr and "rounds per vCPU" not in result.stderr
-    assert "result: VERIFIED" in result.stdout and "slices of round 1" in result.stdout
+    text = " ".join(result.stdout.replace("│", " ").split())  # the table's cells, unwrapped
+    assert "result: VERIFIED" in text and "0 rounds + implicit part" in text and "of round 1" in text
+    assert "64 slice(s) of up to 2 MiB" in text  # 128 MiB per vCPU; the run ended in round 1
     assert "Traceback" not in result.stderr
 
 
@@ -230,9 +232,10 @@ def test_demo_json_reports_partial_rounds(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["verified"] is True and report["kicked"] == [] and report["exits"]["done"] == 2
     assert report["slices_per_round"] == 16  # 32 MiB per vCPU less the implicit range, in 2 MiB slices
-    for rounds, slices in zip(report["rounds"], report["slices"], strict=True):
-        assert rounds * 16 <= slices < (rounds + 1) * 16 and slices >= 1
-    assert report["conversions_by_source"].get("hypercall", 0) >= 4 * sum(report["slices"])
+    for rounds, slices, implicit in zip(report["rounds"], report["slices"], report["implicit_rounds"], strict=True):
+        assert rounds * 16 <= slices < (rounds + 1) * 16 and implicit in (rounds, rounds + 1) and implicit >= 1
+    assert report["conversions_by_source"].get("hypercall", 0) == 4 * sum(report["slices"])
+    assert report["conversions_by_source"]["memory-fault"] >= 4 * 64  # a 256 KiB implicit round: 4 per page
 
 
 def test_demo_kvm_without_sw_protected_says_what_is_missing(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from .machine import Machine
 from .plot import demo_bands
 from .trace import Tracer
 from .workload import (
+    IMPLICIT_ROUNDS,
     PHASE,
     PHASES,
     PRIVATE_BYTE,
@@ -140,6 +141,7 @@ class DemoReport:
     implicit_bytes_per_vcpu: int = 0
     slices_per_round: int = 1  # explicit slices of SLICE_BYTES in one round of one vCPU
     slices: list[int] = field(default_factory=list)  # explicit slices completed per vCPU, over all rounds
+    implicit_rounds: list[int] = field(default_factory=list)  # implicit parts completed (each round starts so)
     kicked: list[int] = field(default_factory=list)  # vCPUs the VMM had to kick out mid-slice (STOP_GRACE)
     punches: int = 0  # fallocate(PUNCH_HOLE) calls over the run
     discards: int = 0  # madvise(MADV_REMOVE) calls over the run
@@ -147,17 +149,34 @@ class DemoReport:
     notes: list[str] = field(default_factory=list)
 
     def progress_words(self) -> list[str]:
-        """How far each vCPU got, in words: "3 rounds", "0 rounds + 5/256 slices of round 1"."""
+        """How far each vCPU got, in words: "3 rounds", "0 rounds + implicit part and 5/256 slices of round 1"."""
         out = []
         for i, rounds in enumerate(self.rounds):
             done = self.slices[i] - rounds * self.slices_per_round if i < len(self.slices) else 0
+            implicit = i < len(self.implicit_rounds) and self.implicit_rounds[i] > rounds
             words = f"{rounds} round{'s' if rounds != 1 else ''}"
-            if 0 < done < self.slices_per_round:
-                words += f" + {done}/{self.slices_per_round} slices of round {rounds + 1}"
+            parts = ["implicit part"] if implicit else []
+            if done:
+                parts.append(f"{done}/{self.slices_per_round} slices")
+            if parts:
+                words += f" + {' and '.join(parts)} of round {rounds + 1}"
             if i in self.kicked:
                 words += " (kicked mid-slice)"
             out.append(words)
         return out
+
+    def progress_summary(self) -> str:
+        """``progress_words`` with vCPUs that got equally far named together ("vCPUs 0-7: 2 rounds")."""
+        words = self.progress_words()
+        groups: list[tuple[int, int, str]] = []
+        for i, w in enumerate(words):
+            if groups and groups[-1][2] == w:
+                groups[-1] = (groups[-1][0], i, w)
+            else:
+                groups.append((i, i, w))
+        if len(groups) == 1 and len(words) > 1:
+            return f"every vCPU: {words[0]}"
+        return "; ".join(f"vCPU {a}: {w}" if a == b else f"vCPUs {a}-{b}: {w}" for a, b, w in groups)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -421,6 +440,7 @@ def _run_demo(
             implicit_bytes_per_vcpu=implicit_size,
             slices_per_round=slices_per_round,
             slices=sampler.read(SLICES),
+            implicit_rounds=sampler.read(IMPLICIT_ROUNDS) if bit is not None else [],
             kicked=kicked,
             punches=tracer.counts.get("punch", 0),
             discards=tracer.counts.get("discard", 0),
@@ -496,7 +516,7 @@ def print_report(report: DemoReport, as_json: bool = False) -> None:
     console.print(f"[bold]kvmgmem demo[/bold] — backend {report.backend} ({report.selection_reason})")
     t = Table(show_header=False)
     t.add_row("vCPUs / memory / policy", f"{report.vcpus} / {human_size(report.memory)} / {report.policy}")
-    t.add_row("progress per vCPU", "; ".join(report.progress_words()))
+    t.add_row("progress", report.progress_summary())
     t.add_row("round", f"{report.slices_per_round} slice(s) of up to {human_size(SLICE_BYTES)} per vCPU, each "
               "filled, converted, verified; the stop flag is checked between slices")  # fmt: skip
     if report.private_access_bit is None:

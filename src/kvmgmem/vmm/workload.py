@@ -58,6 +58,8 @@ SLICES = 24  # u64 written by the guest: explicit slices completed, over all rou
 PHASE = 32  # u64 written by the guest: the step it is in (PHASES)
 CHUNK_GPA = 40  # u64s the guest keeps for itself: its explicit range
 CHUNK_END = 48
+IMPLICIT_ROUNDS = 56  # u64 written by the mixed workload: implicit rounds completed (the stop flag is polled
+#                       after each, too: with many vCPUs on few cores one round can take seconds)
 
 # What the guest is doing, by PHASE value (the host's progress display).
 PHASES = {
@@ -130,6 +132,8 @@ def mixed_conversion_workload(expect: Expectations, alias_offset: int) -> Asm:
     a.label(top)
     _phase(a, _IMPLICIT)  # first: it is short, so even a run stopped in its first round used both sources
     _implicit_round(a, expect)
+    a.inc(qword[r10 + IMPLICIT_ROUNDS])
+    a.cmp(qword[r10 + STOP], 0).jne(stopped)
     _explicit_slices(a, expect, stopped, alias_offset)
     a.inc(qword[r10 + ROUNDS])
     a.cmp(qword[r10 + STOP], 0).je(top)
@@ -230,6 +234,7 @@ def _explicit_round(a: Asm, expect: Expectations, private_va: Reg = r12) -> None
 
 
 __all__ = [
+    "IMPLICIT_ROUNDS",
     "PHASE",
     "PHASES",
     "PRIVATE_BYTE",
