@@ -178,19 +178,19 @@ def test_selftest_says_when_nothing_matches_or_the_pattern_is_invalid(tmp_path: 
 
 def _interrupt(args: list[str], cwd: Path, after: float) -> tuple[int, str, str, int]:
     """Run the installed command, send it SIGINT (Ctrl-C) after ``after`` seconds; rc, stdout, stderr, pid."""
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [_installed(), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # the test runner may ignore it
-    )  # fmt: skip
-    try:
-        time.sleep(after)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:  # fmt: skip
+        try:
+            time.sleep(after)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:  # it did not stop: fail, but leave nothing behind
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
     return proc.returncode, out, err, proc.pid
 
 
