@@ -408,8 +408,9 @@ def _run_demo(
                 timer.cancel()
             sampler.stop_event.set()
             sampler.join()
-            if watcher is not None:
-                watcher.set()
+            if watcher is not None:  # joined: no refresh may land after the caller clears its line
+                watcher[0].set()
+                watcher[1].join()
         elapsed = time.perf_counter() - run_start
         stats = machine.conversions.stats
         conversions = stats.to_private + stats.to_shared
@@ -465,7 +466,7 @@ def _stop_all(machine: Machine) -> None:
 
 def _progress_thread(machine: Machine, sampler: _Sampler, progress: Callable[[Progress], None] | None,
                      start: float, seconds: float, slices_per_round: int,
-                     time_up: threading.Event) -> threading.Event | None:  # fmt: skip
+                     time_up: threading.Event) -> tuple[threading.Event, threading.Thread] | None:  # fmt: skip
     if progress is None:
         return None
     done = threading.Event()
@@ -484,8 +485,9 @@ def _progress_thread(machine: Machine, sampler: _Sampler, progress: Callable[[Pr
                 stopping=time_up.is_set(),
             ))  # fmt: skip
 
-    threading.Thread(target=loop, name="demo-progress", daemon=True).start()
-    return done
+    thread = threading.Thread(target=loop, name="demo-progress", daemon=True)
+    thread.start()
+    return done, thread
 
 
 def _sim_counters(machine: Machine) -> dict[str, int]:
