@@ -274,3 +274,19 @@ def test_map_bands_cover_ram_and_give_each_implicit_range_its_own_strip() -> Non
     total = sum(b.weight for b in bands)
     assert all(b.weight / total >= 0.1 for b in implicit_bands)
     assert [b.label.split(":")[0] for b in bands] == ["vCPU 0", "vCPU 0", "vCPU 1", "vCPU 1"]
+
+
+def test_demo_guest_check_failure_is_a_one_line_failed(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A check that fails inside the guest (here: the guest expects the wrong discard policy) is the run's
+    result, FAILED with the guest's own words, exit 1 — not a traceback."""
+    _require_protected()
+    from kvmgmem.vmm import demo
+    from kvmgmem.vmm.workload import SHARED_BYTE, Expectations
+
+    wrong = Expectations(shared_after_round_trip=SHARED_BYTE, private_after_round_trip=0)
+    monkeypatch.setattr(demo.Expectations, "for_policy", classmethod(lambda cls, policy: wrong))
+    assert cli.main(["demo", "--memory", "1M", "--vcpus", "1", "--seconds", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvmgmem demo: FAILED:") and "shared copy after round trip" in err
+    assert len(err.splitlines()) <= 3 and "Traceback" not in err

@@ -208,17 +208,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.memory // args.vcpus < uapi.PAGE_SIZE:
         args.parser.error(f"--memory {args.memory} bytes cannot give each of {args.vcpus} vCPUs a 4 KiB page")
+    from kvmgmem.guest.events import GuestError
+    from kvmgmem.vmm.machine import MachineError
+
     progress = None if args.json else _live_line()
+    report, error = None, ""
     try:
         report = demo.run_demo(backend=args.backend, vcpus=args.vcpus, memory=args.memory, policy=args.policy,
                                seconds=args.seconds, plot=args.plot, trace=args.trace, progress=progress)  # fmt: skip
-    except (demo.DemoError, ValueError, OSError) as e:
-        _end_live_line(progress)
-        progress = None
-        print(f"kvmgmem demo: {e}", file=sys.stderr)
-        return 1
+    except (demo.DemoError, ValueError, OSError) as e:  # the host cannot run it as asked
+        error = str(e)
+    except (GuestError, MachineError) as e:  # a check inside the guest or the VMM failed: the result is FAILED
+        error = f"FAILED: {e}"
     finally:
-        _end_live_line(progress)
+        _end_live_line(progress)  # also on Ctrl-C, before main() says "interrupted"
+    if report is None:
+        print(f"kvmgmem demo: {error}", file=sys.stderr)
+        return 1
     demo.print_report(report, args.json)
     if args.plot:
         print(f"map: {args.plot}", file=sys.stderr)
