@@ -1,17 +1,124 @@
-"""The ``kvmgmem`` command line: ``caps``, ``demo``, ``selftest`` and ``bench``."""
+"""The ``kvmgmem`` command line: ``caps``, ``demo``, ``selftest`` and ``bench``.
+
+One ``_cmd_<name>(args) -> exit code`` per subcommand and one ``_add_<name>(sub)`` that declares its options;
+``build_parser`` lists them. Arguments are checked by argparse types, so a bad value is a one-line usage error
+(exit 2) before anything runs; failures the host causes are one line on stderr (exit 1); Ctrl-C is exit 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import kvmgmem
 from kvmgmem import uapi
 from kvmgmem.caps import collect
+
+DESCRIPTION = """\
+fd-based private guest memory for KVM (guest_memfd), on the real /dev/kvm or on a
+software KVM (the sim). Run `kvmgmem COMMAND --help` for a command's options."""
+
+DEMO_DESCRIPTION = """\
+Boot a KVM_X86_SW_PROTECTED_VM (real KVM where the host has it, else the sim) whose
+vCPUs convert their share of RAM between shared and private, filling and verifying
+it, while the host checks that it can never read private memory. Ends with a report;
+exit status 0 when everything that ran verified."""
+
+DEMO_EPILOG = """\
+examples:
+  kvmgmem demo                                   2 vCPUs, 64 MiB, 5 s
+  kvmgmem demo --memory 1G --seconds 20          bigger memory: the run still ends about 20 s after setup
+  kvmgmem demo --plot map.png --trace trace.json the guest-physical map as a PNG, a Perfetto trace"""
+
+BACKEND_CHOICES = ["auto", *kvmgmem.BACKENDS]
+MAX_SECONDS = 24 * 3600.0
+
+
+# --- argument types: each raises ArgumentTypeError with a sentence argparse prints as a usage error -------
+
+
+def _vcpus(text: str) -> int:
+    from kvmgmem.vmm.demo import MAX_VCPUS
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= MAX_VCPUS:
+        raise argparse.ArgumentTypeError(f"{n} vCPUs: the demo runs 1 to {MAX_VCPUS}")
+    return n
+
+
+def _host_ram() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 40
+
+
+def _memory(text: str) -> int:
+    from kvmgmem.vmm.demo import human_size, parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < uapi.PAGE_SIZE or size % uapi.PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 4 KiB pages (e.g. 64M)")
+    limit = _host_ram() // 2 // uapi.PAGE_SIZE * uapi.PAGE_SIZE
+    if size > limit:  # with --policy none both stores hold a full copy
+        raise argparse.ArgumentTypeError(f"{text!r} is more than half of this host's RAM ({human_size(limit)} "
+                                         "at most: guest_memfd and shared memory may each hold a copy)")  # fmt: skip
+    return size
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0, at most {MAX_SECONDS:g}")
+    return value
+
+
+def _output_file(text: str) -> str:
+    """A file the command will write at the end: prove now that it can be created, so a long run does not
+    fail at its last step. A file that did not exist is removed again."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {e.strerror}") from None
+    if not existed:
+        path.unlink()
+    return text
+
+
+# --- caps ------------------------------------------------------------------------------------------------
+
+
+def _add_caps(sub: Any) -> None:
+    caps = sub.add_parser("caps", help="capabilities, VM types, guest_memfd flags and a verdict",
+                          description="Query every guest_memfd-related KVM_CHECK_EXTENSION on the system and "
+                          "on a VM of each supported type, and say in words what this KVM can run.")  # fmt: skip
+    caps.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                      help="kvm (/dev/kvm), sim, or auto: kvm when it can, else the sim "
+                      "(default: %(default)s)")  # fmt: skip
+    caps.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
+    caps.set_defaults(func=_cmd_caps)
 
 
 def _cmd_caps(args: argparse.Namespace) -> int:
@@ -49,40 +156,121 @@ def _cmd_caps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_selftest(args: argparse.Namespace) -> int:
-    from kvmgmem import selftest
+# --- demo ------------------------------------------------------------------------------------------------
 
-    backends = None if args.backend in (None, "all") else [args.backend]
-    return selftest.main(backends, args.k, args.json, args.verbose)
+
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="a confidential VM converting memory, with a verified report",
+        description=DEMO_DESCRIPTION,
+        epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                      help="kvm needs KVM_X86_SW_PROTECTED_VM; auto picks the sim without it "
+                      "(default: %(default)s)")  # fmt: skip
+    demo.add_argument("--vcpus", type=_vcpus, default=2, metavar="N",
+                      help="vCPUs, each converting its own share of RAM, 1-64 (default: %(default)s)")  # fmt: skip
+    demo.add_argument("--memory", type=_memory, default="64M", metavar="SIZE",
+                      help="guest RAM: a number of bytes with an optional K/M/G unit, e.g. 64M, 1G "
+                      "(default: 64M)")  # fmt: skip
+    demo.add_argument("--policy", default="both", choices=["both", "punch-only", "none"],
+                      help="what a conversion discards: both = the copy no longer used, either side (QEMU); "
+                      "punch-only = only guest_memfd (cloud-hypervisor); none (default: %(default)s)")  # fmt: skip
+    demo.add_argument("--seconds", type=_seconds, default=5.0, metavar="S",
+                      help="run the workload this long after setup, then let each vCPU finish its slice "
+                      "(default: %(default)s)")  # fmt: skip
+    demo.add_argument("--plot", metavar="FILE.png", type=_output_file,
+                      help="also draw the guest-physical map over time into this PNG (default: no plot)")
+    demo.add_argument("--trace", metavar="FILE.json", type=_output_file,
+                      help="also write a Chrome/Perfetto trace of conversions, punches and discards "
+                      "(default: none)")  # fmt: skip
+    demo.add_argument("--json", action="store_true", help="print the report as JSON (default: a table)")
+    demo.set_defaults(func=_cmd_demo)
+
+
+def _live_line() -> Callable[[Any], None] | None:
+    """A progress line that rewrites itself on a terminal; nothing at all when stderr is not one (a log
+    would otherwise collect every refresh)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(progress: Any) -> None:
+        width = shutil.get_terminal_size().columns - 1
+        print(f"\r{progress.line()[:width]}\x1b[K", end="", file=sys.stderr, flush=True)
+
+    return show
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kvmgmem.vmm import demo
 
-    try:
-        memory = demo.parse_size(args.memory)
-    except ValueError as e:
-        print(f"kvmgmem demo: {e}", file=sys.stderr)
-        return 2
-    progress = None
-    if not args.json:
-        def progress(rounds: list[int], conversions: int) -> None:
-            print(f"\r  rounds per vCPU {rounds}  conversions {conversions}", end="", file=sys.stderr, flush=True)
+    if args.memory // args.vcpus < uapi.PAGE_SIZE:
+        args.parser.error(f"--memory {args.memory} bytes cannot give each of {args.vcpus} vCPUs a 4 KiB page")
+    from kvmgmem.guest.events import GuestError
+    from kvmgmem.vmm.machine import MachineError
 
+    progress = None if args.json else _live_line()
+    report, error = None, ""
     try:
-        report = demo.run_demo(backend=args.backend, vcpus=args.vcpus, memory=memory, policy=args.policy,
+        report = demo.run_demo(backend=args.backend, vcpus=args.vcpus, memory=args.memory, policy=args.policy,
                                seconds=args.seconds, plot=args.plot, trace=args.trace, progress=progress)  # fmt: skip
-    except KeyboardInterrupt:
-        print("\nkvmgmem demo: interrupted", file=sys.stderr)
-        return 130
-    if progress is not None:
-        print(file=sys.stderr)
+    except (demo.DemoError, ValueError, OSError) as e:  # the host cannot run it as asked
+        error = str(e)
+    except (GuestError, MachineError) as e:  # a check inside the guest or the VMM failed: the result is FAILED
+        error = f"FAILED: {e}"
+    finally:
+        _end_live_line(progress)  # also on Ctrl-C, before main() says "interrupted"
+    if report is None:
+        print(f"kvmgmem demo: {error}", file=sys.stderr)
+        return 1
     demo.print_report(report, args.json)
     if args.plot:
         print(f"map: {args.plot}", file=sys.stderr)
     if args.trace:
         print(f"trace: {args.trace} (open in https://ui.perfetto.dev)", file=sys.stderr)
     return 0 if report.verified else 1
+
+
+def _end_live_line(progress: object) -> None:
+    if progress is not None:
+        print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+# --- selftest --------------------------------------------------------------------------------------------
+
+
+def _add_selftest(sub: Any) -> None:
+    st = sub.add_parser("selftest", help="run the conformance suite; case x backend table",
+                        description="Run the conformance suite installed with kvmgmem (pytest) on each backend "
+                        "and print one row per case: pass, FAIL, or skip with the capability that is missing. "
+                        "Works from any directory.")  # fmt: skip
+    st.add_argument("--backend", default="all", choices=["all", *kvmgmem.BACKENDS],
+                    help="run on this backend only (default: %(default)s)")  # fmt: skip
+    st.add_argument("-k", metavar="PATTERN",
+                    help="only cases matching this pytest -k expression; spec ids as the table shows them "
+                    "(GM-1, 'SR-4 or PK-1') select exactly those cases (default: every case)")  # fmt: skip
+    st.add_argument("--json", action="store_true", help="print the results as JSON (default: a table)")
+    st.add_argument("-v", "--verbose", action="store_true", help="also show pytest's own output (default: off)")
+    st.set_defaults(func=_cmd_selftest)
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from kvmgmem import selftest
+
+    backends = None if args.backend in (None, "all") else [args.backend]
+    code = selftest.main(backends, args.k, args.json, args.verbose)
+    if code == 130:
+        # The interrupted case may have left threads running a guest that only the case itself would have
+        # stopped; the interpreter would wait for them at exit. The results are printed: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return code
+
+
+# --- bench -----------------------------------------------------------------------------------------------
 
 
 def _bench_dir() -> Path | None:
@@ -93,6 +281,15 @@ def _bench_dir() -> Path | None:
     return None
 
 
+def _add_bench(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="run the benchmarks of a checkout (bench/run.py): JSON + markdown table",
+                           description="Run a kvmgmem checkout's benchmarks (they are not installed) and write "
+                           "bench/results/all.{json,md}.")  # fmt: skip
+    bench.add_argument("names", nargs="*",
+                       help="exits populate convert faults execspeed workload (default: all of them)")  # fmt: skip
+    bench.set_defaults(func=_cmd_bench)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     bench = _bench_dir()
     if bench is None:
@@ -101,33 +298,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(bench / "run.py"), *args.names], cwd=bench.parent)
 
 
+# --- the parser and main ---------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_caps, _add_selftest, _add_bench]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvmgmem", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kvmgmem", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"kvmgmem {kvmgmem.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    caps = sub.add_parser("caps", help="capabilities, VM types, guest_memfd flags and a verdict")
-    caps.add_argument("--backend", default="auto", choices=["auto", *kvmgmem.BACKENDS])
-    caps.add_argument("--json", action="store_true", help="machine-readable output")
-    caps.set_defaults(func=_cmd_caps)
-    demo = sub.add_parser("demo", help="a confidential VM converting memory, with a verified report")
-    demo.add_argument("--backend", default="auto", choices=["auto", *kvmgmem.BACKENDS])
-    demo.add_argument("--vcpus", type=int, default=2)
-    demo.add_argument("--memory", default="64M", help="guest RAM (e.g. 64M, 1G)")
-    demo.add_argument("--policy", default="both", choices=["both", "punch-only", "none"])
-    demo.add_argument("--seconds", type=float, default=5.0)
-    demo.add_argument("--plot", metavar="FILE.png", help="draw the guest-physical map over time")
-    demo.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace")
-    demo.add_argument("--json", action="store_true", help="machine-readable report")
-    demo.set_defaults(func=_cmd_demo)
-    bench = sub.add_parser("bench", help="run the benchmarks of a checkout (bench/run.py): JSON + markdown table")
-    bench.add_argument("names", nargs="*", help="exits populate convert faults execspeed workload (default: all)")
-    bench.set_defaults(func=_cmd_bench)
-    st = sub.add_parser("selftest", help="run the conformance suite; case x backend table")
-    st.add_argument("--backend", default="all", choices=["all", *kvmgmem.BACKENDS])
-    st.add_argument("-k", metavar="PATTERN", help="only cases matching this pytest -k expression")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument("-v", "--verbose", action="store_true", help="show pytest's own output")
-    st.set_defaults(func=_cmd_selftest)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for add in SUBCOMMANDS:
+        add(sub)
+    for name, subparser in sub.choices.items():  # lets a command report a usage error across options
+        subparser.set_defaults(parser=subparser, command=name)
     return parser
 
 
@@ -135,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
+    except KeyboardInterrupt:
+        print(f"kvmgmem {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `kvmgmem caps --json | head`
         sys.stderr.close()
         return 0

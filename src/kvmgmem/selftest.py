@@ -3,6 +3,11 @@
 The suite ships inside the package (:mod:`kvmgmem.conformance`), so a user can check a kernel — or the sim —
 without a checkout. It is ordinary pytest; this module only drives it and tabulates what each case did on
 each backend (pass / FAIL / skip with the reason, which names the missing capability).
+
+It must behave the same from any directory, a checkout of kvmgmem included: pytest would otherwise adopt the
+current directory's configuration (a checkout's ``pyproject.toml``) and conftest files, so :func:`run` gives it
+an empty configuration and roots it at the suite's own directory. ``-k`` accepts the spec ids the table shows
+(``GM-1``, ``SR-4e``; ``GM-9`` also selects GM-9a/b/c) besides pytest's own names.
 """
 
 from __future__ import annotations
@@ -14,18 +19,55 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 SUITE = "kvmgmem.conformance"
+EXIT_INTERRUPTED, EXIT_USAGE = 2, 4  # pytest.ExitCode values, named here to keep pytest's import lazy
 
 
 _SPEC_ID = re.compile(r"^test_(gm|sr|pk|pc)(\d+[a-z]?)(?:_|$)")
+# A spec id as a user types it in -k: "GM-1", "sr-4e" — standing alone, not inside a longer name.
+_SPEC_ID_IN_PATTERN = re.compile(r"(?<![\w:.\[-])(gm|sr|pk|pc)-(\d+)([a-z]?)(?![\w.\]-])", re.IGNORECASE)
 
 
 def spec_id(case: str) -> str:
     """The spec §4 case id a test is named for ("GM-13", "SR-4e", ...), or "" for the §2 edge cases."""
     m = _SPEC_ID.match(case)
     return f"{m.group(1).upper()}-{m.group(2)}" if m else ""
+
+
+def spec_keywords(case: str) -> set[str]:
+    """The -k keywords a case carries: ``spec:GM-9b:`` and its family ``spec:GM-9:``. The colons make a
+    -k substring match exact: ``spec:GM-1:`` is not inside ``spec:GM-13:``."""
+    m = _SPEC_ID.match(case)
+    if not m:
+        return set()
+    family, number = m.group(1).upper(), m.group(2)
+    return {f"spec:{family}-{number}:", f"spec:{family}-{number.rstrip('abcdefghijklmnopqrstuvwxyz')}:"}
+
+
+def rewrite_pattern(pattern: str) -> str:
+    """A -k expression with each spec id (``GM-1``) replaced by the keyword :func:`spec_keywords` adds."""
+    return _SPEC_ID_IN_PATTERN.sub(lambda m: f"spec:{m.group(1).upper()}-{m.group(2)}{m.group(3).lower()}:", pattern)
+
+
+def check_pattern(pattern: str) -> str | None:
+    """Why pytest would refuse this -k expression, or None. Asked before the run so a typo is one line, not
+    an empty table followed by pytest's error (the parser is pytest's own; without it pytest says it later)."""
+    try:
+        from _pytest.mark.expression import Expression
+    except ImportError:
+        return None
+    try:
+        Expression.compile(pattern)
+    except SyntaxError as e:  # pytest's ParseError
+        return str(e)
+    except Exception as e:  # another pytest version's error type: still a refusal
+        return str(e)
+    return None
 
 
 @dataclass
@@ -41,15 +83,22 @@ class CaseResult:
         return spec_id(self.case)
 
 
-@dataclass
+@dataclass(eq=False)  # pluggy keys plugins by hash: identity, not the (mutable) fields
 class Collector:
     """A pytest plugin that records one CaseResult per test (setup skips and call outcomes)."""
 
     results: dict[str, CaseResult] = field(default_factory=dict)
     names: dict[str, tuple[str, str]] = field(default_factory=dict)
 
+    interrupted: bool = False
+
+    def pytest_keyboard_interrupt(self) -> None:
+        self.interrupted = True
+
+    @pytest.hookimpl(tryfirst=True)  # before pytest's -k deselection, which reads the spec keywords
     def pytest_collection_modifyitems(self, items: list[Any]) -> None:
         for item in items:
+            item.extra_keyword_matches.update(spec_keywords(item.originalname))
             params = dict(getattr(getattr(item, "callspec", None), "params", {}) or {})
             backend = str(params.pop("backend", "-"))
             ids = item.name[len(item.originalname) :].removeprefix("[").removesuffix("]").split("-")
@@ -82,19 +131,30 @@ def run(
     backends: Sequence[str] | None = None, pattern: str | None = None, verbose: bool = False
 ) -> tuple[int, list[CaseResult]]:
     """Run the suite; returns pytest's exit code and the per-case results."""
-    import pytest
+    import kvmgmem.conformance
 
+    here = str(Path(kvmgmem.conformance.__file__).parent)
     collector = Collector()
-    args = ["--pyargs", SUITE, "-p", "no:cacheprovider", "-q" if not verbose else "-v", "--no-header", "-rN"]
+    # No configuration file and no conftest above the suite: the same run from any directory.
+    args = ["--pyargs", SUITE, "-c", os.devnull, "--rootdir", here, "--confcutdir", here]
+    args += ["-p", "no:cacheprovider", "-q" if not verbose else "-v", "--no-header", "-rN"]
     if not verbose:
         args += ["--tb=no", "-o", "console_output_style=classic"]
     if pattern:
-        args += ["-k", pattern]
+        args += ["-k", rewrite_pattern(pattern)]
     old = os.environ.get("KVMGMEM_BACKENDS")
     if backends:
         os.environ["KVMGMEM_BACKENDS"] = ",".join(backends)
     try:
-        code = int(pytest.main(args, plugins=[collector]))
+        try:
+            code = int(pytest.main(args, plugins=[collector]))
+        except BaseException as e:
+            # After a Ctrl-C pytest still tears the interrupted test's fixtures down, with its output capture
+            # already stopped, so a fixture's own check (the suite's fd-leak check) can raise out of
+            # pytest.main. That is part of the interruption, not a result.
+            if not (collector.interrupted or isinstance(e, KeyboardInterrupt)):
+                raise
+            code = EXIT_INTERRUPTED
     finally:
         if old is None:
             os.environ.pop("KVMGMEM_BACKENDS", None)
@@ -113,6 +173,7 @@ def summarize(results: Sequence[CaseResult]) -> dict[str, dict[str, int]]:
 
 def print_table(results: Sequence[CaseResult]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     backends = sorted({r.backend for r in results})
@@ -139,9 +200,9 @@ def print_table(results: Sequence[CaseResult]) -> None:
                 continue
             cell = style.get(got.outcome, got.outcome)
             if got.outcome != "passed" and got.detail:
-                cell += f" {got.detail[:110]}"
+                cell += f" {escape(got.detail[:110])}"
             cells.append(cell)
-        table.add_row(spec_id(case), case, *cells)
+        table.add_row(spec_id(case), escape(case), *cells)  # "[cpl0]" is a parameter, not rich markup
     console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
     for backend, counts in summarize(results).items():
@@ -152,15 +213,28 @@ def print_table(results: Sequence[CaseResult]) -> None:
 
 
 def main(backends: Sequence[str] | None, pattern: str | None, as_json: bool, verbose: bool = False) -> int:
+    """``kvmgmem selftest``: 0 when every selected case passed or skipped; 1 on a failure or when nothing
+    matched ``pattern``; 2 for a -k pytest cannot parse; 130 when interrupted (the partial results are shown,
+    marked as such)."""
+    if pattern is not None:
+        problem = check_pattern(rewrite_pattern(pattern))
+        if problem is not None:
+            print(f"kvmgmem selftest: -k {pattern!r} is not a valid expression: {problem}", file=sys.stderr)
+            return 2
     if as_json:  # keep stdout pure JSON: pytest's own progress goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
             code, results = run(backends, pattern, verbose)
     else:
         code, results = run(backends, pattern, verbose)
+    interrupted = code == EXIT_INTERRUPTED
+    if code == EXIT_USAGE:
+        print("kvmgmem selftest: pytest refused the arguments (see its message above)", file=sys.stderr)
+        return 2
     if as_json:
         json.dump(
             {
                 "exit_code": code,
+                "interrupted": interrupted,
                 "summary": summarize(results),
                 "cases": [{**r.__dict__, "spec_id": r.spec_id} for r in results],
             },
@@ -168,9 +242,17 @@ def main(backends: Sequence[str] | None, pattern: str | None, as_json: bool, ver
             indent=2,
         )
         print()
-    else:
+    elif results:
         print_table(results)
-    failed = any(r.outcome == "failed" for r in results)
-    if code not in (0, 5) or failed:
+    if interrupted:
+        print(f"kvmgmem selftest: interrupted after {len(results)} cases; the results above are partial",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    if not results:
+        what = "ran"
+        if pattern:
+            what = f"matches -k {pattern!r} (test names, or spec ids as the table shows them: GM-1, SR-4e)"
+        print(f"kvmgmem selftest: no case {what}", file=sys.stderr)
         return 1
-    return 0 if results else 1
+    failed = any(r.outcome == "failed" for r in results)
+    return 1 if failed or code not in (0, 5) else 0

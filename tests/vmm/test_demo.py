@@ -32,7 +32,9 @@ def test_demo_report_plot_and_trace(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["verified"] is True and report["leaks"] == []
     assert report["isolation_refused"] == report["isolation_attempts"] > 0
-    assert report["conversions"] >= 8 and all(r >= 1 for r in report["rounds"])
+    # The run stops at the first slice boundary after 1 s: the round may be partial, but every vCPU got
+    # through at least the implicit part of round 1 (it is first) and all of what it did was verified.
+    assert report["conversions"] >= 8 and all(r >= 1 for r in report["implicit_rounds"])
     assert report["exits"]["done"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     events = json.loads(trace.read_text())["traceEvents"]

@@ -33,6 +33,7 @@ from kvmgmem.guest.asm import Asm
 from kvmgmem.guest.events import Done, Sync, UnexpectedExitError
 from kvmgmem.guest.image import GuestImage
 from kvmgmem.guest.machine import GuestVcpu, GuestVm
+from kvmgmem.guest.runner import VcpuThreads
 from kvmgmem.hostmem import HostMemory, resident_bytes
 
 from .convert import ConversionError, ConversionService, DiscardPolicy, Region
@@ -106,6 +107,7 @@ class Machine:
         self.vm = None
         self.guest: GuestVm | None = None
         self._stop = threading.Event()
+        self._threads: VcpuThreads | None = None
         try:
             self.vm = self.system.create_vm(vm_type)
             self._check_private_access_bit(program)
@@ -220,10 +222,16 @@ class Machine:
             raise MachineError(f"vCPU {gv.index}: cannot satisfy memory fault at {exit.gpa:#x}: {e}") from None
 
     def run(self, timeout: float | None = 60.0) -> float:
-        """Run every vCPU to DONE on its own thread; returns the wall time. Re-raises the first failure."""
+        """Run every vCPU to DONE on its own thread; returns the wall time. Re-raises the first failure.
+
+        ``timeout`` None waits for as long as the guest runs: a caller that wants a time limit sets the
+        guest's own stop flag and, as a last resort, calls :meth:`stop` from another thread."""
         assert self.guest is not None
         start = time.perf_counter()
-        threads = self.guest.threads(self._vcpu_main).start()
+        threads = self._threads = self.guest.threads(self._vcpu_main)
+        if self._stop.is_set():  # stop() came before the threads existed: do not start the guest at all
+            return 0.0
+        threads.start()
         try:
             threads.join(timeout)
         except KeyboardInterrupt:
@@ -237,11 +245,21 @@ class Machine:
         return time.perf_counter() - start
 
     def stop(self) -> None:
-        """Ask every vCPU to leave (used on Ctrl-C)."""
+        """Make every vCPU leave the guest now (a kick), wherever it is; ``run`` then returns normally.
+
+        A vCPU that leaves this way stops in the middle of whatever its guest was doing; a guest that can
+        be asked to stop at a clean point (the demo's stop flag) should be asked first."""
         self._stop.set()
-        if self.guest is not None:
+        if self._threads is not None:
+            self._threads.stop()  # kicks, and marks the EINTR they cause as expected
+        elif self.guest is not None:
             for gv in self.guest.vcpus:
                 gv.vcpu.kick()
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` was called (vCPUs may have left the guest mid-way)."""
+        return self._stop.is_set()
 
     # --- accounting ------------------------------------------------------------------------------------
 
