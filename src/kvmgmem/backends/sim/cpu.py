@@ -172,6 +172,52 @@ __all__ = [
 
 
 _HUGE_SIZES = (2 << 20, 1 << 30)
+_MAIN_THREAD = threading.main_thread().ident
+SIGNAL_TICK_S = 0.02  # how long a main-thread vCPU may stay in unicorn before Python can run signal handlers
+
+
+class _SignalTicker:
+    """Lets CPython run signal handlers (Ctrl-C) while a vCPU runs guest code on the main thread.
+
+    Why: CPython runs Python signal handlers only on the main thread, between bytecodes. ``emu_start`` is one
+    long C call, so a guest loop on the main thread would never return to the interpreter and SIGINT would
+    wait for SIGKILL. Real KVM returns EINTR from KVM_RUN when a signal arrives. Here one daemon thread stops
+    the main thread's engine every ``SIGNAL_TICK_S`` while it is in guest mode (``emu_stop``, as a request
+    does); the run loop then passes through Python, where a pending handler runs and its exception
+    (KeyboardInterrupt) propagates out of ``run()``. A stop costs one ``emu_start`` re-entry (a few µs per
+    20 ms); vCPUs on other threads are never stopped (their signals are handled by the main thread anyway).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._cpu: SimCpu | None = None
+        self._thread: threading.Thread | None = None
+
+    def arm(self, cpu: SimCpu) -> None:
+        with self._cond:
+            self._cpu = cpu
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="kvmgmem-sim-signal-tick", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._cpu = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._cpu is None:
+                    self._cond.wait()
+                cpu = self._cpu
+                self._cond.wait(SIGNAL_TICK_S)
+                if self._cpu is not cpu:
+                    continue
+            cpu._stop_if_in_guest()
+
+
+_ticker = _SignalTicker()
 
 
 def _emulation_failure(*data: int) -> VmExitSignal:
@@ -383,6 +429,19 @@ class SimCpu:
                     self._uc.emu_stop()
                 self._cond.wait(0.0005)
 
+    def take_kick(self) -> bool:
+        """Consume a pending kick (KVM's ``immediate_exit`` checked before anything else in KVM_RUN)."""
+        with self._cond:
+            kicked, self._kick = self._kick, False
+            if kicked:
+                self._cond.notify_all()
+            return kicked
+
+    def _stop_if_in_guest(self) -> None:
+        with self._cond:
+            if self._in_guest:
+                self._uc.emu_stop()
+
     def _post_request(self, flush: tuple[int | None, int | None] | None) -> int:
         with self._cond:
             if flush is not None:
@@ -472,10 +531,15 @@ class SimCpu:
                     self._owner = None
                     self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
+            on_main = self._owner == _MAIN_THREAD
+            if on_main:
+                _ticker.arm(self)
             try:
                 self._finish_completion()
                 return self._run_loop()
             finally:
+                if on_main:
+                    _ticker.disarm()
                 with self._cond:
                     self._owner = None
                     self._in_guest = False
