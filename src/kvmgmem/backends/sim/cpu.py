@@ -52,13 +52,20 @@ Mechanism
   instruction), decodes the instruction for ``MmioExit``, delivers #PF (with CR2 from the decoded operand
   and the architectural error code) through the guest IDT (``cpu_exc``; unicorn never delivers exceptions),
   or retries.
-* **IN/OUT** hooks record the access and stop the engine; a native per-instruction code hook (``cpu_uc``)
-  makes that stop land exactly after the instruction. As in KVM, the exit shows RIP *at* the IN/OUT (and RAX
-  unchanged for IN); the next ``run()`` loads the IN data into AL/AX/EAX and steps over the instruction.
-* **HLT**: ``emu_start`` returns normally; HLT iff the native hook's last instruction address is RIP-1 and that
-  byte is 0xF4 (an external stop leaves it equal to RIP). **VMCALL/VMMCALL** reach the invalid-instruction
-  hook and are handled per spec §3.4; other #UD, #GP, INT n... are delivered through the IDT; a fault while
-  delivering #DF is a triple fault → ``ShutdownExit``.
+* **IN/OUT** hooks record the access and stop the engine. Unicorn honours a stop only at a block boundary or
+  before an instruction a code hook covers, so every fetch TLB fill scans the code page (``_scan_code``) and
+  puts a native code hook (``cpu_uc``) on each address that follows a byte that could start IN/OUT/INS/OUTS:
+  the stop lands exactly after the instruction, and steady-state code runs with no per-instruction call.
+  (Only a fetch fill grants EXEC, so no page is translated unscanned; a stop that lands elsewhere, which
+  only code the guest rewrote after translation could cause, is an emulation-failure exit, not silent.)
+  As in KVM, the exit shows RIP *at* the IN/OUT (and RAX unchanged for IN); the next ``run()`` loads the IN
+  data into AL/AX/EAX and steps over the instruction.
+* **HLT**: ``emu_start`` returns normally; every possible HLT and INT n byte also carries a native hook that
+  writes its address into a slot cleared before each ``emu_start``: HLT iff the slot is RIP-1 and that
+  byte is 0xF4 (an external stop never leaves it there, as executing a HLT ends ``emu_start``). Likewise an
+  interrupt is a software INT n/INT3 iff the slot names an INT whose end is the reported RIP.
+* **VMCALL/VMMCALL** reach the invalid-instruction hook and are handled per spec §3.4; other #UD, #GP,
+  INT n... are delivered through the IDT; a fault while delivering #DF is a triple fault → ``ShutdownExit``.
 * **Requests and acks** (KVM's ``kvm_make_all_cpus_request``). A vCPU is *in guest mode* while unicorn executes
   guest code, and leaves it whenever it is in Python (fault hook, exit handling). Requests (flush, store
   changes) bump ``_req``; the requester stops a vCPU in guest mode with ``emu_stop`` (repeated until it
@@ -72,8 +79,9 @@ Mechanism
 Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbers belong to bench/)
 -----------------------------------------------------------------------------------------------------
 
-* guest ``dec rcx; jnz``: ~90-105 M instructions/s with the native code hook (~450 M without it; a Python
-  code hook would give ~3 M). Steady-state guest code runs with no Python callback at all.
+* guest ``dec rcx; jnz``: 80-95% of a bare unicorn engine by CPU time (bench 5; it was ~22% with the former
+  per-instruction native hook, ~450 → ~100 M instructions/s). Steady-state guest code runs with no Python
+  callback and no native call at all.
 * TLB fill: ~20 µs per 4 KiB page (hook + 4-level walk over cached table pages + data-page resolve), about
   the same on first touch with the fake resolver (the VM's own fault cost adds to that).
 * exit round trip (guest OUT → ``run()`` returns → ``run()`` again): ~21 µs; a hypercall answered in the
@@ -87,6 +95,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import re
 import struct
 import threading
 import time
@@ -137,7 +146,7 @@ from kvmgmem.backends.sim.cpu_types import (
     Mmio,
     Retry,
 )
-from kvmgmem.backends.sim.cpu_uc import CpuState, Engine, add_last_insn_hook, new_engine, tlb_flush
+from kvmgmem.backends.sim.cpu_uc import CpuState, Engine, add_code_hook, new_engine, tlb_flush
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import (
     Exit,
@@ -158,6 +167,10 @@ KVM_HC_VAPIC_POLL_IRQ = 1
 HLT = 0xF4
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 _UC_ACCESS = {16: ACCESS_READ, 17: ACCESS_WRITE, 18: ACCESS_FETCH}  # UC_MEM_READ/WRITE/FETCH
+# Bytes that may start an instruction that must be seen exactly (see _scan_code): IN/OUT imm8 (E4-E7),
+# IN/OUT dx (EC-EF), INS/OUTS (6C-6F), HLT (F4), INT3/INT n/INTO/INT1 (CC CD CE F1).
+_CODE_SITES = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f\xf4\xcc-\xce\xf1]")
+_INT_LENGTHS = {0xCC: 1, 0xCD: 2, 0xCE: 1, 0xF1: 1}
 _IO_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
 
 __all__ = [
@@ -321,8 +334,10 @@ class SimCpu:
         self._stores: StoreMap = cpuset.stores
         self._uc: Engine = new_engine()
         self._state = CpuState(self._uc)
-        self._last_insn = ctypes.c_uint64(0)  # written by the native code hook; must outlive the engine
-        add_last_insn_hook(self._uc, self._last_insn)
+        # written by the native code hooks (cpu_uc.add_code_hook); must outlive the engine
+        self._last_insn = ctypes.c_uint64(0)
+        self._hooked: set[int] = set()  # guest addresses with a code hook (never removed: TBs call them)
+        self._int_sites: dict[int, int] = {}  # hooked address whose byte is INT3/INT n/INTO/INT1 -> length
         self._uc.hook_add(UC_HOOK_TLB_FILL, self._hook_tlb_fill)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
@@ -591,9 +606,11 @@ class SimCpu:
 
             if self._code_stale:
                 uc.ctl_flush_tb()
+                tlb_flush(uc)  # rewritten code pages are re-scanned on their next fetch fill (_scan_code)
                 self._code_stale = False
             self._io = self._intr = self._tlb_event = None
             self._invalid_insn = False
+            self._last_insn.value = 0
             rip = uc.reg_read(UC_X86_REG_RIP)
             with self._cond:
                 if self._req != self._ack:
@@ -628,7 +645,10 @@ class SimCpu:
                 return self._io_exit(self._io)
             if self._intr is not None:
                 vector, fault_rip = self._intr
-                soft = fault_rip != self._last_insn.value  # INT n/INT3 leave RIP after the instruction
+                # INT n/INT3/INTO/INT1 leave RIP after the instruction, and one of them ran last iff the
+                # hook slot names its address (they are all hooked); a fault leaves RIP at the instruction
+                last = self._last_insn.value
+                soft = (last + self._int_sites.get(last, 0)) & MASK64 == fault_rip and last in self._int_sites
                 self._pending_event = Event(vector, 0, None, soft)
                 return None
             rip = uc.reg_read(UC_X86_REG_RIP)
@@ -677,7 +697,9 @@ class SimCpu:
         if isinstance(outcome, tuple):
             with self._cond:
                 if self._req == self._ack:
-                    entry.paddr, entry.perms = outcome  # type: ignore[attr-defined]
+                    entry.paddr, entry.perms, host_page = outcome  # type: ignore[attr-defined]
+                    if acc == ACCESS_FETCH:
+                        self._scan_code(vaddr & PAGE_MASK, host_page)
                     self._in_guest = True
                     if self._kick:  # a kick that found us outside guest mode did not stop the engine
                         uc.emu_stop()
@@ -685,6 +707,35 @@ class SimCpu:
             outcome = Retry()
         self._tlb_event = (vaddr, acc, outcome)
         return False
+
+    def _scan_code(self, vpage: int, host_page: int) -> None:
+        """Hook every address where an exit must be precise, before unicorn translates code on ``vpage``.
+
+        Why: unicorn honours ``emu_stop`` only at block boundaries or before a hooked instruction, and a
+        hook on every instruction costs three quarters of its speed (cpu_uc). x86 code cannot be decoded
+        without knowing where instructions start, so every byte that *could* start IN/OUT/INS/OUTS gets a
+        hook on the address just after that instruction (the IN/OUT hook's stop then lands exactly there),
+        and every possible HLT/INT n gets a hook on itself (the slot then tells whether it ran last). A false
+        candidate only costs a hook on an address that is not an instruction start (never called) or on
+        some ordinary instruction (one native call when it runs). Caller holds ``_cond`` with no request
+        pending, so ``host_page`` is live memory of a registered store.
+        """
+        code = ctypes.string_at(host_page, PAGE_SIZE)
+        hooked = self._hooked
+        for m in _CODE_SITES.finditer(code):
+            i = m.start()
+            op = code[i]
+            if 0xE4 <= op <= 0xE7:
+                site = vpage + i + 2
+            elif 0xEC <= op <= 0xEF or 0x6C <= op <= 0x6F:
+                site = vpage + i + 1
+            else:
+                site = vpage + i
+                if op != HLT:
+                    self._int_sites[site] = _INT_LENGTHS[op]
+            if site not in hooked:
+                hooked.add(site)
+                add_code_hook(self._uc, self._last_insn, site & MASK64)
 
     # --- translation ---------------------------------------------------------------------------------------
 
@@ -753,8 +804,8 @@ class SimCpu:
                 return write_data
             return ctypes.string_at(host_addr, n)
 
-    def _translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int] | object:
-        """For the TLB: (window address, unicorn perms), or the outcome that prevents it."""
+    def _translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int, int] | object:
+        """For the TLB: (window address, unicorn perms, host page), or the outcome that prevents it."""
         try:
             res = walk(vaddr, acc, self._paging(cpl), self._read_pte, self._private_bit)
             if not isinstance(res, Translation):
@@ -769,9 +820,11 @@ class SimCpu:
             perms = UC_PROT_READ
             if res.writable and host_writable:
                 perms |= UC_PROT_WRITE
-            if res.executable:
+            if res.executable and acc == ACCESS_FETCH:
+                # Only a fetch fill grants EXEC, so every page is scanned (_scan_code) before unicorn
+                # translates code from it; a data fill of a code page costs one more fill on first fetch.
                 perms |= UC_PROT_EXEC
-            return (store.window + host_page - store.host_ptr, perms)
+            return (store.window + host_page - store.host_ptr, perms, host_page)
         except VmExitSignal as sig:
             return sig
 
@@ -835,6 +888,10 @@ class SimCpu:
     def _io_exit(self, io: _IoEvent) -> Exit:
         uc = self._uc
         next_rip = uc.reg_read(UC_X86_REG_RIP)
+        if next_rip != io.rip and next_rip not in self._hooked:
+            # the stop did not land on a hooked address, so code after the IN/OUT ran (only possible for
+            # code unicorn translated before it was scanned, e.g. code the guest rewrote): refuse loudly
+            return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip, next_rip))
         if io.direction == uapi.KVM_EXIT_IO_IN:
             code = self._fetch_insn(io.rip)
             opcode = next((b for b in code if b not in _IO_PREFIXES), 0)
