@@ -93,6 +93,7 @@ Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbe
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import re
@@ -185,6 +186,9 @@ __all__ = [
 
 
 _HUGE_SIZES = (2 << 20, 1 << 30)
+REGION_SHIFT = 9  # a vCPU indexes its cached gfns by 2 MiB region: range lookups cost O(regions + hits)
+MAX_PENDING_RANGES = 32  # more pending flush ranges than this degrade to one full flush
+FLUSH_LOG = 256  # recent flushes CpuSet remembers, so a racing fill can tell whether its result is stale
 _MAIN_THREAD = threading.main_thread().ident
 SIGNAL_TICK_S = 0.02  # how long a main-thread vCPU may stay in unicorn before Python can run signal handlers
 
@@ -277,6 +281,12 @@ class CpuSet:
         self.exit_hypercall_mask = 0
         self._cpus: list[SimCpu] = []
         self._lock = threading.Lock()
+        # Every flush gets a sequence number, logged with its gfn range (None: everything). A vCPU that did
+        # not cache any translation in a range is not interrupted by its flush; a translation it resolves
+        # concurrently is checked against the log before it is cached (see SimCpu._cache_result).
+        self._flush_lock = threading.Lock()
+        self.flush_seq = 0
+        self._flush_log: collections.deque[tuple[int, tuple[int, int] | None]] = collections.deque(maxlen=FLUSH_LOG)
 
     @property
     def cpus(self) -> list[SimCpu]:
@@ -306,8 +316,37 @@ class CpuSet:
         self._request_all(None)
 
     def flush(self, gfn_start: int | None = None, gfn_end: int | None = None) -> None:
-        """Flush every vCPU's TLB for ``[gfn_start, gfn_end)`` (everything if None); waits for the acks."""
-        self._request_all((gfn_start, gfn_end))
+        """Flush every vCPU's TLB for ``[gfn_start, gfn_end)`` (everything if None); waits for the acks.
+
+        Only vCPUs that cached a translation in the range are asked (and waited for), as KVM only needs to
+        flush TLBs that may hold the zapped SPTEs; the others cannot hold one (every TLB entry comes from a
+        cached translation, and a translation resolved across this flush is refused, ``stale_since``)."""
+        rng = None if gfn_start is None or gfn_end is None else (gfn_start, gfn_end)
+        with self._flush_lock:
+            self.flush_seq += 1
+            self._flush_log.append((self.flush_seq, rng))
+        tickets = []
+        for cpu in self.cpus:
+            ticket = cpu._post_flush(rng)
+            if ticket is not None:
+                tickets.append((cpu, ticket))
+        for cpu, ticket in tickets:
+            cpu._wait_ack(ticket)
+
+    def stale_since(self, seq: int, gfn_start: int, gfn_end: int) -> bool:
+        """Whether a flush after ``seq`` covered any of ``[gfn_start, gfn_end)`` (or the log lost track)."""
+        with self._flush_lock:
+            if self.flush_seq == seq:
+                return False
+            log = self._flush_log
+            if not log or log[0][0] > seq + 1:
+                return True
+            for n, rng in reversed(log):
+                if n <= seq:
+                    break
+                if rng is None or (rng[0] < gfn_end and gfn_start < rng[1]):
+                    return True
+            return False
 
     def kick_all(self) -> None:
         for cpu in self.cpus:
@@ -361,6 +400,9 @@ class SimCpu:
 
         # per-vCPU caches, valid until the next flush (vCPU thread only)
         self._pt_cache: dict[int, int] = {}  # gpa page -> host address of that 4 KiB page
+        # gfns with a _pt_cache/_data_cache entry, by 2 MiB region (REGION_SHIFT); changed under _cond, so a
+        # flusher can ask (under _cond) whether this vCPU cached anything in a range
+        self._touched: dict[int, set[int]] = {}
         # data translations are keyed by (gpa page, private): with a private access bit the same gpa has a
         # private and a shared translation (None: no such bit, the attribute decides)
         self._data_cache: dict[tuple[int, bool | None], tuple[int, bool]] = {}  # -> (host page, writable)
@@ -403,7 +445,8 @@ class SimCpu:
             cpu_regs.set_sregs(self._uc, self._state, sregs)
             self.cr8 = sregs.cr8
             self.apic_base = sregs.apic_base
-            self._clear_translations()
+            with self._cond:
+                self._clear_translations()
             self._code_stale = True
 
     # --- completions --------------------------------------------------------------------------------------
@@ -464,11 +507,64 @@ class SimCpu:
                 if start is None or end is None:
                     self._flush_all = True
                 else:
-                    self._flush_ranges.append((start, end))
-            self._req += 1
-            if self._in_guest:
-                self._uc.emu_stop()
-            return self._req
+                    self._add_flush_range_locked(start, end)
+            return self._bump_locked()
+
+    def _bump_locked(self) -> int:
+        self._req += 1
+        if self._in_guest:
+            self._uc.emu_stop()
+        return self._req
+
+    def _post_flush(self, rng: tuple[int, int] | None) -> int | None:
+        """A CpuSet flush: request it only if this vCPU cached something in ``rng``; returns the ticket."""
+        with self._cond:
+            if rng is None:
+                self._flush_all = True
+            elif self._flush_all:
+                pass  # a full flush is already pending
+            elif not self._touches_locked(*rng):
+                return None
+            else:
+                self._add_flush_range_locked(*rng)
+            return self._bump_locked()
+
+    def _add_flush_range_locked(self, start: int, end: int) -> None:
+        """Queue a ranged flush, merging it into an overlapping or adjacent one; past MAX_PENDING_RANGES
+        (a vCPU outside run() collecting one range per zap) everything degrades to one full flush."""
+        if self._flush_all:
+            return
+        ranges = self._flush_ranges
+        for i, (s, e) in enumerate(ranges):
+            if s <= end and start <= e:
+                ranges[i] = (min(s, start), max(e, end))
+                return
+        if len(ranges) >= MAX_PENDING_RANGES:
+            self._flush_all = True
+            ranges.clear()
+        else:
+            ranges.append((start, end))
+
+    def _touches_locked(self, start: int, end: int) -> bool:
+        """Whether any cached translation (4 KiB page, page-table page or huge mapping) lies in the range."""
+        if start >= end:
+            return False
+        for (gpa, _private), (_host, _w, size) in self._huge_cache.items():
+            first = gpa >> 12
+            if first < end and start < first + (size >> 12):
+                return True
+        for gfns in self._regions_in(start, end):
+            if any(start <= g < end for g in gfns):
+                return True
+        return False
+
+    def _regions_in(self, start: int, end: int) -> list[set[int]]:
+        """The _touched sets of the regions overlapping [start, end): O(min(regions in range, regions))."""
+        touched = self._touched
+        first, last = start >> REGION_SHIFT, (end - 1) >> REGION_SHIFT
+        if last - first < len(touched):
+            return [t for t in (touched.get(r) for r in range(first, last + 1)) if t]
+        return [t for r, t in touched.items() if first <= r <= last and t]
 
     def _must_wait_locked(self) -> bool:
         """Whether a requester has to wait for this vCPU's ack: it is inside ``run()`` on another thread and
@@ -496,16 +592,39 @@ class SimCpu:
         self._cond.notify_all()
 
     def _clear_translations(self, ranges: list[tuple[int, int]] | None = None) -> None:
+        """Drop the unicorn TLB (it has no per-page flush) and the cached translations in ``ranges`` (all if
+        None). Cost O(cached pages in the ranges + regions), not O(cache size × ranges). Caller holds _cond or
+        is the only thread that can touch this vCPU."""
         tlb_flush(self._uc)
-        self._huge_cache.clear()  # few entries; refilled with one fault per huge page
-        if ranges is None or len(self._pt_cache) + len(self._data_cache) < 64:
+        if ranges is None:
+            self._huge_cache.clear()
             self._pt_cache.clear()
             self._data_cache.clear()
+            self._touched.clear()
             return
-        for page in [p for p in self._pt_cache if any(s <= p >> 12 < e for s, e in ranges)]:
-            del self._pt_cache[page]
-        for key in [k for k in self._data_cache if any(s <= k[0] >> 12 < e for s, e in ranges)]:
-            del self._data_cache[key]
+        for key in list(self._huge_cache):  # few entries
+            first, size = key[0] >> 12, self._huge_cache[key][2] >> 12
+            if any(first < e and s < first + size for s, e in ranges):
+                del self._huge_cache[key]
+        pt, data = self._pt_cache, self._data_cache
+        for s, e in ranges:
+            for gfns in self._regions_in(s, e):
+                hit = [g for g in gfns if s <= g < e]
+                for g in hit:
+                    gpa = g << 12
+                    pt.pop(gpa, None)
+                    data.pop((gpa, None), None)
+                    data.pop((gpa, True), None)
+                    data.pop((gpa, False), None)
+                gfns.difference_update(hit)
+
+    def _note_cached_locked(self, gpa_page: int) -> None:
+        gfn = gpa_page >> 12
+        region = self._touched.get(gfn >> REGION_SHIFT)
+        if region is None:
+            self._touched[gfn >> REGION_SHIFT] = {gfn}
+        else:
+            region.add(gfn)
 
     def _sync_stores(self) -> None:
         gen, stores = self._stores.snapshot()
@@ -514,10 +633,7 @@ class SimCpu:
         wanted = {s.window: s for s in stores}
         removed = [w for w in self._mapped if w not in wanted]
         if removed:
-            tlb_flush(self._uc)
-            self._pt_cache.clear()
-            self._huge_cache.clear()
-            self._data_cache.clear()
+            self._clear_translations()
             self._code_stale = True
         self._changing_map = True
         try:
@@ -754,6 +870,7 @@ class SimCpu:
             huge = self._huge_cache.get((gpa_page & ~(size - 1), private))
             if huge is not None and huge[2] == size and (huge[1] or not write):
                 return (huge[0] + (gpa_page & (size - 1)), huge[1])
+        seq = self.cpuset.flush_seq  # read before resolving: a flush after this may make the result stale
         with self._cond:
             self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
         try:
@@ -772,10 +889,17 @@ class SimCpu:
         if write and not res.writable:
             return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
         result = (host_page, res.writable)
-        if res.size > PAGE_SIZE:
-            self._huge_cache[(gpa_page & ~(res.size - 1), private)] = (res.host_ptr, res.writable, res.size)
-        else:
-            self._data_cache[(gpa_page, private)] = result
+        base = gpa_page & ~(res.size - 1)
+        with self._cond:
+            # A flusher that skipped this vCPU (nothing cached in its range) relies on this check: a result
+            # resolved before a zap of its gfns is never cached nor installed.
+            if self.cpuset.stale_since(seq, base >> 12, (base + res.size) >> 12):
+                return Retry()
+            if res.size > PAGE_SIZE:
+                self._huge_cache[(base, private)] = (res.host_ptr, res.writable, res.size)
+            else:
+                self._data_cache[(gpa_page, private)] = result
+                self._note_cached_locked(gpa_page)
         return result
 
     def _read_pte(self, gpa: int) -> int | FaultResult:
@@ -786,7 +910,9 @@ class SimCpu:
             if not isinstance(res, tuple):
                 return res
             host_page = res[0]
-            self._pt_cache[page] = host_page
+            with self._cond:
+                self._pt_cache[page] = host_page
+                self._note_cached_locked(page)  # also when it came from a huge mapping
         data = self._deref(host_page + (gpa & 0xFFF), 8)
         if data is None:
             return Retry()
