@@ -2,8 +2,8 @@
 
 Each function appends straight-line code to an ``Asm`` (no calls, so they work at any privilege and need no
 stack discipline). Ranges and values may be ints or 64-bit registers; the registers each routine clobbers
-are listed in its docstring. Byte loops use the ``rep`` string instructions, 8 bytes at a time when the range
-allows, because CPL0 code on this host runs through KVM's emulator (host-probes §1) and the sim pays per
+are listed in its docstring. Byte loops use the ``rep`` string instructions, 8 bytes at a time plus a byte
+tail, because CPL0 code on this host runs through KVM's emulator (host-probes §1) and the sim pays per
 instruction too.
 """
 
