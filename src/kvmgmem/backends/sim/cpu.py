@@ -400,7 +400,8 @@ class SimCpu:
         # written by the native code hooks (cpu_uc.add_code_hook); must outlive the engine
         self._last_insn = ctypes.c_uint64(0)
         self._hooked: set[int] = set()  # guest addresses with a code hook (never removed: TBs call them)
-        self._int_sites: dict[int, int] = {}  # hooked address whose byte is INT3/INT n/INTO/INT1 -> length
+        # per code page (as last scanned): hooked address whose byte is INT3/INT n/INTO/INT1 -> its length
+        self._int_sites: dict[int, dict[int, int]] = {}
         self._uc.hook_add(UC_HOOK_TLB_FILL, self._hook_tlb_fill)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
@@ -790,7 +791,8 @@ class SimCpu:
                 # INT n/INT3/INTO/INT1 leave RIP after the instruction, and one of them ran last iff the
                 # hook slot names its address (they are all hooked); a fault leaves RIP at the instruction
                 last = self._last_insn.value
-                soft = (last + self._int_sites.get(last, 0)) & MASK64 == fault_rip and last in self._int_sites
+                length = self._int_sites.get(last & PAGE_MASK, {}).get(last, 0)
+                soft = length > 0 and (last + length) & MASK64 == fault_rip
                 self._pending_event = Event(vector, 0, None, soft)
                 return None
             rip = uc.reg_read(UC_X86_REG_RIP)
@@ -864,20 +866,22 @@ class SimCpu:
         """
         code = ctypes.string_at(host_page, PAGE_SIZE)
         hooked = self._hooked
+        ints: dict[int, int] = {}
         for m in _CODE_SITES.finditer(code):
             i = m.start()
             op = code[i]
             if 0xE4 <= op <= 0xE7:
-                site = vpage + i + 2
+                site = (vpage + i + 2) & MASK64
             elif 0xEC <= op <= 0xEF or 0x6C <= op <= 0x6F:
-                site = vpage + i + 1
+                site = (vpage + i + 1) & MASK64
             else:
                 site = vpage + i
                 if op != HLT:
-                    self._int_sites[site] = _INT_LENGTHS[op]
+                    ints[site] = _INT_LENGTHS[op]
             if site not in hooked:
                 hooked.add(site)
-                add_code_hook(self._uc, self._last_insn, site & MASK64)
+                add_code_hook(self._uc, self._last_insn, site)
+        self._int_sites[vpage] = ints  # replaces what an older content of this page said
 
     # --- translation ---------------------------------------------------------------------------------------
 
