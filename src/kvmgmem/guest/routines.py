@@ -2,8 +2,8 @@
 
 Each function appends straight-line code to an ``Asm`` (no calls, so they work at any privilege and need no
 stack discipline). Ranges and values may be ints or 64-bit registers; the registers each routine clobbers
-are listed in its docstring. Byte loops use the ``rep`` string instructions, 8 bytes at a time when the range
-allows, because CPL0 code on this host runs through KVM's emulator (host-probes §1) and the sim pays per
+are listed in its docstring. Byte loops use the ``rep`` string instructions, 8 bytes at a time plus a byte
+tail, because CPL0 code on this host runs through KVM's emulator (host-probes §1) and the sim pays per
 instruction too.
 """
 
@@ -27,42 +27,62 @@ def _load(a: Asm, reg: Reg, value: Value) -> None:
         a.mov(reg, value & (1 << 64) - 1)
 
 
-def _whole_qwords(start: Value, length: Value) -> bool:
-    return isinstance(start, int) and isinstance(length, int) and start % 8 == 0 and length % 8 == 0
+def _plain_length(length: Value, clobbered: tuple[Reg, ...]) -> bool:
+    """Whether ``length`` stays readable after the qword pass (an int, or a register the routine keeps)."""
+    return isinstance(length, int) or length not in clobbered
 
 
 def fill(a: Asm, start: Value, length: Value, value: int) -> Asm:
-    """Set [start, start+length) to byte ``value``. Clobbers rax, rcx, rdi."""
-    if _whole_qwords(start, length):
-        assert isinstance(length, int)
+    """Set [start, start+length) to byte ``value``. Clobbers rax, rcx, rdi.
+
+    Stores 8 bytes at a time (``rep stosq``) then the 0-7 byte tail (``rep stosb``): the sim pays per store
+    (issue 15: about 40 ns per byte store in unicorn), KVM's CPL0 emulator per iteration. A length held in
+    rax/rcx/rdi itself falls back to ``rep stosb``, since the qword pass would destroy it."""
+    if not _plain_length(length, (rax, rcx, rdi)):
         _load(a, rdi, start)
-        _load(a, rcx, length // 8)
-        a.mov(rax, (value & 0xFF) * BYTES8)
-        return a.rep_stosq()
-    _load(a, rcx, length)
-    _load(a, rdi, start)
-    a.mov(rax, value & 0xFF)
-    return a.rep_stosb()
+        _load(a, rcx, length)
+        a.mov(rax, value & 0xFF)
+        return a.rep_stosb()
+    _load(a, rdi, start)  # first: start may be rcx
+    a.mov(rax, (value & 0xFF) * BYTES8)
+    if isinstance(length, int):
+        if length >= 8:
+            a.mov(rcx, length // 8).rep_stosq()
+        if length % 8:
+            a.mov(rcx, length % 8).rep_stosb()
+        return a
+    a.mov(rcx, length).shr(rcx, 3).rep_stosq()
+    return a.mov(rcx, length).and_(rcx, 7).rep_stosb()
 
 
 def verify(a: Asm, start: Value, length: Value, value: int, check: str = "verify") -> Asm:
     """Check every byte of [start, start+length) is ``value``; on the first mismatch ASSERT_FAIL(check,
-    expected=value, actual=the byte, extra=its address) and park. Clobbers rax, rcx, rdx, rdi."""
-    ok, mismatch = Label("verify_ok"), Label("verify_bad")
-    if _whole_qwords(start, length):
-        assert isinstance(length, int)
-        _load(a, rdi, start)
-        a.mov(rax, (value & 0xFF) * BYTES8)
-        _load(a, rcx, length // 8)
-        a.test(rcx, rcx).repe_scasq().je(ok)  # ZF=1 after the scan means all equal (or length 0)
-        a.sub(rdi, 8).mov(rcx, 8)  # rescan the differing qword bytewise to find the byte
+    expected=value, actual=the byte, extra=its address) and park. Clobbers rax, rcx, rdx, rdi.
+
+    Compares 8 bytes at a time (``repe scasq``); a differing qword is rescanned bytewise so the report names
+    the exact first differing byte, then the 0-7 byte tail is scanned bytewise."""
+    ok, tail, scan, mismatch = Label("verify_ok"), Label("verify_tail"), Label("verify_scan"), Label("verify_bad")
+    if not _plain_length(length, (rax, rcx, rdi)):
+        a.mov(rdx, length)  # rdx is ours to clobber and survives the qword pass
+        length = rdx
+    _load(a, rdi, start)
+    a.mov(rax, (value & 0xFF) * BYTES8)
+    if isinstance(length, int):
+        qwords, rest = divmod(length, 8)
+        if qwords:
+            a.mov(rcx, qwords).repe_scasq().je(tail)  # ZF=1 after the scan: all qwords equal
+            a.sub(rdi, 8).mov(rcx, 8).jmp(scan)  # rescan the differing qword bytewise to find the byte
+        a.label(tail)
+        if not rest:
+            a.jmp(ok)
+        else:
+            a.mov(rcx, rest)
     else:
-        _load(a, rcx, length)
-        _load(a, rdi, start)
-        a.mov(rax, value & 0xFF)
-        a.test(rcx, rcx)
-        a.je(ok)
-    a.repe_scasb().je(ok)
+        a.mov(rcx, length).shr(rcx, 3).jz(tail)
+        a.repe_scasq().je(tail)
+        a.sub(rdi, 8).mov(rcx, 8).jmp(scan)
+        a.label(tail).mov(rcx, length).and_(rcx, 7).jz(ok)
+    a.label(scan).repe_scasb().je(ok)
     a.label(mismatch).dec(rdi).movzx(edx, byte[rdi])
     U.assert_fail(a, check, value & 0xFF, rdx, rdi)
     return a.label(ok)

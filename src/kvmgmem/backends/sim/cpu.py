@@ -20,9 +20,12 @@ Interface for the sim VM
   ``remove_store`` returns once no engine can touch the memory any more, so the VM may unmap it then.
   Call it without holding locks ``handle_fault`` takes.
 * ``flush(gfn_start=None, gfn_end=None)``: the remote TLB flush after a zap (``kvm_flush_remote_tlbs``). Every
-  vCPU drops its unicorn TLB and its cached translations; vCPUs executing guest code are stopped and the
-  call returns only after each acknowledged. Callable from any thread, including a vCPU's own thread
-  inside ``handle_fault`` (the flush then takes effect before that vCPU executes another instruction).
+  vCPU that cached a translation in the range drops it (and its whole unicorn TLB, which has no per-page
+  flush); those executing guest code are stopped and the call returns only after each acknowledged. vCPUs
+  that cached nothing there are left running: none of their TLB entries can point into the range, and a
+  translation one of them resolves across the flush is refused (``CpuSet.stale_since``). Callable from any
+  thread, including a vCPU's own thread inside ``handle_fault`` (the flush then takes effect before that
+  vCPU executes another instruction).
 * ``exit_hypercall_mask``: KVM_CAP_EXIT_HYPERCALL's argument (bit 12 = KVM_HC_MAP_GPA_RANGE); the VM sets it
   on ``enable_cap``. The CPL check is the CPU's (from SS.DPL, as KVM's ``get_cpl``).
 * ``create_cpu(vcpu_id) -> SimCpu``, ``close()``.
@@ -52,13 +55,20 @@ Mechanism
   instruction), decodes the instruction for ``MmioExit``, delivers #PF (with CR2 from the decoded operand
   and the architectural error code) through the guest IDT (``cpu_exc``; unicorn never delivers exceptions),
   or retries.
-* **IN/OUT** hooks record the access and stop the engine; a native per-instruction code hook (``cpu_uc``)
-  makes that stop land exactly after the instruction. As in KVM, the exit shows RIP *at* the IN/OUT (and RAX
-  unchanged for IN); the next ``run()`` loads the IN data into AL/AX/EAX and steps over the instruction.
-* **HLT**: ``emu_start`` returns normally; HLT iff the native hook's last instruction address is RIP-1 and that
-  byte is 0xF4 (an external stop leaves it equal to RIP). **VMCALL/VMMCALL** reach the invalid-instruction
-  hook and are handled per spec §3.4; other #UD, #GP, INT n... are delivered through the IDT; a fault while
-  delivering #DF is a triple fault → ``ShutdownExit``.
+* **IN/OUT** hooks record the access and stop the engine. Unicorn honours a stop only at a block boundary or
+  before an instruction a code hook covers, so every fetch TLB fill scans the code page (``_scan_code``) and
+  puts a native code hook (``cpu_uc``) on each address that follows a byte that could start IN/OUT/INS/OUTS:
+  the stop lands exactly after the instruction, and steady-state code runs with no per-instruction call.
+  (Only a fetch fill grants EXEC, so no page is translated unscanned; a stop that lands elsewhere, which
+  only code the guest rewrote after translation could cause, is an emulation-failure exit, not silent.)
+  As in KVM, the exit shows RIP *at* the IN/OUT (and RAX unchanged for IN); the next ``run()`` loads the IN
+  data into AL/AX/EAX and steps over the instruction.
+* **HLT**: ``emu_start`` returns normally; every possible HLT and INT n byte also carries a native hook that
+  writes its address into a slot cleared before each ``emu_start``: HLT iff the slot is RIP-1 and that
+  byte is 0xF4 (an external stop never leaves it there, as executing a HLT ends ``emu_start``). Likewise an
+  interrupt is a software INT n/INT3 iff the slot names an INT whose end is the reported RIP.
+* **VMCALL/VMMCALL** reach the invalid-instruction hook and are handled per spec §3.4; other #UD, #GP,
+  INT n... are delivered through the IDT; a fault while delivering #DF is a triple fault → ``ShutdownExit``.
 * **Requests and acks** (KVM's ``kvm_make_all_cpus_request``). A vCPU is *in guest mode* while unicorn executes
   guest code, and leaves it whenever it is in Python (fault hook, exit handling). Requests (flush, store
   changes) bump ``_req``; the requester stops a vCPU in guest mode with ``emu_stop`` (repeated until it
@@ -68,25 +78,39 @@ Mechanism
   translation: every TLB install and every Python-side dereference of guest memory happens under the
   request lock and only while ``_req == _ack``; otherwise the access is retried from the vCPU's safe point,
   where requests are serviced.
-
+* **Flush scaling.** Cached translations are indexed by 2 MiB region of gfns, so a ranged flush costs
+  O(pages cached in the range), and ``CpuSet.flush`` can ask each vCPU (under its request lock) whether it
+  cached anything in the range at all. Pending ranges of a vCPU that is not running merge, and past
+  ``MAX_PENDING_RANGES`` become one full flush. Every flush is numbered and logged; a resolver result is
+  cached only if no flush since the resolution began covered it, which is what lets a flush skip vCPUs.
+* **Signals.** CPython runs signal handlers only on the main thread between bytecodes; while a vCPU runs
+  guest code on the main thread, ``_SignalTicker`` stops its engine every 20 ms so Ctrl-C raises
+  ``KeyboardInterrupt`` out of ``run()`` (KVM_RUN returns EINTR on a signal).
+* **Stores.** Unicorn sends every store through a TLB entry that is writable *and* executable down its
+  self-modifying-code slow path (``notdirty_write``: a TB lookup per store), and never clears it. A fill
+  grants EXEC only for an instruction fetch, so data pages keep the inline fast path (bench 5 store rows).
 Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbers belong to bench/)
 -----------------------------------------------------------------------------------------------------
 
-* guest ``dec rcx; jnz``: ~90-105 M instructions/s with the native code hook (~450 M without it; a Python
-  code hook would give ~3 M). Steady-state guest code runs with no Python callback at all.
+* guest ``dec rcx; jnz``: 80-95% of a bare unicorn engine by CPU time (bench 5; it was ~22% with the former
+  per-instruction native hook, ~450 → ~100 M instructions/s). Steady-state guest code runs with no Python
+  callback and no native call at all.
 * TLB fill: ~20 µs per 4 KiB page (hook + 4-level walk over cached table pages + data-page resolve), about
   the same on first touch with the fake resolver (the VM's own fault cost adds to that).
 * exit round trip (guest OUT → ``run()`` returns → ``run()`` again): ~21 µs; a hypercall answered in the
   "kernel" (ENOSYS): ~65 µs (invalid-opcode stop + instruction fetch through the software walk).
 * ``emu_start`` without exit work: ~3-4 µs; unicorn TLB flush ~1.4 µs; TB-cache flush ~10 µs; context
   save+restore ~3 µs; one ``reg_read`` ~2 µs.
-* remote flush of a vCPU spinning in guest code (stop, flush, ack, resume): ~14 µs.
+* remote flush of a vCPU spinning in guest code (stop, flush, ack, resume): ~14 µs; of a vCPU with nothing
+  cached in the range: none. Servicing a 4 KiB ranged flush: ~17 µs with 1k to 262k cached pages (bench 7).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
+import re
 import struct
 import threading
 import time
@@ -137,7 +161,7 @@ from kvmgmem.backends.sim.cpu_types import (
     Mmio,
     Retry,
 )
-from kvmgmem.backends.sim.cpu_uc import CpuState, Engine, add_last_insn_hook, new_engine, tlb_flush
+from kvmgmem.backends.sim.cpu_uc import CpuState, Engine, add_code_hook, new_engine, tlb_flush
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import (
     Exit,
@@ -158,6 +182,10 @@ KVM_HC_VAPIC_POLL_IRQ = 1
 HLT = 0xF4
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 _UC_ACCESS = {16: ACCESS_READ, 17: ACCESS_WRITE, 18: ACCESS_FETCH}  # UC_MEM_READ/WRITE/FETCH
+# Bytes that may start an instruction that must be seen exactly (see _scan_code): IN/OUT imm8 (E4-E7),
+# IN/OUT dx (EC-EF), INS/OUTS (6C-6F), HLT (F4), INT3/INT n/INTO/INT1 (CC CD CE F1).
+_CODE_SITES = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f\xf4\xcc-\xce\xf1]")
+_INT_LENGTHS = {0xCC: 1, 0xCD: 2, 0xCE: 1, 0xF1: 1}
 _IO_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
 
 __all__ = [
@@ -172,6 +200,65 @@ __all__ = [
 
 
 _HUGE_SIZES = (2 << 20, 1 << 30)
+REGION_SHIFT = 9  # a vCPU indexes its cached gfns by 2 MiB region: range lookups cost O(regions + hits)
+MAX_PENDING_RANGES = 32  # more pending flush ranges than this degrade to one full flush
+FLUSH_LOG = 256  # recent flushes CpuSet remembers, so a racing fill can tell whether its result is stale
+_MAIN_THREAD = threading.main_thread().ident
+SIGNAL_TICK_S = 0.02  # how long a main-thread vCPU may stay in unicorn before Python can run signal handlers
+
+
+class _SignalTicker:
+    """Lets CPython run signal handlers (Ctrl-C) while a vCPU runs guest code on the main thread.
+
+    Why: CPython runs Python signal handlers only on the main thread, between bytecodes. ``emu_start`` is one
+    long C call, so a guest loop on the main thread would never return to the interpreter and SIGINT would
+    wait for SIGKILL. Real KVM returns EINTR from KVM_RUN when a signal arrives. Here one daemon thread stops
+    the main thread's engine every ``SIGNAL_TICK_S`` while it is in guest mode (``emu_stop``, as a request
+    does); the run loop then passes through Python, where a pending handler runs and its exception
+    (KeyboardInterrupt) propagates out of ``run()``. A stop costs one ``emu_start`` re-entry (a few µs per
+    20 ms); vCPUs on other threads are never stopped (their signals are handled by the main thread anyway).
+    ``arm``/``disarm`` run on every ``run()``, so they are plain attribute writes: the thread polls, and goes
+    idle (an Event) after about a second without an armed vCPU.
+    """
+
+    IDLE_TICKS = 50
+
+    def __init__(self) -> None:
+        self.cpu: SimCpu | None = None
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, cpu: SimCpu) -> None:
+        self.cpu = cpu
+        if not self._wake.is_set():  # the thread is idle, or not started yet
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="kvmgmem-sim-signal-tick", daemon=True)
+                    self._thread.start()
+            self._wake.set()
+
+    def disarm(self) -> None:
+        self.cpu = None
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            idle = 0
+            while idle < self.IDLE_TICKS:
+                time.sleep(SIGNAL_TICK_S)
+                cpu = self.cpu
+                if cpu is None:
+                    idle += 1
+                    continue
+                idle = 0
+                cpu._stop_if_in_guest()
+            self._wake.clear()
+            if self.cpu is not None:  # armed while we were deciding to sleep: keep ticking
+                self._wake.set()
+
+
+_ticker = _SignalTicker()
 
 
 def _emulation_failure(*data: int) -> VmExitSignal:
@@ -218,6 +305,12 @@ class CpuSet:
         self.exit_hypercall_mask = 0
         self._cpus: list[SimCpu] = []
         self._lock = threading.Lock()
+        # Every flush gets a sequence number, logged with its gfn range (None: everything). A vCPU that did
+        # not cache any translation in a range is not interrupted by its flush; a translation it resolves
+        # concurrently is checked against the log before it is cached (see SimCpu._cache_result).
+        self._flush_lock = threading.Lock()
+        self.flush_seq = 0
+        self._flush_log: collections.deque[tuple[int, tuple[int, int] | None]] = collections.deque(maxlen=FLUSH_LOG)
 
     @property
     def cpus(self) -> list[SimCpu]:
@@ -247,8 +340,37 @@ class CpuSet:
         self._request_all(None)
 
     def flush(self, gfn_start: int | None = None, gfn_end: int | None = None) -> None:
-        """Flush every vCPU's TLB for ``[gfn_start, gfn_end)`` (everything if None); waits for the acks."""
-        self._request_all((gfn_start, gfn_end))
+        """Flush every vCPU's TLB for ``[gfn_start, gfn_end)`` (everything if None); waits for the acks.
+
+        Only vCPUs that cached a translation in the range are asked (and waited for), as KVM only needs to
+        flush TLBs that may hold the zapped SPTEs; the others cannot hold one (every TLB entry comes from a
+        cached translation, and a translation resolved across this flush is refused, ``stale_since``)."""
+        rng = None if gfn_start is None or gfn_end is None else (gfn_start, gfn_end)
+        with self._flush_lock:
+            self.flush_seq += 1
+            self._flush_log.append((self.flush_seq, rng))
+        tickets = []
+        for cpu in self.cpus:
+            ticket = cpu._post_flush(rng)
+            if ticket is not None:
+                tickets.append((cpu, ticket))
+        for cpu, ticket in tickets:
+            cpu._wait_ack(ticket)
+
+    def stale_since(self, seq: int, gfn_start: int, gfn_end: int) -> bool:
+        """Whether a flush after ``seq`` covered any of ``[gfn_start, gfn_end)`` (or the log lost track)."""
+        with self._flush_lock:
+            if self.flush_seq == seq:
+                return False
+            log = self._flush_log
+            if not log or log[0][0] > seq + 1:
+                return True
+            for n, rng in reversed(log):
+                if n <= seq:
+                    break
+                if rng is None or (rng[0] < gfn_end and gfn_start < rng[1]):
+                    return True
+            return False
 
     def kick_all(self) -> None:
         for cpu in self.cpus:
@@ -275,8 +397,11 @@ class SimCpu:
         self._stores: StoreMap = cpuset.stores
         self._uc: Engine = new_engine()
         self._state = CpuState(self._uc)
-        self._last_insn = ctypes.c_uint64(0)  # written by the native code hook; must outlive the engine
-        add_last_insn_hook(self._uc, self._last_insn)
+        # written by the native code hooks (cpu_uc.add_code_hook); must outlive the engine
+        self._last_insn = ctypes.c_uint64(0)
+        self._hooked: set[int] = set()  # guest addresses with a code hook (never removed: TBs call them)
+        # per code page (as last scanned): hooked address whose byte is INT3/INT n/INTO/INT1 -> its length
+        self._int_sites: dict[int, dict[int, int]] = {}
         self._uc.hook_add(UC_HOOK_TLB_FILL, self._hook_tlb_fill)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
@@ -300,6 +425,9 @@ class SimCpu:
 
         # per-vCPU caches, valid until the next flush (vCPU thread only)
         self._pt_cache: dict[int, int] = {}  # gpa page -> host address of that 4 KiB page
+        # gfns with a _pt_cache/_data_cache entry, by 2 MiB region (REGION_SHIFT); changed under _cond, so a
+        # flusher can ask (under _cond) whether this vCPU cached anything in a range
+        self._touched: dict[int, set[int]] = {}
         # data translations are keyed by (gpa page, private): with a private access bit the same gpa has a
         # private and a shared translation (None: no such bit, the attribute decides)
         self._data_cache: dict[tuple[int, bool | None], tuple[int, bool]] = {}  # -> (host page, writable)
@@ -342,7 +470,8 @@ class SimCpu:
             cpu_regs.set_sregs(self._uc, self._state, sregs)
             self.cr8 = sregs.cr8
             self.apic_base = sregs.apic_base
-            self._clear_translations()
+            with self._cond:
+                self._clear_translations()
             self._code_stale = True
 
     # --- completions --------------------------------------------------------------------------------------
@@ -383,6 +512,21 @@ class SimCpu:
                     self._uc.emu_stop()
                 self._cond.wait(0.0005)
 
+    def take_kick(self) -> bool:
+        """Consume a pending kick (KVM's ``immediate_exit`` checked before anything else in KVM_RUN)."""
+        if not self._kick:  # unlocked fast path: run() checks again under the lock
+            return False
+        with self._cond:
+            kicked, self._kick = self._kick, False
+            if kicked:
+                self._cond.notify_all()
+            return kicked
+
+    def _stop_if_in_guest(self) -> None:
+        with self._cond:
+            if self._in_guest:
+                self._uc.emu_stop()
+
     def _post_request(self, flush: tuple[int | None, int | None] | None) -> int:
         with self._cond:
             if flush is not None:
@@ -390,11 +534,64 @@ class SimCpu:
                 if start is None or end is None:
                     self._flush_all = True
                 else:
-                    self._flush_ranges.append((start, end))
-            self._req += 1
-            if self._in_guest:
-                self._uc.emu_stop()
-            return self._req
+                    self._add_flush_range_locked(start, end)
+            return self._bump_locked()
+
+    def _bump_locked(self) -> int:
+        self._req += 1
+        if self._in_guest:
+            self._uc.emu_stop()
+        return self._req
+
+    def _post_flush(self, rng: tuple[int, int] | None) -> int | None:
+        """A CpuSet flush: request it only if this vCPU cached something in ``rng``; returns the ticket."""
+        with self._cond:
+            if rng is None:
+                self._flush_all = True
+            elif self._flush_all:
+                pass  # a full flush is already pending
+            elif not self._touches_locked(*rng):
+                return None
+            else:
+                self._add_flush_range_locked(*rng)
+            return self._bump_locked()
+
+    def _add_flush_range_locked(self, start: int, end: int) -> None:
+        """Queue a ranged flush, merging it into an overlapping or adjacent one; past MAX_PENDING_RANGES
+        (a vCPU outside run() collecting one range per zap) everything degrades to one full flush."""
+        if self._flush_all:
+            return
+        ranges = self._flush_ranges
+        for i, (s, e) in enumerate(ranges):
+            if s <= end and start <= e:
+                ranges[i] = (min(s, start), max(e, end))
+                return
+        if len(ranges) >= MAX_PENDING_RANGES:
+            self._flush_all = True
+            ranges.clear()
+        else:
+            ranges.append((start, end))
+
+    def _touches_locked(self, start: int, end: int) -> bool:
+        """Whether any cached translation (4 KiB page, page-table page or huge mapping) lies in the range."""
+        if start >= end:
+            return False
+        for (gpa, _private), (_host, _w, size) in self._huge_cache.items():
+            first = gpa >> 12
+            if first < end and start < first + (size >> 12):
+                return True
+        for gfns in self._regions_in(start, end):
+            if any(start <= g < end for g in gfns):
+                return True
+        return False
+
+    def _regions_in(self, start: int, end: int) -> list[set[int]]:
+        """The _touched sets of the regions overlapping [start, end): O(min(regions in range, regions))."""
+        touched = self._touched
+        first, last = start >> REGION_SHIFT, (end - 1) >> REGION_SHIFT
+        if last - first < len(touched):
+            return [t for t in (touched.get(r) for r in range(first, last + 1)) if t]
+        return [t for r, t in touched.items() if first <= r <= last and t]
 
     def _must_wait_locked(self) -> bool:
         """Whether a requester has to wait for this vCPU's ack: it is inside ``run()`` on another thread and
@@ -422,16 +619,39 @@ class SimCpu:
         self._cond.notify_all()
 
     def _clear_translations(self, ranges: list[tuple[int, int]] | None = None) -> None:
+        """Drop the unicorn TLB (it has no per-page flush) and the cached translations in ``ranges`` (all if
+        None). Cost O(cached pages in the ranges + regions), not O(cache size × ranges). Caller holds _cond or
+        is the only thread that can touch this vCPU."""
         tlb_flush(self._uc)
-        self._huge_cache.clear()  # few entries; refilled with one fault per huge page
-        if ranges is None or len(self._pt_cache) + len(self._data_cache) < 64:
+        if ranges is None:
+            self._huge_cache.clear()
             self._pt_cache.clear()
             self._data_cache.clear()
+            self._touched.clear()
             return
-        for page in [p for p in self._pt_cache if any(s <= p >> 12 < e for s, e in ranges)]:
-            del self._pt_cache[page]
-        for key in [k for k in self._data_cache if any(s <= k[0] >> 12 < e for s, e in ranges)]:
-            del self._data_cache[key]
+        for key in list(self._huge_cache):  # few entries
+            first, size = key[0] >> 12, self._huge_cache[key][2] >> 12
+            if any(first < e and s < first + size for s, e in ranges):
+                del self._huge_cache[key]
+        pt, data = self._pt_cache, self._data_cache
+        for s, e in ranges:
+            for gfns in self._regions_in(s, e):
+                hit = [g for g in gfns if s <= g < e]
+                for g in hit:
+                    gpa = g << 12
+                    pt.pop(gpa, None)
+                    data.pop((gpa, None), None)
+                    data.pop((gpa, True), None)
+                    data.pop((gpa, False), None)
+                gfns.difference_update(hit)
+
+    def _note_cached_locked(self, gpa_page: int) -> None:
+        gfn = gpa_page >> 12
+        region = self._touched.get(gfn >> REGION_SHIFT)
+        if region is None:
+            self._touched[gfn >> REGION_SHIFT] = {gfn}
+        else:
+            region.add(gfn)
 
     def _sync_stores(self) -> None:
         gen, stores = self._stores.snapshot()
@@ -440,10 +660,7 @@ class SimCpu:
         wanted = {s.window: s for s in stores}
         removed = [w for w in self._mapped if w not in wanted]
         if removed:
-            tlb_flush(self._uc)
-            self._pt_cache.clear()
-            self._huge_cache.clear()
-            self._data_cache.clear()
+            self._clear_translations()
             self._code_stale = True
         self._changing_map = True
         try:
@@ -472,10 +689,15 @@ class SimCpu:
                     self._owner = None
                     self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
+            on_main = self._owner == _MAIN_THREAD
+            if on_main:
+                _ticker.arm(self)
             try:
                 self._finish_completion()
                 return self._run_loop()
             finally:
+                if on_main:
+                    _ticker.disarm()
                 with self._cond:
                     self._owner = None
                     self._in_guest = False
@@ -527,9 +749,11 @@ class SimCpu:
 
             if self._code_stale:
                 uc.ctl_flush_tb()
+                tlb_flush(uc)  # rewritten code pages are re-scanned on their next fetch fill (_scan_code)
                 self._code_stale = False
             self._io = self._intr = self._tlb_event = None
             self._invalid_insn = False
+            self._last_insn.value = 0
             rip = uc.reg_read(UC_X86_REG_RIP)
             with self._cond:
                 if self._req != self._ack:
@@ -564,7 +788,11 @@ class SimCpu:
                 return self._io_exit(self._io)
             if self._intr is not None:
                 vector, fault_rip = self._intr
-                soft = fault_rip != self._last_insn.value  # INT n/INT3 leave RIP after the instruction
+                # INT n/INT3/INTO/INT1 leave RIP after the instruction, and one of them ran last iff the
+                # hook slot names its address (they are all hooked); a fault leaves RIP at the instruction
+                last = self._last_insn.value
+                length = self._int_sites.get(last & PAGE_MASK, {}).get(last, 0)
+                soft = length > 0 and (last + length) & MASK64 == fault_rip
                 self._pending_event = Event(vector, 0, None, soft)
                 return None
             rip = uc.reg_read(UC_X86_REG_RIP)
@@ -613,7 +841,9 @@ class SimCpu:
         if isinstance(outcome, tuple):
             with self._cond:
                 if self._req == self._ack:
-                    entry.paddr, entry.perms = outcome  # type: ignore[attr-defined]
+                    entry.paddr, entry.perms, host_page = outcome  # type: ignore[attr-defined]
+                    if acc == ACCESS_FETCH:
+                        self._scan_code(vaddr & PAGE_MASK, host_page)
                     self._in_guest = True
                     if self._kick:  # a kick that found us outside guest mode did not stop the engine
                         uc.emu_stop()
@@ -621,6 +851,37 @@ class SimCpu:
             outcome = Retry()
         self._tlb_event = (vaddr, acc, outcome)
         return False
+
+    def _scan_code(self, vpage: int, host_page: int) -> None:
+        """Hook every address where an exit must be precise, before unicorn translates code on ``vpage``.
+
+        Why: unicorn honours ``emu_stop`` only at block boundaries or before a hooked instruction, and a
+        hook on every instruction costs three quarters of its speed (cpu_uc). x86 code cannot be decoded
+        without knowing where instructions start, so every byte that *could* start IN/OUT/INS/OUTS gets a
+        hook on the address just after that instruction (the IN/OUT hook's stop then lands exactly there),
+        and every possible HLT/INT n gets a hook on itself (the slot then tells whether it ran last). A false
+        candidate only costs a hook on an address that is not an instruction start (never called) or on
+        some ordinary instruction (one native call when it runs). Caller holds ``_cond`` with no request
+        pending, so ``host_page`` is live memory of a registered store.
+        """
+        code = ctypes.string_at(host_page, PAGE_SIZE)
+        hooked = self._hooked
+        ints: dict[int, int] = {}
+        for m in _CODE_SITES.finditer(code):
+            i = m.start()
+            op = code[i]
+            if 0xE4 <= op <= 0xE7:
+                site = (vpage + i + 2) & MASK64
+            elif 0xEC <= op <= 0xEF or 0x6C <= op <= 0x6F:
+                site = (vpage + i + 1) & MASK64
+            else:
+                site = vpage + i
+                if op != HLT:
+                    ints[site] = _INT_LENGTHS[op]
+            if site not in hooked:
+                hooked.add(site)
+                add_code_hook(self._uc, self._last_insn, site)
+        self._int_sites[vpage] = ints  # replaces what an older content of this page said
 
     # --- translation ---------------------------------------------------------------------------------------
 
@@ -639,6 +900,7 @@ class SimCpu:
             huge = self._huge_cache.get((gpa_page & ~(size - 1), private))
             if huge is not None and huge[2] == size and (huge[1] or not write):
                 return (huge[0] + (gpa_page & (size - 1)), huge[1])
+        seq = self.cpuset.flush_seq  # read before resolving: a flush after this may make the result stale
         with self._cond:
             self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
         try:
@@ -657,10 +919,17 @@ class SimCpu:
         if write and not res.writable:
             return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
         result = (host_page, res.writable)
-        if res.size > PAGE_SIZE:
-            self._huge_cache[(gpa_page & ~(res.size - 1), private)] = (res.host_ptr, res.writable, res.size)
-        else:
-            self._data_cache[(gpa_page, private)] = result
+        base = gpa_page & ~(res.size - 1)
+        with self._cond:
+            # A flusher that skipped this vCPU (nothing cached in its range) relies on this check: a result
+            # resolved before a zap of its gfns is never cached nor installed.
+            if self.cpuset.stale_since(seq, base >> 12, (base + res.size) >> 12):
+                return Retry()
+            if res.size > PAGE_SIZE:
+                self._huge_cache[(base, private)] = (res.host_ptr, res.writable, res.size)
+            else:
+                self._data_cache[(gpa_page, private)] = result
+                self._note_cached_locked(gpa_page)
         return result
 
     def _read_pte(self, gpa: int) -> int | FaultResult:
@@ -671,7 +940,9 @@ class SimCpu:
             if not isinstance(res, tuple):
                 return res
             host_page = res[0]
-            self._pt_cache[page] = host_page
+            with self._cond:
+                self._pt_cache[page] = host_page
+                self._note_cached_locked(page)  # also when it came from a huge mapping
         data = self._deref(host_page + (gpa & 0xFFF), 8)
         if data is None:
             return Retry()
@@ -689,8 +960,8 @@ class SimCpu:
                 return write_data
             return ctypes.string_at(host_addr, n)
 
-    def _translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int] | object:
-        """For the TLB: (window address, unicorn perms), or the outcome that prevents it."""
+    def _translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int, int] | object:
+        """For the TLB: (window address, unicorn perms, host page), or the outcome that prevents it."""
         try:
             res = walk(vaddr, acc, self._paging(cpl), self._read_pte, self._private_bit)
             if not isinstance(res, Translation):
@@ -705,9 +976,11 @@ class SimCpu:
             perms = UC_PROT_READ
             if res.writable and host_writable:
                 perms |= UC_PROT_WRITE
-            if res.executable:
+            if res.executable and acc == ACCESS_FETCH:
+                # Only a fetch fill grants EXEC, so every page is scanned (_scan_code) before unicorn
+                # translates code from it; a data fill of a code page costs one more fill on first fetch.
                 perms |= UC_PROT_EXEC
-            return (store.window + host_page - store.host_ptr, perms)
+            return (store.window + host_page - store.host_ptr, perms, host_page)
         except VmExitSignal as sig:
             return sig
 
@@ -771,6 +1044,10 @@ class SimCpu:
     def _io_exit(self, io: _IoEvent) -> Exit:
         uc = self._uc
         next_rip = uc.reg_read(UC_X86_REG_RIP)
+        if next_rip != io.rip and next_rip not in self._hooked:
+            # the stop did not land on a hooked address, so code after the IN/OUT ran (only possible for
+            # code unicorn translated before it was scanned, e.g. code the guest rewrote): refuse loudly
+            return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip, next_rip))
         if io.direction == uapi.KVM_EXIT_IO_IN:
             code = self._fetch_insn(io.rip)
             opcode = next((b for b in code if b not in _IO_PREFIXES), 0)

@@ -9,13 +9,15 @@ Three things here go below unicorn's Python API, each because the API cannot exp
   below (``segs[]``, ``hflags``, ``efer``) are verified at runtime against values written through the
   public API (``verify_layout``) — a unicorn with another layout is refused instead of corrupted.
 * **Precise stops.** ``emu_stop`` (from a hook or another thread) is honoured only at a translation-block
-  boundary unless some ``UC_HOOK_CODE`` hook exists, in which case unicorn checks for a stop request before
-  every instruction. A Python code hook costs ~3 MIPS; instead we register a 4-byte *native* hook
-  (``mov [rcx], rsi; ret``) that stores the address of the instruction about to execute into a per-vCPU
-  slot. That buys: IN/OUT/MMIO exits that stop exactly after the instruction (measured ~95-105 MIPS for a
-  ``dec rcx; jnz`` loop against ~450 without any hook), and an exact HLT test: after ``emu_start`` returns
-  normally, HLT was the reason iff ``last_insn == RIP - 1`` and that byte is 0xF4 (an external stop leaves
-  ``last_insn == RIP``).
+  boundary, except before an instruction that a ``UC_HOOK_CODE`` hook covers: there unicorn checks for a
+  stop request right after calling the hook. The hook's range is evaluated when the block is translated, so
+  a hook bounded to one address costs nothing anywhere else. ``add_code_hook`` registers a 4-byte *native*
+  hook (``mov [rcx], rsi; ret``) that stores the address of the instruction about to execute into a
+  per-vCPU slot, bounded to one address; the CPU puts one on every address that follows a possible IN/OUT
+  (so the stop an IN/OUT hook requests lands exactly after it) and on every possible HLT/INT n (so the slot
+  says whether one of them was the last instruction). A hook covering every instruction would cost
+  three quarters of unicorn's speed (measured ~450 → ~100 M instructions/s for ``dec rcx; jnz``); a
+  Python code hook gives ~3 M.
 * **No ``until`` address** (``ctl_exits_enabled`` with an empty set), see ``new_engine``.
 * **TLB flush**, which the binding has no named wrapper for: ``uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)``.
 """
@@ -231,7 +233,7 @@ def ensure_layout() -> None:
             _layout_checked = True
 
 
-# --- the native "last instruction" code hook ------------------------------------------------------------------
+# --- the native bounded code hook ------------------------------------------------------------------
 
 _STUB_CODE = bytes.fromhex("488931c3")  # mov [rcx], rsi ; ret   (cb(uc, address, size, user_data))
 _stub_lock = threading.Lock()
@@ -251,8 +253,9 @@ def _native_stub() -> int:
         return _stub_addr
 
 
-def add_last_insn_hook(uc: Engine, slot: ctypes.c_uint64) -> int:
-    """Register the native code hook writing each instruction's address into ``slot`` (keep it alive)."""
+def add_code_hook(uc: Engine, slot: ctypes.c_uint64, address: int) -> int:
+    """Register the native code hook at ``address`` only; it writes that address into ``slot`` (keep the slot
+    alive as long as the engine) and makes unicorn check for a stop request before the instruction."""
     handle = ctypes.c_size_t()
     err = uclib.uc_hook_add(
         uc._uch,
@@ -260,8 +263,8 @@ def add_last_insn_hook(uc: Engine, slot: ctypes.c_uint64) -> int:
         UC_HOOK_CODE,
         ctypes.c_void_p(_native_stub()),
         ctypes.cast(ctypes.byref(slot), ctypes.c_void_p),
-        ctypes.c_uint64(1),
-        ctypes.c_uint64(0),
+        ctypes.c_uint64(address),
+        ctypes.c_uint64(address),
     )
     if err != UC_ERR_OK:  # pragma: no cover - only on a broken unicorn
         raise LayoutError(f"uc_hook_add(native code hook) failed: {err}")

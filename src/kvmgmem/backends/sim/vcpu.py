@@ -115,6 +115,8 @@ class SimVcpu(Vcpu):
 
     def run(self) -> Exit:
         self._check_open("KVM_RUN")
+        if self._cpu.take_kick():  # immediate_exit wins over every state check, as in KVM
+            raise KvmError(errno.EINTR, "KVM_RUN")
         if self._regs is not None or self._sregs is not None:
             # Never loaded: unicorn cannot start from real-mode RESET state (it runs long-mode engines).
             raise KvmError(errno.EINVAL, "KVM_RUN", "the sim starts vCPUs only from a loaded long-mode state "

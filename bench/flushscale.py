@@ -1,0 +1,169 @@
+"""Bench 7: how the sim's vCPU-side flush costs scale (issue 15).
+
+A zap reaches vCPUs as a remote TLB flush (``CpuSet.flush(gfn_start, gfn_end)``); each vCPU drops the cached
+translations in the range at its next safe point. Three tables, each growing one dimension:
+
+* **ranged flush vs cached pages**: one vCPU with N cached 4 KiB translations (1k, 64k, 262k = 1 GiB)
+  services one 4 KiB ranged flush of a page it cached (``_service_locked``, what the vCPU runs before its
+  next guest entry). Should not grow with N.
+* **pending flushes of an idle vCPU**: a vCPU outside ``run()`` (64k cached pages) receives K ranged flushes
+  of 4 KiB each (K zaps while it is not running), then services them once. Should stay bounded in K.
+* **conversions vs vCPUs**: a SW_PROTECTED VM converts one 4 KiB page private↔shared in a loop
+  (``set_memory_attributes``: a zap and a flush each) while 1, 2 or 4 vCPUs spin on their own counters on
+  threads and never touch that page. Conversions/s should not drop with more vCPUs that did not touch it.
+
+These call the CPU layer's internals (cached translations through ``_resolve_page``, ``_service_locked``):
+they are diagnostics of exactly those paths.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from contextlib import ExitStack
+
+from common import Report, Row
+
+import kvmgmem
+from kvmgmem import uapi
+from kvmgmem.backends.sim.cpu import CpuSet, SimCpu
+from kvmgmem.backends.sim.cpu_types import Mapped
+from kvmgmem.guest import Asm, GuestImage, GuestVm
+from kvmgmem.guest import routines as R
+from kvmgmem.hostmem import HostMemory
+
+PAGE = 4096
+CACHED = (1_000, 65_536, 262_144)
+PENDING = (10, 1_000, 6_000)
+VCPUS = (1, 2, 4)
+CONVERSIONS_S = 1.0
+
+
+class _FlatResolver:
+    """gpa → the same offset of one host mapping, 4 KiB at a time."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+
+    def handle_fault(self, gpa: int, write: bool, fetch: bool) -> Mapped:
+        return Mapped(self.base + gpa, PAGE, True)
+
+
+def _cpu_with_cache(stack: ExitStack, pages: int) -> tuple[CpuSet, SimCpu]:
+    mem = stack.enter_context(HostMemory(pages * PAGE))
+    cpus = CpuSet(_FlatResolver(mem.address))
+    stack.callback(cpus.close)
+    cpus.add_store(mem.address, pages * PAGE)
+    cpu = cpus.create_cpu(0)
+    for gfn in range(pages):
+        cpu._resolve_page(gfn * PAGE, False, False)
+    return cpus, cpu
+
+
+def _service(cpu: SimCpu) -> float:
+    t0 = time.perf_counter()
+    with cpu._cond:
+        cpu._service_locked()
+    return time.perf_counter() - t0
+
+
+def ranged_flush(pages: int, reps: int = 7) -> float:
+    """Median seconds for one vCPU with ``pages`` cached pages to service one 4 KiB flush of a cached page."""
+    with ExitStack() as stack:
+        cpus, cpu = _cpu_with_cache(stack, pages)
+        times = []
+        for i in range(reps):
+            gfn = (i * 7919) % pages
+            cpus.flush(gfn, gfn + 1)
+            times.append(_service(cpu))
+            cpu._resolve_page(gfn * PAGE, False, False)  # cache it again for the next round
+        return statistics.median(times)
+
+
+def pending_flushes(count: int, pages: int = 65_536) -> tuple[float, float]:
+    """(seconds to post ``count`` 4 KiB flushes to an idle vCPU, seconds for it to service them)."""
+    with ExitStack() as stack:
+        cpus, cpu = _cpu_with_cache(stack, pages)
+        t0 = time.perf_counter()
+        for i in range(count):
+            gfn = (i * 7919) % pages
+            cpus.flush(gfn, gfn + 1)
+        post = time.perf_counter() - t0
+        return post, _service(cpu)
+
+
+def conversions_per_s(vcpus: int) -> float:
+    """4 KiB conversions/s with ``vcpus`` vCPUs spinning in the guest (none touches the converted page)."""
+    gpa, size = 4 << 30, 2 << 20
+    a = Asm()
+    R.spin_counter(a)
+    with ExitStack() as stack:
+        kvm = stack.enter_context(kvmgmem.open("sim"))
+        image = GuestImage(a, nvcpus=vcpus)
+        g = stack.enter_context(GuestVm.create(kvm, image, vm_type=uapi.KVM_X86_SW_PROTECTED_VM))
+        shared = stack.enter_context(HostMemory(size))
+        gmem = stack.enter_context(g.vm.create_guest_memfd(size))
+        stack.callback(g.close)  # deletes the memslot before its memory goes
+        g.add_memory(1, gpa, shared, flags=uapi.KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
+        runners = [g.create_vcpu() for _ in range(vcpus)]
+        stop = threading.Event()
+
+        def spin(v: object) -> None:
+            vcpu = v.vcpu  # type: ignore[attr-defined]
+            while not stop.is_set():
+                try:
+                    vcpu.run()
+                except kvmgmem.KvmError:
+                    pass
+
+        threads = [threading.Thread(target=spin, args=(r,), daemon=True) for r in runners]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        n = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < CONVERSIONS_S:
+            g.vm.set_memory_attributes(gpa, PAGE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            g.vm.set_memory_attributes(gpa, PAGE, 0)
+            n += 2
+        rate = n / (time.perf_counter() - t0)
+        stop.set()
+        for r in runners:
+            r.vcpu.kick()
+        for t in threads:
+            t.join(10)
+        return rate
+
+
+def run(report: Report) -> None:
+    bench = "7 vCPU flush scaling"
+    base = None
+    for pages in CACHED:
+        seconds = ranged_flush(pages)
+        note = "one vCPU services one 4 KiB ranged flush of a cached page; median of 7"
+        row = report.add(Row(bench, f"ranged 4 KiB flush, {pages:,} cached pages", seconds * 1e6, "µs", note=note))
+        base = base or row.value
+        row.ratio = row.value / base if base and row.value is not None else None
+    base = None
+    for count in PENDING:
+        post, service = pending_flushes(count)
+        row = report.add(Row(bench, f"{count:,} pending 4 KiB flushes, idle vCPU", service * 1e3, "ms",
+                             note=f"64k cached pages; service time at its next entry; posting took "
+                                  f"{post * 1e3:.1f} ms"))  # fmt: skip
+        base = base or row.value
+        row.ratio = row.value / base if base and row.value is not None else None
+    base = None
+    for vcpus in VCPUS:
+        rate = conversions_per_s(vcpus)
+        row = report.add(Row(bench, f"4 KiB conversions, {vcpus} spinning vCPU(s)", rate, "conversions/s",
+                             note=f"SW_PROTECTED VM; no vCPU touches the page; {CONVERSIONS_S:g} s"))  # fmt: skip
+        base = base or row.value
+        row.ratio = row.value / base if base and row.value is not None else None
+
+
+if __name__ == "__main__":
+    rep = Report()
+    run(rep)
+    rep.save("flushscale", "python bench/flushscale.py")
+    print(rep.markdown("python bench/flushscale.py"))
