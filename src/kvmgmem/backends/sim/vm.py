@@ -10,6 +10,7 @@ import errno
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
@@ -29,10 +30,16 @@ if TYPE_CHECKING:
     from .system import SimSystem
 
 
-def _close_vm(fd: int, core: VmCore, stores: _Stores) -> None:
+def _close_vm(fd: int, core: VmCore, stores: _Stores, unpin_slots: Callable[[], None]) -> None:
+    """Close the VM fd (``close()`` or a VM dropped without it): vCPUs go, memslots stop pinning host memory.
+
+    Unpinning here matters for a VM that is only garbage collected: its memslots may pin a mapping of one of
+    its own guest_memfds, and that mapping holds the file, the file holds the model VM, and the model VM's
+    destroy listener holds the pins — a chain rooted in the finalizer registry that nothing else breaks."""
     cpus = stores.detach()
     if cpus is not None:
         cpus.close()
+    unpin_slots()
     os.close(fd)
     core.put()
 
@@ -115,10 +122,9 @@ class SimVm(Vm):
         self.core = core
         self._fd = fdtable.placeholder_fd()
         stores = self._stores = _Stores()
-        self._finalizer = weakref.finalize(self, _close_vm, self._fd, core, stores)
         self._vcpu_lock = threading.Lock()
-        # When the model destroys the VM (possibly long after this fd closed, once the last guest_memfd is
-        # gone), the memslots' host memory is unpinned. The listener must not reference ``self``.
+        # When the VM fd closes, or the model destroys the VM (possibly long after this fd closed, once the
+        # last guest_memfd is gone), the memslots' host memory is unpinned. Neither may reference ``self``.
         users, lock, key = self._slot_users, self._slot_lock, id(self)
 
         def unpin_all() -> None:
@@ -127,6 +133,7 @@ class SimVm(Vm):
                     user.unpin((key, slot))
                 users.clear()
 
+        self._finalizer = weakref.finalize(self, _close_vm, self._fd, core, stores, unpin_all)
         core.destroy_listeners.append(unpin_all)
         # vCPU execution: the CpuSet is created with the first vCPU (VMs without vCPUs never touch
         # unicorn); stores and zaps reach it through these listeners, which hold no reference to ``self``.
