@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import weakref
 from typing import TYPE_CHECKING
 
@@ -26,12 +27,6 @@ if TYPE_CHECKING:
 _TASK_SIZE = 1 << 47  # x86-64 user address space: longer mappings fail with ENOMEM
 
 
-def _close_gmem_fd(fd: int, file: GmemFile) -> None:
-    fdtable.unregister(fd)
-    os.close(fd)
-    file.put()
-
-
 class SimGuestMemfd(GuestMemfd):
     """A sim guest_memfd. Extra (sim-only): ``inject_poison``, ``sim`` (the core file), ``introspect``."""
 
@@ -42,7 +37,7 @@ class SimGuestMemfd(GuestMemfd):
         self._file = file
         self._fd = fdtable.gmem_fd(self.size)
         fdtable.register(self._fd, file)
-        self._finalizer = weakref.finalize(self, _close_gmem_fd, self._fd, file)
+        self._finalizer = weakref.finalize(self, fdtable.close_gmem_fd, self._fd, file)
 
     @property
     def fd(self) -> int:
@@ -133,7 +128,13 @@ class SimGuestMemfd(GuestMemfd):
 
     def stat(self) -> os.stat_result:
         self._check_open("fstat")
-        return os.fstat(self._fd)
+        st = os.fstat(self._fd)
+        # The kernel's anon inode has one link (``alloc_anon_secure_inode``); the memfd standing in for it
+        # reports 0 (unlinked shmem). Everything else (size, mode, blksize, a unique st_ino) is the memfd's.
+        fields = list(st)
+        fields[stat.ST_NLINK] = 1
+        extra = {name: getattr(st, name) for name in dir(st) if name.startswith("st_")}
+        return os.stat_result(fields, extra)
 
     def introspect(self) -> dict[str, object]:
         """Page states of the inode: runs of (first, last, state)."""
