@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import errno
 import gc
+import mmap
 import os
 
 import pytest
 
 import kvmgmem
 from kvmgmem import uapi
+from kvmgmem.gmem_mapping import MADV_COLLAPSE, MADV_HUGEPAGE
 
 from ._util import GMEM, INIT_SHARED, MMAP, P, raises_kvm, require_cap
 
@@ -94,3 +96,59 @@ def test_fstat_one_link(vm: kvmgmem.Vm) -> None:
     with vm.create_guest_memfd(4 * P) as g:
         st = g.stat()
         assert (st.st_nlink, st.st_size, st.st_mode, st.st_blksize) == (1, 4 * P, 0o100600, P)
+
+
+# --- madvise on a guest_memfd mapping (§2.10 (5)) -----------------------------------------------------------
+
+
+def test_madvise_remove_frees_and_bad_advice_einval(vm: kvmgmem.Vm, backend: str) -> None:
+    """MADV_REMOVE punches the file (``madvise_remove`` → fallocate PUNCH_HOLE|KEEP_SIZE): the data reads back
+    zero, other pages keep theirs. MADV_FREE (shared mapping), unknown advice, an unaligned start and
+    MADV_COLLAPSE are EINVAL, as KvmError with op "madvise"; MADV_HUGEPAGE and MADV_DONTNEED are accepted and
+    MADV_DONTNEED keeps the data (it is in the file)."""
+    _require_flags(vm, backend, MMAP | INIT_SHARED)
+    with vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED) as g, g.mmap() as m:
+        m[:4] = b"gone"
+        m[P : P + 4] = b"kept"
+        m.madvise(mmap.MADV_REMOVE, 0, P)
+        assert (m[:4], m[P : P + 4]) == (bytes(4), b"kept")
+        for advice, start in ((mmap.MADV_FREE, 0), (999, 0), (mmap.MADV_DONTNEED, 100), (MADV_COLLAPSE, 0)):
+            with raises_kvm(errno.EINVAL, "madvise"):
+                m.madvise(advice, start, P)
+        m.madvise(MADV_HUGEPAGE)
+        m.madvise(mmap.MADV_DONTNEED, P, P)
+        assert m[P : P + 4] == b"kept"
+
+
+# --- mmap offset and length limits (do_mmap, file_mmap_ok) ------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [pytest.param(0, id="F0"), pytest.param(MMAP | INIT_SHARED, id="MMAP|INIT_SHARED")])
+def test_mmap_offset_overflow_and_length_limit(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
+    """The generic checks of mmap(2) come before ``kvm_gmem_mmap``'s: an offset whose page index passes the
+    maximum file size (2^63-4096, -4096, 2^64-4096) → EOVERFLOW; a length above the user address space
+    (TASK_SIZE = 2^47-4096) → ENOMEM; an unaligned offset or length 0 → EINVAL — for every file, so also before
+    the ENODEV of a file without GUEST_MEMFD_FLAG_MMAP."""
+    if flags:
+        _require_flags(vm, backend, flags)
+    with vm.create_guest_memfd(4 * P, flags) as g:
+        for offset in (2**63 - P, -P, 2**64 - P):
+            with raises_kvm(errno.EOVERFLOW, "mmap"):
+                g.mmap(P, offset)
+        for length in (1 << 47, (1 << 64) - P):
+            with raises_kvm(errno.ENOMEM, "mmap"):
+                g.mmap(length)
+        with raises_kvm(errno.EINVAL, "mmap"):
+            g.mmap(P, 100)
+        with raises_kvm(errno.EINVAL, "mmap"):
+            g.mmap(0)
+
+
+def test_mmap_large_file_not_refused_by_overcommit(vm: kvmgmem.Vm, backend: str) -> None:
+    """mmap(2) of a 64 GiB guest_memfd succeeds (the mapping is lazy); so must ``GuestMemfd.mmap()`` — no
+    extra reservation that overcommit would refuse."""
+    _require_flags(vm, backend, MMAP | INIT_SHARED)
+    with vm.create_guest_memfd(64 << 30, MMAP | INIT_SHARED) as g, g.mmap() as m:
+        assert len(m) == 64 << 30
+        m[-4:] = b"last"
+        assert m[-4:] == b"last"
