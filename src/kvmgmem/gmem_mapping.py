@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from kvmgmem.errors import KvmError
@@ -50,8 +51,9 @@ class MappingBackend(Protocol):
     def madvise(self, mapping: GmemMapping, option: int, start: int, length: int) -> bool:
         """Handle ``option`` itself (True) or let the host kernel do it on the mapping (False)."""
 
-    def unmapped(self, mapping: GmemMapping) -> None:
-        """The mapping is gone (``close()``; garbage collection is the backend's finalizer)."""
+    def unmap(self, mapping: GmemMapping, munmap: Callable[[], None]) -> None:
+        """Run ``munmap`` (``close()``) under the backend's lock, so no re-pointing of the mapping's pages
+        races with it; then drop what the mapping held (garbage collection is the backend's finalizer)."""
 
 
 def c_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
@@ -145,9 +147,10 @@ class GmemMapping(mmap.mmap):
             self._pins.close_if_unpinned("GmemMapping.close", self._unmap)
 
     def _unmap(self) -> None:
-        mmap.mmap.close(self)
         if self._backend is not None:
-            self._backend.unmapped(self)
+            self._backend.unmap(self, lambda: mmap.mmap.close(self))
+        else:
+            mmap.mmap.close(self)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

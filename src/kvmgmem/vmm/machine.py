@@ -299,4 +299,3 @@ class Machine:
 
 
 __all__ = ["DiscardPolicy", "Machine", "MachineError", "StoreUsage"]
-

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, u32, u64
 from kvmgmem.errors import KvmError
+from kvmgmem.gmem_mapping import GmemMapping
 
 from . import cpu_types, fdtable
 from .core.gmem import GmemInode
@@ -23,6 +24,7 @@ from .core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, ZapL
 from .core.vm import VmCore
 from .cpu import CpuSet
 from .gmem import SimGuestMemfd
+from .mapping import SimMapper
 from .storage import GmemStorage
 from .vcpu import SimVcpu
 
@@ -49,6 +51,12 @@ def _live_range(user: Userspace) -> tuple[int, int] | None:
     owner = user.owner
     if owner is None:
         return None
+    mapper = getattr(owner, "_backend", None)
+    if isinstance(owner, GmemMapping) and isinstance(mapper, SimMapper):
+        # Only the part backed by the file's pages: private memory, and pages past EOF, SIGBUS on the host
+        # (the kernel's hva fault fails there), so the sim's CPU must never reach them.
+        live = mapper.live_bytes(owner)
+        return (user.address, user.address + live) if live else None
     if user.pinnable:  # HostMemory, or a guest_memfd mapping: pinned while the slot uses it
         return user.address, user.address + owner.size
     with memoryview(owner) as view:
@@ -143,6 +151,8 @@ class SimVm(Vm):
             base = getattr(inode.backing, "base", None)
             if base is not None:
                 stores.put(base)
+            for chunk in getattr(inode.backing, "chunks", list)():
+                stores.put(chunk)
 
         def zapped(gfn_start: int, gfn_end: int) -> None:
             cpus = stores.cpus
@@ -187,9 +197,12 @@ class SimVm(Vm):
         except OSError as e:
             file.put()
             raise KvmError(e.errno or errno.EMFILE, op, f"no fd for the guest_memfd: {e}") from e
-        base = getattr(file.inode.backing, "base", None)
-        if base is not None:
-            self._stores.get(base, file.inode.size)
+        storage = file.inode.backing
+        if isinstance(storage, GmemStorage):
+            if storage.base is not None:
+                self._stores.get(storage.base, file.inode.size)
+            else:  # a file larger than the sim's whole-file view: its pieces become stores as they are mapped
+                storage.chunk_listeners.append(self._stores.get)
         return gmem
 
     def set_user_memory_region(
