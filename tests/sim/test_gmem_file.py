@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -11,12 +12,14 @@ import pytest
 
 from kvmgmem import KvmError, uapi
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm
+from kvmgmem.backends.sim.core.mmu import FaultMapped
 from kvmgmem.conformance._util import touch_dies_of_sigbus
 
 from .conftest import INIT_SHARED, M2, MMAP, P
 
 KEEP = uapi.FALLOC_FL_KEEP_SIZE
 PUNCH = uapi.FALLOC_FL_PUNCH_HOLE
+GMEM = uapi.KVM_MEM_GUEST_MEMFD
 
 
 def errno_of(fn: Callable[[], object]) -> int:
@@ -245,3 +248,47 @@ def test_5_6_hugepage_flag_sim_only(open_sim: Callable[..., SimSystem]) -> None:
     with s.create_vm() as vm:
         vm.create_guest_memfd(M2, SIM_GUEST_MEMFD_FLAG_HUGEPAGE).close()
         assert errno_of(lambda: vm.create_guest_memfd(M2 + P, SIM_GUEST_MEMFD_FLAG_HUGEPAGE)) == errno.EINVAL
+
+
+def test_poison_repoints_live_mappings_and_punch_heals(dvm: SimVm) -> None:
+    """§2.15 with §2.10 (3): a hwpoisoned page SIGBUSes the host through every mapping — one mapped before
+    the poison (re-pointed, as the kernel zaps user mappings) and one mapped after — while its neighbours
+    keep their data; punching the page frees it with its poison mark, and both mappings read zero there."""
+    with dvm.create_guest_memfd(4 * P, MMAP | INIT_SHARED) as g, g.mmap() as before:
+        before[:] = b"\x11" * (4 * P)
+        g.inject_poison(P)
+        with g.mmap(2 * P, P) as after:
+            for m, page in ((before, P), (after, 0)):
+                assert touch_dies_of_sigbus(m.address + page, 1, write=False) == signal.SIGBUS
+            assert before[:P] == b"\x11" * P and before[2 * P :] == b"\x11" * (2 * P) and after[P:] == b"\x11" * P
+            g.punch_hole(P, P)
+            assert before[P : 2 * P] == bytes(P) and after[:P] == bytes(P)
+            after[:4] = b"heal"
+            assert before[P : P + 4] == b"heal"
+
+
+def test_host_writes_alias_guest_pages_and_count_as_allocated(dvm: SimVm) -> None:
+    """A host write through the mapping lands in the page the guest maps (one page, two views), and the page
+    counts as allocated (the kernel's host fault allocates it)."""
+    with dvm.create_guest_memfd(4 * P, MMAP | INIT_SHARED) as g, g.mmap() as m:
+        dvm.set_user_memory_region2(1, 1 << 32, 4 * P, m, GMEM, g, 0)
+        assert g.allocated_bytes() == 0
+        m[2 * P : 2 * P + 4] = b"host"
+        assert g.allocated_bytes() == P
+        r = dvm.sim.handle_fault((1 << 32) + 2 * P, False, False, None)
+        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 4) == b"host"
+        dvm.set_user_memory_region2(1, 1 << 32, 0)
+
+
+def test_guest_fault_in_file_above_32tib(dvm: SimVm) -> None:
+    """A slot bound at the end of a 2^63-4096-byte guest_memfd: the guest's page is the host mapping's page
+    (the sim maps that part of its storage lazily, on first use)."""
+    size = 2**63 - P
+    with dvm.create_guest_memfd(size, MMAP | INIT_SHARED) as g, g.mmap(P, size - P) as m:
+        dvm.set_user_memory_region2(1, 1 << 32, P, None, GMEM, g, size - P)
+        m[:4] = b"last"
+        r = dvm.sim.handle_fault(1 << 32, True, False, None)
+        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 4) == b"last"
+        ctypes.memmove(r.host_address + 4, b"!", 1)
+        assert m[:5] == b"last!"
+        dvm.set_user_memory_region2(1, 1 << 32, 0)

@@ -5,6 +5,7 @@ private mapping. Expected values are the 6.18 kernel's (this host's), checked on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import mmap
@@ -152,3 +153,52 @@ def test_mmap_large_file_not_refused_by_overcommit(vm: kvmgmem.Vm, backend: str)
         assert len(m) == 64 << 30
         m[-4:] = b"last"
         assert m[-4:] == b"last"
+
+
+# --- memslots over a guest_memfd mapping (§2.5, §2.10) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("v2", [pytest.param(False, id="REGION"), pytest.param(True, id="REGION2")])
+def test_memslot_over_private_mapping_accepted(vm: kvmgmem.Vm, backend: str, v2: bool) -> None:
+    """The mapping of an MMAP-only (not INIT_SHARED) guest_memfd is valid userspace for a memslot: KVM only
+    records the address (``__kvm_set_memory_region`` checks alignment and ``access_ok``, never touches the
+    pages), so REGION and REGION2 (with or without the file bound) accept it. The mapping is pinned while the
+    slot uses it (EBUSY on close), and closes once the slot is deleted."""
+    _require_flags(vm, backend, MMAP)
+    with vm.create_guest_memfd(4 * P, MMAP) as g:
+        m = g.mmap()
+        try:
+            if v2:
+                vm.set_user_memory_region2(1, 1 << 32, 4 * P, m, GMEM, g, 0)
+                vm.set_user_memory_region2(2, 2 << 32, 4 * P, m)
+            else:
+                vm.set_user_memory_region(1, 1 << 32, 4 * P, m)
+            with raises_kvm(errno.EBUSY, "GmemMapping.close"):
+                m.close()
+            vm.set_user_memory_region(1, 1 << 32, 0)
+            if v2:
+                vm.set_user_memory_region(2, 2 << 32, 0)
+        finally:
+            for slot, gpa in ((1, 1 << 32), (2, 2 << 32)):  # after a failure: whatever slot is left
+                with contextlib.suppress(kvmgmem.KvmError):
+                    vm.set_user_memory_region(slot, gpa, 0)
+            m.close()
+        assert m.closed
+
+
+# --- files above 32 TiB (§2.4: size is any positive page-aligned signed 64-bit value) -----------------------
+
+
+@pytest.mark.parametrize("size", [pytest.param(1 << 46, id="64TiB"), pytest.param(2**63 - P, id="2^63-4096")])
+def test_huge_sparse_file_maps_and_allocates(vm: kvmgmem.Vm, backend: str, size: int) -> None:
+    """A guest_memfd far above the host's memory is sparse: it is created, its last pages map, hold data and
+    preallocate (fallocate KEEP_SIZE), punch back to zero, and its fstat size is the creation size."""
+    _require_flags(vm, backend, MMAP | INIT_SHARED)
+    with vm.create_guest_memfd(size, MMAP | INIT_SHARED) as g:
+        assert g.stat().st_size == size
+        g.fallocate(uapi.FALLOC_FL_KEEP_SIZE, size - 4 * P, 4 * P)
+        with g.mmap(2 * P, size - 2 * P) as m:
+            m[-4:] = b"tail"
+            assert m[-4:] == b"tail"
+            g.punch_hole(size - P, P)
+            assert m[-4:] == bytes(4)
