@@ -14,6 +14,7 @@ What the kernel does in guest_memfd terms is done through the model here: MADV_R
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -86,11 +87,19 @@ def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool, mm
     storage: GmemStorage = file.inode.backing  # type: ignore[assignment]
     if storage.fd < 0:
         raise KvmError(errno.ENOMEM, "mmap", "guest_memfd storage could not be created")
-    source = storage.fd if file.inode.init_shared else empty_fd()
+    with contextlib.ExitStack() as stack:
+        source = storage.fd if file.inode.init_shared else stack.enter_context(empty_fd())
+        mapping = _map(file, storage, source, fd, length, offset, shared, mmap_allowed)
+    return mapping
+
+
+def _map(
+    file: GmemFile, storage: GmemStorage, source: int, fd: int, length: int, offset: int, shared: bool, allowed: bool
+) -> GmemMapping:
     with storage.lock:
         raw = c_mmap(None, length, PROT_RW, mmap.MAP_SHARED | MAP_NORESERVE, source, offset)
         try:
-            if not mmap_allowed:
+            if not allowed:
                 raise KvmError(errno.ENODEV, "mmap", "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
             if not shared:
                 raise KvmError(errno.EINVAL, "mmap", "guest_memfd can only be mapped MAP_SHARED")
@@ -100,11 +109,11 @@ def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool, mm
             _munmap(raw, length)
         try:
             mapping.place(0, length, source, offset)
-            if mapper.accessible:
-                for pgoff in sorted(storage.poisoned):
-                    lo, hi = max(pgoff * uapi.PAGE_SIZE, offset), min((pgoff + 1) * uapi.PAGE_SIZE, offset + length)
-                    if lo < hi:
-                        mapping.place(lo - offset, hi - lo, empty_fd(), lo)
+            poisoned = [p for p in sorted(storage.poisoned) if offset <= p * uapi.PAGE_SIZE < offset + length]
+            if mapper.accessible and poisoned:
+                with empty_fd() as empty:
+                    for pgoff in poisoned:
+                        mapping.place(pgoff * uapi.PAGE_SIZE - offset, uapi.PAGE_SIZE, empty, pgoff * uapi.PAGE_SIZE)
             file.get()
         except BaseException:
             mmap.mmap.close(mapping)

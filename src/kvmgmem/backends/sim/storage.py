@@ -21,12 +21,13 @@ Invariant kept for the model (``core/gmem.py``): a page the model calls absent r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
@@ -49,13 +50,16 @@ MAX_STORAGE = 1 << 45
 CHUNK = 1 << 30
 _FALLOC_PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
 
-#: A process-wide memfd of size 0, mapped where the kernel would SIGBUS (every page is beyond its EOF).
-#: Created with the module (process-lifetime state, like the kick signal handler), never closed.
-_EMPTY_FD = os.memfd_create("kvm-gmem-sigbus", os.MFD_CLOEXEC)
 
-
-def empty_fd() -> int:
-    return _EMPTY_FD
+@contextlib.contextmanager
+def empty_fd() -> Iterator[int]:
+    """A memfd of size 0, to map where the kernel would SIGBUS (every page is beyond its EOF). A fresh one
+    each time, closed at once: the mappings keep it alive, and no fd outlives them."""
+    fd = os.memfd_create("kvm-gmem-sigbus", os.MFD_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class GmemStorage:
@@ -130,7 +134,8 @@ class GmemStorage:
             if pgoff in self.poisoned:
                 return
             self.poisoned.add(pgoff)
-            self._repoint(pgoff, pgoff + 1, empty_fd())
+            with empty_fd() as fd:
+                self._repoint(pgoff, pgoff + 1, fd)
 
     def _repoint(self, first: int, last: int, fd: int) -> None:
         """Map ``fd`` over file pages ``[first, last)`` in every live user mapping (caller holds ``lock``)."""
