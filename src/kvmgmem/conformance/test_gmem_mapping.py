@@ -16,8 +16,12 @@ import pytest
 import kvmgmem
 from kvmgmem import uapi
 from kvmgmem.gmem_mapping import MADV_COLLAPSE, MADV_HUGEPAGE
+from kvmgmem.guest import Asm, Done, GuestImage
+from kvmgmem.guest import routines as R
+from kvmgmem.guest import ucall as U
 
 from ._util import GMEM, INIT_SHARED, MMAP, P, raises_kvm, require_cap
+from .fixtures import MakeGuest
 
 
 def _require_flags(vm: kvmgmem.Vm, backend: str, flags: int) -> int:
@@ -202,3 +206,27 @@ def test_huge_sparse_file_maps_and_allocates(vm: kvmgmem.Vm, backend: str, size:
             assert m[-4:] == b"tail"
             g.punch_hole(size - P, P)
             assert m[-4:] == bytes(4)
+
+
+def test_guest_round_trip_at_end_of_huge_file(system: kvmgmem.System, backend: str, make_guest: MakeGuest) -> None:
+    """GM-13 with the slot bound to the last page of a 2^63-4096-byte guest_memfd (hva: that page's mapping):
+    the guest reads what the host wrote there and its write is what a fresh host mapping reads."""
+    want = MMAP | INIT_SHARED
+    require_cap(system, uapi.KVM_CAP_GUEST_MEMFD_FLAGS, "KVM_CAP_GUEST_MEMFD_FLAGS", backend, mask=want)
+    gpa, size = 4 << 30, 2**63 - P
+    a = Asm()
+    R.verify(a, gpa, P, 0xAA, "reads what the host wrote")
+    R.fill(a, gpa, P, 0xFF)
+    U.done(a)
+    g = make_guest(GuestImage(a))
+    with g.vm.create_guest_memfd(size, want) as gmem:
+        mapping = gmem.mmap(P, size - P)
+        try:
+            g.add_memory(1, gpa, mapping, flags=GMEM, guest_memfd=gmem, guest_memfd_offset=size - P)
+            mapping[:] = b"\xaa" * P
+            assert isinstance(g.vcpus[0].run(30.0), Done)
+            with gmem.mmap(P, size - P) as again:
+                assert again[:] == b"\xff" * P
+        finally:
+            g.close()
+            mapping.close()

@@ -107,11 +107,15 @@ class GmemStorage:
                     listener(chunk, length)
         return chunk + offset - index * CHUNK
 
-    def chunk_span(self, pgoff: int) -> int:
-        """Pages from ``pgoff`` to the end of the contiguous piece of the sim's view holding it."""
-        if self.base is not None:
-            return self.size // uapi.PAGE_SIZE - pgoff
-        return (CHUNK - (pgoff * uapi.PAGE_SIZE) % CHUNK) // uapi.PAGE_SIZE
+    def premap(self, offset: int, length: int) -> None:
+        """Map the chunks of file bytes ``[offset, offset+length)`` now (a memslot binds them): the vCPUs'
+        fault path then finds them mapped and registered as stores, and never has to register one itself
+        (that waits for every vCPU's acknowledgement, the faulting one included)."""
+        if self.base is not None or self.fd < 0:
+            return
+        end = min(offset + length, self.size)
+        for index in range(offset // CHUNK, -(-end // CHUNK)):
+            self.address(index * CHUNK // uapi.PAGE_SIZE)
 
     def discard(self, first: int, last: int) -> None:
         """PUNCH_HOLE on the memfd: the pages are freed and unmapped from every mapping; poisoned pages in

@@ -19,7 +19,7 @@ from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 
 from . import cpu_types, fdtable
-from .core.gmem import GmemInode
+from .core.gmem import GmemFile, GmemInode
 from .core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, ZapListener
 from .core.vm import VmCore
 from .cpu import CpuSet
@@ -261,6 +261,10 @@ class SimVm(Vm):
                     self._stores.put(live[0])
                 raise
             self._track_slot(slot, size, user)
+            if size and flags & uapi.KVM_MEM_GUEST_MEMFD:
+                bound = fdtable.lookup(fd)
+                if isinstance(bound, GmemFile) and isinstance(bound.inode.backing, GmemStorage):
+                    bound.inode.backing.premap(offset, size)
             previous = self._slot_stores.pop(slot, None)
             if live is not None:
                 self._slot_stores[slot] = live[0]
