@@ -66,7 +66,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 2
     progress = None
     if not args.json:
-
         def progress(rounds: list[int], conversions: int) -> None:
             print(f"\r  rounds per vCPU {rounds}  conversions {conversions}", end="", file=sys.stderr, flush=True)
 

@@ -299,3 +299,4 @@ class Machine:
 
 
 __all__ = ["DiscardPolicy", "Machine", "MachineError", "StoreUsage"]
+
