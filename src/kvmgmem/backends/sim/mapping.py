@@ -96,30 +96,34 @@ def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool, mm
 def _map(
     file: GmemFile, storage: GmemStorage, source: int, fd: int, length: int, offset: int, shared: bool, allowed: bool
 ) -> GmemMapping:
-    with storage.lock:
-        raw = c_mmap(None, length, PROT_RW, mmap.MAP_SHARED | MAP_NORESERVE, source, offset)
-        try:
-            if not allowed:
-                raise KvmError(errno.ENODEV, "mmap", "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
-            if not shared:
-                raise KvmError(errno.EINVAL, "mmap", "guest_memfd can only be mapped MAP_SHARED")
-            mapper = SimMapper(file, storage)
-            mapping = GmemMapping.reserve(length, offset, fd, mapper)
-        finally:
-            _munmap(raw, length)
-        try:
+    raw = c_mmap(None, length, PROT_RW, mmap.MAP_SHARED | MAP_NORESERVE, source, offset)  # the generic checks
+    try:
+        if not allowed:
+            raise KvmError(errno.ENODEV, "mmap", "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
+        if not shared:
+            raise KvmError(errno.EINVAL, "mmap", "guest_memfd can only be mapped MAP_SHARED")
+        mapper = SimMapper(file, storage)
+        mapping = GmemMapping.reserve(length, offset, fd, mapper)
+    finally:
+        _munmap(raw, length)
+    # The file reference first: taking the VM's slots_lock under the storage lock would invert the order
+    # of punch and poison (slots_lock, then mmu lock, then storage lock).
+    file.get()
+    try:
+        with storage.lock:  # no poison or heal may slip between placing the pages and registering the mapping
             mapping.place(0, length, source, offset)
             poisoned = [p for p in sorted(storage.poisoned) if offset <= p * uapi.PAGE_SIZE < offset + length]
             if mapper.accessible and poisoned:
                 with empty_fd() as empty:
                     for pgoff in poisoned:
-                        mapping.place(pgoff * uapi.PAGE_SIZE - offset, uapi.PAGE_SIZE, empty, pgoff * uapi.PAGE_SIZE)
-            file.get()
-        except BaseException:
-            mmap.mmap.close(mapping)
-            raise
-        mapper.finalizer = weakref.finalize(mapping, _put_file, file)
-        storage.mappings.add(mapping)
+                        at = pgoff * uapi.PAGE_SIZE
+                        mapping.place(at - offset, uapi.PAGE_SIZE, empty, at)
+            storage.mappings.add(mapping)
+    except BaseException:
+        mmap.mmap.close(mapping)
+        file.put()
+        raise
+    mapper.finalizer = weakref.finalize(mapping, _put_file, file)
     return mapping
 
 
