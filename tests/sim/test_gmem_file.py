@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -292,3 +293,34 @@ def test_guest_fault_in_file_above_32tib(dvm: SimVm) -> None:
         ctypes.memmove(r.host_address + 4, b"!", 1)
         assert m[:5] == b"last!"
         dvm.set_user_memory_region2(1, 1 << 32, 0)
+
+
+def test_repointing_races_with_mappings_coming_and_going(dvm: SimVm) -> None:
+    """Poison and punch (which re-point pages of every live mapping) race with another thread mapping and
+    unmapping the file: re-pointing only ever touches mappings still alive, and once every poisoned page is
+    punched again the whole file reads zero through a fresh mapping."""
+    with dvm.create_guest_memfd(16 * P, MMAP | INIT_SHARED) as g:
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def churn() -> None:
+            try:
+                while not stop.is_set():
+                    with g.mmap() as m:
+                        assert m[0] == 0  # page 0 is never poisoned
+            except BaseException as e:  # reported below, in the test's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=churn)
+        thread.start()
+        try:
+            for i in range(200):
+                page = 1 + i % 15
+                g.inject_poison(page * P)
+                g.punch_hole(page * P, P)
+        finally:
+            stop.set()
+            thread.join()
+        assert not errors, errors
+        with g.mmap() as m:
+            assert m[:] == bytes(16 * P)
