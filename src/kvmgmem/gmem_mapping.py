@@ -6,8 +6,7 @@ Why one class: code written against one backend must run on the other. So both b
 can pin (EBUSY while one uses it), and the kernel's answers — including a real SIGBUS where the kernel's
 ``kvm_gmem_fault_user_mapping`` gives one (beyond EOF, private memory, hwpoison).
 
-How: the object first reserves its address range (``PROT_NONE``, private, ``MAP_NORESERVE``: no commit
-charge, so a 64 GiB mapping is not refused by overcommit), (private, ``MAP_NORESERVE``: no commit
+How: the object first reserves its address range (private, ``MAP_NORESERVE`` and never touched: no commit
 charge, so a 64 GiB mapping is not refused by overcommit), then the backend puts the real pages there with
 ``MAP_FIXED`` (kvm: the guest_memfd itself, moved in with ``mremap``; sim: page ranges of its storage memfd,
 and an empty memfd where the kernel would SIGBUS). ``mmap.mmap.close`` unmaps the whole range either way.
