@@ -14,7 +14,7 @@ import pytest
 from kvmgmem import KvmError, uapi
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm
 from kvmgmem.backends.sim.core.mmu import FaultMapped
-from kvmgmem.conformance._util import touch_dies_of_sigbus
+from kvmgmem.conformance._sigbus import touch_dies_of_sigbus
 
 from .conftest import INIT_SHARED, M2, MMAP, P
 

@@ -36,7 +36,7 @@ from kvmgmem.backends.sim.core.gmem import PAGE_PRESENT
 from kvmgmem.backends.sim.core.memslots import HUGE_LEVELS
 from kvmgmem.backends.sim.core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultRetry
 from kvmgmem.backends.sim.core.profile import level_pages
-from kvmgmem.conformance._util import touch_dies_of_sigbus
+from kvmgmem.conformance._sigbus import touch_dies_of_sigbus
 
 P = uapi.PAGE_SIZE
 GMEM = uapi.KVM_MEM_GUEST_MEMFD

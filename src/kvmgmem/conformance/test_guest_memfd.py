@@ -18,7 +18,8 @@ import pytest
 import kvmgmem
 from kvmgmem import KvmError, uapi
 
-from ._util import EINVAL, INIT_SHARED, KEEP, MMAP, PUNCH, P, raises_kvm, require_cap, touch_dies_of_sigbus
+from ._sigbus import touch_dies_of_sigbus
+from ._util import EINVAL, INIT_SHARED, KEEP, MMAP, PUNCH, P, raises_kvm, require_cap
 
 CREATE = "KVM_CREATE_GUEST_MEMFD"
 
