@@ -130,8 +130,6 @@ def outcome(line: str, ns: dict[str, Any]) -> tuple[Any, ...]:
     try:
         value = eval(_compiled(line), ns)
     except KvmError as e:
-        if type(e).__name__ == "SigBus":  # the sim's stand-in for a SIGBUS that would kill a kvm process
-            return ("SIGBUS", str(e))
         return ("errno", errno_name(e.errno or 0), e.op)
     except Exception as e:  # TypeError/ValueError from argument marshalling, OverflowError from os.*
         return (type(e).__name__,)

@@ -11,17 +11,14 @@ import fcntl
 import os
 import signal
 import stat
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 import kvmgmem
 from kvmgmem import uapi
 
+from ._sigbus import touch_dies_of_sigbus
 from ._util import EINVAL, INIT_SHARED, KEEP, MMAP, PUNCH, P, raises_kvm, require_cap
 
 CREATE = "KVM_CREATE_GUEST_MEMFD"
@@ -220,67 +217,18 @@ def test_mmap_keeps_gmem_alive_after_close(vm: kvmgmem.Vm, backend: str) -> None
         g.close()
 
 
-EOF = "beyond EOF"
-PRIVATE_MEM = "private (guest_memfd not INIT_SHARED)"
-
 # --- SIGBUS (GM-6, GM-8) --------------------------------------------------------------------------------------
 
-_CHILD = textwrap.dedent(
-    """
-    import ctypes, sys
-    from kvmgmem.hostmem import FileMapping
-    fd, length, action = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    m = FileMapping(fd, length)
-    print("mapped", flush=True)
-    if action.startswith("memset"):
-        ctypes.memset(m.address, 0xAA, length)
-    else:
-        offset = int(action.split(":")[1])
-        ctypes.c_uint8.from_address(m.address + offset).value
-    print("no SIGBUS", flush=True)
-    """
-)
 
-
-def _kvm_expect_sigbus(g: kvmgmem.GuestMemfd, length: int, action: str) -> None:
-    """Map ``g`` (shared, ``length`` bytes) in a child process and do ``action`` there ("memset" over the
-    whole mapping, or "read:<offset>"); the child must die of SIGBUS after mapping successfully."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(g.fd), str(length), action],
-        pass_fds=(g.fd,),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.stdout == "mapped\n", f"child stdout {proc.stdout!r}, stderr {proc.stderr[-2000:]!r}"
-    assert proc.returncode == -signal.SIGBUS, (
-        f"{action}: expected death by SIGBUS ({-signal.SIGBUS}), got returncode {proc.returncode}; "
-        f"stderr {proc.stderr[-2000:]!r}"
-    )
-
-
-def _sim_expect_sigbus(g: kvmgmem.GuestMemfd, length: int, action: str, offset: int, reason: str) -> None:
-    """The sim's documented stand-in for SIGBUS (``kvmgmem.backends.sim.SigBus``): the access raises it with the
-    file offset of the first inaccessible byte and the reason."""
-    from kvmgmem.backends.sim import SigBus
-
-    m: Any = g.mmap(length)
-    try:
-        with pytest.raises(SigBus) as info:
-            if action == "memset":
-                m[:length] = b"\xaa" * length
-            else:
-                m[int(action.split(":")[1])]
-        assert (info.value.offset, info.value.reason) == (offset, reason)
-    finally:
-        m.close()
-
-
-def _expect_sigbus(backend: str, g: kvmgmem.GuestMemfd, length: int, action: str, offset: int, reason: str) -> None:
-    if backend == "kvm":
-        _kvm_expect_sigbus(g, length, action)
-    else:
-        _sim_expect_sigbus(g, length, action, offset, reason)
+def _expect_sigbus(g: kvmgmem.GuestMemfd, length: int, action: str) -> None:
+    """Map ``length`` bytes of ``g`` and do ``action`` in a forked child ("memset" over the whole mapping,
+    or "read:<offset>" of one byte): the child must die of a real SIGBUS, on every backend."""
+    with g.mmap(length) as m:
+        if action == "memset":
+            sig = touch_dies_of_sigbus(m.address, length, write=True)
+        else:
+            sig = touch_dies_of_sigbus(m.address + int(action.split(":")[1]), 1, write=False)
+    assert sig == signal.SIGBUS, f"{action}: expected death by SIGBUS ({signal.SIGBUS}), got signal {sig}"
 
 
 def test_gm6_fault_overflow(vm: kvmgmem.Vm, backend: str) -> None:
@@ -288,13 +236,13 @@ def test_gm6_fault_overflow(vm: kvmgmem.Vm, backend: str) -> None:
     all 16p raises SIGBUS after writing the first 4p (which then read 0xaa); reading byte 4p → SIGBUS."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     with vm.create_guest_memfd(4 * P, flags) as g:
-        _expect_sigbus(backend, g, 16 * P, "memset", 4 * P, EOF)
+        _expect_sigbus(g, 16 * P, "memset")
         m = g.mmap(4 * P)
         try:
             assert m[:] == b"\xaa" * (4 * P), "the in-bounds part of the memset must have landed"
         finally:
             m.close()
-        _expect_sigbus(backend, g, 16 * P, f"read:{4 * P}", 4 * P, EOF)
+        _expect_sigbus(g, 16 * P, f"read:{4 * P}")
 
 
 def test_gm8_fault_private(vm: kvmgmem.Vm, backend: str) -> None:
@@ -303,8 +251,8 @@ def test_gm8_fault_private(vm: kvmgmem.Vm, backend: str) -> None:
     flags = _with_flags(vm, backend, MMAP)
     with vm.create_guest_memfd(4 * P, flags) as g:
         g.mmap(4 * P).close()  # mapping itself succeeds
-        _expect_sigbus(backend, g, 4 * P, "memset", 0, PRIVATE_MEM)
-        _expect_sigbus(backend, g, 4 * P, "read:0", 0, PRIVATE_MEM)
+        _expect_sigbus(g, 4 * P, "memset")
+        _expect_sigbus(g, 4 * P, "read:0")
 
 
 @pytest.mark.parametrize("flags", MMAP_FLAG_SETS)
@@ -542,42 +490,19 @@ def test_create_bad_argument_types(vm: kvmgmem.Vm) -> None:
 
 
 def test_gm7b_collapse(vm: kvmgmem.Vm, backend: str) -> None:
-    """GM-7b (spec §4.1, §2.10 (5)): a PMD-sized MMAP|INIT_SHARED file mapped at a 2 MiB-aligned address:
+    """GM-7b (spec §4.1, §2.10 (5)): a PMD-sized, 2 MiB-aligned range of an MMAP|INIT_SHARED mapping:
     read-fault every page, MADV_HUGEPAGE ok, MADV_COLLAPSE → EINVAL (never huge folios), MADV_DONTNEED ok and
-    the pages re-read (as zero). kvm only: the sim's mappings are not host memory madvise can act on."""
-    import ctypes
-    import ctypes.util
+    the data stays (it is in the file; DONTNEED only drops the page table entries)."""
     import mmap as mmap_mod
 
-    if backend != "kvm":
-        pytest.skip(f"backend {backend}: GM-7b needs madvise on a real guest_memfd mapping")
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     pmd = 2 << 20
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madv_collapse = 25
-    with vm.create_guest_memfd(pmd, flags) as g:
-        # reserve 4 MiB of address space, then map the file at the first 2 MiB boundary inside it
-        rw = mmap_mod.PROT_READ | mmap_mod.PROT_WRITE
-        anon = mmap_mod.MAP_PRIVATE | mmap_mod.MAP_ANONYMOUS
-        base = libc.mmap(None, 2 * pmd, 0, anon, -1, 0)  # PROT_NONE
-        assert base not in (None, ctypes.c_void_p(-1).value)
-        try:
-            aligned = (base + pmd - 1) // pmd * pmd
-            fixed = mmap_mod.MAP_SHARED | 0x10  # MAP_FIXED
-            addr = libc.mmap(aligned, pmd, rw, fixed, g.fd, 0)
-            assert addr == aligned, ctypes.get_errno()
-            view = (ctypes.c_uint8 * pmd).from_address(addr)
-            assert sum(view[i] for i in range(0, pmd, P)) == 0  # read-fault every page
-            assert libc.madvise(addr, pmd, mmap_mod.MADV_HUGEPAGE) == 0, ctypes.get_errno()
-            assert libc.madvise(addr, pmd, madv_collapse) == -1
-            assert ctypes.get_errno() == errno.EINVAL
-            view[0] = 0xAA
-            assert libc.madvise(addr, pmd, mmap_mod.MADV_DONTNEED) == 0, ctypes.get_errno()
-            assert view[0] == 0xAA  # DONTNEED on a shared file mapping only drops the PTEs: the page stays
-            del view
-        finally:
-            libc.munmap(base, 2 * pmd)
+    with vm.create_guest_memfd(2 * pmd, flags) as g, g.mmap() as m:
+        start = -m.address % pmd  # the first 2 MiB boundary inside the mapping
+        assert sum(m[start : start + pmd : P]) == 0  # read-fault every page
+        m.madvise(mmap_mod.MADV_HUGEPAGE, start, pmd)
+        with raises_kvm(EINVAL, "madvise"):
+            m.madvise(25, start, pmd)  # MADV_COLLAPSE
+        m[start] = 0xAA
+        m.madvise(mmap_mod.MADV_DONTNEED, start, pmd)
+        assert m[start] == 0xAA

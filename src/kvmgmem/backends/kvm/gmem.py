@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -10,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, bytes_arg, count_arg, signed64, u32, u64
 from kvmgmem.errors import KvmError
-from kvmgmem.hostmem import FileMapping, resident_bytes
+from kvmgmem.gmem_mapping import GmemMapping
+from kvmgmem.hostmem import resident_bytes
 
 from .sys_calls import fallocate
 
@@ -53,13 +53,12 @@ class KvmGuestMemfd(GuestMemfd):
             signed64(u64(length, "length", op)),
         )
 
-    def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> FileMapping:
+    def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> GmemMapping:
+        """``mmap(2)`` of the guest_memfd (``kvm_gmem_mmap``); every errno is the kernel's (KvmError "mmap")."""
         op = "mmap"
         self._check_open(op)
         length = self.size if length is None else u64(length, "length", op)
-        if length == 0:
-            raise KvmError(errno.EINVAL, op, "length 0")
-        return FileMapping(self._fd, length, u64(offset, "offset", op), bool(shared))
+        return GmemMapping.of_fd(self._fd, length, u64(offset, "offset", op), bool(shared))
 
     def read(self, n: int) -> bytes:
         return bytes(self._os("read", os.read, count_arg(n, "n", "read")))
@@ -87,7 +86,7 @@ class KvmGuestMemfd(GuestMemfd):
         """
         if not self.flags & uapi.GUEST_MEMFD_FLAG_MMAP or self.closed:
             return None
-        with FileMapping(self._fd, self.size) as mapping:
+        with GmemMapping.of_fd(self._fd, self.size) as mapping:
             return resident_bytes(mapping.address, self.size)
 
     def stat(self) -> os.stat_result:

@@ -17,7 +17,7 @@ again — the instruction then re-executes. ``kvmgmem.open("sim", private_access
 
 Layout: ``core/`` is the pure kernel model; ``system``/``vm``/``gmem``/``vcpu``/``mapping`` adapt it to the
 backend-neutral API; ``storage`` and ``fdtable`` own the real resources (memory and fd numbers).
-Sim-only surface: ``SigBus`` (host access the kernel answers with SIGBUS), ``SimGuestMemfd.inject_poison``,
+Sim-only surface: ``SimGuestMemfd.inject_poison``,
 ``SimVm.handle_fault`` / ``add_zap_listener`` (the CPU contract in ``core/mmu.py``), ``introspect()``.
 """
 
@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvmgmem.gmem_mapping import GmemMapping
+
 from .core.profile import DEFAULT_PROFILE, PROFILES, SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, get_profile
 from .gmem import SimGuestMemfd
-from .mapping import GmemMapping, SigBus
 from .system import SimSystem
 from .vcpu import SimVcpu
 from .vm import SimVm
@@ -43,7 +44,6 @@ __all__ = [
     "SIM_GUEST_MEMFD_FLAG_HUGEPAGE",
     "GmemMapping",
     "Profile",
-    "SigBus",
     "SimGuestMemfd",
     "SimSystem",
     "SimVcpu",

@@ -8,28 +8,21 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import weakref
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, as_uint, bytes_arg, count_arg, signed64, u64
 from kvmgmem.errors import KvmError
+from kvmgmem.gmem_mapping import GmemMapping
 
 from . import fdtable
 from .core.gmem import GmemFile
-from .mapping import GmemMapping
+from .mapping import map_gmem
 
 if TYPE_CHECKING:
     from .vm import SimVm
-
-
-_TASK_SIZE = 1 << 47  # x86-64 user address space: longer mappings fail with ENOMEM
-
-
-def _close_gmem_fd(fd: int, file: GmemFile) -> None:
-    fdtable.unregister(fd)
-    os.close(fd)
-    file.put()
 
 
 class SimGuestMemfd(GuestMemfd):
@@ -42,7 +35,7 @@ class SimGuestMemfd(GuestMemfd):
         self._file = file
         self._fd = fdtable.gmem_fd(self.size)
         fdtable.register(self._fd, file)
-        self._finalizer = weakref.finalize(self, _close_gmem_fd, self._fd, file)
+        self._finalizer = weakref.finalize(self, fdtable.close_gmem_fd, self._fd, file)
 
     @property
     def fd(self) -> int:
@@ -57,8 +50,22 @@ class SimGuestMemfd(GuestMemfd):
         self._finalizer()
 
     def allocated_bytes(self) -> int:
-        """Bytes of the file backed by pages now (the model's count of present pages)."""
+        """Bytes of the file backed by pages now (the model's count of present pages, after taking in the
+        pages host accesses through mappings materialised, which the model does not see one by one)."""
+        self._sync_host_touched()
         return self._file.inode.nr_present * uapi.PAGE_SIZE
+
+    def _sync_host_touched(self) -> None:
+        """Pages the host touched through a real mapping are in the storage memfd: mark them present."""
+        storage = self._file.inode.backing
+        populated = getattr(storage, "populated", None)
+        if populated is None:
+            return
+        with self._file.vm.mmu.lock:
+            if not self._file.inode.alive:
+                return
+            for first, last in populated():
+                self._file.inode.materialise(first, last)
 
     # --- fallocate ------------------------------------------------------------------------------------------
 
@@ -70,7 +77,7 @@ class SimGuestMemfd(GuestMemfd):
 
     def inject_poison(self, offset: int) -> None:
         """Sim-only: a memory failure on the page holding file ``offset`` (§2.15): zap its guest mappings,
-        mark it hwpoisoned (guest access → EHWPOISON exit, host access → SigBus), no truncation."""
+        mark it hwpoisoned (guest access → EHWPOISON exit, host access → SIGBUS), no truncation."""
         op = "inject_poison"
         self._check_open(op)
         off = signed64(u64(offset, "offset", op))
@@ -81,24 +88,16 @@ class SimGuestMemfd(GuestMemfd):
     # --- mmap -----------------------------------------------------------------------------------------------
 
     def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> GmemMapping:
-        """6.18+: needs GUEST_MEMFD_FLAG_MMAP (else ENODEV); MAP_PRIVATE → EINVAL. The mapping may extend
-        past EOF; see ``mapping.GmemMapping`` for per-access SIGBUS (``SigBus``) rules."""
+        """6.18+ ``kvm_gmem_mmap``: a real ``GmemMapping`` (the same type as on kvm). The generic mmap(2)
+        errnos first (EINVAL, ENOMEM, EOVERFLOW), then no GUEST_MEMFD_FLAG_MMAP → ENODEV, MAP_PRIVATE →
+        EINVAL. The mapping may extend past EOF; see ``mapping.py`` for where accesses SIGBUS."""
         op = "mmap"
         self._check_open(op)
         length = self.size if length is None else u64(length, "length", op)
         offset = u64(offset, "offset", op)
-        if length == 0 or offset % uapi.PAGE_SIZE or signed64(offset) < 0:
-            raise KvmError(errno.EINVAL, op, "length 0 or offset not page aligned")
-        if length > _TASK_SIZE:
-            raise KvmError(errno.ENOMEM, op, f"length {length:#x} exceeds the user address space")
         inode = self._file.inode
-        if not (self._file.vm.profile.gmem_flags and inode.mmap_allowed):
-            raise KvmError(errno.ENODEV, op, "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
-        if not shared:
-            raise KvmError(errno.EINVAL, op, "guest_memfd can only be mapped MAP_SHARED")
-        if inode.backing.address(0) is None:
-            raise KvmError(errno.ENOMEM, op, "guest_memfd storage could not be mapped")
-        return GmemMapping(self._file, length, offset)
+        allowed = bool(self._file.vm.profile.gmem_flags and inode.mmap_allowed)
+        return map_gmem(self._file, self._fd, length, offset, bool(shared), allowed)
 
     # --- file operations guest_memfd does not have (§2.9, §2.11; errnos as measured on 6.18) -----------------
 
@@ -133,11 +132,18 @@ class SimGuestMemfd(GuestMemfd):
 
     def stat(self) -> os.stat_result:
         self._check_open("fstat")
-        return os.fstat(self._fd)
+        st = os.fstat(self._fd)
+        # The kernel's anon inode has one link (``alloc_anon_secure_inode``); the memfd standing in for it
+        # reports 0 (unlinked shmem). Everything else (size, mode, blksize, a unique st_ino) is the memfd's.
+        fields = list(st)
+        fields[stat.ST_NLINK] = 1
+        extra = {name: getattr(st, name) for name in dir(st) if name.startswith("st_")}
+        return os.stat_result(fields, extra)
 
     def introspect(self) -> dict[str, object]:
         """Page states of the inode: runs of (first, last, state)."""
         inode = self._file.inode
+        self._sync_host_touched()
         with self._file.vm.mmu.lock:
             return {
                 "ino": inode.ino,

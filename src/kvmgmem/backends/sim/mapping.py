@@ -1,182 +1,131 @@
-"""Host mmap of a sim guest_memfd (6.18+, spec §2.10), and ``SigBus``, the sim's stand-in for SIGBUS.
+"""Host mmap of a sim guest_memfd (6.18+, spec §2.10): a real ``kvmgmem.GmemMapping``, as on kvm.
 
-Why a wrapper and not a raw mmap: the kernel decides per page on every host access — beyond EOF → SIGBUS,
-file not INIT_SHARED (private memory) → SIGBUS, hwpoisoned → SIGBUS, else materialise a zero page — and the
-host must never read or write private memory. A real mmap of the storage could not refuse, so a
-``GmemMapping`` checks each access against the model first, then copies from/to the storage bytes. Those are
-the very bytes the guest uses, so host writes are visible to the guest and vice versa, and PUNCH_HOLE reads
-back as zero.
+Why real pages and not checked copies: code tested on the sim must behave as on kvm — buffer protocol,
+``mmap.mmap`` slicing, zero-copy addresses, and a real SIGBUS where ``kvm_gmem_fault_user_mapping`` gives
+one. The mapping aliases the inode's storage memfd (``storage.py``); pages the host may not touch (a file
+without INIT_SHARED is private memory; hwpoisoned pages) are mapped from an empty memfd, so touching them
+raises SIGBUS in the process, and beyond EOF the storage memfd SIGBUSes by itself. The storage keeps every
+live mapping and re-points pages whose state changes (poison, and punching a poisoned page), as the kernel
+zaps user mappings. The host therefore never reads or writes private memory.
 
-Access is ``mmap``-like: ``m[i]``, ``m[a:b]``, ``m[a:b] = data``, ``len(m)``, ``madvise``, ``close()``.
+What the kernel does in guest_memfd terms is done through the model here: MADV_REMOVE punches the file
+(``kvm_gmem_fallocate``: SPTEs zapped, pages freed), MADV_COLLAPSE is EINVAL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import mmap
 import weakref
-from typing import Any
+from collections.abc import Callable
 
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError
-from kvmgmem.hostmem import Pins
+from kvmgmem.gmem_mapping import MADV_COLLAPSE, MADV_REMOVE, MAP_NORESERVE, PROT_RW, GmemMapping, c_mmap
 
 from .core.gmem import GmemFile
-from .storage import GmemStorage
+from .storage import GmemStorage, empty_fd
 
-MADV_HUGEPAGE = 14
-MADV_COLLAPSE = 25
-
-
-class SigBus(KvmError):
-    """A host access through a guest_memfd mapping that the kernel answers with SIGBUS.
-
-    Raised by ``GmemMapping`` reads/writes: ``offset`` is the file offset of the first byte that could not be
-    accessed, ``reason`` one of "beyond EOF", "private (guest_memfd not INIT_SHARED)", "hwpoison". A write
-    that raises has already stored every byte before ``offset`` (as a memset that dies on its first bad page
-    has). ``errno`` is EFAULT, ``op`` "mmap access"; the real kernel would kill the process instead.
-    """
-
-    def __init__(self, offset: int, reason: str) -> None:
-        super().__init__(errno.EFAULT, "mmap access", f"SIGBUS at file offset {offset:#x}: {reason}")
-        self.offset = offset
-        self.reason = reason
-
-    def __reduce__(self) -> Any:
-        return (type(self), (self.offset, self.reason))
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def _put_file(file: GmemFile) -> None:
     file.put()
 
 
-class GmemMapping:
-    """A ``MAP_SHARED`` mapping of ``length`` bytes of a guest_memfd from file ``offset`` (may pass EOF).
+class SimMapper:
+    """The sim's side of one ``GmemMapping`` (``kvmgmem.gmem_mapping.MappingBackend``): it holds a
+    reference on the file (an mmap pins the file, so closing the fd keeps the memory, §2.10 (7))."""
 
-    Holds a reference on the file (an mmap pins the file, so closing the fd keeps the memory, §2.10.7)
-    until ``close()`` (or garbage collection).
-    """
+    def __init__(self, file: GmemFile, storage: GmemStorage) -> None:
+        self.file = file
+        self.storage = storage
+        self.accessible = file.inode.init_shared
+        self.finalizer: Callable[[], object] | None = None
 
-    def __init__(self, file: GmemFile, length: int, offset: int) -> None:
-        file.get()
-        self._file = file
-        self._storage: GmemStorage = file.inode.backing  # type: ignore[assignment]
-        self._length = length
-        self.offset = offset
-        self._finalizer = weakref.finalize(self, _put_file, file)
-        self._pins = Pins()  # memslots using this mapping as their userspace memory
-
-    # --- lifetime -------------------------------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
-
-    def close(self) -> None:
-        """munmap. Idempotent; refused (EBUSY) while a memslot uses the mapping as its userspace memory."""
-        if not self.closed:
-            self._pins.close_if_unpinned("GmemMapping.close", self._finalizer)
-
-    # pinning by memslots (the HostMemory protocol, see kvmgmem.hostmem.Pins)
-
-    def _pin(self, key: tuple[int, int], what: str) -> None:
-        if not self._file.inode.init_shared:
-            raise KvmError(errno.EFAULT, what, "a private guest_memfd mapping cannot back a memslot's userspace")
-        self._pins.pin(key, what, lambda: self.closed)
-
-    def _unpin(self, key: tuple[int, int]) -> None:
-        self._pins.unpin(key)
-
-    def __enter__(self) -> GmemMapping:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __len__(self) -> int:
-        return self._length
-
-    @property
-    def size(self) -> int:
-        return self._length
-
-    @property
-    def address(self) -> int:
-        """Process address of the mapping's first byte, for zero-copy use of *shared* memory only.
-
-        Raises ``SigBus`` for a private (not INIT_SHARED) file: no API hands out private memory."""
-        self._check("address")
-        if not self._file.inode.init_shared:
-            raise SigBus(self.offset, "private (guest_memfd not INIT_SHARED)")
-        base = self._storage.address(self.offset // uapi.PAGE_SIZE)
-        assert base is not None
-        return base
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"length={self._length:#x} offset={self.offset:#x}"
-        return f"<GmemMapping ino={self._file.inode.ino} {state}>"
-
-    # --- access ---------------------------------------------------------------------------------------------
-
-    def _check(self, what: str) -> None:
-        if self.closed:
-            raise ValueError(f"GmemMapping.{what}: mapping is closed")
-
-    def _span(self, key: int | slice) -> tuple[int, int, bool]:
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self._length)
-            if step != 1:
-                raise ValueError("GmemMapping supports contiguous slices only")
-            return start, max(start, stop), False
-        index = key.__index__()
-        if index < 0:
-            index += self._length
-        if not 0 <= index < self._length:
-            raise IndexError("GmemMapping index out of range")
-        return index, index + 1, True
-
-    def _fault(self, start: int, stop: int) -> tuple[int, str | None]:
-        """Host-fault the pages of mapping bytes ``[start, stop)``: returns (accessible end, reason)."""
-        if stop <= start:
-            return stop, None
-        lo, hi = self.offset + start, self.offset + stop
-        first, last = lo // uapi.PAGE_SIZE, -(-hi // uapi.PAGE_SIZE)
-        page_stop, reason = self._file.vm.gmem_host_fault(self._file, first, last)
-        if reason is None:
-            return stop, None
-        return max(start, min(stop, page_stop * uapi.PAGE_SIZE - self.offset)), reason
-
-    def __getitem__(self, key: int | slice) -> Any:
-        self._check("__getitem__")
-        start, stop, single = self._span(key)
-        ok, reason = self._fault(start, stop)
-        if reason is not None:
-            raise SigBus(self.offset + ok, reason)
-        data = self._storage.read(self.offset + start, stop - start) if stop > start else b""
-        return data[0] if single else data
-
-    def __setitem__(self, key: int | slice, value: Any) -> None:
-        self._check("__setitem__")
-        start, stop, single = self._span(key)
-        data = bytes([value]) if single else bytes(value)
-        if len(data) != stop - start:
-            raise IndexError("GmemMapping slice assignment is wrong size")
-        ok, reason = self._fault(start, stop)
-        if ok > start:
-            self._storage.write(self.offset + start, data[: ok - start])
-        if reason is not None:
-            raise SigBus(self.offset + ok, reason)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at mapping ``offset`` (same as ``m[offset:offset+length]``)."""
-        result: bytes = self[offset : offset + length]
-        return result
-
-    def write(self, offset: int, data: bytes) -> None:
-        self[offset : offset + len(data)] = data
-
-    def madvise(self, option: int, start: int = 0, length: int = 0) -> None:
-        """MADV_COLLAPSE → EINVAL (guest_memfd never collapses into huge folios, §2.10.5); MADV_HUGEPAGE,
-        MADV_DONTNEED and others are accepted (the data stays in the file)."""
-        self._check("madvise")
+    def madvise(self, mapping: GmemMapping, option: int, start: int, length: int) -> bool:
         if option == MADV_COLLAPSE:
-            raise KvmError(errno.EINVAL, "madvise", "MADV_COLLAPSE is not supported on guest_memfd")
+            raise KvmError(errno.EINVAL, "madvise", "guest_memfd never collapses into huge folios")
+        if option != MADV_REMOVE:
+            return False
+        if not 0 <= start < len(mapping):
+            raise ValueError("madvise start out of range")
+        if start % uapi.PAGE_SIZE:
+            raise KvmError(errno.EINVAL, "madvise", "start not page aligned")
+        length = min(-(-length // uapi.PAGE_SIZE) * uapi.PAGE_SIZE, len(mapping) - start)
+        if length:  # madvise_remove → vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) on the file range
+            mode = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
+            self.file.vm.gmem_fallocate(self.file, mode, mapping.offset + start, length)
+        return True
+
+    def unmap(self, mapping: GmemMapping, munmap: Callable[[], None]) -> None:
+        with self.storage.lock:
+            munmap()
+            self.storage.mappings.discard(mapping)
+        if self.finalizer is not None:
+            self.finalizer()
+
+    def live_bytes(self, mapping: GmemMapping) -> int:
+        """Leading bytes of the mapping backed by the file's pages (0 for private memory): what a memslot
+        using the mapping as its userspace may reach without a SIGBUS."""
+        if not self.accessible:
+            return 0
+        return max(0, min(len(mapping), self.storage.size - mapping.offset))
+
+
+def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool, mmap_allowed: bool) -> GmemMapping:
+    """mmap(2) of a sim guest_memfd, with the kernel's errnos in its order.
+
+    The generic checks of ``do_mmap`` (unaligned offset, length 0 → EINVAL; length above TASK_SIZE →
+    ENOMEM; offset past the maximum file size → EOVERFLOW) come from the host kernel itself, by mapping
+    the storage memfd (a regular shmem file, so the same limits); then ``kvm_gmem_mmap``'s own: no
+    GUEST_MEMFD_FLAG_MMAP → ENODEV, not MAP_SHARED → EINVAL."""
+    storage: GmemStorage = file.inode.backing  # type: ignore[assignment]
+    if storage.fd < 0:
+        raise KvmError(errno.ENOMEM, "mmap", "guest_memfd storage could not be created")
+    with contextlib.ExitStack() as stack:
+        source = storage.fd if file.inode.init_shared else stack.enter_context(empty_fd())
+        mapping = _map(file, storage, source, fd, length, offset, shared, mmap_allowed)
+    return mapping
+
+
+def _map(
+    file: GmemFile, storage: GmemStorage, source: int, fd: int, length: int, offset: int, shared: bool, allowed: bool
+) -> GmemMapping:
+    raw = c_mmap(None, length, PROT_RW, mmap.MAP_SHARED | MAP_NORESERVE, source, offset)  # the generic checks
+    try:
+        if not allowed:
+            raise KvmError(errno.ENODEV, "mmap", "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
+        if not shared:
+            raise KvmError(errno.EINVAL, "mmap", "guest_memfd can only be mapped MAP_SHARED")
+        mapper = SimMapper(file, storage)
+        mapping = GmemMapping.reserve(length, offset, fd, mapper)
+    finally:
+        _munmap(raw, length)
+    # The file reference first: taking the VM's slots_lock under the storage lock would invert the order
+    # of punch and poison (slots_lock, then mmu lock, then storage lock).
+    file.get()
+    try:
+        with storage.lock:  # no poison or heal may slip between placing the pages and registering the mapping
+            mapping.place(0, length, source, offset)
+            poisoned = [p for p in sorted(storage.poisoned) if offset <= p * uapi.PAGE_SIZE < offset + length]
+            if mapper.accessible and poisoned:
+                with empty_fd() as empty:
+                    for pgoff in poisoned:
+                        at = pgoff * uapi.PAGE_SIZE
+                        mapping.place(at - offset, uapi.PAGE_SIZE, empty, at)
+            storage.mappings.add(mapping)
+    except BaseException:
+        mmap.mmap.close(mapping)
+        file.put()
+        raise
+    mapper.finalizer = weakref.finalize(mapping, _put_file, file)
+    return mapping
+
+
+def _munmap(address: int, length: int) -> None:
+    _libc.munmap(address, length)

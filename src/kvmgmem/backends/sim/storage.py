@@ -1,81 +1,187 @@
-"""The bytes of a guest_memfd inode: one anonymous ``MAP_SHARED|MAP_NORESERVE`` mapping the size of the file.
+"""The bytes of a guest_memfd inode: a memfd the size of the file, and the host mappings that alias it.
 
-Why one mapping with a stable address: the sim CPU maps each backing store into unicorn once, zero-copy
-(design.md §2); host page faults materialise memory lazily, so a 1 TiB file costs nothing until touched.
-Why raw ``mmap(2)`` through ctypes instead of ``mmap.mmap``: the storage must be unmapped exactly when the
-inode dies even if a ctypes view of it exists elsewhere (Python's mmap refuses to close while exported), and
-the kernel's MADV_REMOVE is what "punch hole" means for shared anonymous memory (plain MADV_DONTNEED would
-keep the data).
+Why a memfd: every view of the file must be the *same* pages, as in the kernel where the guest, the host
+mmap and fallocate all work on the inode's page cache. The sim's own view (``base``, mapped once into
+unicorn, zero-copy, design.md §2) and every user ``GmemMapping`` are ``MAP_SHARED`` mappings of this memfd,
+so host writes are what the guest reads, PUNCH_HOLE (``fallocate`` on the memfd) frees the pages and zaps
+every mapping of them at once, and pages are materialised lazily (a 1 TiB file costs nothing until touched).
+
+Why user mappings are re-pointed page range by page range: where the kernel's
+``kvm_gmem_fault_user_mapping`` answers SIGBUS (a file that is not INIT_SHARED, i.e. private memory;
+a hwpoisoned page; beyond EOF) the host must get a real SIGBUS and never the bytes. Beyond EOF the memfd
+itself SIGBUSes (it has the file's size). Private files and poisoned pages are mapped from an *empty* memfd
+instead, whose every page is beyond its EOF; when a page's state changes (poisoned, or punched and so
+healed), every live user mapping of it is re-pointed, as the kernel zaps user mappings on such changes.
+
+Files up to ``MAX_STORAGE`` get one whole-file ``base`` mapping; larger ones (the kernel allows up to
+2^63-4096, sparsely) are mapped into the sim's view lazily, one ``CHUNK`` at a time, on first use.
 
 Invariant kept for the model (``core/gmem.py``): a page the model calls absent reads as zero here.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
+import errno
 import mmap
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
+from kvmgmem.gmem_mapping import MAP_NORESERVE, PROT_RW, c_mmap
+
+from ..kvm.sys_calls import fallocate
+
+if TYPE_CHECKING:
+    from kvmgmem.gmem_mapping import GmemMapping
+
+import ctypes
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.restype = ctypes.c_int
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MAP_NORESERVE = 0x4000
-_MADV_REMOVE = 9
-#: Files larger than this get no storage (address space is 128 TiB); guest accesses then fail with ENOMEM.
+#: Files up to this size get one whole-file view (address space is 128 TiB); larger ones use chunks.
 MAX_STORAGE = 1 << 45
+#: Size of one lazily mapped piece of the sim's view of a larger file.
+CHUNK = 1 << 30
+_FALLOC_PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
+
+
+@contextlib.contextmanager
+def empty_fd() -> Iterator[int]:
+    """A memfd of size 0, to map where the kernel would SIGBUS (every page is beyond its EOF). A fresh one
+    each time, closed at once: the mappings keep it alive, and no fd outlives them."""
+    fd = os.memfd_create("kvm-gmem-sigbus", os.MFD_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class GmemStorage:
-    """Implements ``core.gmem.Backing`` over a raw shared anonymous mapping."""
+    """Implements ``core.gmem.Backing`` over a memfd; tracks the live user mappings of the file."""
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.fd = -1
         self.base: int | None = None
-        if size <= MAX_STORAGE:
-            addr = _libc.mmap(
-                None,
-                size,
-                mmap.PROT_READ | mmap.PROT_WRITE,
-                mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                -1,
-                0,
-            )
-            if addr is not None and addr != _MAP_FAILED:
-                self.base = addr
+        self.lock = threading.RLock()  # serialises mapping creation, re-pointing and unmapping
+        self.mappings: weakref.WeakSet[GmemMapping] = weakref.WeakSet()
+        self.poisoned: set[int] = set()
+        self._chunks: dict[int, int] = {}  # chunk index -> address (files larger than MAX_STORAGE)
+        self.chunk_listeners: list[Callable[[int, int], None]] = []  # (address, size) of a new chunk
+        try:
+            fd = os.memfd_create("kvm-gmem-storage", os.MFD_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.ftruncate(fd, size)
+            if size <= MAX_STORAGE:
+                self.base = c_mmap(None, size, PROT_RW, mmap.MAP_SHARED | MAP_NORESERVE, fd, 0)
+        except OSError:
+            os.close(fd)
+            return
+        self.fd = fd
 
     def address(self, pgoff: int) -> int | None:
-        if self.base is None:
+        if self.base is not None:
+            return self.base + pgoff * uapi.PAGE_SIZE
+        if self.fd < 0:
             return None
-        return self.base + pgoff * uapi.PAGE_SIZE
+        offset = pgoff * uapi.PAGE_SIZE
+        index = offset // CHUNK
+        with self.lock:
+            chunk = self._chunks.get(index)
+            if chunk is None:
+                length = min(CHUNK, self.size - index * CHUNK)
+                try:
+                    chunk = c_mmap(None, length, PROT_RW, mmap.MAP_SHARED | MAP_NORESERVE, self.fd, index * CHUNK)
+                except OSError:
+                    return None
+                self._chunks[index] = chunk
+                for listener in list(self.chunk_listeners):
+                    listener(chunk, length)
+        return chunk + offset - index * CHUNK
+
+    def premap(self, offset: int, length: int) -> None:
+        """Map the chunks of file bytes ``[offset, offset+length)`` now (a memslot binds them): the vCPUs'
+        fault path then finds them mapped and registered as stores, and never has to register one itself
+        (that waits for every vCPU's acknowledgement, the faulting one included)."""
+        if self.base is not None or self.fd < 0:
+            return
+        end = min(offset + length, self.size)
+        for index in range(offset // CHUNK, -(-end // CHUNK)):
+            self.address(index * CHUNK // uapi.PAGE_SIZE)
 
     def discard(self, first: int, last: int) -> None:
-        if self.base is None:
+        """PUNCH_HOLE on the memfd: the pages are freed and unmapped from every mapping; poisoned pages in
+        the range are healed (the kernel frees them with the folio), so their user mappings are re-pointed."""
+        if self.fd < 0:
             return
         last = min(last, self.size // uapi.PAGE_SIZE)
         if last <= first:
             return
-        addr, length = self.base + first * uapi.PAGE_SIZE, (last - first) * uapi.PAGE_SIZE
-        if _libc.madvise(addr, length, _MADV_REMOVE) != 0:  # pragma: no cover - shmem supports it
-            ctypes.memset(addr, 0, length)
+        fallocate(self.fd, _FALLOC_PUNCH, first * uapi.PAGE_SIZE, (last - first) * uapi.PAGE_SIZE)
+        with self.lock:
+            healed = sorted(p for p in self.poisoned if first <= p < last)
+            for pgoff in healed:
+                self.poisoned.discard(pgoff)
+                self._repoint(pgoff, pgoff + 1, self.fd)
+
+    def poison(self, pgoff: int) -> None:
+        """Memory failure on page ``pgoff``: host accesses SIGBUS from now on (live mappings re-pointed)."""
+        with self.lock:
+            if pgoff in self.poisoned:
+                return
+            self.poisoned.add(pgoff)
+            with empty_fd() as fd:
+                self._repoint(pgoff, pgoff + 1, fd)
+
+    def _repoint(self, first: int, last: int, fd: int) -> None:
+        """Map ``fd`` over file pages ``[first, last)`` in every live user mapping (caller holds ``lock``)."""
+        for mapping in list(self.mappings):
+            if mapping.closed or not getattr(mapping._backend, "accessible", False):
+                continue
+            lo = max(first * uapi.PAGE_SIZE, mapping.offset)
+            hi = min(last * uapi.PAGE_SIZE, mapping.offset + len(mapping))
+            if lo < hi:
+                mapping.place(lo - mapping.offset, hi - lo, fd, lo)
+
+    def populated(self) -> list[tuple[int, int]]:
+        """Page ranges the memfd holds data for (``SEEK_DATA``/``SEEK_HOLE``): what host accesses touched."""
+        out: list[tuple[int, int]] = []
+        if self.fd < 0:
+            return out
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(self.fd, start, os.SEEK_HOLE)
+            out.append((start // uapi.PAGE_SIZE, -(-end // uapi.PAGE_SIZE)))
+            pos = end
+        return out
 
     def release(self) -> None:
-        if self.base is not None:
-            _libc.munmap(self.base, self.size)
-            self.base = None
+        """The inode died (no file, hence no user mapping, refers to it): unmap the view, close the memfd."""
+        with self.lock:
+            if self.base is not None:
+                _libc.munmap(self.base, self.size)
+                self.base = None
+            for index, chunk in self._chunks.items():
+                _libc.munmap(chunk, min(CHUNK, self.size - index * CHUNK))
+            self._chunks.clear()
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
-    # byte access for host mmaps (callers check page state first)
-
-    def read(self, offset: int, length: int) -> bytes:
-        assert self.base is not None and 0 <= offset and offset + length <= self.size
-        return ctypes.string_at(self.base + offset, length)
-
-    def write(self, offset: int, data: bytes) -> None:
-        assert self.base is not None and 0 <= offset and offset + len(data) <= self.size
-        ctypes.memmove(self.base + offset, data, len(data))
+    def chunks(self) -> list[int]:
+        with self.lock:
+            return list(self._chunks.values())

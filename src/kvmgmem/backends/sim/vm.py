@@ -10,18 +10,21 @@ import errno
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, u32, u64
 from kvmgmem.errors import KvmError
+from kvmgmem.gmem_mapping import GmemMapping
 
 from . import cpu_types, fdtable
-from .core.gmem import GmemInode
+from .core.gmem import GmemFile, GmemInode
 from .core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, ZapListener
 from .core.vm import VmCore
 from .cpu import CpuSet
 from .gmem import SimGuestMemfd
+from .mapping import SimMapper
 from .storage import GmemStorage
 from .vcpu import SimVcpu
 
@@ -29,10 +32,16 @@ if TYPE_CHECKING:
     from .system import SimSystem
 
 
-def _close_vm(fd: int, core: VmCore, stores: _Stores) -> None:
+def _close_vm(fd: int, core: VmCore, stores: _Stores, unpin_slots: Callable[[], None]) -> None:
+    """Close the VM fd (``close()`` or a VM dropped without it): vCPUs go, memslots stop pinning host memory.
+
+    Unpinning here matters for a VM that is only garbage collected: its memslots may pin a mapping of one of
+    its own guest_memfds, and that mapping holds the file, the file holds the model VM, and the model VM's
+    destroy listener holds the pins — a chain rooted in the finalizer registry that nothing else breaks."""
     cpus = stores.detach()
     if cpus is not None:
         cpus.close()
+    unpin_slots()
     os.close(fd)
     core.put()
 
@@ -42,6 +51,12 @@ def _live_range(user: Userspace) -> tuple[int, int] | None:
     owner = user.owner
     if owner is None:
         return None
+    mapper = getattr(owner, "_backend", None)
+    if isinstance(owner, GmemMapping) and isinstance(mapper, SimMapper):
+        # Only the part backed by the file's pages: private memory, and pages past EOF, SIGBUS on the host
+        # (the kernel's hva fault fails there), so the sim's CPU must never reach them.
+        live = mapper.live_bytes(owner)
+        return (user.address, user.address + live) if live else None
     if user.pinnable:  # HostMemory, or a guest_memfd mapping: pinned while the slot uses it
         return user.address, user.address + owner.size
     with memoryview(owner) as view:
@@ -115,10 +130,9 @@ class SimVm(Vm):
         self.core = core
         self._fd = fdtable.placeholder_fd()
         stores = self._stores = _Stores()
-        self._finalizer = weakref.finalize(self, _close_vm, self._fd, core, stores)
         self._vcpu_lock = threading.Lock()
-        # When the model destroys the VM (possibly long after this fd closed, once the last guest_memfd is
-        # gone), the memslots' host memory is unpinned. The listener must not reference ``self``.
+        # When the VM fd closes, or the model destroys the VM (possibly long after this fd closed, once the
+        # last guest_memfd is gone), the memslots' host memory is unpinned. Neither may reference ``self``.
         users, lock, key = self._slot_users, self._slot_lock, id(self)
 
         def unpin_all() -> None:
@@ -127,6 +141,7 @@ class SimVm(Vm):
                     user.unpin((key, slot))
                 users.clear()
 
+        self._finalizer = weakref.finalize(self, _close_vm, self._fd, core, stores, unpin_all)
         core.destroy_listeners.append(unpin_all)
         # vCPU execution: the CpuSet is created with the first vCPU (VMs without vCPUs never touch
         # unicorn); stores and zaps reach it through these listeners, which hold no reference to ``self``.
@@ -136,6 +151,8 @@ class SimVm(Vm):
             base = getattr(inode.backing, "base", None)
             if base is not None:
                 stores.put(base)
+            for chunk in getattr(inode.backing, "chunks", list)():
+                stores.put(chunk)
 
         def zapped(gfn_start: int, gfn_end: int) -> None:
             cpus = stores.cpus
@@ -180,9 +197,12 @@ class SimVm(Vm):
         except OSError as e:
             file.put()
             raise KvmError(e.errno or errno.EMFILE, op, f"no fd for the guest_memfd: {e}") from e
-        base = getattr(file.inode.backing, "base", None)
-        if base is not None:
-            self._stores.get(base, file.inode.size)
+        storage = file.inode.backing
+        if isinstance(storage, GmemStorage):
+            if storage.base is not None:
+                self._stores.get(storage.base, file.inode.size)
+            else:  # a file larger than the sim's whole-file view: its pieces become stores as they are mapped
+                storage.chunk_listeners.append(self._stores.get)
         return gmem
 
     def set_user_memory_region(
@@ -241,6 +261,10 @@ class SimVm(Vm):
                     self._stores.put(live[0])
                 raise
             self._track_slot(slot, size, user)
+            if size and flags & uapi.KVM_MEM_GUEST_MEMFD:
+                bound = fdtable.lookup(fd)
+                if isinstance(bound, GmemFile) and isinstance(bound.inode.backing, GmemStorage):
+                    bound.inode.backing.premap(offset, size)
             previous = self._slot_stores.pop(slot, None)
             if live is not None:
                 self._slot_stores[slot] = live[0]

@@ -51,6 +51,9 @@ class Backing(Protocol):
     def release(self) -> None:
         """The inode died: unmap the storage."""
 
+    def poison(self, pgoff: int) -> None:
+        """Page ``pgoff`` is hwpoisoned: host mappings must SIGBUS on it (the kernel zaps them)."""
+
 
 class NullBacking:
     """A backing with no bytes (pure model tests): addresses are synthetic, nothing to discard."""
@@ -67,6 +70,9 @@ class NullBacking:
 
     def release(self) -> None:
         self.released = True
+
+    def poison(self, pgoff: int) -> None:
+        pass
 
 
 class GmemInode:
@@ -140,6 +146,7 @@ class GmemInode:
         """Mark page ``pgoff`` hwpoisoned (memory failure hits a physical page, so it is present)."""
         self.materialise(pgoff, pgoff + 1)
         self.pages.set(pgoff, pgoff + 1, PAGE_HWPOISON)
+        self.backing.poison(pgoff)
 
     def first_poisoned(self, first: int, last: int) -> int | None:
         for start, _end, state in self.pages.pieces(first, last):

@@ -1,0 +1,183 @@
+"""``GmemMapping``: a host mapping of a guest_memfd, the same type on every backend.
+
+Why one class: code written against one backend must run on the other. So both backends hand out a real
+``MAP_SHARED`` mapping that *is* an ``mmap.mmap`` (buffer protocol, slicing with steps, ``find``, ``madvise``,
+``read``/``write`` at the file position) with a stable ``address``, an idempotent ``close()`` that memslots
+can pin (EBUSY while one uses it), and the kernel's answers — including a real SIGBUS where the kernel's
+``kvm_gmem_fault_user_mapping`` gives one (beyond EOF, private memory, hwpoison).
+
+How: the object first reserves its address range (private, ``MAP_NORESERVE`` and never touched: no commit
+charge, so a 64 GiB mapping is not refused by overcommit), then the backend puts the real pages there with
+``MAP_FIXED`` (kvm: the guest_memfd itself, moved in with ``mremap``; sim: page ranges of its storage memfd,
+and an empty memfd where the kernel would SIGBUS). ``mmap.mmap.close`` unmaps the whole range either way.
+
+Errors of ``madvise`` are ``KvmError`` with op "madvise" and the kernel's errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from kvmgmem.errors import KvmError
+from kvmgmem.hostmem import Pins
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
+PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+MADV_REMOVE = 9
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+
+
+class MappingBackend(Protocol):
+    """What a backend adds to a mapping: advice the kernel handles in guest_memfd terms, and unmap bookkeeping."""
+
+    def madvise(self, mapping: GmemMapping, option: int, start: int, length: int) -> bool:
+        """Handle ``option`` itself (True) or let the host kernel do it on the mapping (False)."""
+
+    def unmap(self, mapping: GmemMapping, munmap: Callable[[], None]) -> None:
+        """Run ``munmap`` (``close()``) under the backend's lock, so no re-pointing of the mapping's pages
+        races with it; then drop what the mapping held (garbage collection is the backend's finalizer)."""
+
+
+def c_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    """``mmap(2)``; returns the address or raises ``KvmError(errno, "mmap")``."""
+    raw = _libc.mmap(addr, length, prot, flags, fd, offset if offset < 1 << 63 else offset - (1 << 64))
+    if raw is None or raw == MAP_FAILED:
+        err = ctypes.get_errno()
+        raise KvmError(err, "mmap", f"fd {fd}, length {length:#x}, offset {offset:#x}")
+    return int(raw)
+
+
+class GmemMapping(mmap.mmap):
+    """A ``MAP_SHARED`` read/write mapping of ``length`` bytes of a guest_memfd from file ``offset``.
+
+    Attributes: ``address`` (first byte), ``size`` (= ``len()``), ``offset`` (file offset), ``fd`` (the
+    guest_memfd's fd at mapping time). May extend past EOF, as the kernel allows; touching such pages raises
+    SIGBUS like any mapping of the kernel's guest_memfd does.
+    """
+
+    address: int
+    offset: int
+    fd: int
+    _pins: Pins
+    _backend: MappingBackend | None
+
+    @classmethod
+    def reserve(cls, length: int, offset: int, fd: int, backend: MappingBackend | None = None) -> GmemMapping:
+        """A range owned by a new object, for the backend to cover entirely with ``MAP_FIXED`` mappings.
+
+        Private and ``MAP_NORESERVE``: never touched before it is replaced, so it costs no commit charge."""
+        try:
+            self = mmap.mmap.__new__(
+                cls, -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, prot=PROT_RW
+            )
+        except OverflowError:
+            raise KvmError(errno.ENOMEM, "mmap", f"length {length:#x} exceeds the address space") from None
+        except OSError as e:
+            raise KvmError(e.errno or errno.ENOMEM, "mmap", f"cannot reserve {length:#x} bytes") from None
+        holder = ctypes.c_char.from_buffer(self)
+        self.address = ctypes.addressof(holder)
+        del holder
+        self.offset = offset
+        self.fd = fd
+        self._pins = Pins()
+        self._backend = backend
+        return self
+
+    @classmethod
+    def of_fd(cls, fd: int, length: int, offset: int = 0, shared: bool = True) -> GmemMapping:
+        """Map a kernel guest_memfd: ``mmap(2)`` it (so every errno is the kernel's, in its order), then move
+        the mapping onto a reserved object with ``mremap(MREMAP_FIXED)``."""
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        raw = c_mmap(None, length, PROT_RW, flags, fd, offset)
+        try:
+            self = cls.reserve(length, offset, fd)
+        except BaseException:
+            _libc.munmap(raw, length)
+            raise
+        moved = _libc.mremap(raw, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, self.address)
+        if moved is None or moved == MAP_FAILED:
+            err = ctypes.get_errno()
+            _libc.munmap(raw, length)
+            mmap.mmap.close(self)
+            raise KvmError(err, "mmap", "mremap onto the owning object failed")
+        return self
+
+    def place(self, start: int, length: int, fd: int, file_offset: int) -> None:
+        """Backend use: map ``fd`` at ``file_offset`` over mapping bytes ``[start, start+length)``."""
+        c_mmap(self.address + start, length, PROT_RW, mmap.MAP_SHARED | MAP_FIXED, fd, file_offset)
+
+    # --- the HostMemory protocol: size, pins, close ------------------------------------------------------
+
+    @property  # like HostMemory: ``.size`` is an attribute (mmap's size() method is the file's size)
+    def size(self) -> int:  # type: ignore[override]
+        return len(self)
+
+    def _pin(self, key: tuple[int, int], what: str) -> None:
+        self._pins.pin(key, what, lambda: self.closed)
+
+    def _unpin(self, key: tuple[int, int]) -> None:
+        self._pins.unpin(key)
+
+    @property
+    def pinned_by(self) -> list[str]:
+        """Descriptions of the memslots currently using this mapping as their userspace memory."""
+        return self._pins.users()
+
+    def close(self) -> None:
+        """munmap. Idempotent; refused (EBUSY) while a memslot uses the mapping as its userspace memory."""
+        if not self.closed:
+            self._pins.close_if_unpinned("GmemMapping.close", self._unmap)
+
+    def _unmap(self) -> None:
+        if self._backend is not None:
+            self._backend.unmap(self, lambda: mmap.mmap.close(self))
+        else:
+            mmap.mmap.close(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def resize(self, newsize: int) -> None:
+        """Refused: a guest_memfd mapping keeps its size (mremap would move it under a memslot)."""
+        raise KvmError(errno.EINVAL, "mremap", "a guest_memfd mapping cannot be resized")
+
+    # --- madvise ---------------------------------------------------------------------------------------
+
+    def madvise(self, option: int, start: int = 0, length: int | None = None) -> None:
+        """``madvise(2)`` on ``[start, start+length)`` (default: to the end), with guest_memfd's rules:
+        MADV_REMOVE punches the file (the data is freed), MADV_COLLAPSE is EINVAL (guest_memfd never
+        collapses into huge folios), MADV_FREE / unknown advice / an unaligned start are EINVAL."""
+        if self.closed:
+            raise ValueError("madvise on a closed GmemMapping")
+        if length is None:
+            length = max(0, len(self) - start)
+        if self._backend is not None and self._backend.madvise(self, option, start, length):
+            return
+        try:
+            super().madvise(option, start, length)
+        except OSError as e:
+            raise KvmError(e.errno or errno.EINVAL, "madvise", f"advice {option}") from None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"address={self.address:#x} length={len(self):#x} offset={self.offset:#x}"
+        return f"<GmemMapping fd={self.fd} {state}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a GmemMapping cannot be pickled")
