@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from kvmgmem.errors import KvmError
-from kvmgmem.hostmem import Pins
+from kvmgmem.hostmem import PinnedMapping, place_aligned_reservation
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -64,18 +64,17 @@ def c_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset
     return int(raw)
 
 
-class GmemMapping(mmap.mmap):
+class GmemMapping(PinnedMapping):
     """A ``MAP_SHARED`` read/write mapping of ``length`` bytes of a guest_memfd from file ``offset``.
 
-    Attributes: ``address`` (first byte), ``size`` (= ``len()``), ``offset`` (file offset), ``fd`` (the
-    guest_memfd's fd at mapping time). May extend past EOF, as the kernel allows; touching such pages raises
-    SIGBUS like any mapping of the kernel's guest_memfd does.
+    Attributes: ``address`` (first byte, 2 MiB-aligned from 2 MiB up like ``HostMemory``), ``size``
+    (= ``len()``), ``offset`` (file offset), ``fd`` (the guest_memfd's fd at mapping time). May extend past
+    EOF, as the kernel allows; touching such pages raises SIGBUS like any mapping of the kernel's guest_memfd
+    does. Memslot pins, ``close()`` and ``with`` follow ``HostMemory``'s rules (``hostmem.PinnedMapping``).
     """
 
-    address: int
     offset: int
     fd: int
-    _pins: Pins
     _backend: MappingBackend | None
 
     @classmethod
@@ -84,19 +83,14 @@ class GmemMapping(mmap.mmap):
 
         Private and ``MAP_NORESERVE``: never touched before it is replaced, so it costs no commit charge."""
         try:
-            self = mmap.mmap.__new__(
-                cls, -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, prot=PROT_RW
-            )
+            self = place_aligned_reservation(cls, length)
         except OverflowError:
             raise KvmError(errno.ENOMEM, "mmap", f"length {length:#x} exceeds the address space") from None
         except OSError as e:
             raise KvmError(e.errno or errno.ENOMEM, "mmap", f"cannot reserve {length:#x} bytes") from None
-        holder = ctypes.c_char.from_buffer(self)
-        self.address = ctypes.addressof(holder)
-        del holder
+        self._init_tracking()
         self.offset = offset
         self.fd = fd
-        self._pins = Pins()
         self._backend = backend
         return self
 
@@ -123,36 +117,11 @@ class GmemMapping(mmap.mmap):
         """Backend use: map ``fd`` at ``file_offset`` over mapping bytes ``[start, start+length)``."""
         c_mmap(self.address + start, length, PROT_RW, mmap.MAP_SHARED | MAP_FIXED, fd, file_offset)
 
-    # --- the HostMemory protocol: size, pins, close ------------------------------------------------------
-
-    @property  # like HostMemory: ``.size`` is an attribute (mmap's size() method is the file's size)
-    def size(self) -> int:  # type: ignore[override]
-        return len(self)
-
-    def _pin(self, key: tuple[int, int], what: str) -> None:
-        self._pins.pin(key, what, lambda: self.closed)
-
-    def _unpin(self, key: tuple[int, int]) -> None:
-        self._pins.unpin(key)
-
-    @property
-    def pinned_by(self) -> list[str]:
-        """Descriptions of the memslots currently using this mapping as their userspace memory."""
-        return self._pins.users()
-
-    def close(self) -> None:
-        """munmap. Idempotent; refused (EBUSY) while a memslot uses the mapping as its userspace memory."""
-        if not self.closed:
-            self._pins.close_if_unpinned("GmemMapping.close", self._unmap)
-
     def _unmap(self) -> None:
         if self._backend is not None:
             self._backend.unmap(self, lambda: mmap.mmap.close(self))
         else:
             mmap.mmap.close(self)
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def resize(self, newsize: int) -> None:
         """Refused: a guest_memfd mapping keeps its size (mremap would move it under a memslot)."""

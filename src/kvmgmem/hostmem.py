@@ -108,6 +108,7 @@ class _AlignedHole:
 
 
 _T = TypeVar("_T")
+_M = TypeVar("_M", bound=mmap.mmap)
 
 
 def _place_aligned(size: int, place: Callable[[], _T], address: Callable[[_T], int], drop: Callable[[_T], None]) -> _T:
@@ -239,33 +240,17 @@ def _unmapped(m: mmap.mmap) -> bool:
     return bool(_MMAP_CLOSED.__get__(m, type(m)))
 
 
-class HostMemory(mmap.mmap):
-    """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address`` (2 MiB-aligned from 2 MiB up).
+class PinnedMapping(mmap.mmap):
+    """An ``mmap.mmap`` that memslots can use as their userspace memory: ``HostMemory`` and ``GmemMapping``.
 
-    It *is* an ``mmap.mmap`` (buffer protocol, slicing, ``madvise``), plus: ``address``, ``size``, and pinning by
-    memslots so it cannot be unmapped or moved under a running guest (see the module docstring for the rules).
+    One rule for both (see the module docstring): a stable ``address``; ``close()`` is refused (EBUSY) while a
+    memslot uses the memory; leaving a ``with`` block never raises because of a pin and never masks the
+    block's exception, it defers the unmap to the last memslot instead; while pinned, a buffer export of the
+    memory is held, so even ``mmap.mmap.close`` cannot unmap it behind these checks.
     """
 
     address: int
     _pins: Pins
-
-    def __new__(cls, size: int) -> HostMemory:
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"HostMemory: size must be an int, not {type(size).__name__}")
-        if not 0 < size <= sys.maxsize:
-            raise ValueError(f"HostMemory: size must be in 1..{sys.maxsize}, got {size}")
-
-        def place() -> HostMemory:
-            try:
-                return super(HostMemory, cls).__new__(
-                    cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW
-                )
-            except OSError as e:
-                raise KvmError(e.errno or errno.ENOMEM, "HostMemory", f"cannot map {size} bytes") from None
-
-        self = _place_aligned(size, place, buffer_address, mmap.mmap.close)
-        self._init_tracking()
-        return self
 
     def _init_tracking(self) -> None:
         self.address = buffer_address(self)
@@ -299,10 +284,57 @@ class HostMemory(mmap.mmap):
         go (the bytes stay mapped for that memslot; nothing new may use them)."""
         return self._pins.closing or _unmapped(self)
 
+    @property
+    def unmapped(self) -> bool:
+        """The bytes are gone (``closed`` is already True while a deferred unmap waits for a memslot)."""
+        return _unmapped(self)
+
     def close(self) -> None:
         """Unmap now. Idempotent; refused (EBUSY) while a memslot still uses the memory."""
         if not _unmapped(self):  # also retries a deferred unmap that a live view blocked
-            self._pins.close_if_unpinned("HostMemory.close", super().close)
+            self._pins.close_if_unpinned(f"{type(self).__name__}.close", self._unmap)
+
+    def _unmap(self) -> None:
+        """The unmap itself (a subclass may first tell its backend)."""
+        mmap.mmap.close(self)
+
+    # ``mmap.mmap`` has a C-level __enter__/__exit__; keep enter, route exit through the deferring close.
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Leave the block: unmap, or defer the unmap to the last memslot still using the memory. A failure
+        to unmap (a live ``memoryview``) is raised only if the block itself did not raise: never masked."""
+        if self.closed:
+            return
+        try:
+            self._pins.close_when_unpinned(self._unmap)
+        except BufferError:
+            if exc_type is None:
+                raise
+
+
+class HostMemory(PinnedMapping):
+    """An anonymous ``MAP_SHARED`` read/write mapping with a stable ``address`` (2 MiB-aligned from 2 MiB up).
+
+    It *is* an ``mmap.mmap`` (buffer protocol, slicing, ``madvise``), plus: ``address``, ``size``, and pinning by
+    memslots so it cannot be unmapped or moved under a running guest (see the module docstring for the rules).
+    """
+
+    def __new__(cls, size: int) -> HostMemory:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"HostMemory: size must be an int, not {type(size).__name__}")
+        if not 0 < size <= sys.maxsize:
+            raise ValueError(f"HostMemory: size must be in 1..{sys.maxsize}, got {size}")
+
+        def place() -> HostMemory:
+            try:
+                return super(HostMemory, cls).__new__(
+                    cls, -1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW
+                )
+            except OSError as e:
+                raise KvmError(e.errno or errno.ENOMEM, "HostMemory", f"cannot map {size} bytes") from None
+
+        self = _place_aligned(size, place, buffer_address, mmap.mmap.close)
+        self._init_tracking()
+        return self
 
     def resize(self, newsize: int) -> None:
         """``mmap.resize``: refused (EBUSY) while a memslot uses the memory, as ``close()`` is, since resizing
@@ -335,58 +367,20 @@ class HostMemory(mmap.mmap):
             return f"<{name} closed, unmapped {waits}>"
         return f"<{name} size={len(self)} address=0x{self.address:x}>"
 
-    # ``mmap.mmap`` has a C-level __enter__/__exit__; keep enter, route exit through the deferring close.
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        """Leave the block: unmap, or defer the unmap to the last memslot still using the memory. A failure
-        to unmap (a live ``memoryview``) is raised only if the block itself did not raise: never masked."""
-        if self.closed:
-            return
-        try:
-            self._pins.close_when_unpinned(super().close)
-        except BufferError:
-            if exc_type is None:
-                raise
 
-
-class FileMapping(HostMemory):
-    """A ``MAP_SHARED``/``MAP_PRIVATE`` mapping of a file (a guest_memfd) with the same interface.
-
-    Python's own ``mmap.mmap(fd, ...)`` refuses lengths beyond a regular file's size, but the spec
-    (§2.10, GM-6) needs mappings that extend past EOF. So we reserve an anonymous ``HostMemory`` and move a
-    raw ``mmap(2)`` of the file onto it with ``mremap(MREMAP_FIXED)``: the kernel's own errors come back
-    unchanged and the Python object still owns, tracks and unmaps the range.
-    """
-
-    def __new__(cls, fd: int, length: int, offset: int = 0, shared: bool = True) -> FileMapping:
-        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
-        raw = _libc.mmap(None, length, _PROT_RW, flags, fd, offset)
-        if raw is None or raw == _MAP_FAILED:
-            err = ctypes.get_errno()
-            raise KvmError(err, "mmap", f"guest_memfd fd {fd}, length {length}, offset {offset}")
-        try:  # the carrier the file mapping moves onto, placed like any HostMemory
-            self = _place_aligned(
-                length,
-                lambda: mmap.mmap.__new__(cls, -1, length, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=_PROT_RW),
-                buffer_address,
-                mmap.mmap.close,
-            )
-        except BaseException:
-            _libc.munmap(raw, length)
-            raise
-        target = buffer_address(self)
-        moved = _libc.mremap(raw, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, target)
-        if moved is None or moved == _MAP_FAILED:
-            err = ctypes.get_errno()
-            _libc.munmap(raw, length)
-            mmap.mmap.close(self)
-            raise KvmError(err, "mmap", "mremap onto the owning object failed")
-        self._init_tracking()
-        self.fd = fd
-        self.offset = offset
-        return self
-
-    fd: int
-    offset: int
+def place_aligned_reservation(cls: type[_M], length: int) -> _M:
+    """A new ``cls`` object owning ``length`` bytes of private, ``MAP_NORESERVE`` address space, 2 MiB-aligned
+    from 2 MiB up, for a caller that covers it with ``MAP_FIXED`` mappings (a guest_memfd mapping: huge
+    guest mappings need the hva and the gpa equally aligned). Never touched before it is covered, so it costs
+    no commit charge even at 64 GiB."""
+    return _place_aligned(
+        length,
+        lambda: mmap.mmap.__new__(
+            cls, -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, prot=_PROT_RW
+        ),
+        buffer_address,
+        mmap.mmap.close,
+    )
 
 
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]

@@ -27,7 +27,8 @@ import pytest
 import kvmgmem
 from kvmgmem import HostMemory, KvmError, hostmem
 from kvmgmem.conformance.fixtures import open_backend
-from kvmgmem.hostmem import FileMapping, buffer_address
+from kvmgmem.gmem_mapping import GmemMapping
+from kvmgmem.hostmem import buffer_address
 
 from ._support import P, run_python
 
@@ -142,7 +143,7 @@ def test_every_inherited_mmap_method_is_audited() -> None:
     """A Python release that adds an ``mmap`` method must be audited here before HostMemory inherits it."""
     public = {name for name in dir(mmap.mmap) if not name.startswith("_")}
     assert public == set(MMAP_AUDIT), sorted(public ^ set(MMAP_AUDIT))
-    assert "resize" in vars(HostMemory) and "close" in vars(HostMemory)
+    assert "resize" in vars(HostMemory) and "close" in vars(hostmem.PinnedMapping)
 
 
 def test_inherited_byte_methods_leave_a_pinned_mapping_in_place(system: kvmgmem.System) -> None:
@@ -233,6 +234,27 @@ def test_body_error_is_not_masked(system: kvmgmem.System) -> None:
         assert mem.pinned_by == []
         with pytest.raises(ValueError):
             mem[0x2000]
+
+
+def test_gmem_mapping_follows_the_same_with_rule(system: kvmgmem.System) -> None:
+    """A guest_memfd mapping backing a memslot obeys HostMemory's rule: leaving its ``with`` block with an
+    error raises that error unchanged (no EBUSY), the unmap waits for the memslot, and then happens."""
+    flags = kvmgmem.GUEST_MEMFD_FLAG_MMAP | kvmgmem.GUEST_MEMFD_FLAG_INIT_SHARED
+    with system.create_vm() as vm, vm.create_guest_memfd(2 * MiB, flags) as gmem:
+        with pytest.raises(ZeroDivisionError) as info:
+            with gmem.mmap() as view:
+                vm.set_user_memory_region(0, 0, 2 * MiB, view)
+                view[0x2000] = 0x5C
+                with pytest.raises(KvmError) as busy:  # an explicit close means "unmap now": refused
+                    view.close()
+                assert busy.value.errno == errno.EBUSY and busy.value.op == "GmemMapping.close"
+                1 / 0  # noqa: B018
+        assert info.value.__context__ is None and info.value.__cause__ is None
+        assert view.closed and not view.unmapped and view.pinned_by
+        assert view[0x2000] == 0x5C  # still mapped for the memslot
+        view.close()  # already closed (deferred): a no-op
+        vm.set_user_memory_region(0, 0, 0)  # the last memslot lets go: unmapped now
+        assert view.unmapped and view.pinned_by == []
 
 
 @pytest.mark.parametrize("body_raises", [False, True])
@@ -424,12 +446,12 @@ def test_alignment_when_the_kernel_prefers_a_misaligned_hole(monkeypatch: pytest
 
 
 def test_guest_memfd_style_file_mapping_is_aligned() -> None:
-    """``FileMapping`` (what the kvm backend's ``GuestMemfd.mmap()`` returns) lands aligned too."""
+    """``GmemMapping`` (what ``GuestMemfd.mmap()`` returns on both backends) lands aligned too."""
     fd = os.memfd_create("hostmem-test")
     try:
         os.ftruncate(fd, 4 * MiB)
         before = _maps_of_kind()
-        with FileMapping(fd, 4 * MiB) as m:
+        with GmemMapping.of_fd(fd, 4 * MiB) as m:
             assert m.address % HUGE == 0
             m[0] = 7
             assert os.pread(fd, 1, 0) == b"\x07"

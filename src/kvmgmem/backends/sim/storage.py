@@ -144,7 +144,7 @@ class GmemStorage:
     def _repoint(self, first: int, last: int, fd: int) -> None:
         """Map ``fd`` over file pages ``[first, last)`` in every live user mapping (caller holds ``lock``)."""
         for mapping in list(self.mappings):
-            if mapping.closed or not getattr(mapping._backend, "accessible", False):
+            if mapping.unmapped or not getattr(mapping._backend, "accessible", False):
                 continue
             lo = max(first * uapi.PAGE_SIZE, mapping.offset)
             hi = min(last * uapi.PAGE_SIZE, mapping.offset + len(mapping))
