@@ -208,7 +208,7 @@ def print_table(results: Sequence[CaseResult]) -> None:
     for backend, counts in summarize(results).items():
         console.print(
             f"{backend}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, "
-            f"{counts['xfailed']} xfailed (known backend bugs)"
+            f"{counts['xfailed']} xfailed (known host defects, named in the table)"
         )
 
 
