@@ -20,7 +20,18 @@ from .invariants import INVARIANTS, Violation
 from .scenarios import SCENARIOS, Scenario
 from .scheduler import Exploration, Run, execute, explore, serial_fingerprints
 
-__all__ = ["BUGS", "INVARIANTS", "SCENARIOS", "CheckResult", "Scenario", "Violation", "check", "replay"]
+__all__ = [
+    "BUGS",
+    "INVARIANTS",
+    "SCENARIOS",
+    "CheckResult",
+    "Run",
+    "Scenario",
+    "Violation",
+    "check",
+    "execute",
+    "replay",
+]
 
 
 @dataclass
