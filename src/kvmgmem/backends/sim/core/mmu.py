@@ -318,9 +318,9 @@ class Mmu:
     def fault(self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None) -> FaultResult:
         """Resolve a guest access to ``gpa`` (see the module docstring for the outcomes): ``fault_steps``
         run whole under ``lock``, so on the sim's threads a fault is atomic with respect to writers."""
-        gen = self._fault_body(gpa, write, private)
+        gen = self._fault(gpa, write, private, False)
         with self.lock:
-            for _ in gen:
+            for _ in gen:  # stepping off: runs to completion without stopping
                 pass
             return self._result  # type: ignore[return-value]
 
@@ -329,16 +329,21 @@ class Mmu:
     ) -> Steps[FaultResult]:
         """The TDP fault, F1..F13 of kvm_mmu_page_fault, one ``Step`` per kernel step. Every input of the
         mapping decision is read after the F4 snapshot, and the install re-checks it under mmu_lock."""
-        return (yield from self._fault(gpa, write, private))
+        return (yield from self._fault(gpa, write, private, True))
 
-    def _fault_body(self, gpa: int, write: bool, private: bool | None) -> Steps[None]:
-        self._result = yield from self._fault(gpa, write, private)
+    def _done(self, result: FaultResult) -> FaultResult:
+        self._result = result
+        return result
 
-    def _fault(self, gpa: int, write: bool, private: bool | None) -> Steps[FaultResult]:
+    def _fault(self, gpa: int, write: bool, private: bool | None, stepping: bool) -> Steps[FaultResult]:
+        """The fault's code. ``stepping`` makes it stop at each kernel step (the checker); the sim's normal
+        path holds mmu_lock around the whole fault, so it runs the same code straight through (a generator
+        resumed at every step would cost more than a fault's lookups)."""
         gfn = gpa >> uapi.PAGE_SHIFT
         vm = self.vm
         c = self.counters
-        yield self._step_entry
+        if stepping:
+            yield self._step_entry
         # F1 (SW_PROTECTED: private from the current attribute), F3 fast_page_fault
         c.faults += 1
         f1_private = vm.attributes.is_private(gfn)
@@ -351,44 +356,49 @@ class Mmu:
             and (existing.writable or not write)
         ):
             c.spurious += 1
-            return self._mapped(existing, spurious=True)
+            return self._done(self._mapped(existing, spurious=True))
         is_private = f1_private if private is None else bool(private)
         # F2 kvm_vcpu_gfn_to_memslot, inside the vCPU's SRCU read section
         vm.srcu_readers += 1
         try:
             slot = vm.memslots[0].lookup(gfn)
-            yield self._step_snapshot
+            if stepping:
+                yield self._step_snapshot
             mmu_seq = self.seq  # F4 fault->mmu_seq = mmu_invalidate_seq; smp_rmb()
-            yield self._step_checks
+            if stepping:
+                yield self._step_checks
             # F6 slot being deleted or moved
             if slot is not None and slot.invalid:
                 if BUG_INVALID_SLOT_AS_NO_SLOT not in vm.bugs:
-                    return self._retry("memslot is being deleted or moved")
+                    return self._done(self._retry("memslot is being deleted or moved"))
                 slot = None
             # F5 access type vs the attribute, re-read after the snapshot
             attr_private = f1_private if BUG_ATTR_BEFORE_SNAPSHOT in vm.bugs else vm.attributes.is_private(gfn)
             if is_private != attr_private:
-                return self._exit(gfn, is_private, errno.EFAULT)
-            yield self._step_pfn
+                return self._done(self._exit(gfn, is_private, errno.EFAULT))
+            if stepping:
+                yield self._step_pfn
             # F8 __kvm_mmu_faultin_pfn: kvm_gmem_get_pfn or the hva
+            pfn: GmemInode | _Hva | FaultResult
             if is_private or (slot is not None and slot.gmem_only):
                 pfn = self._gmem(gfn, slot, is_private, write)
             else:
                 pfn = self._hva(gfn, slot, write)
-            if not isinstance(pfn, _Pfn):
-                return pfn
+            if not isinstance(pfn, (GmemInode, _Hva)):
+                return self._done(pfn)
             assert slot is not None
-            yield self._step_map
+            if stepping:
+                yield self._step_map
             # F11 is_page_fault_stale: mmu_invalidate_retry_gfn under mmu_lock
             if self.retry_gfn(mmu_seq, gfn):
-                return self._retry("invalidation in progress")
+                return self._done(self._retry("invalidation in progress"))
             # F12 kvm_tdp_mmu_map: the level is decided under the lock (lpage_info "mixed")
-            inst = self._gmem_install(gfn, slot, pfn) if pfn.gmem is not None else self._hva_install(gfn, slot)
+            inst = self._gmem_install(gfn, slot, pfn) if isinstance(pfn, GmemInode) else self._hva_install(gfn, slot)
             spte = self._install(gfn, slot, inst, is_private)
             c.mapped += 1
             if spte.level > PG_LEVEL_4K:
                 c.huge_mappings += 1
-            return self._mapped(spte)
+            return self._done(self._mapped(spte))
         finally:
             vm.srcu_readers -= 1
 
@@ -412,7 +422,7 @@ class Mmu:
         flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
         return FaultMemoryExit(flags=flags, gpa=gfn << uapi.PAGE_SHIFT, errno=err)
 
-    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> _Pfn | FaultResult:
+    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> GmemInode | FaultResult:
         """F8 kvm_gmem_get_pfn: file, binding, folio (allocated and zeroed on first use), poison."""
         # 3a. no slot, or not a GUEST_MEMFD slot
         if slot is None or not slot.can_be_private:
@@ -432,11 +442,9 @@ class Mmu:
             return self._exit(gfn, private, uapi.EHWPOISON)
         if write and slot.readonly:
             return self._exit(gfn, private, errno.EFAULT)
-        return _Pfn(inode)
+        return inode
 
-    def _gmem_install(self, gfn: int, slot: Memslot, pfn: _Pfn) -> _Install:
-        inode = pfn.gmem
-        assert inode is not None
+    def _gmem_install(self, gfn: int, slot: Memslot, inode: GmemInode) -> _Install:
         level = self._gmem_level(gfn, slot, inode)
         n = level_pages(level)
         base_index = slot.gmem_index(gfn - gfn % n)
@@ -463,7 +471,7 @@ class Mmu:
             return PG_LEVEL_4K
         return 2
 
-    def _hva(self, gfn: int, slot: Memslot | None, write: bool) -> _Pfn | FaultResult:
+    def _hva(self, gfn: int, slot: Memslot | None, write: bool) -> _Hva | FaultResult:
         """F8 __kvm_faultin_pfn: the no-slot (MMIO) path, or the hva behind the slot."""
         if slot is None or (write and slot.readonly):
             self.counters.mmio_exits += 1
@@ -471,7 +479,7 @@ class Mmu:
         if not slot.hva_ok(slot.hva(gfn)):  # no provably mapped host memory behind the hva
             self.counters.errors += 1
             return self._exit(gfn, False, errno.EFAULT)
-        return _HVA_PFN
+        return _HVA
 
     def _hva_install(self, gfn: int, slot: Memslot) -> _Install:
         level = self._hva_level(gfn, slot)
@@ -498,11 +506,8 @@ class Mmu:
         return PG_LEVEL_4K
 
 
-@dataclass(frozen=True)
-class _Pfn:
-    """What F8 resolved: a guest_memfd folio (``gmem``) or the slot's hva (``gmem`` None)."""
-
-    gmem: GmemInode | None
+class _Hva:
+    """What F8 resolved when the page comes from the slot's hva (a guest_memfd folio is its inode)."""
 
 
-_HVA_PFN = _Pfn(None)
+_HVA = _Hva()

@@ -31,9 +31,10 @@ RANK_INVALIDATE_LOCK = 2
 RANK_MMU_LOCK = 3
 
 
-@dataclass(eq=False, frozen=True)
+@dataclass(eq=False)
 class KLock:
-    """One kernel lock of one object (``kvm->mmu_lock`` of a VM, an inode's ``invalidate_lock``...)."""
+    """One kernel lock of one object (``kvm->mmu_lock`` of a VM, an inode's ``invalidate_lock``...).
+    ``owner`` may be renamed (the checker names its VMs vm1, vm2 for stable reports)."""
 
     name: str  # kernel name: "slots_lock", "invalidate_lock", "mmu_lock"
     owner: str  # what it belongs to, for reports: "vm1", "gmem ino 3"
