@@ -280,10 +280,15 @@ class Checker:
                 or "-"
             )
             out[f"{p}.srcu_readers"] = str(vm.srcu_readers)
-            for f in vm.gmem_files:
-                q = f"{p}.gmem{f.inode.ino}"
+            for n, f in enumerate(vm.gmem_files):
+                q = f"{p}.gmem{n}"
                 out[f"{q}.refs"] = str(f.refs)
-                out[f"{q}.bindings"] = " ".join(f"[{a},{b})->{s.id}" for a, b, s in f.bound_pieces(0, 1 << 64)) or "-"
+                out[f"{q}.bindings"] = (
+                    " ".join(
+                        f"[{a},{b})->{s.id}{' (freed)' if s.freed else ''}" for a, b, s in f.bound_pieces(0, 1 << 64)
+                    )
+                    or "-"
+                )
                 out[f"{q}.pages"] = (
                     " ".join(
                         f"[{a},{b}){PAGE_STATE_NAMES[v]}" for a, b, v in f.inode.pages.pieces(0, f.inode.npages) if v

@@ -33,6 +33,8 @@ def table(run: Run, width: int = 110) -> str:
         lock = r[3] if len(r[3]) <= w3 else r[3][: w3 - 1] + "…"
         out.append(f"{r[0]:>{w0}}  {r[1]:<{w1}}  {label:<{w2}}  {lock:<{w3}}  {r[4]}".rstrip())
     out.append("")
+    if run.diverged is not None:
+        out.append(f"(the given schedule no longer applied at step {run.diverged}; continued from there)")
     for v in run.violations:
         out.append(f"VIOLATION {v}")
     return "\n".join(out)

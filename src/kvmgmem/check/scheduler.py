@@ -55,6 +55,7 @@ class Run:
     events: list[Event]
     fingerprint: Any = None
     deadlock: bool = False
+    diverged: int | None = None  # replay: the step where the given schedule no longer applied
 
 
 class LockState:
@@ -96,6 +97,7 @@ def execute(
     violations: list[Violation] = []
     current: int | None = None
     steps = 0
+    diverged: int | None = None
     progress = 0  # steps by threads that are not re-faulting: only those can end what made a fault retry
     deadlock = False
     while True:
@@ -111,11 +113,11 @@ def execute(
                 violations.append(Violation("deadlock", waiting))
             break
         pos = len(schedule)
+        if pos < len(prefix) and prefix[pos] not in enabled:
+            # replaying a schedule that no longer applies (e.g. recorded with a bug switch on): go on freely
+            diverged, prefix = pos + 1, prefix[:pos]
         if pos < len(prefix):
             chosen = prefix[pos]
-            if chosen not in enabled:  # replaying a schedule that no longer applies
-                violations.append(Violation("replay", f"thread {chosen} not enabled at step {pos}"))
-                break
         elif priority is not None:
             chosen = next(i for i in priority if i in enabled)
         elif current is not None and current in enabled:
@@ -160,7 +162,7 @@ def execute(
     if not violations:
         violations.extend(checker.at_quiescence())
     fingerprint = checker.fingerprint([t.result for t in threads])
-    return Run(schedule, choices, violations, events, fingerprint, deadlock)
+    return Run(schedule, choices, violations, events, fingerprint, deadlock, diverged)
 
 
 def _enabled(t: Thread, locks: LockState, progress: int) -> bool:
@@ -243,14 +245,17 @@ def explore(
     bound: int,
     oracle: set[Any] | None = None,
     limit: int = 200_000,
+    shortest: bool = False,
 ) -> Exploration:
     """Every schedule with at most ``bound`` preemptions (depth-first over choice points), stopping at the
-    first violation. ``oracle``: the final fingerprints of every serial order; a schedule ending elsewhere is
+    first violation (``shortest``: explore on and keep the violating schedule with the fewest steps).
+    ``oracle``: the final fingerprints of every serial order; a schedule ending elsewhere is
     not linearisable."""
     stack: list[tuple[list[int], int]] = [([], 0)]
     schedules = 0
     max_depth = 0
     seen: set[Any] = set()
+    best: Run | None = None
     while stack and schedules < limit:
         prefix, _ = stack.pop()
         run = execute(build, prefix)
@@ -259,7 +264,11 @@ def explore(
         if not run.violations and oracle is not None and run.fingerprint not in oracle:
             run.violations.append(Violation("not-linearisable", "the final state and results equal no serial order's"))
         if run.violations:
-            return Exploration(schedules, run.violations, run, max_depth, seen)
+            if not shortest:
+                return Exploration(schedules, run.violations, run, max_depth, seen)
+            if best is None or len(run.schedule) < len(best.schedule):
+                best = run
+            continue
         seen.add(run.fingerprint)
         preemptions = 0
         for i, (enabled, chosen, previous) in enumerate(run.choices):
@@ -272,4 +281,6 @@ def explore(
                         stack.append(([*run.schedule[:i], alt], cost))
             if previous is not None and previous in enabled and chosen != previous:
                 preemptions += 1
+    if best is not None:
+        return Exploration(schedules, best.violations, best, max_depth, seen)
     return Exploration(schedules, [], None, max_depth, seen)
