@@ -373,7 +373,10 @@ class Mmu:
                     return self._done(self._retry("memslot is being deleted or moved"))
                 slot = None
             # F5 access type vs the attribute, re-read after the snapshot
-            attr_private = f1_private if BUG_ATTR_BEFORE_SNAPSHOT in vm.bugs else vm.attributes.is_private(gfn)
+            # (run straight through under mmu_lock nothing can have changed since F1, so no second lookup)
+            attr_private = f1_private
+            if stepping and BUG_ATTR_BEFORE_SNAPSHOT not in vm.bugs:
+                attr_private = vm.attributes.is_private(gfn)
             if is_private != attr_private:
                 return self._done(self._exit(gfn, is_private, errno.EFAULT))
             if stepping:
@@ -390,7 +393,7 @@ class Mmu:
             if stepping:
                 yield self._step_map
             # F11 is_page_fault_stale: mmu_invalidate_retry_gfn under mmu_lock
-            if self.retry_gfn(mmu_seq, gfn):
+            if self.seq != mmu_seq or (self.in_progress and self.retry_gfn(mmu_seq, gfn)):
                 return self._done(self._retry("invalidation in progress"))
             # F12 kvm_tdp_mmu_map: the level is decided under the lock (lpage_info "mixed")
             inst = self._gmem_install(gfn, slot, pfn) if isinstance(pfn, GmemInode) else self._hva_install(gfn, slot)
