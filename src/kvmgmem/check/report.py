@@ -25,8 +25,8 @@ def table(run: Run, width: int = 110) -> str:
         rows.append((str(e.index), e.thread, e.label, e.locks, e.change))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
-    w2 = min(max(len(r[2]) for r in rows), 60)
-    w3 = min(max(len(r[3]) for r in rows), 34)
+    w2 = min(max(len(r[2]) for r in rows), 84)
+    w3 = min(max(len(r[3]) for r in rows), 40)
     out = []
     for r in rows:
         label = r[2] if len(r[2]) <= w2 else r[2][: w2 - 1] + "…"

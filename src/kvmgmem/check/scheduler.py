@@ -268,8 +268,9 @@ def explore(
                 return Exploration(schedules, run.violations, run, max_depth, seen)
             if best is None or len(run.schedule) < len(best.schedule):
                 best = run
-            continue
-        seen.add(run.fingerprint)
+            # and keep branching off the steps before the violation: a shorter one may start earlier
+        else:
+            seen.add(run.fingerprint)
         preemptions = 0
         for i, (enabled, chosen, previous) in enumerate(run.choices):
             if i >= len(prefix):
