@@ -20,6 +20,7 @@ EXPECTED = {
     "no_hugepage_head_tail_range_add": ("attr_huge", "huge-over-changing"),  # D
     "fault_reads_attr_before_snapshot": ("fault_convert", "private-as-shared"),  # E
     "unbind_skips_dying_file": ("release_delete", "use-after-free"),  # F
+    "notifier_ignores_memslot_swap": ("notifier_create", "unbalanced"),  # B
 }
 
 

@@ -64,6 +64,7 @@ class Checker:
         self.kasan_seen = [0] * len(world.vms)
         self.edges: dict[str, set[str]] = {}
         self.thread = ""
+        self.slots_seen: dict[str, set[int]] = {}
         self._before: list[dict[int, Spte]] = []
         for vm in world.vms:
             vm.mutation_hook = self._hook(vm)
@@ -74,6 +75,8 @@ class Checker:
         def on_mutation(kind: str, lo: int, hi: int) -> None:
             mmu = vm.mmu
             for s in vm.mmu.sptes():
+                if kind == "hva" and s.gmem is not None:
+                    continue  # the host side changes only what is mapped through the hva
                 if s.gfn < hi and lo < s.end_gfn:
                     self.pending.append(
                         Violation(
@@ -84,7 +87,7 @@ class Checker:
                     )
                     break
             bound = bool(vm.memslots[0].overlapping(lo, hi))
-            if kind in ("attributes", "truncate") and bound and not _covers(mmu.ranges, lo, hi):
+            if kind in ("attributes", "truncate", "hva") and bound and not _covers(mmu.ranges, lo, hi):
                 self.pending.append(
                     Violation(
                         "mutate-while-mapped",
@@ -97,6 +100,9 @@ class Checker:
 
     def begin_step(self, thread: str, step: Step) -> None:
         self.thread = thread
+        if any(step is vm.mmu.step_entry for vm in self.world.vms):
+            # the memslots this fault pass can see (kvm_vcpu_gfn_to_memslot runs in this step)
+            self.slots_seen[thread] = {id(s) for vm in self.world.vms for s in vm.memslots[0]}
         self._before = [{id(s): s for s in vm.mmu.sptes()} for vm in self.world.vms]
 
     def after_step(
@@ -175,11 +181,11 @@ class Checker:
             gfn = result.gpa >> 12
             for vm in self.world.vms:
                 slot = vm.memslots[0].lookup(gfn)
-                if slot is not None:
+                if slot is not None and id(slot) in self.slots_seen.get(thread, set()):
                     out.append(
                         Violation(
                             "stale-mapping",
-                            f"{thread}: MMIO translation for gfn {gfn:#x} while memslot {slot.id}"
+                            f"{thread}: MMIO translation for gfn {gfn:#x} while memslot {slot.id}, which the fault saw,"
                             f"{' (INVALID)' if slot.invalid else ''} still maps it",
                         )
                     )

@@ -19,6 +19,7 @@ from kvmgmem.backends.sim.core.steps import (
     BUG_GMEM_START_UNCONDITIONAL,
     BUG_INVALID_SLOT_AS_NO_SLOT,
     BUG_NO_HUGEPAGE_HEAD_TAIL,
+    BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP,
     BUG_PUNCH_NO_TRUNCATE,
     BUG_SKIP_SHARED_ONLY_SLOTS,
     BUG_UNBIND_SKIPS_DYING_FILE,
@@ -28,9 +29,13 @@ from kvmgmem.backends.sim.core.vm import VmCore, create_vm
 from .world import (
     ContentBacking,
     World,
+    allocate_op,
     close_op,
+    create_slot_op,
     delete_slot_op,
     fault_op,
+    hva_invalidate_op,
+    move_slot_op,
     punch_op,
     set_attributes_op,
 )
@@ -217,6 +222,43 @@ def fault_convert(bugs: frozenset[str]) -> World:
     )
 
 
+def notifier_create(bugs: frozenset[str]) -> World:
+    """The host invalidates memory (mm notifier start ... end) while the VMM creates a memslot over it and a
+    vCPU touches the new gfn."""
+    vm = _vm("vm1", bugs)
+    hva = HVA + (1 << 30)
+    return World([vm], [
+        ("mm", hva_invalidate_op(vm, hva, uapi.PAGE_SIZE)),
+        ("vmm", create_slot_op(vm, 1, BASE_GFN, 1, hva)),
+        ("vcpu0", fault_op(vm, BASE_GFN)),
+    ])  # fmt: skip
+
+
+def fault_move(bugs: frozenset[str]) -> World:
+    """A vCPU faults a gfn of a plain memslot while the VMM moves the memslot elsewhere and the host
+    invalidates its memory."""
+    vm = _vm("vm1", bugs)
+    _slot(vm, 1, BASE_GFN, 1)
+    return World([vm], [
+        ("vcpu0", fault_op(vm, BASE_GFN)),
+        ("vmm", move_slot_op(vm, 1, BASE_GFN + 0x10)),
+        ("mm", hva_invalidate_op(vm, HVA + (1 << 30), uapi.PAGE_SIZE)),
+    ])  # fmt: skip
+
+
+def alloc_punch(bugs: frozenset[str]) -> World:
+    """A vCPU faults private page 0 while the VMM allocates pages 0-1 and punches page 0."""
+    vm = _vm("vm1", bugs)
+    file, backing = _gmem(vm, 2)
+    _slot(vm, 0, BASE_GFN, 2, file)
+    _private(vm, BASE_GFN, 2)
+    return World([vm], [
+        ("vcpu0", fault_op(vm, BASE_GFN)),
+        ("alloc", allocate_op(vm, file, 0, 2)),
+        ("punch", punch_op(vm, file, backing, 0, 1)),
+    ])  # fmt: skip
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -230,5 +272,10 @@ SCENARIOS: dict[str, Scenario] = {
             "shared_slot_convert", shared_slot_convert.__doc__ or "", shared_slot_convert, (BUG_SKIP_SHARED_ONLY_SLOTS,)
         ),
         Scenario("fault_convert", fault_convert.__doc__ or "", fault_convert, (BUG_ATTR_BEFORE_SNAPSHOT,)),
+        Scenario(
+            "notifier_create", notifier_create.__doc__ or "", notifier_create, (BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP,)
+        ),
+        Scenario("fault_move", fault_move.__doc__ or "", fault_move, ()),
+        Scenario("alloc_punch", alloc_punch.__doc__ or "", alloc_punch, ()),
     )
 }

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvmgmem import uapi
 from kvmgmem.backends.sim.core.gmem import GmemFile, GmemInode
+from kvmgmem.backends.sim.core.memslots import Memslot
 from kvmgmem.backends.sim.core.mmu import FaultMemoryExit, FaultResult, FaultRetry
 from kvmgmem.backends.sim.core.steps import Step, Steps
 from kvmgmem.backends.sim.core.vm import VmCore
@@ -113,3 +114,36 @@ def delete_slot_op(vm: VmCore, slot_id: int) -> Steps[None]:
     if old is not None:
         yield from vm.replace_steps(space, old, None)
     yield Step("mutex_unlock(slots_lock)", drop=(vm.slots_klock,))
+
+
+def create_slot_op(vm: VmCore, slot_id: int, gfn: int, npages: int, hva: int) -> Steps[None]:
+    """KVM_SET_USER_MEMORY_REGION2 creating a plain (shared-only) memslot over host memory at ``hva``."""
+    yield Step("kvm_set_memory_region: mutex_lock(slots_lock)", take=(vm.slots_klock,))
+    new = Memslot(slot_id, 0, gfn, npages, 0, hva, (hva, hva + npages * uapi.PAGE_SIZE))
+    yield from vm.replace_steps(vm.memslots[0], None, new)
+    yield Step("mutex_unlock(slots_lock)", drop=(vm.slots_klock,))
+
+
+def move_slot_op(vm: VmCore, slot_id: int, gfn: int) -> Steps[None]:
+    """KVM_SET_USER_MEMORY_REGION2 moving a plain memslot to ``gfn`` (KVM_MR_MOVE)."""
+    yield Step("kvm_set_memory_region: mutex_lock(slots_lock)", take=(vm.slots_klock,))
+    space = vm.memslots[0]
+    old = space.get(slot_id)
+    assert old is not None
+    new = Memslot(slot_id, 0, gfn, old.npages, old.flags, old.userspace_addr, old.hva_live)
+    yield from vm.replace_steps(space, old, new)
+    yield Step("mutex_unlock(slots_lock)", drop=(vm.slots_klock,))
+
+
+def allocate_op(vm: VmCore, file: GmemFile, first: int, last: int) -> Steps[None]:
+    """fallocate(KEEP_SIZE) through the VMM's fd (the fd pins the file)."""
+    yield Step("fdget(guest_memfd)")
+    file.refs += 1
+    yield from vm.gmem_allocate_steps(file, first, last)
+    yield Step("fdput")
+    yield from _fput(vm, file)
+
+
+def hva_invalidate_op(vm: VmCore, hva: int, length: int) -> Steps[None]:
+    """The host changes memory behind a memslot (munmap, migration): the mm notifier's start/end pair."""
+    yield from vm.mmu_notifier_invalidate_steps(hva, hva + length)

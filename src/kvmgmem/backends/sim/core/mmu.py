@@ -181,8 +181,8 @@ class Mmu:
         self.klock = KLock("mmu_lock", vm.name, RANK_MMU_LOCK, self.lock)
         self._result: FaultResult | None = None
         # The fault's steps, built once (the normal path yields them on every fault).
-        self._step_entry = Step("F1-F3 kvm_mmu_page_fault: attribute, fast_page_fault")
-        self._step_snapshot = Step("F2/F4 srcu_read_lock, gfn_to_memslot; mmu_seq = mmu_invalidate_seq")
+        self.step_entry = Step("F1-F3 kvm_mmu_page_fault: attribute, fast_page_fault; srcu_read_lock, gfn_to_memslot")
+        self._step_snapshot = Step("F4 kvm_mmu_faultin_pfn: mmu_seq = mmu_invalidate_seq; smp_rmb()")
         self._step_checks = Step("F5-F7 kvm_mmu_faultin_pfn: slot validity, private vs shared")
         self._step_pfn = Step("F8 __kvm_mmu_faultin_pfn (kvm_gmem_get_pfn / hva)")
         self._step_map = Step("F10-F13 read_lock(mmu_lock); is_page_fault_stale; kvm_tdp_mmu_map; unlock",
@@ -343,7 +343,7 @@ class Mmu:
         vm = self.vm
         c = self.counters
         if stepping:
-            yield self._step_entry
+            yield self.step_entry
         # F1 (SW_PROTECTED: private from the current attribute), F3 fast_page_fault
         c.faults += 1
         f1_private = vm.attributes.is_private(gfn)

@@ -113,6 +113,9 @@ BUG_NO_HUGEPAGE_HEAD_TAIL = "no_hugepage_head_tail_range_add"
 BUG_ATTR_BEFORE_SNAPSHOT = "fault_reads_attr_before_snapshot"
 #: F ("Remove bindings on memslot deletion when gmem is dying"): unbind skips a file whose refcount is 0.
 BUG_UNBIND_SKIPS_DYING_FILE = "unbind_skips_dying_file"
+#: B ("KVM: Block memslot updates across range_start() and range_end()"): memslots are published while an
+#: mm-notifier invalidation is between its start and end callbacks.
+BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP = "notifier_ignores_memslot_swap"
 
 BUGS = (
     BUG_GMEM_START_UNCONDITIONAL,
@@ -123,4 +126,5 @@ BUGS = (
     BUG_NO_HUGEPAGE_HEAD_TAIL,
     BUG_ATTR_BEFORE_SNAPSHOT,
     BUG_UNBIND_SKIPS_DYING_FILE,
+    BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP,
 )

@@ -34,6 +34,7 @@ from .steps import (
     BUG_ATTR_NO_RANGE_ADD,
     BUG_GMEM_START_UNCONDITIONAL,
     BUG_NO_HUGEPAGE_HEAD_TAIL,
+    BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP,
     BUG_PUNCH_NO_TRUNCATE,
     BUG_SKIP_SHARED_ONLY_SLOTS,
     BUG_UNBIND_SKIPS_DYING_FILE,
@@ -94,6 +95,8 @@ class VmCore:
         self.bugs: frozenset[str] = frozenset()
         #: vCPUs inside a fault's SRCU read section (what synchronize_srcu waits for).
         self.srcu_readers = 0
+        #: mm-notifier invalidations between range_start and range_end (kvm->mn_active_invalidate_count).
+        self.mn_active_invalidate_count = 0
         #: Accesses to freed memslots, as KASAN would report them.
         self.kasan: list[str] = []
         self.mutation_hook: MutationHook | None = None
@@ -302,7 +305,9 @@ class VmCore:
                 self.mmu.zap(old.base_gfn, old.end_gfn)
                 yield Step("kvm_flush_remote_tlbs")
                 self.mmu.notify_zap(old.base_gfn, old.end_gfn)
-        yield Step("kvm_swap_active_memslots: publish the new memslots", guard=self.mmu.klock)
+        mn_wait = None if BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP in self.bugs else self._mn_idle
+        yield Step("kvm_swap_active_memslots: wait for mn_active_invalidate_count == 0; publish the new memslots",
+                   guard=self.mmu.klock, wait=mn_wait)  # fmt: skip
         if old is not None:
             self._mutating("memslot", old.base_gfn, old.end_gfn)
             space.remove(old)
@@ -319,6 +324,53 @@ class VmCore:
 
     def _srcu_idle(self) -> bool:
         return self.srcu_readers == 0
+
+    def _mn_idle(self) -> bool:
+        return self.mn_active_invalidate_count == 0
+
+    # --- mm notifier (hva side) ------------------------------------------------------------------------------
+
+    def _hva_gfn_ranges(self, hva_start: int, hva_end: int) -> list[tuple[int, int]]:
+        """gfn ranges of the address-space-0 memslots whose userspace range meets ``[hva_start, hva_end)``."""
+        out = []
+        for s in self.memslots[0]:
+            lo = max(hva_start, s.userspace_addr)
+            hi = min(hva_end, s.userspace_addr + s.npages * uapi.PAGE_SIZE)
+            if lo < hi:
+                first = s.base_gfn + (lo - s.userspace_addr) // uapi.PAGE_SIZE
+                last = s.base_gfn + -(-(hi - s.userspace_addr) // uapi.PAGE_SIZE)
+                out.append((first, last))
+        return out
+
+    def mmu_notifier_invalidate_steps(self, hva_start: int, hva_end: int) -> Steps[None]:
+        """kvm_mmu_notifier_invalidate_range_start / _end around a host change of ``[hva_start, hva_end)``
+        (munmap, migration, THP split). Both callbacks take mmu_lock and begin/end only if a memslot overlaps
+        *at that moment*, which is why memslot publication waits for ``mn_active_invalidate_count`` to drop
+        to zero. Only the shared (hva-backed) side is affected (KVM_FILTER_SHARED)."""
+        mmu = self.mmu
+        yield Step("kvm_mmu_notifier_invalidate_range_start: mn_active_invalidate_count++")
+        self.mn_active_invalidate_count += 1
+        ranges = self._hva_gfn_ranges(hva_start, hva_end)
+        if ranges:
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_unmap_gfn_range (KVM_FILTER_SHARED)",
+                       take=(mmu.klock,), drop=(mmu.klock,))  # fmt: skip
+            mmu.invalidate_begin()
+            for lo, hi in ranges:
+                mmu.invalidate_range_add(lo, hi)
+                for spte in [s for s in mmu.sptes() if s.gmem is None and s.gfn < hi and lo < s.end_gfn]:
+                    mmu.zap(spte.gfn, spte.end_gfn)
+            yield Step("kvm_flush_remote_tlbs")
+            for lo, hi in ranges:
+                mmu.notify_zap(lo, hi)
+        yield Step("the host changes the pages behind the hva range")
+        for lo, hi in self._hva_gfn_ranges(hva_start, hva_end):
+            self._mutating("hva", lo, hi)
+        yield Step("kvm_mmu_notifier_invalidate_range_end")
+        if self._hva_gfn_ranges(hva_start, hva_end):
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_end; KVM_MMU_UNLOCK", take=(mmu.klock,), drop=(mmu.klock,))
+            mmu.invalidate_end()
+        yield Step("mn_active_invalidate_count--; rcuwait_wake_up(&kvm->mn_memslots_update_rcuwait)")
+        self.mn_active_invalidate_count -= 1
 
     def _unbind(self, slot: Memslot) -> None:
         """kvm_gmem_unbind. A file whose last reference is gone but whose release has not run yet is dying:
