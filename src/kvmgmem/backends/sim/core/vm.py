@@ -305,9 +305,11 @@ class VmCore:
                 self.mmu.zap(old.base_gfn, old.end_gfn)
                 yield Step("kvm_flush_remote_tlbs")
                 self.mmu.notify_zap(old.base_gfn, old.end_gfn)
-        mn_wait = None if BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP in self.bugs else self._mn_idle
-        yield Step("kvm_swap_active_memslots: wait for mn_active_invalidate_count == 0; publish the new memslots",
-                   guard=self.mmu.klock, wait=mn_wait)  # fmt: skip
+        if BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP in self.bugs:
+            yield Step("kvm_swap_active_memslots: publish the new memslots (no wait)", guard=self.mmu.klock)
+        else:
+            yield Step("kvm_swap_active_memslots: wait for mn_active_invalidate_count == 0; publish the new memslots",
+                       guard=self.mmu.klock, wait=self._mn_idle)  # fmt: skip
         if old is not None:
             self._mutating("memslot", old.base_gfn, old.end_gfn)
             space.remove(old)
