@@ -40,6 +40,11 @@ every cached translation in ``[gfn_start, gfn_end)`` — kicking and waiting for
 before returning. The callback runs on the ioctl's thread with ``mmu.lock`` released (a vCPU blocked in
 ``handle_fault`` can make progress), but with the VM's ioctl lock held: it must not issue VM ioctls.
 
+**Kernel steps.** ``Mmu.fault_steps`` is the same fault as a generator that stops at each kernel step
+(F1–F3, F4 snapshot of ``mmu_invalidate_seq``, F5–F7, F8 pfn lookup outside the lock, F10–F13 re-check with
+``mmu_invalidate_retry_gfn`` and install under ``mmu_lock``); ``fault`` runs it straight through under ``lock``.
+The writers in ``vm.py`` are step generators too (``core/steps.py``); ``kvmgmem.check`` interleaves them.
+
 **Storage release.** ``VmCore.add_gmem_release_listener(callback)`` registers ``callback(inode)`` called
 just before a guest_memfd inode's storage is unmapped (after its SPTEs were zapped), so a CPU that mapped
 the storage window (e.g. ``mem_map_ptr``) unmaps it first.

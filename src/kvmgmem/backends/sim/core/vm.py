@@ -59,7 +59,7 @@ _HUGE_BYTES = HUGE_FOLIO_PAGES * uapi.PAGE_SIZE
 _vm_numbers = itertools.count(1)
 
 #: ``VmCore.mutation_hook(kind, gfn_start, gfn_end)``: called when a writer changes what a gfn translates to
-#: ("attributes", "truncate", "unbind", "memslot"); the interleaving checker asserts nothing maps it then.
+#: ("attributes", "truncate", "unbind", "memslot", "hva"); the interleaving checker asserts nothing maps it then.
 MutationHook = Callable[[str, int, int], None]
 
 
