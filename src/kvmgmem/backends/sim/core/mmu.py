@@ -363,8 +363,10 @@ class Mmu:
             c.spurious += 1
             return self._done(self._mapped(existing, spurious=True))
         is_private = f1_private if private is None else bool(private)
-        # F2 kvm_vcpu_gfn_to_memslot, inside the vCPU's SRCU read section
-        vm.srcu_readers += 1
+        # F2 kvm_vcpu_gfn_to_memslot, inside the vCPU's SRCU read section (counted for the checker's
+        # synchronize_srcu; run straight through under mmu_lock, no memslot update can wait on this fault)
+        if stepping:
+            vm.srcu_readers += 1
         try:
             slot = vm.memslots[0].lookup(gfn)
             if stepping:
@@ -408,7 +410,8 @@ class Mmu:
                 c.huge_mappings += 1
             return self._done(self._mapped(spte))
         finally:
-            vm.srcu_readers -= 1
+            if stepping:
+                vm.srcu_readers -= 1
 
     def _mapped(self, s: Spte, spurious: bool = False) -> FaultMapped:
         return FaultMapped(
