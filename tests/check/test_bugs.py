@@ -1,5 +1,5 @@
 """Each historic-bug switch puts the bug back into the model; the checker must find a counterexample that
-violates the invariant the protocol notes name for it, and the counterexample must replay."""
+violates the invariant docs/interleavings.md names for it, and the counterexample must replay."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def test_switch_yields_counterexample(bug: str) -> None:
 
 
 def test_two_vms_punch_without_truncate() -> None:
-    """C1 of the notes (two VMs bound to one inode) is safe in 7.2, and A2 is found there too."""
+    """Two VMs bound to one inode (separate begin/end per VM around one truncation) are safe in 7.2, and A2
+    is found there too."""
     assert check("two_vms", 2).ok
     result = check("two_vms", 2, {"punch_hole_no_truncate"})
     assert "punched-not-zero" in {v.invariant for v in result.violations}
