@@ -240,8 +240,13 @@ class Mmu:
     def _install(self, gfn: int, slot: Memslot, inst: _Install, private: bool) -> Spte:
         n = level_pages(inst.level)
         base = gfn - gfn % n
-        for s in list(self._overlapping(base, base + n)):  # smaller SPTEs replaced by a huge one
-            self._remove(s)
+        if n == 1:  # a 4 KiB install replaces at most the one SPTE covering the gfn (cheaper than a scan)
+            old = self.lookup(gfn)
+            if old is not None:
+                self._remove(old)
+        else:
+            for s in list(self._overlapping(base, base + n)):  # smaller SPTEs replaced by a huge one
+                self._remove(s)
         spte = Spte(base, inst.level, slot, inst.gmem, inst.pgoff, inst.host_address, inst.writable, private)
         self._sptes[base] = spte
         insort(self._gfns, base)
