@@ -41,6 +41,9 @@ class ContentBacking:
         self.released = True
         self.data.clear()
 
+    def poison(self, pgoff: int) -> None:
+        pass  # no host mappings in the model
+
 
 @dataclass(frozen=True)
 class Punched:
