@@ -308,14 +308,20 @@ def _add_check(sub: Any) -> None:
                          "invalidations) up to a preemption bound; print the schedules explored and the "
                          "verdict, and a counterexample as a step table (and a Perfetto trace). "
                          "See docs/interleavings.md.")  # fmt: skip
-    chk.add_argument("scenario", nargs="?", help="one scenario (default: all, or those exposing --bug)")
+    chk.add_argument("scenario", nargs="?", help="one scenario (default: every scenario, or those exposing --bug)")
     chk.add_argument("--preemptions", type=int, default=2, help="preemption bound (default: %(default)s)")
-    chk.add_argument("--bug", action="append", metavar="NAME", help="put a historic kernel bug back (repeatable)")
+    chk.add_argument("--bug", action="append", metavar="NAME",
+                     help="put a historic kernel bug back into the model; repeatable "
+                     "(default: none, the fixed kernel)")  # fmt: skip
     chk.add_argument("--trace", metavar="FILE.json", type=_output_file,
-                     help="write the counterexample as a Chrome/Perfetto trace")  # fmt: skip
-    chk.add_argument("--replay", metavar="SCHEDULE", help="re-run one schedule (thread indices, comma-separated)")
-    chk.add_argument("--shortest", action="store_true", help="fewest preemptions, then fewest steps")
-    chk.add_argument("--list", action="store_true", help="list scenarios and bug switches")
+                     help="write the counterexample as a Chrome/Perfetto trace (default: no trace)")  # fmt: skip
+    chk.add_argument("--replay", metavar="SCHEDULE",
+                     help="re-run one schedule, thread indices comma-separated "
+                     "(default: explore them all)")  # fmt: skip
+    chk.add_argument("--shortest", action="store_true",
+                     help="report the counterexample with the fewest preemptions, then steps "
+                     "(default: the first found)")  # fmt: skip
+    chk.add_argument("--list", action="store_true", help="list scenarios and bug switches (default: off)")
     chk.set_defaults(func=_cmd_check)
 
 
