@@ -1,4 +1,4 @@
-"""The ``kvmgmem`` command line: ``caps``, ``demo``, ``selftest`` and ``bench``.
+"""The ``kvmgmem`` command line: ``caps``, ``demo``, ``selftest``, ``bench`` and ``check``.
 
 One ``_cmd_<name>(args) -> exit code`` per subcommand and one ``_add_<name>(sub)`` that declares its options;
 ``build_parser`` lists them. Arguments are checked by argparse types, so a bad value is a one-line usage error
@@ -298,9 +298,88 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(bench / "run.py"), *args.names], cwd=bench.parent)
 
 
+# --- check -----------------------------------------------------------------------------------------------
+
+
+def _add_check(sub: Any) -> None:
+    chk = sub.add_parser("check", help="interleaving checker: every schedule of the fault/invalidation races",
+                         description="Explore every schedule of small scenarios over the sim core's kernel steps "
+                         "(faults vs attribute changes, punch hole, release, memslot updates, mm-notifier "
+                         "invalidations) up to a preemption bound; print the schedules explored and the "
+                         "verdict, and a counterexample as a step table (and a Perfetto trace). "
+                         "See docs/interleavings.md.")  # fmt: skip
+    chk.add_argument("scenario", nargs="?", help="one scenario (default: every scenario, or those exposing --bug)")
+    chk.add_argument("--preemptions", type=int, default=2, help="preemption bound (default: %(default)s)")
+    chk.add_argument("--bug", action="append", metavar="NAME",
+                     help="put a historic kernel bug back into the model; repeatable "
+                     "(default: none, the fixed kernel)")  # fmt: skip
+    chk.add_argument("--trace", metavar="FILE.json", type=_output_file,
+                     help="write the counterexample as a Chrome/Perfetto trace (default: no trace)")  # fmt: skip
+    chk.add_argument("--replay", metavar="SCHEDULE",
+                     help="re-run one schedule, thread indices comma-separated "
+                     "(default: explore them all)")  # fmt: skip
+    chk.add_argument("--shortest", action="store_true",
+                     help="report the counterexample with the fewest preemptions, then steps "
+                     "(default: the first found)")  # fmt: skip
+    chk.add_argument("--list", action="store_true", help="list scenarios and bug switches (default: off)")
+    chk.set_defaults(func=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Explore every schedule of the interleaving checker's scenarios; print a counterexample if found."""
+    from kvmgmem import check
+    from kvmgmem.check import report
+
+    bugs = frozenset(args.bug or ())
+    unknown = sorted(bugs - set(check.BUGS))
+    if args.list or unknown:
+        if unknown:
+            print(f"unknown --bug {', '.join(unknown)}", file=sys.stderr)
+        print("scenarios:")
+        for sc in check.SCENARIOS.values():
+            print(f"  {sc.name:20} {' '.join(sc.summary.split())}")
+        print("bugs: " + " ".join(check.BUGS))
+        return 2 if unknown else 0
+    if args.scenario and args.scenario not in check.SCENARIOS:
+        print(f"unknown scenario {args.scenario!r} (see --list)", file=sys.stderr)
+        return 2
+    if args.replay is not None:
+        if not args.scenario:
+            print("--replay needs a SCENARIO", file=sys.stderr)
+            return 2
+        run = check.replay(args.scenario, [int(i) for i in args.replay.split(",") if i], bugs)
+        print(report.table(run))
+        if args.trace:
+            with open(args.trace, "w") as out:
+                report.write_trace(run, args.scenario, out)
+        return 1 if run.violations else 0
+    names = [args.scenario] if args.scenario else [
+        sc.name for sc in check.SCENARIOS.values() if not bugs or bugs & set(sc.exposes)
+    ]  # fmt: skip
+    failed = 0
+    for name in names:
+        result = check.check(name, args.preemptions, bugs, shortest=args.shortest)
+        verdict = "no violation" if result.ok else f"VIOLATION {result.violations[0]}"
+        print(f"{name}: {result.schedules} schedules explored (<= {args.preemptions} preemptions): {verdict}")
+        cex = result.counterexample
+        if cex is None:
+            continue
+        failed += 1
+        print()
+        print(report.table(cex))
+        flags = "".join(f" --bug {b}" for b in sorted(bugs))
+        print(f"replay: kvmgmem check {name}{flags} --replay {report.schedule_text(cex)}")
+        if args.trace:
+            with open(args.trace, "w") as out:
+                report.write_trace(cex, name, out)
+            print(f"trace: {args.trace} (open in https://ui.perfetto.dev)")
+        print()
+    return 1 if failed else 0
+
+
 # --- the parser and main ---------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_caps, _add_selftest, _add_bench]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_caps, _add_selftest, _add_bench, _add_check]
 
 
 def build_parser() -> argparse.ArgumentParser:

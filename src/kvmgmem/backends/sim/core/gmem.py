@@ -25,6 +25,7 @@ from .rangemap import RangeMap
 
 if TYPE_CHECKING:
     from .memslots import Memslot
+    from .steps import KLock
     from .vm import VmCore
 
 PAGE_ABSENT = 0
@@ -86,6 +87,8 @@ class GmemInode:
         self.backing = backing
         self.pages: RangeMap[int] = RangeMap(PAGE_ABSENT)
         self.files: list[GmemFile] = []
+        #: The inode's filemap invalidate_lock, set by the VM that creates the inode (``VmCore``).
+        self.invalidate_lock: KLock | None = None
         self.alive = True
         self.pages_allocated = 0
         self.pages_freed = 0

@@ -46,6 +46,8 @@ class Memslot:
     pgoff: int = 0
     gmem_only: bool = False
     invalid: bool = False
+    #: kvm_free_memslot ran: any later access is a use-after-free (the checker's KASAN).
+    freed: bool = False
     #: Per huge level: region number (gfn // pages-per-level) → True when its attributes are mixed.
     mixed: dict[int, RangeMap[bool]] = field(default_factory=lambda: {lv: RangeMap(False) for lv in HUGE_LEVELS})
 

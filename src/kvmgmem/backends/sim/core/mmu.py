@@ -40,6 +40,11 @@ every cached translation in ``[gfn_start, gfn_end)`` — kicking and waiting for
 before returning. The callback runs on the ioctl's thread with ``mmu.lock`` released (a vCPU blocked in
 ``handle_fault`` can make progress), but with the VM's ioctl lock held: it must not issue VM ioctls.
 
+**Kernel steps.** ``Mmu.fault_steps`` is the same fault as a generator that stops at each kernel step
+(F1–F3, F4 snapshot of ``mmu_invalidate_seq``, F5–F7, F8 pfn lookup outside the lock, F10–F13 re-check with
+``mmu_invalidate_retry_gfn`` and install under ``mmu_lock``); ``fault`` runs it straight through under ``lock``.
+The writers in ``vm.py`` are step generators too (``core/steps.py``); ``kvmgmem.check`` interleaves them.
+
 **Storage release.** ``VmCore.add_gmem_release_listener(callback)`` registers ``callback(inode)`` called
 just before a guest_memfd inode's storage is unmapped (after its SPTEs were zapped), so a CPU that mapped
 the storage window (e.g. ``mem_map_ptr``) unmaps it first.
@@ -51,7 +56,6 @@ import errno
 import threading
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,6 +65,14 @@ from kvmgmem.exits import MemoryFaultExit
 from .gmem import PAGE_HWPOISON, PAGE_PRESENT, GmemInode
 from .memslots import Memslot
 from .profile import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, level_pages
+from .steps import (
+    BUG_ATTR_BEFORE_SNAPSHOT,
+    BUG_INVALID_SLOT_AS_NO_SLOT,
+    RANK_MMU_LOCK,
+    KLock,
+    Step,
+    Steps,
+)
 
 if TYPE_CHECKING:
     from .vm import VmCore
@@ -165,11 +177,21 @@ class Mmu:
         self.lock = threading.Lock()
         self._sptes: dict[int, Spte] = {}
         self._gfns: list[int] = []  # sorted keys of _sptes
-        self.seq = 0
-        self.in_progress = 0
-        self.ranges: list[tuple[int, int]] = []
+        self.seq = 0  # mmu_invalidate_seq
+        self.in_progress = 0  # mmu_invalidate_in_progress
+        self.range_start: int | None = None  # mmu_invalidate_range_start (None: INVALID_GPA)
+        self.range_end: int | None = None
         self.counters = MmuCounters()
         self.zap_listeners: list[ZapListener] = []
+        self.klock = KLock("mmu_lock", vm.name, RANK_MMU_LOCK, self.lock)
+        self._result: FaultResult | None = None
+        # The fault's steps, built once (the normal path yields them on every fault).
+        self.step_entry = Step("F1-F3 kvm_mmu_page_fault: attribute, fast_page_fault; srcu_read_lock, gfn_to_memslot")
+        self._step_snapshot = Step("F4 kvm_mmu_faultin_pfn: mmu_seq = mmu_invalidate_seq; smp_rmb()")
+        self._step_checks = Step("F5-F7 kvm_mmu_faultin_pfn: slot validity, private vs shared")
+        self._step_pfn = Step("F8 __kvm_mmu_faultin_pfn (kvm_gmem_get_pfn / hva)")
+        self._step_map = Step("F10-F13 read_lock(mmu_lock); is_page_fault_stale; kvm_tdp_mmu_map; unlock",
+                              take=(self.klock,), drop=(self.klock,), read=True)  # fmt: skip
 
     # --- SPTE map --------------------------------------------------------------------------------------
 
@@ -218,91 +240,183 @@ class Mmu:
     def _install(self, gfn: int, slot: Memslot, inst: _Install, private: bool) -> Spte:
         n = level_pages(inst.level)
         base = gfn - gfn % n
-        for s in list(self._overlapping(base, base + n)):  # smaller SPTEs replaced by a huge one
-            self._remove(s)
+        if n == 1:  # a 4 KiB install replaces at most the one SPTE covering the gfn (cheaper than a scan)
+            old = self.lookup(gfn)
+            if old is not None:
+                self._remove(old)
+        else:
+            for s in list(self._overlapping(base, base + n)):  # smaller SPTEs replaced by a huge one
+                self._remove(s)
         spte = Spte(base, inst.level, slot, inst.gmem, inst.pgoff, inst.host_address, inst.writable, private)
         self._sptes[base] = spte
         insort(self._gfns, base)
         return spte
 
     # --- invalidation protocol (§3.5) ----------------------------------------------------------------------
+    # kvm_mmu_invalidate_begin / kvm_mmu_invalidate_range_add / kvm_mmu_invalidate_end, as the kernel keeps
+    # them: one counter, one hull of every range added since the counter went 0 -> 1 (reset at that begin,
+    # not at end), one sequence number bumped at every end. Callers hold ``lock`` (mmu_lock for write).
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The open invalidation hull as a list (empty when nothing is in progress)."""
+        if self.in_progress > 0 and self.range_start is not None and self.range_end is not None:
+            return [(self.range_start, self.range_end)]
+        return []
+
+    def invalidate_begin(self) -> None:
+        """kvm_mmu_invalidate_begin."""
+        self.in_progress += 1
+        if self.in_progress == 1:
+            self.range_start = self.range_end = None  # INVALID_GPA
+        self.counters.invalidations += 1
+
+    def invalidate_range_add(self, lo: int, hi: int) -> None:
+        """kvm_mmu_invalidate_range_add: the first range sets the hull, later ones widen it."""
+        if self.range_start is None or self.range_end is None:
+            self.range_start, self.range_end = lo, hi
+        else:
+            self.range_start, self.range_end = min(self.range_start, lo), max(self.range_end, hi)
+
+    def invalidate_end(self) -> None:
+        """kvm_mmu_invalidate_end: seq++ then in_progress-- (a fault that snapshotted before sees the bump)."""
+        self.seq += 1
+        self.in_progress -= 1
 
     def overlaps_in_progress(self, lo: int, hi: int) -> bool:
-        return self.in_progress > 0 and any(a < hi and lo < b for a, b in self.ranges)
+        """Whether ``[lo, hi)`` meets the open hull (an INVALID hull meets nothing, as in the kernel)."""
+        return (
+            self.in_progress > 0
+            and self.range_start is not None
+            and self.range_end is not None
+            and self.range_start < hi
+            and lo < self.range_end
+        )
 
-    @contextmanager
-    def invalidate(self, ranges: list[tuple[int, int]]) -> Iterator[None]:
-        """begin → add ranges → zap → notify (TLB flush) → [caller changes state] → end (seq++).
+    def retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
+        """mmu_invalidate_retry_gfn: an open invalidation covers ``gfn``, or one ended since the snapshot."""
+        return self.overlaps_in_progress(gfn, gfn + 1) or self.seq != mmu_seq
 
-        The caller makes its change inside the ``with`` block, taking ``lock`` for it. Without ranges (no
-        memslot overlaps) there is nothing to invalidate and the block just runs.
-        """
-        ranges = [(lo, hi) for lo, hi in ranges if hi > lo]
+    def notify_zap(self, lo: int, hi: int) -> None:
+        """The TLB flush after a zap: every CPU drops its cached translations (contract above)."""
+        for cb in list(self.zap_listeners):
+            cb(lo, hi)
+
+    def invalidate_steps(self, ranges: list[tuple[int, int]]) -> Steps[None]:
+        """begin + range_add + zap in one mmu_lock hold, then the flush with the lock dropped. The caller
+        changes state in its own steps and ends with ``end_steps``. Nothing happens without ranges."""
         if not ranges:
-            yield
             return
-        with self.lock:
-            self.in_progress += 1
-            self.ranges.extend(ranges)
-            self.counters.invalidations += 1
-            for lo, hi in ranges:
-                self.zap(lo, hi)
-        try:
-            for lo, hi in ranges:
-                for cb in list(self.zap_listeners):
-                    cb(lo, hi)
-            yield
-        finally:
-            with self.lock:
-                self.seq += 1
-                self.in_progress -= 1
-                if self.in_progress == 0:
-                    self.ranges.clear()
+        yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_mmu_unmap_gfn_range", take=(self.klock,),
+                   drop=(self.klock,))  # fmt: skip
+        self.invalidate_begin()
+        for lo, hi in ranges:
+            self.invalidate_range_add(lo, hi)
+            self.zap(lo, hi)
+        yield Step("kvm_flush_remote_tlbs_range")
+        for lo, hi in ranges:
+            self.notify_zap(lo, hi)
+
+    def end_steps(self, ranges: list[tuple[int, int]]) -> Steps[None]:
+        if not ranges:
+            return
+        yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_end; KVM_MMU_UNLOCK", take=(self.klock,), drop=(self.klock,))
+        self.invalidate_end()
 
     # --- the fault (§3.3) ------------------------------------------------------------------------------------
 
     def fault(self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None) -> FaultResult:
-        """Resolve a guest access to ``gpa`` (see the module docstring for the outcomes)."""
+        """Resolve a guest access to ``gpa`` (see the module docstring for the outcomes): ``fault_steps``
+        run whole under ``lock``, so on the sim's threads a fault is atomic with respect to writers."""
+        gen = self._fault(gpa, write, private, False)
+        with self.lock:
+            for _ in gen:  # stepping off: runs to completion without stopping
+                pass
+            return self._result  # type: ignore[return-value]
+
+    def fault_steps(
+        self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None
+    ) -> Steps[FaultResult]:
+        """The TDP fault, F1..F13 of kvm_mmu_page_fault, one ``Step`` per kernel step. Every input of the
+        mapping decision is read after the F4 snapshot, and the install re-checks it under mmu_lock."""
+        return (yield from self._fault(gpa, write, private, True))
+
+    def _done(self, result: FaultResult) -> FaultResult:
+        self._result = result
+        return result
+
+    def _fault(self, gpa: int, write: bool, private: bool | None, stepping: bool) -> Steps[FaultResult]:
+        """The fault's code. ``stepping`` makes it stop at each kernel step (the checker); the sim's normal
+        path holds mmu_lock around the whole fault, so it runs the same code straight through (a generator
+        resumed at every step would cost more than a fault's lookups)."""
         gfn = gpa >> uapi.PAGE_SHIFT
         vm = self.vm
         c = self.counters
-        with self.lock:
-            c.faults += 1
-            existing = self.lookup(gfn)
-            # An SPTE exists only while the attribute still says what it was installed for (every attribute
-            # change zaps first), so a reported access type matching it is spurious too.
-            if (
-                existing is not None
-                and (private is None or existing.private == bool(private))
-                and (existing.writable or not write)
-            ):
-                c.spurious += 1
-                return self._mapped(existing, spurious=True)
+        if stepping:
+            yield self.step_entry
+        # F1 (SW_PROTECTED: private from the current attribute), F3 fast_page_fault
+        c.faults += 1
+        f1_private = vm.attributes.is_private(gfn)
+        existing = self.lookup(gfn)
+        # An SPTE exists only while the attribute still says what it was installed for (every attribute
+        # change zaps first), so a reported access type matching it is spurious too.
+        if (
+            existing is not None
+            and (private is None or existing.private == bool(private))
+            and (existing.writable or not write)
+        ):
+            c.spurious += 1
+            return self._done(self._mapped(existing, spurious=True))
+        is_private = f1_private if private is None else bool(private)
+        # F2 kvm_vcpu_gfn_to_memslot, inside the vCPU's SRCU read section (counted for the checker's
+        # synchronize_srcu; run straight through under mmu_lock, no memslot update can wait on this fault)
+        if stepping:
+            vm.srcu_readers += 1
+        try:
             slot = vm.memslots[0].lookup(gfn)
-            attr_private = vm.attributes.is_private(gfn)
-            is_private = attr_private if private is None else bool(private)
-            # 1. slot being deleted or moved
+            if stepping:
+                yield self._step_snapshot
+            mmu_seq = self.seq  # F4 fault->mmu_seq = mmu_invalidate_seq; smp_rmb()
+            if stepping:
+                yield self._step_checks
+            # F6 slot being deleted or moved
             if slot is not None and slot.invalid:
-                return self._retry("memslot is being deleted or moved")
-            # 2. access type disagrees with the attribute
+                if BUG_INVALID_SLOT_AS_NO_SLOT not in vm.bugs:
+                    return self._done(self._retry("memslot is being deleted or moved"))
+                slot = None
+            # F5 access type vs the attribute, re-read after the snapshot
+            # (run straight through under mmu_lock nothing can have changed since F1, so no second lookup)
+            attr_private = f1_private
+            if stepping and BUG_ATTR_BEFORE_SNAPSHOT not in vm.bugs:
+                attr_private = vm.attributes.is_private(gfn)
             if is_private != attr_private:
-                return self._exit(gfn, is_private, errno.EFAULT)
-            # 3./4. choose the backing
+                return self._done(self._exit(gfn, is_private, errno.EFAULT))
+            if stepping:
+                yield self._step_pfn
+            # F8 __kvm_mmu_faultin_pfn: kvm_gmem_get_pfn or the hva
+            pfn: GmemInode | _Hva | FaultResult
             if is_private or (slot is not None and slot.gmem_only):
-                outcome = self._gmem(gfn, slot, is_private, write)
+                pfn = self._gmem(gfn, slot, is_private, write)
             else:
-                outcome = self._hva(gfn, slot, write)
-            if not isinstance(outcome, _Install):
-                return outcome
-            # 5. an invalidation covering the gfn is in flight
-            if self.overlaps_in_progress(gfn, gfn + 1):
-                return self._retry("invalidation in progress")
+                pfn = self._hva(gfn, slot, write)
+            if not isinstance(pfn, (GmemInode, _Hva)):
+                return self._done(pfn)
             assert slot is not None
-            spte = self._install(gfn, slot, outcome, is_private)
+            if stepping:
+                yield self._step_map
+            # F11 is_page_fault_stale: mmu_invalidate_retry_gfn under mmu_lock
+            if self.seq != mmu_seq or (self.in_progress and self.retry_gfn(mmu_seq, gfn)):
+                return self._done(self._retry("invalidation in progress"))
+            # F12 kvm_tdp_mmu_map: the level is decided under the lock (lpage_info "mixed")
+            inst = self._gmem_install(gfn, slot, pfn) if isinstance(pfn, GmemInode) else self._hva_install(gfn, slot)
+            spte = self._install(gfn, slot, inst, is_private)
             c.mapped += 1
             if spte.level > PG_LEVEL_4K:
                 c.huge_mappings += 1
-            return self._mapped(spte)
+            return self._done(self._mapped(spte))
+        finally:
+            if stepping:
+                vm.srcu_readers -= 1
 
     def _mapped(self, s: Spte, spurious: bool = False) -> FaultMapped:
         return FaultMapped(
@@ -324,12 +438,13 @@ class Mmu:
         flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
         return FaultMemoryExit(flags=flags, gpa=gfn << uapi.PAGE_SHIFT, errno=err)
 
-    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> _Install | FaultResult:
+    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> GmemInode | FaultResult:
+        """F8 kvm_gmem_get_pfn: file, binding, folio (allocated and zeroed on first use), poison."""
         # 3a. no slot, or not a GUEST_MEMFD slot
         if slot is None or not slot.can_be_private:
             return self._exit(gfn, private, errno.EFAULT)
         file = slot.gmem
-        # 3b. kvm_gmem_get_pfn
+        # 3b. kvm_gmem_get_pfn: get_file_active fails on a released file
         if file is None or file.released:
             return self._exit(gfn, private, errno.EFAULT)
         index = slot.gmem_index(gfn)
@@ -343,6 +458,9 @@ class Mmu:
             return self._exit(gfn, private, uapi.EHWPOISON)
         if write and slot.readonly:
             return self._exit(gfn, private, errno.EFAULT)
+        return inode
+
+    def _gmem_install(self, gfn: int, slot: Memslot, inode: GmemInode) -> _Install:
         level = self._gmem_level(gfn, slot, inode)
         n = level_pages(level)
         base_index = slot.gmem_index(gfn - gfn % n)
@@ -352,7 +470,9 @@ class Mmu:
 
     def _gmem_level(self, gfn: int, slot: Memslot, inode: GmemInode) -> int:
         """4 KiB upstream (gmem reports order 0); 2 MiB for a sim huge-page file where the whole folio is
-        present, unpoisoned, uniformly attributed and aligned (spec §5.6)."""
+        present, unpoisoned, aligned and not "mixed" (spec §5.6). An attribute change keeps a fault off a
+        region it is changing by adding the head/tail huge regions to the invalidation (kvm_arch_pre_set_
+        memory_attributes); punch hole and poison invalidate whole folios."""
         profile = self.vm.profile
         if not inode.hugepage or profile.max_mapping_level < 2:
             return PG_LEVEL_4K
@@ -365,17 +485,19 @@ class Mmu:
             return PG_LEVEL_4K
         if not inode.pages.is_uniform(index, index + n, PAGE_PRESENT):
             return PG_LEVEL_4K
-        if self.overlaps_in_progress(base, base + n):
-            return PG_LEVEL_4K
         return 2
 
-    def _hva(self, gfn: int, slot: Memslot | None, write: bool) -> _Install | FaultResult:
+    def _hva(self, gfn: int, slot: Memslot | None, write: bool) -> _Hva | FaultResult:
+        """F8 __kvm_faultin_pfn: the no-slot (MMIO) path, or the hva behind the slot."""
         if slot is None or (write and slot.readonly):
             self.counters.mmio_exits += 1
             return FaultMmio(gfn << uapi.PAGE_SHIFT, write)
         if not slot.hva_ok(slot.hva(gfn)):  # no provably mapped host memory behind the hva
             self.counters.errors += 1
             return self._exit(gfn, False, errno.EFAULT)
+        return _HVA
+
+    def _hva_install(self, gfn: int, slot: Memslot) -> _Install:
         level = self._hva_level(gfn, slot)
         n = level_pages(level)
         return _Install(level, None, 0, slot.hva(gfn - gfn % n), not slot.readonly)
@@ -398,3 +520,10 @@ class Mmu:
                 continue
             return level
         return PG_LEVEL_4K
+
+
+class _Hva:
+    """What F8 resolved when the page comes from the slot's hva (a guest_memfd folio is its inode)."""
+
+
+_HVA = _Hva()

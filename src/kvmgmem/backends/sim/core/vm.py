@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,21 @@ from .gmem import HUGE_FOLIO_PAGES, PAGE_STATE_NAMES, Backing, GmemFile, GmemIno
 from .memslots import HUGE_LEVELS, OP_V1, OP_V2, AddressSpace, Memslot, check_region
 from .mmu import FaultResult, Mmu, ZapListener
 from .profile import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, level_pages
+from .steps import (
+    BUG_ATTR_NO_RANGE_ADD,
+    BUG_GMEM_START_UNCONDITIONAL,
+    BUG_NO_HUGEPAGE_HEAD_TAIL,
+    BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP,
+    BUG_PUNCH_NO_TRUNCATE,
+    BUG_SKIP_SHARED_ONLY_SLOTS,
+    BUG_UNBIND_SKIPS_DYING_FILE,
+    RANK_INVALIDATE_LOCK,
+    RANK_SLOTS_LOCK,
+    KLock,
+    Step,
+    Steps,
+    run_steps,
+)
 
 MAX_LFS_FILESIZE = (1 << 63) - 1
 _FALLOC_MODE_MASK = (
@@ -40,6 +56,11 @@ _FALLOC_MODE_MASK = (
     | 0x80  # FALLOC_FL_WRITE_ZEROES (6.15+)
 )
 _HUGE_BYTES = HUGE_FOLIO_PAGES * uapi.PAGE_SIZE
+_vm_numbers = itertools.count(1)
+
+#: ``VmCore.mutation_hook(kind, gfn_start, gfn_end)``: called when a writer changes what a gfn translates to
+#: ("attributes", "truncate", "unbind", "memslot", "hva"); the interleaving checker asserts nothing maps it then.
+MutationHook = Callable[[str, int, int], None]
 
 
 class Fd(enum.Enum):
@@ -67,7 +88,18 @@ class VmCore:
         self.vm_type = vm_type
         self.has_private_mem = vm_type in uapi.PRIVATE_MEM_VM_TYPES
         self.nr_address_spaces = 1 if self.has_private_mem else profile.address_spaces
+        self.name = f"vm{next(_vm_numbers)}"
         self.slots_lock = threading.RLock()
+        self.slots_klock = KLock("slots_lock", self.name, RANK_SLOTS_LOCK, self.slots_lock)
+        #: Historic kernel bugs put back into the model (``steps.BUGS``); only the checker sets them.
+        self.bugs: frozenset[str] = frozenset()
+        #: vCPUs inside a fault's SRCU read section (what synchronize_srcu waits for).
+        self.srcu_readers = 0
+        #: mm-notifier invalidations between range_start and range_end (kvm->mn_active_invalidate_count).
+        self.mn_active_invalidate_count = 0
+        #: Accesses to freed memslots, as KASAN would report them.
+        self.kasan: list[str] = []
+        self.mutation_hook: MutationHook | None = None
         self.mmu = Mmu(self)
         self.memslots = [AddressSpace(i) for i in range(self.nr_address_spaces)]
         self.attributes = AttributeMap()
@@ -93,14 +125,23 @@ class VmCore:
 
     def _destroy(self) -> None:
         self.destroyed = True
-        ranges = [(s.base_gfn, s.end_gfn) for s in self.memslots[0]]
-        with self.mmu.invalidate(ranges), self.mmu.lock:
-            for space in self.memslots:
-                for slot in space:
-                    space.remove(slot)
-                    slot.gmem = None  # no file can still be bound: files pin the VM
+        run_steps(self._destroy_steps())
         for cb in list(self.destroy_listeners):
             cb()
+
+    def _destroy_steps(self) -> Steps[None]:
+        ranges = [(s.base_gfn, s.end_gfn) for s in self.memslots[0]]
+        yield from self.mmu.invalidate_steps(ranges)
+        yield Step("kvm_destroy_vm: free memslots", guard=self.mmu.klock)
+        for space in self.memslots:
+            for slot in space:
+                space.remove(slot)
+                slot.gmem = None  # no file can still be bound: files pin the VM
+        yield from self.mmu.end_steps(ranges)
+
+    def _mutating(self, kind: str, lo: int, hi: int) -> None:
+        if self.mutation_hook is not None and hi > lo:
+            self.mutation_hook(kind, lo, hi)
 
     def add_zap_listener(self, callback: ZapListener) -> None:
         """See the contract in ``core/mmu.py``."""
@@ -144,6 +185,8 @@ class VmCore:
             raise KvmError(errno.EINVAL, op, f"huge-page guest_memfd size {size:#x} not 2 MiB aligned")
         with self.slots_lock:
             inode = GmemInode(size, flags, backing(size))
+            # The sim serialises guest_memfd operations with the creating VM's slots_lock (an RLock).
+            inode.invalidate_lock = KLock("invalidate_lock", f"ino{inode.ino}", RANK_INVALIDATE_LOCK, self.slots_lock)
             file = GmemFile(inode, self)
             self.refs += 1
             self.gmem_files.append(file)
@@ -245,26 +288,102 @@ class VmCore:
         return file
 
     def _replace(self, space: AddressSpace, old: Memslot | None, new: Memslot | None) -> None:
-        """Commit a create/delete/move/flags change: invalidate the old slot, unbind, install."""
-        ranges = [(old.base_gfn, old.end_gfn)] if old is not None and space.as_id == 0 else []
-        if old is not None:
-            with self.mmu.lock:
-                old.invalid = True  # concurrent faults on it retry
-        with self.mmu.invalidate(ranges), self.mmu.lock:
-            if old is not None:
-                space.remove(old)
-                self._unbind(old)
-            if new is not None:
-                if new.gmem is not None:
-                    new.gmem.bindings.set(new.pgoff, new.pgoff + new.npages, new)
-                space.install(new)
+        """Commit a create/delete/move/flags change (caller holds ``slots_lock``)."""
+        run_steps(self.replace_steps(space, old, new))
 
-    @staticmethod
-    def _unbind(slot: Memslot) -> None:
+    def replace_steps(self, space: AddressSpace, old: Memslot | None, new: Memslot | None) -> Steps[None]:
+        """kvm_set_memslot: delete/move do not use the invalidation sequence. The old slot is published
+        INVALID (faults on it retry), SRCU readers drain, the slot is zapped, the new memslots are published,
+        SRCU drains again, and only then is the old slot freed (kvm_gmem_unbind). Caller holds slots_lock."""
+        if old is not None:
+            yield Step("kvm_invalidate_memslot: publish the INVALID slot", guard=self.mmu.klock)
+            old.invalid = True  # concurrent faults on it retry
+            yield Step("kvm_swap_active_memslots: synchronize_srcu_expedited", wait=self._srcu_idle)
+            if space.as_id == 0:
+                yield Step("kvm_arch_flush_shadow_memslot: write_lock(mmu_lock); zap the slot",
+                           take=(self.mmu.klock,), drop=(self.mmu.klock,))  # fmt: skip
+                self.mmu.zap(old.base_gfn, old.end_gfn)
+                yield Step("kvm_flush_remote_tlbs")
+                self.mmu.notify_zap(old.base_gfn, old.end_gfn)
+        if BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP in self.bugs:
+            yield Step("kvm_swap_active_memslots: publish the new memslots (no wait)", guard=self.mmu.klock)
+        else:
+            yield Step("kvm_swap_active_memslots: wait for mn_active_invalidate_count == 0; publish the new memslots",
+                       guard=self.mmu.klock, wait=self._mn_idle)  # fmt: skip
+        if old is not None:
+            self._mutating("memslot", old.base_gfn, old.end_gfn)
+            space.remove(old)
+        if new is not None:
+            if new.gmem is not None:
+                new.gmem.bindings.set(new.pgoff, new.pgoff + new.npages, new)
+            space.install(new)
+        if old is not None:
+            inv = old.gmem.inode.invalidate_lock if old.gmem is not None else None
+            yield Step("synchronize_srcu; kvm_free_memslot: kvm_gmem_unbind", wait=self._srcu_idle,
+                       take=(inv,) if inv else (), drop=(inv,) if inv else (), guard=self.mmu.klock)  # fmt: skip
+            self._unbind(old)
+            old.freed = True
+
+    def _srcu_idle(self) -> bool:
+        return self.srcu_readers == 0
+
+    def _mn_idle(self) -> bool:
+        return self.mn_active_invalidate_count == 0
+
+    # --- mm notifier (hva side) ------------------------------------------------------------------------------
+
+    def _hva_gfn_ranges(self, hva_start: int, hva_end: int) -> list[tuple[int, int]]:
+        """gfn ranges of the address-space-0 memslots whose userspace range meets ``[hva_start, hva_end)``."""
+        out = []
+        for s in self.memslots[0]:
+            lo = max(hva_start, s.userspace_addr)
+            hi = min(hva_end, s.userspace_addr + s.npages * uapi.PAGE_SIZE)
+            if lo < hi:
+                first = s.base_gfn + (lo - s.userspace_addr) // uapi.PAGE_SIZE
+                last = s.base_gfn + -(-(hi - s.userspace_addr) // uapi.PAGE_SIZE)
+                out.append((first, last))
+        return out
+
+    def mmu_notifier_invalidate_steps(self, hva_start: int, hva_end: int) -> Steps[None]:
+        """kvm_mmu_notifier_invalidate_range_start / _end around a host change of ``[hva_start, hva_end)``
+        (munmap, migration, THP split). Both callbacks take mmu_lock and begin/end only if a memslot overlaps
+        *at that moment*, which is why memslot publication waits for ``mn_active_invalidate_count`` to drop
+        to zero. Only the shared (hva-backed) side is affected (KVM_FILTER_SHARED)."""
+        mmu = self.mmu
+        yield Step("kvm_mmu_notifier_invalidate_range_start: mn_active_invalidate_count++")
+        self.mn_active_invalidate_count += 1
+        ranges = self._hva_gfn_ranges(hva_start, hva_end)
+        if ranges:
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_unmap_gfn_range (KVM_FILTER_SHARED)",
+                       take=(mmu.klock,), drop=(mmu.klock,))  # fmt: skip
+            mmu.invalidate_begin()
+            for lo, hi in ranges:
+                mmu.invalidate_range_add(lo, hi)
+                for spte in [s for s in mmu.sptes() if s.gmem is None and s.gfn < hi and lo < s.end_gfn]:
+                    mmu.zap(spte.gfn, spte.end_gfn)
+            yield Step("kvm_flush_remote_tlbs")
+            for lo, hi in ranges:
+                mmu.notify_zap(lo, hi)
+        yield Step("the host changes the pages behind the hva range")
+        for lo, hi in self._hva_gfn_ranges(hva_start, hva_end):
+            self._mutating("hva", lo, hi)
+        yield Step("kvm_mmu_notifier_invalidate_range_end")
+        if self._hva_gfn_ranges(hva_start, hva_end):
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_end; KVM_MMU_UNLOCK", take=(mmu.klock,), drop=(mmu.klock,))
+            mmu.invalidate_end()
+        yield Step("mn_active_invalidate_count--; rcuwait_wake_up(&kvm->mn_memslots_update_rcuwait)")
+        self.mn_active_invalidate_count -= 1
+
+    def _unbind(self, slot: Memslot) -> None:
+        """kvm_gmem_unbind. A file whose last reference is gone but whose release has not run yet is dying:
+        its bindings must still go, or release would later write into the freed slot."""
         file = slot.gmem
-        if file is not None and not file.released:
+        dying = file is not None and file.refs == 0
+        skip = dying and BUG_UNBIND_SKIPS_DYING_FILE in self.bugs
+        if file is not None and not file.released and not skip:
             for start, end, bound in list(file.bindings.pieces(slot.pgoff, slot.pgoff + slot.npages)):
                 if bound is slot:
+                    self._mutating("unbind", slot.base_gfn + start - slot.pgoff, slot.base_gfn + end - slot.pgoff)
                     file.bindings.set(start, end, None)
         slot.gmem = None
 
@@ -295,15 +414,63 @@ class VmCore:
         if not self.profile.sw_protected:
             raise KvmError(errno.ENOTTY, attrs.OP, "memory attributes are not compiled into this kernel")
         start, end = attrs.validate(address, size, attributes, flags, supported_attributes(self.profile, self))
-        with self.slots_lock:
-            if self.attributes.has(start, end, attributes):
-                return  # 7. no-op: no zap
-            touched = [s for space in self.memslots for s in space.overlapping(start, end)]
-            ranges = [(max(start, s.base_gfn), min(end, s.end_gfn)) for s in touched if s.as_id == 0]
-            with self.mmu.invalidate(ranges), self.mmu.lock:
-                self.attributes.store(start, end, attributes)
-                for s in touched:
-                    self._update_mixed(s, start, end)
+        run_steps(self.set_memory_attributes_steps(start, end, attributes))
+
+    def set_memory_attributes_steps(self, start: int, end: int, attributes: int) -> Steps[None]:
+        """kvm_vm_set_mem_attributes on gfns ``[start, end)`` (arguments already validated)."""
+        mmu = self.mmu
+        yield Step("kvm_vm_set_mem_attributes: mutex_lock(slots_lock)", take=(self.slots_klock,))
+        if self.attributes.has(start, end, attributes):
+            yield Step("mutex_unlock(slots_lock): unchanged", drop=(self.slots_klock,))
+            return  # 7. no-op: no zap
+        touched = [s for space in self.memslots for s in space.overlapping(start, end)]
+        pre = [s for s in touched if s.as_id == 0]
+        ranges = [(max(start, s.base_gfn), min(end, s.end_gfn)) for s in pre]
+        if pre:
+            # pre pass: the first overlapping slot takes mmu_lock and begins the invalidation
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_arch_pre_set_memory_attributes: range_add, "
+                       "unmap", take=(mmu.klock,), drop=(mmu.klock,))  # fmt: skip
+            mmu.invalidate_begin()
+            going_private = bool(attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            for s, (lo, hi) in zip(pre, ranges, strict=True):
+                if BUG_ATTR_NO_RANGE_ADD not in self.bugs:
+                    mmu.invalidate_range_add(lo, hi)
+                    if BUG_NO_HUGEPAGE_HEAD_TAIL not in self.bugs:
+                        for a, b in self._head_tail_regions(s, lo, hi):
+                            mmu.invalidate_range_add(a, b)
+                if going_private and not s.can_be_private and BUG_SKIP_SHARED_ONLY_SLOTS in self.bugs:
+                    continue
+                mmu.zap(lo, hi)
+            yield Step("kvm_flush_remote_tlbs; KVM_MMU_UNLOCK")
+            for lo, hi in ranges:
+                mmu.notify_zap(lo, hi)
+        yield Step("xa_store: store the attributes", guard=mmu.klock)
+        self._mutating("attributes", start, end)
+        self.attributes.store(start, end, attributes)
+        if pre:
+            # post pass: end the invalidation and recompute "mixed" in the same mmu_lock hold
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_end; kvm_arch_post_set_memory_attributes; KVM_MMU_UNLOCK",
+                       take=(mmu.klock,), drop=(mmu.klock,))  # fmt: skip
+            mmu.invalidate_end()
+            for s in touched:
+                self._update_mixed(s, start, end)
+        else:
+            yield Step("recompute mixed", guard=mmu.klock)
+            for s in touched:
+                self._update_mixed(s, start, end)
+        yield Step("mutex_unlock(slots_lock)", drop=(self.slots_klock,))
+
+    def _head_tail_regions(self, slot: Memslot, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The huge regions a change of ``[lo, hi)`` covers only partly and that are not "mixed" yet: a fault
+        must not map them huge while the change is in flight."""
+        out = []
+        for level in HUGE_LEVELS:
+            n = level_pages(level)
+            for r in {lo // n, (hi - 1) // n}:
+                partial = r * n < lo or (r + 1) * n > hi
+                if partial and slot.contains_region(r * n, level) and not slot.mixed[level].get(r):
+                    out.append((r * n, (r + 1) * n))
+        return out
 
     # --- guest_memfd file operations (§2.8, §2.12, §2.15) ---------------------------------------------------
 
@@ -345,24 +512,93 @@ class VmCore:
             raise KvmError(errno.EINVAL, op, "allocation range beyond the end of the file")
         if inode.backing.address(first) is None:
             raise KvmError(errno.ENOMEM, op, "guest_memfd storage could not be mapped")
-        with self.slots_lock, self.mmu.lock:
-            inode.materialise(first, last)
+        run_steps(self.gmem_allocate_steps(file, first, last))
+
+    def gmem_allocate_steps(self, file: GmemFile, first: int, last: int) -> Steps[None]:
+        """kvm_gmem_allocate: allocate (zeroed) folios under the inode's invalidate_lock; no invalidation,
+        an absent page is mapped by nobody."""
+        inv = file.inode.invalidate_lock
+        yield Step("filemap_invalidate_lock; kvm_gmem_get_folio...", take=(inv,) if inv else (),
+                   drop=(inv,) if inv else (), guard=self.mmu.klock)  # fmt: skip
+        file.inode.materialise(first, last)
 
     def gmem_punch(self, file: GmemFile, first: int, last: int) -> None:
         """PUNCH_HOLE pages ``[first, last)``: zap every bound gfn, then free (no bounds check)."""
         with self.slots_lock:
-            ranges = file.gfn_ranges(first, last)
-            with self.mmu.invalidate(ranges), self.mmu.lock:
-                file.inode.free(first, last)
+            run_steps(self.gmem_punch_steps(file, first, last))
+
+    def gmem_punch_steps(self, file: GmemFile, first: int, last: int) -> Steps[None]:
+        """kvm_gmem_punch_hole: under invalidate_lock, begin+zap in every VM bound to the range, truncate,
+        then end in every VM."""
+        inode = file.inode
+        inv = inode.invalidate_lock
+        assert inv is not None
+        yield Step("kvm_gmem_punch_hole: filemap_invalidate_lock", take=(inv,))
+        lo, hi = self._folio_range(inode, first, last)
+        opened = yield from self._gmem_invalidate_begin(inode, lo, hi)
+        if BUG_PUNCH_NO_TRUNCATE not in self.bugs:
+            yield Step("truncate_inode_pages_range", guard=self.mmu.klock)
+            for f in inode.files:
+                for a, b in f.gfn_ranges(first, last):
+                    f.vm._mutating("truncate", a, b)
+            inode.free(first, last)
+        yield from self._gmem_invalidate_end(inode, lo, hi, opened)
+        yield Step("filemap_invalidate_unlock", drop=(inv,))
+
+    @staticmethod
+    def _folio_range(inode: GmemInode, first: int, last: int) -> tuple[int, int]:
+        """A huge-page file invalidates whole folios: no 2 MiB mapping may outlive part of its folio."""
+        if inode.hugepage:
+            first -= first % HUGE_FOLIO_PAGES
+            last = -(-last // HUGE_FOLIO_PAGES) * HUGE_FOLIO_PAGES
+        return first, last
+
+    def _gmem_invalidate_begin(self, inode: GmemInode, first: int, last: int) -> Steps[list[GmemFile]]:
+        """kvm_gmem_invalidate_begin: per VM file of the inode, the first binding overlapping the range
+        takes that VM's mmu_lock and begins; every bound gfn range is added and zapped."""
+        opened = []
+        for f in list(inode.files):
+            ranges = f.gfn_ranges(first, last)
+            if not ranges and BUG_GMEM_START_UNCONDITIONAL not in self.bugs:
+                continue
+            mmu = f.vm.mmu
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_mmu_unmap_gfn_range",
+                       take=(mmu.klock,), drop=(mmu.klock,))  # fmt: skip
+            mmu.invalidate_begin()
+            for lo, hi in ranges:
+                mmu.invalidate_range_add(lo, hi)
+                mmu.zap(lo, hi)
+            opened.append(f)
+            yield Step("kvm_flush_remote_tlbs")
+            for lo, hi in ranges:
+                mmu.notify_zap(lo, hi)
+        return opened
+
+    def _gmem_invalidate_end(self, inode: GmemInode, first: int, last: int, opened: list[GmemFile]) -> Steps[None]:
+        """kvm_gmem_invalidate_end: ends in every VM file whose bindings overlap the range."""
+        for f in opened:
+            if not f.gfn_ranges(first, last):
+                continue  # with gmem_start_unconditional, a begin with no binding is never ended
+            mmu = f.vm.mmu
+            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_end; KVM_MMU_UNLOCK", take=(mmu.klock,),
+                       drop=(mmu.klock,))  # fmt: skip
+            mmu.invalidate_end()
 
     def gmem_poison(self, file: GmemFile, pgoff: int) -> None:
         """Memory failure on page ``pgoff`` (§2.15): zap bound gfns, mark hwpoison, do not truncate."""
         if not 0 <= pgoff < file.inode.npages:
             raise KvmError(errno.EINVAL, "inject_poison", f"page {pgoff:#x} beyond the end of the file")
         with self.slots_lock:
-            ranges = file.gfn_ranges(pgoff, pgoff + 1)
-            with self.mmu.invalidate(ranges), self.mmu.lock:
-                file.inode.poison(pgoff)
+            run_steps(self._poison_steps(file, pgoff))
+
+    def _poison_steps(self, file: GmemFile, pgoff: int) -> Steps[None]:
+        """kvm_gmem_error_folio: begin/zap, mark the folio, end (no truncation)."""
+        inode = file.inode
+        lo, hi = self._folio_range(inode, pgoff, pgoff + 1)
+        opened = yield from self._gmem_invalidate_begin(inode, lo, hi)
+        yield Step("folio hwpoison", guard=self.mmu.klock)
+        inode.poison(pgoff)
+        yield from self._gmem_invalidate_end(inode, lo, hi, opened)
 
     def gmem_host_fault(self, file: GmemFile, first: int, last: int) -> tuple[int, str | None]:
         """Host accesses pages ``[first, last)`` through an mmap (§2.10.3): materialise what may be touched.
@@ -387,23 +623,56 @@ class VmCore:
     def release_gmem_file(self, file: GmemFile) -> None:
         """Last reference to a guest_memfd file dropped (§2.12). Caller holds ``slots_lock``."""
         with self.slots_lock:
-            pieces = list(file.bound_pieces(0, 1 << 64))
-            ranges = file.gfn_ranges(0, 1 << 64)
-            with self.mmu.invalidate(ranges), self.mmu.lock:
-                for _s, _e, slot in pieces:
-                    if slot.gmem is file:
-                        slot.gmem = None
-                file.bindings.set(0, 1 << 64, None)
-                file.released = True
-            inode = file.inode
-            inode.files.remove(file)
-            if not inode.files:
-                for cb in list(self.gmem_release_listeners):
-                    cb(inode)
-                with self.mmu.lock:
-                    inode.destroy()
-            self.gmem_files.remove(file)
+            run_steps(self.release_gmem_file_steps(file))
             self.put()
+
+    def release_gmem_file_steps(self, file: GmemFile) -> Steps[None]:
+        """kvm_gmem_release: slots_lock -> invalidate_lock; clear every bound slot's file pointer, begin+zap
+        and end over the whole file, unlink the file; the inode's memory lives on while other files use it."""
+        inode = file.inode
+        inv = inode.invalidate_lock
+        assert inv is not None
+        yield Step("kvm_gmem_release: mutex_lock(slots_lock)", take=(self.slots_klock,))
+        yield Step("filemap_invalidate_lock", take=(inv,))
+        yield Step("WRITE_ONCE(slot->gmem.file, NULL) for every binding", guard=self.mmu.klock)
+        for _s, _e, slot in list(file.bound_pieces(0, 1 << 64)):
+            if slot.freed:
+                self.kasan.append(f"kvm_gmem_release: write to freed memslot {slot.id} (slot->gmem.file)")
+            if slot.gmem is file:
+                slot.gmem = None
+        opened = yield from self._gmem_invalidate_begin_file(file)
+        yield from self._gmem_invalidate_end(inode, 0, 1 << 64, opened)
+        yield Step("list_del(&f->entry); free the bindings", guard=self.mmu.klock)
+        file.bindings.set(0, 1 << 64, None)
+        file.released = True
+        inode.files.remove(file)
+        last = not inode.files
+        if last:
+            yield Step("last file: evict the inode")
+            for cb in list(self.gmem_release_listeners):
+                cb(inode)
+            yield Step("truncate_inode_pages_final", guard=self.mmu.klock)
+            inode.destroy()
+        if file in self.gmem_files:
+            self.gmem_files.remove(file)
+        yield Step("filemap_invalidate_unlock; mutex_unlock(slots_lock)", drop=(inv, self.slots_klock))
+
+    def _gmem_invalidate_begin_file(self, file: GmemFile) -> Steps[list[GmemFile]]:
+        """kvm_gmem_invalidate_begin over one file (release zaps only the releasing VM's view)."""
+        ranges = file.gfn_ranges(0, 1 << 64)
+        if not ranges and BUG_GMEM_START_UNCONDITIONAL not in self.bugs:
+            return []
+        mmu = file.vm.mmu
+        yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_mmu_unmap_gfn_range", take=(mmu.klock,),
+                   drop=(mmu.klock,))  # fmt: skip
+        mmu.invalidate_begin()
+        for lo, hi in ranges:
+            mmu.invalidate_range_add(lo, hi)
+            mmu.zap(lo, hi)
+        yield Step("kvm_flush_remote_tlbs")
+        for lo, hi in ranges:
+            mmu.notify_zap(lo, hi)
+        return [file]
 
     # --- the fault path ------------------------------------------------------------------------------------
 
