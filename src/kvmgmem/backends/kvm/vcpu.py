@@ -4,6 +4,11 @@
 KVM_EXIT_MEMORY_FAULT is an exit (``MemoryFaultExit``), every other failure raises ``KvmError``.
 A kick sets ``immediate_exit`` (so a vCPU about to enter returns at once) and sends the kick signal to the
 thread inside KVM_RUN (so a running vCPU leaves with EINTR); see :mod:`kvmgmem.backends.kvm.kick`.
+
+KVM_RUN goes through the C extension :mod:`kvmgmem.backends.kvm._run` (``_run.c``) when it is built, because
+ctypes argument conversion and a Python-built ``IoExit`` cost about 1.2 µs per exit, 15% of a round trip with
+the guest at CPL0 (docs/bench.md). Without it, or with ``KVMGMEM_NO_CEXT=1`` in the environment when the
+vCPU is created, ``run()`` takes a pure-Python path with identical results.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from kvmgmem.exits import (
     HltExit,
     HypercallExit,
     InternalErrorExit,
+    IoExit,
     MemoryFaultExit,
     MmioExit,
     ShutdownExit,
@@ -37,8 +43,27 @@ from kvmgmem.exits import (
 from . import kick
 from .sys_calls import ioctl_ptr, kvm_run_function
 
+try:
+    from . import _run as _cext
+except ImportError:  # not built (no C compiler at install time): the pure-Python path runs instead
+    _cext = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from .vm import KvmVm
+
+#: Set to a non-empty value other than "0" to make new vCPUs use the pure-Python KVM_RUN path.
+NO_CEXT_ENV = "KVMGMEM_NO_CEXT"
+
+
+def cext_available() -> bool:
+    """Whether the C extension was built and imports."""
+    return _cext is not None
+
+
+def cext_enabled() -> bool:
+    """Whether a vCPU created now runs through the C extension (built, and not disabled by the env var)."""
+    return _cext is not None and os.environ.get(NO_CEXT_ENV, "") in ("", "0")
+
 
 _MEMORY_FAULT_ERRNOS = (errno.EFAULT, uapi.EHWPOISON)
 # kvm_run is read with struct at fixed offsets (and copied into the ctypes struct for the rare exits) rather
@@ -55,6 +80,12 @@ _U64 = struct.Struct("<Q")
 _HYPERCALL_RET = _EXIT_UNION + uapi.kvm_run_hypercall.ret.offset
 _MMIO_DATA = _EXIT_UNION + uapi.kvm_run_mmio.data.offset
 _kvm_run = kvm_run_function()
+_KVM_RUN = uapi.KVM_RUN
+_EXIT_IO = uapi.KVM_EXIT_IO
+_IO_IN = uapi.KVM_EXIT_IO_IN
+_IO_CACHE_SIZE = 256
+_get_ident = threading.get_ident
+_get_errno = ctypes.get_errno
 
 
 class KvmVcpu(Vcpu):
@@ -69,7 +100,15 @@ class KvmVcpu(Vcpu):
         self._thread_id: int | None = None
         self._pending: str | None = None  # exit awaiting completion: "io_in", "mmio_read", "hypercall"
         self._finalizer = weakref.finalize(self, os.close, fd)  # dropped without close(): no fd leak
+        # The C path's runner maps kvm_run once more for itself (unmapped by close(), or when collected).
+        self._runner = _cext.Runner(fd, mmap_size, IoExit) if cext_enabled() else None
+        self._io_cache: dict[tuple[int, int, int, int, bytes], IoExit] = {}  # pure-Python path only
         kick.install_handler()
+
+    @property
+    def uses_cext(self) -> bool:
+        """Whether this vCPU's ``run()`` goes through the C extension."""
+        return self._runner is not None
 
     def kvm_run(self) -> uapi.kvm_run:
         """A snapshot (copy) of the shared ``struct kvm_run``."""
@@ -79,6 +118,8 @@ class KvmVcpu(Vcpu):
     def _release(self) -> None:
         self.kick()
         with self._run_lock:
+            if self._runner is not None:
+                self._runner.close()
             self._map.close()
             self._finalizer()
 
@@ -121,36 +162,66 @@ class KvmVcpu(Vcpu):
 
     def run(self) -> Exit:
         op = "KVM_RUN"
-        if not self._run_lock.acquire(blocking=False):
+        if not self._run_lock.acquire(False):
             self._check_open(op)
             raise KvmError(errno.EBUSY, op, "this vCPU is already running in another thread")
         try:
             if self._closed:
                 raise closed_error(op, self._kind)
+            self._thread_id = _get_ident()
+            runner = self._runner
+            if runner is not None:
+                # C path: KVM_RUN with the GIL released; KVM_EXIT_IO comes back as a finished IoExit.
+                result = runner.run()
+                if not isinstance(result, int):
+                    self._pending = "io_in" if result.direction == _IO_IN else None
+                    return result
+                self._pending = None
+                if result < 0:
+                    return self._failed(-result)
+                return self._decode(uapi.kvm_run.from_buffer_copy(self._map))
+            # Pure-Python path: the same steps through ctypes and struct.
             kvm_run = self._map
-            self._thread_id = threading.get_ident()
-            ret = _kvm_run(self.fd, uapi.KVM_RUN, 0)
-            self._thread_id = None
+            ret = _kvm_run(self.fd, _KVM_RUN, 0)
             self._pending = None
             if ret < 0:
-                err = ctypes.get_errno()
-                reason = _EXIT_REASON.unpack_from(kvm_run, _EXIT_REASON_OFFSET)[0]
-                if err in _MEMORY_FAULT_ERRNOS and reason == uapi.KVM_EXIT_MEMORY_FAULT:
-                    fault = uapi.kvm_run.from_buffer_copy(kvm_run).exit.memory_fault
-                    return MemoryFaultExit(flags=fault.flags, gpa=fault.gpa, size=fault.size, errno=err)
-                if err == errno.EINTR:
-                    kvm_run[_IMMEDIATE_EXIT] = 0
-                raise KvmError(err, op)
+                return self._failed(_get_errno())
             # The hot path: exit_reason and the io member in one unpack (io is garbage unless reason is IO).
-            reason, direction, size, port, count, offset = _REASON_AND_IO.unpack_from(kvm_run, _EXIT_REASON_OFFSET)
-            if reason == uapi.KVM_EXIT_IO:
-                if direction == uapi.KVM_EXIT_IO_IN:
-                    self._pending = "io_in"
-                return make_io_exit(direction, port, size, count, kvm_run[offset : offset + size * count])
+            fields = _REASON_AND_IO.unpack_from(kvm_run, _EXIT_REASON_OFFSET)
+            if fields[0] == _EXIT_IO:
+                return self._io_exit(fields, kvm_run)
             return self._decode(uapi.kvm_run.from_buffer_copy(kvm_run))
         finally:
             self._thread_id = None
             self._run_lock.release()
+
+    def _io_exit(self, fields: tuple[int, ...], kvm_run: mmap.mmap) -> IoExit:
+        """The pure-Python path's IoExit, reused from a small per-vCPU cache when an equal one was built
+        before: exits are frozen and compare by value, so handing out the same object again is invisible,
+        and a lookup is cheaper than building one (a VMM's ports mostly see the same few values)."""
+        _, direction, size, port, count, offset = fields
+        data = kvm_run[offset : offset + size * count]
+        if direction == _IO_IN:
+            self._pending = "io_in"
+        key = (direction, port, size, count, data)
+        cache = self._io_cache
+        exit = cache.get(key)
+        if exit is None:
+            if len(cache) >= _IO_CACHE_SIZE:
+                cache.clear()
+            exit = cache[key] = make_io_exit(direction, port, size, count, data)
+        return exit
+
+    def _failed(self, err: int) -> Exit:
+        """KVM_RUN returned -1 with ``err``: a memory-fault exit, or KvmError (after clearing a kick)."""
+        kvm_run = self._map
+        reason = _EXIT_REASON.unpack_from(kvm_run, _EXIT_REASON_OFFSET)[0]
+        if err in _MEMORY_FAULT_ERRNOS and reason == uapi.KVM_EXIT_MEMORY_FAULT:
+            fault = uapi.kvm_run.from_buffer_copy(kvm_run).exit.memory_fault
+            return MemoryFaultExit(flags=fault.flags, gpa=fault.gpa, size=fault.size, errno=err)
+        if err == errno.EINTR:
+            kvm_run[_IMMEDIATE_EXIT] = 0
+        raise KvmError(err, "KVM_RUN")
 
     def _decode(self, run: uapi.kvm_run) -> Exit:
         reason = run.exit_reason
