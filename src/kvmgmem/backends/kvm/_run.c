@@ -1,50 +1,86 @@
 /*
- * kvmgmem.backends.kvm._run: KVM_RUN and the hot part of exit decoding, in C.
+ * kvmgmem.backends.kvm._run: a vCPU's KVM_RUN and the hot part of exit decoding, in C.
  *
- * Why this exists: a vCPU exit round trip through ctypes plus a Python-built IoExit costs 1.2-1.5 us more than
- * a C KVM_RUN loop, which is 15% of a round trip when the guest runs at CPL0 under KVM's emulator. This module
- * does the ioctl without argument conversion, with the GIL released (so vCPU threads run in parallel and a
- * kick signal makes KVM_RUN return EINTR to us), and builds the IoExit directly for KVM_EXIT_IO, the exit a
- * VMM's loop sees most. Everything else stays in Python (vcpu.py): this returns the raw exit reason for other
- * exits and -errno for failures, and Python decodes those exactly as the pure-Python path does.
+ * Why this exists: a vCPU exit round trip through ctypes plus a Python-built IoExit and the Python wrapper's
+ * lock costs 1.2-1.5 us more than a C KVM_RUN loop, which is 15% of a round trip when the guest runs at CPL0
+ * under KVM's emulator. Runner.run() is installed as the vCPU's run() (vcpu.py), so a KVM_EXIT_IO round trip
+ * runs no Python bytecode at all: busy/closed checks, KVM_RUN with the GIL released (vCPU threads run in
+ * parallel, and a kick signal makes KVM_RUN return EINTR to us), and the IoExit built in C.
  *
- * A Runner owns its own MAP_SHARED mapping of the vCPU's kvm_run page (separate from the mmap.mmap Python uses
- * for completions and kicks; both map the same page), so no Python buffer export is held across calls and
- * the mapping cannot go away while C reads it: close() refuses while run() is inside KVM_RUN.
+ * Every other outcome goes to a Python callback, slow(owner, kind, value), which decodes it exactly as the
+ * pure-Python path does: kind EXIT (value = exit reason), ERRNO (KVM_RUN failed with value), CLOSED, BUSY.
+ * The callback gets the owner (the KvmVcpu) through a weak reference so Runner -> vCPU makes no cycle.
+ *
+ * The Runner owns its own MAP_SHARED mapping of the kvm_run page (the Python mmap.mmap maps the same page
+ * for completions), so no Python buffer export is held. A pthread mutex held for the whole of run() plays
+ * the role of the old Python run lock: a second run() gets BUSY, and close() waits (GIL released) for a
+ * running run() to finish before unmapping, so kvm_run is never unmapped under a reader.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
 #include <linux/kvm.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
+/* slow(owner, kind, value) kinds */
+enum { KIND_EXIT = 0, KIND_ERRNO = 1, KIND_CLOSED = 2, KIND_BUSY = 3 };
+
 typedef struct {
     PyObject_HEAD
-    int fd;               /* the vCPU fd (not owned: the Python KvmVcpu closes it) */
-    int running;          /* inside run(), GIL released: close() and a second run() are refused */
-    struct kvm_run *run;  /* our mapping of kvm_run, NULL once closed */
-    size_t size;          /* its length (KVM_GET_VCPU_MMAP_SIZE) */
-    PyObject *io_exit;    /* the kvmgmem.exits.IoExit class */
+    int fd;                /* the vCPU fd (not owned: the Python KvmVcpu closes it) */
+    int running;           /* inside KVM_RUN (GIL released); only read and written with the GIL held */
+    pthread_t thread;      /* the thread holding `lock`, valid while `locked` */
+    int locked;            /* `lock` is held by run(); only read and written with the GIL held */
+    pthread_mutex_t lock;  /* held for the whole of run(): BUSY for a second run(), close() waits for it */
+    struct kvm_run *run;   /* our mapping of kvm_run, NULL once closed */
+    size_t size;           /* its length (KVM_GET_VCPU_MMAP_SIZE) */
+    PyObject *io_exit;     /* the kvmgmem.exits.IoExit class */
+    PyObject *owner;       /* weak reference to the KvmVcpu */
+    PyObject *slow;        /* slow(owner, kind, value) -> Exit, or raises */
+    PyObject *pending;     /* the completion the last exit awaits: None, "io_in", or what slow() stored */
 } Runner;
 
-/* Interned attribute names of IoExit, created once at module init. */
-static PyObject *s_direction, *s_port, *s_size, *s_count, *s_data;
+/* Interned attribute names of IoExit, and the pending marker of an IN exit, created once at module init. */
+static PyObject *s_direction, *s_port, *s_size, *s_count, *s_data, *s_io_in;
+
+static PyObject *
+Runner_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    Runner *self = (Runner *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if (pthread_mutex_init(&self->lock, NULL) != 0) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->fd = -1;
+    Py_INCREF(Py_None);
+    self->pending = Py_None;
+    return (PyObject *)self;
+}
 
 static int
 Runner_init(Runner *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "size", "io_exit", NULL};
+    static char *kwlist[] = {"fd", "size", "io_exit", "owner", "slow", NULL};
     int fd;
     Py_ssize_t size;
-    PyObject *io_exit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inO!:Runner", kwlist, &fd, &size, &PyType_Type, &io_exit))
+    PyObject *io_exit, *owner, *slow;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inO!OO:Runner", kwlist, &fd, &size, &PyType_Type, &io_exit,
+                                     &owner, &slow))
         return -1;
-    if (self->run != NULL) {
+    if (self->run != NULL || self->owner != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Runner already initialised");
+        return -1;
+    }
+    if (!PyCallable_Check(slow)) {
+        PyErr_SetString(PyExc_TypeError, "Runner: slow must be callable");
         return -1;
     }
     if (size < (Py_ssize_t)sizeof(struct kvm_run)) {
@@ -52,8 +88,12 @@ Runner_init(Runner *self, PyObject *args, PyObject *kwds)
                      sizeof(struct kvm_run));
         return -1;
     }
+    PyObject *ref = PyWeakref_NewRef(owner, NULL);
+    if (ref == NULL)
+        return -1;
     void *map = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (map == MAP_FAILED) {
+        Py_DECREF(ref);
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -61,31 +101,30 @@ Runner_init(Runner *self, PyObject *args, PyObject *kwds)
     self->run = map;
     self->size = (size_t)size;
     Py_INCREF(io_exit);
-    Py_XSETREF(self->io_exit, io_exit);
+    self->io_exit = io_exit;
+    self->owner = ref;
+    Py_INCREF(slow);
+    self->slow = slow;
     return 0;
-}
-
-static void
-Runner_unmap(Runner *self)
-{
-    if (self->run != NULL) {
-        munmap(self->run, self->size);
-        self->run = NULL;
-    }
 }
 
 static void
 Runner_dealloc(Runner *self)
 {
-    /* running is only set while a run() call holds a reference to self, so it is 0 here. */
-    Runner_unmap(self);
+    /* run() and close() hold a reference to self while they use the mutex, so nobody holds it here. */
+    if (self->run != NULL)
+        munmap(self->run, self->size);
+    pthread_mutex_destroy(&self->lock);
     Py_CLEAR(self->io_exit);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->pending);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 /* IoExit(direction, port, size, count, data) without the frozen dataclass __init__: object.__new__ plus a
- * generic setattr per field, which is what make_io_exit does in Python; the result is an ordinary, equal,
- * still-frozen instance. */
+ * generic setattr per field, which is what exits.make_io_exit does in Python; the result is an ordinary,
+ * equal, still-frozen instance. */
 static PyObject *
 make_io_exit(Runner *self, const struct kvm_run *run)
 {
@@ -122,22 +161,48 @@ make_io_exit(Runner *self, const struct kvm_run *run)
     return exit;
 }
 
+static void
+set_pending(Runner *self, PyObject *value)
+{
+    Py_INCREF(value);
+    Py_SETREF(self->pending, value);
+}
+
+/* Hand an outcome to the Python decoder. */
+static PyObject *
+call_slow(Runner *self, int kind, long value)
+{
+    if (self->owner == NULL) {
+        PyErr_SetString(PyExc_ValueError, "KVM_RUN on an uninitialised Runner");
+        return NULL;
+    }
+    PyObject *owner = PyWeakref_GetObject(self->owner); /* borrowed */
+    if (owner == NULL)
+        return NULL;
+    if (owner == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "KVM_RUN: the vCPU object is gone");
+        return NULL;
+    }
+    Py_INCREF(owner);
+    PyObject *result = PyObject_CallFunction(self->slow, "Oil", owner, kind, value);
+    Py_DECREF(owner);
+    return result;
+}
+
 PyDoc_STRVAR(Runner_run_doc,
-"run() -> IoExit | int\n\n"
-"One KVM_RUN with the GIL released. Returns an IoExit for KVM_EXIT_IO, the exit reason (>= 0) for any\n"
-"other exit, or -errno if KVM_RUN failed (the caller tells memory faults and EINTR from errors).");
+"run() -> Exit\n\n"
+"KVM_RUN until the next exit, with the GIL released. KVM_EXIT_IO is returned as an IoExit built here;\n"
+"any other exit, a failure, a closed Runner or a concurrent run() goes to slow(owner, kind, value).");
 
 static PyObject *
 Runner_run(Runner *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->run == NULL) {
-        PyErr_SetString(PyExc_ValueError, "KVM_RUN on a closed Runner");
-        return NULL;
-    }
-    if (self->running) {
-        PyErr_SetString(PyExc_RuntimeError, "KVM_RUN: this Runner is already running in another thread");
-        return NULL;
-    }
+    if (self->run == NULL)
+        return call_slow(self, KIND_CLOSED, 0);
+    if (pthread_mutex_trylock(&self->lock) != 0)
+        return call_slow(self, KIND_BUSY, 0);
+    self->locked = 1;
+    self->thread = pthread_self();
     int ret, err = 0;
     self->running = 1;
     Py_BEGIN_ALLOW_THREADS
@@ -146,24 +211,68 @@ Runner_run(Runner *self, PyObject *Py_UNUSED(ignored))
         err = errno;
     Py_END_ALLOW_THREADS
     self->running = 0;
-    if (ret < 0)
-        return PyLong_FromLong(-(long)err);
-    struct kvm_run *run = self->run;
-    if (run->exit_reason == KVM_EXIT_IO)
-        return make_io_exit(self, run);
-    return PyLong_FromUnsignedLong(run->exit_reason);
+    PyObject *result;
+    if (ret >= 0 && self->run->exit_reason == KVM_EXIT_IO) {
+        set_pending(self, self->run->io.direction == KVM_EXIT_IO_IN ? s_io_in : Py_None);
+        result = make_io_exit(self, self->run);
+    } else {
+        set_pending(self, Py_None);
+        /* Still holding the lock: close() cannot unmap kvm_run while Python decodes it. */
+        result = ret < 0 ? call_slow(self, KIND_ERRNO, err) : call_slow(self, KIND_EXIT, (long)self->run->exit_reason);
+    }
+    self->locked = 0;
+    pthread_mutex_unlock(&self->lock);
+    return result;
 }
 
-PyDoc_STRVAR(Runner_close_doc, "close()\n\nUnmap kvm_run (idempotent); refused while run() is in KVM_RUN.");
+PyDoc_STRVAR(Runner_kick_doc,
+"kick(signum)\n\n"
+"Set immediate_exit, and if run() is inside KVM_RUN send signum (if > 0) to its thread. The thread is\n"
+"signalled only while it is known to be inside run(), which it cannot leave without the GIL we hold.");
+
+static PyObject *
+Runner_kick(Runner *self, PyObject *arg)
+{
+    int signum = PyLong_AsLong(arg);
+    if (signum == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->run == NULL)
+        Py_RETURN_NONE;
+    __atomic_store_n(&self->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    if (self->running && signum > 0) {
+        int err = pthread_kill(self->thread, signum);
+        if (err != 0 && err != ESRCH) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Runner_close_doc,
+"close()\n\n"
+"Unmap kvm_run (idempotent). If run() is in progress in another thread, wait for it (GIL released):\n"
+"kick it first. Refused (RuntimeError) from inside run() on the same thread, which would deadlock.");
 
 static PyObject *
 Runner_close(Runner *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->running) {
-        PyErr_SetString(PyExc_RuntimeError, "Runner.close(): run() is in KVM_RUN in another thread");
+    if (self->run == NULL)
+        Py_RETURN_NONE;
+    if (self->locked && pthread_equal(self->thread, pthread_self())) {
+        PyErr_SetString(PyExc_RuntimeError, "Runner.close() from inside its own run()");
         return NULL;
     }
-    Runner_unmap(self);
+    if (pthread_mutex_trylock(&self->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&self->lock);
+        Py_END_ALLOW_THREADS
+    }
+    if (self->run != NULL) {
+        munmap(self->run, self->size);
+        self->run = NULL;
+    }
+    pthread_mutex_unlock(&self->lock);
     Py_RETURN_NONE;
 }
 
@@ -173,24 +282,45 @@ Runner_get_closed(Runner *self, void *Py_UNUSED(closure))
     return PyBool_FromLong(self->run == NULL);
 }
 
+static PyObject *
+Runner_get_pending(Runner *self, void *Py_UNUSED(closure))
+{
+    Py_INCREF(self->pending);
+    return self->pending;
+}
+
+static int
+Runner_set_pending(Runner *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete pending");
+        return -1;
+    }
+    set_pending(self, value);
+    return 0;
+}
+
 static PyMethodDef Runner_methods[] = {
     {"run", (PyCFunction)Runner_run, METH_NOARGS, Runner_run_doc},
+    {"kick", (PyCFunction)Runner_kick, METH_O, Runner_kick_doc},
     {"close", (PyCFunction)Runner_close, METH_NOARGS, Runner_close_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Runner_getset[] = {
     {"closed", (getter)Runner_get_closed, NULL, "Whether kvm_run is unmapped.", NULL},
+    {"pending", (getter)Runner_get_pending, (setter)Runner_set_pending,
+     "The completion the last exit awaits (None or a str); run() resets it on every exit.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject RunnerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kvmgmem.backends.kvm._run.Runner",
-    .tp_doc = PyDoc_STR("Runner(fd, size, io_exit): KVM_RUN on vCPU fd with its own kvm_run mapping of size bytes."),
+    .tp_doc = PyDoc_STR("Runner(fd, size, io_exit, owner, slow): a vCPU's KVM_RUN loop step (see the module)."),
     .tp_basicsize = sizeof(Runner),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
+    .tp_new = Runner_new,
     .tp_init = (initproc)Runner_init,
     .tp_dealloc = (destructor)Runner_dealloc,
     .tp_methods = Runner_methods,
@@ -200,7 +330,7 @@ static PyTypeObject RunnerType = {
 static struct PyModuleDef run_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "kvmgmem.backends.kvm._run",
-    .m_doc = "KVM_RUN with the GIL released and KVM_EXIT_IO decoded in C (see vcpu.py for the Python side).",
+    .m_doc = "A vCPU's KVM_RUN with the GIL released and KVM_EXIT_IO decoded in C (vcpu.py is the Python side).",
     .m_size = -1,
 };
 
@@ -214,7 +344,8 @@ PyInit__run(void)
     s_size = PyUnicode_InternFromString("size");
     s_count = PyUnicode_InternFromString("count");
     s_data = PyUnicode_InternFromString("data");
-    if (!s_direction || !s_port || !s_size || !s_count || !s_data)
+    s_io_in = PyUnicode_InternFromString("io_in");
+    if (!s_direction || !s_port || !s_size || !s_count || !s_data || !s_io_in)
         return NULL;
     PyObject *m = PyModule_Create(&run_module);
     if (m == NULL)
@@ -225,7 +356,8 @@ PyInit__run(void)
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "KVM_RUN", KVM_RUN) < 0 || PyModule_AddIntConstant(m, "KVM_EXIT_IO", KVM_EXIT_IO) < 0) {
+    if (PyModule_AddIntConstant(m, "EXIT", KIND_EXIT) < 0 || PyModule_AddIntConstant(m, "ERRNO", KIND_ERRNO) < 0 ||
+        PyModule_AddIntConstant(m, "CLOSED", KIND_CLOSED) < 0 || PyModule_AddIntConstant(m, "BUSY", KIND_BUSY) < 0) {
         Py_DECREF(m);
         return NULL;
     }

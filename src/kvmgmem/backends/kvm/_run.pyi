@@ -1,16 +1,25 @@
-"""Type stub for the C extension ``_run.c`` (KVM_RUN with the GIL released, KVM_EXIT_IO decoded in C)."""
+"""Type stub for the C extension ``_run.c``: a vCPU's KVM_RUN with the GIL released, KVM_EXIT_IO decoded in C."""
 
-from kvmgmem.exits import IoExit
+from collections.abc import Callable
+from typing import Any
 
-KVM_RUN: int
-KVM_EXIT_IO: int
+from kvmgmem.exits import Exit, IoExit
+
+EXIT: int
+ERRNO: int
+CLOSED: int
+BUSY: int
 
 class Runner:
-    """KVM_RUN on a vCPU fd, with the Runner's own mapping of ``size`` bytes of kvm_run."""
+    """KVM_RUN on vCPU ``fd`` with its own mapping of ``size`` bytes of kvm_run; every outcome but KVM_EXIT_IO
+    goes to ``slow(owner, kind, value)`` (``owner`` is held weakly)."""
 
-    def __init__(self, fd: int, size: int, io_exit: type[IoExit]) -> None: ...
-    def run(self) -> IoExit | int:
-        """An IoExit for KVM_EXIT_IO, the exit reason (>= 0) for other exits, -errno if KVM_RUN failed."""
+    pending: str | None
+    def __init__(
+        self, fd: int, size: int, io_exit: type[IoExit], owner: Any, slow: Callable[[Any, int, int], Exit]
+    ) -> None: ...
+    def run(self) -> Exit: ...
+    def kick(self, signum: int) -> None: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...

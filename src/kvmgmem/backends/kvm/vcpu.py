@@ -5,10 +5,15 @@ KVM_EXIT_MEMORY_FAULT is an exit (``MemoryFaultExit``), every other failure rais
 A kick sets ``immediate_exit`` (so a vCPU about to enter returns at once) and sends the kick signal to the
 thread inside KVM_RUN (so a running vCPU leaves with EINTR); see :mod:`kvmgmem.backends.kvm.kick`.
 
-KVM_RUN goes through the C extension :mod:`kvmgmem.backends.kvm._run` (``_run.c``) when it is built, because
-ctypes argument conversion and a Python-built ``IoExit`` cost about 1.2 µs per exit, 15% of a round trip with
-the guest at CPL0 (docs/bench.md). Without it, or with ``KVMGMEM_NO_CEXT=1`` in the environment when the
-vCPU is created, ``run()`` takes a pure-Python path with identical results.
+Two implementations of ``run()`` give identical results:
+
+* the C extension :mod:`kvmgmem.backends.kvm._run` (``_run.c``), used when it is built (every normal
+  install): its ``Runner.run`` is installed as the instance's ``run``, so a KVM_EXIT_IO round trip runs no
+  Python bytecode. The Python wrapper alone (run lock, thread id, pending state, ctypes argument conversion,
+  building the ``IoExit``) cost about 1.2 µs per exit, 15% of a round trip with the guest at CPL0
+  (docs/bench.md). Every other exit and every failure is handed back to :func:`_slow_exit` here.
+* pure Python (ctypes + struct), used when the extension is missing or ``KVMGMEM_NO_CEXT=1`` is set in the
+  environment when the vCPU is created (tests run both).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import struct
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from kvmgmem import uapi
 from kvmgmem.api import Vcpu, cpuid_entries, u64
@@ -94,15 +99,19 @@ class KvmVcpu(Vcpu):
         self.fd = fd
         self.vcpu_id = vcpu_id
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        # Held for the whole of run(); close() takes it after kicking, so kvm_run is never unmapped
-        # under a running vCPU thread.
+        # Pure-Python path: held for the whole of run(); close() takes it after kicking, so kvm_run is never
+        # unmapped under a running vCPU thread. (The C path does the same with a mutex inside the Runner.)
         self._run_lock = threading.Lock()
         self._thread_id: int | None = None
-        self._pending: str | None = None  # exit awaiting completion: "io_in", "mmio_read", "hypercall"
+        self._py_pending: str | None = None  # exit awaiting completion: "io_in", "mmio_read", "hypercall"
+        self._io_cache: dict[tuple[int, int, int, int, bytes], IoExit] = {}
         self._finalizer = weakref.finalize(self, os.close, fd)  # dropped without close(): no fd leak
-        # The C path's runner maps kvm_run once more for itself (unmapped by close(), or when collected).
-        self._runner = _cext.Runner(fd, mmap_size, IoExit) if cext_enabled() else None
-        self._io_cache: dict[tuple[int, int, int, int, bytes], IoExit] = {}  # pure-Python path only
+        self._runner: _cext.Runner | None = None
+        if cext_enabled():
+            # The Runner maps kvm_run once more for itself (unmapped by close(), or when collected) and holds
+            # this vCPU only weakly, so no reference cycle delays closing the fd.
+            self._runner = _cext.Runner(fd, mmap_size, IoExit, self, _slow_exit)
+            self.__dict__["run"] = self._runner.run  # the instance's run() is the C method itself
         kick.install_handler()
 
     @property
@@ -115,11 +124,29 @@ class KvmVcpu(Vcpu):
         self._check_open("kvm_run")
         return uapi.kvm_run.from_buffer_copy(self._map)
 
+    @property
+    def _pending(self) -> str | None:
+        """The completion the last exit awaits: None, "io_in", "mmio_read" or "hypercall"."""
+        runner = self._runner
+        return self._py_pending if runner is None else runner.pending
+
+    @_pending.setter
+    def _pending(self, kind: str | None) -> None:
+        runner = self._runner
+        if runner is None:
+            self._py_pending = kind
+        else:
+            runner.pending = kind
+
     def _release(self) -> None:
         self.kick()
+        runner = self._runner
+        if runner is not None:
+            runner.close()  # waits for a run() in another thread (just kicked) to return
+            self._map.close()
+            self._finalizer()
+            return
         with self._run_lock:
-            if self._runner is not None:
-                self._runner.close()
             self._map.close()
             self._finalizer()
 
@@ -161,29 +188,21 @@ class KvmVcpu(Vcpu):
     # --- running ---------------------------------------------------------------------------------------
 
     def run(self) -> Exit:
+        """The pure-Python ``run()``; with the C extension the instance attribute ``run`` (the Runner's
+        method) shadows this, and calling it through the class still takes the C path."""
+        runner = self._runner
+        if runner is not None:
+            return runner.run()
         op = "KVM_RUN"
         if not self._run_lock.acquire(False):
-            self._check_open(op)
-            raise KvmError(errno.EBUSY, op, "this vCPU is already running in another thread")
+            self._busy()
         try:
             if self._closed:
                 raise closed_error(op, self._kind)
             self._thread_id = _get_ident()
-            runner = self._runner
-            if runner is not None:
-                # C path: KVM_RUN with the GIL released; KVM_EXIT_IO comes back as a finished IoExit.
-                result = runner.run()
-                if not isinstance(result, int):
-                    self._pending = "io_in" if result.direction == _IO_IN else None
-                    return result
-                self._pending = None
-                if result < 0:
-                    return self._failed(-result)
-                return self._decode(uapi.kvm_run.from_buffer_copy(self._map))
-            # Pure-Python path: the same steps through ctypes and struct.
             kvm_run = self._map
             ret = _kvm_run(self.fd, _KVM_RUN, 0)
-            self._pending = None
+            self._py_pending = None
             if ret < 0:
                 return self._failed(_get_errno())
             # The hot path: exit_reason and the io member in one unpack (io is garbage unless reason is IO).
@@ -202,7 +221,7 @@ class KvmVcpu(Vcpu):
         _, direction, size, port, count, offset = fields
         data = kvm_run[offset : offset + size * count]
         if direction == _IO_IN:
-            self._pending = "io_in"
+            self._py_pending = "io_in"
         key = (direction, port, size, count, data)
         cache = self._io_cache
         exit = cache.get(key)
@@ -211,6 +230,10 @@ class KvmVcpu(Vcpu):
                 cache.clear()
             exit = cache[key] = make_io_exit(direction, port, size, count, data)
         return exit
+
+    def _busy(self) -> NoReturn:
+        self._check_open("KVM_RUN")
+        raise KvmError(errno.EBUSY, "KVM_RUN", "this vCPU is already running in another thread")
 
     def _failed(self, err: int) -> Exit:
         """KVM_RUN returned -1 with ``err``: a memory-fault exit, or KvmError (after clearing a kick)."""
@@ -277,6 +300,11 @@ class KvmVcpu(Vcpu):
         _U64.pack_into(self._map, _HYPERCALL_RET, u64(ret, "ret", "complete_hypercall"))
 
     def kick(self) -> None:
+        runner = self._runner
+        if runner is not None:
+            # The Runner signals the thread only while it is inside KVM_RUN (it cannot leave without the GIL).
+            runner.kick(kick.signal_number())
+            return
         try:
             self._map[_IMMEDIATE_EXIT] = 1
         except ValueError:  # already unmapped by close()
@@ -284,3 +312,15 @@ class KvmVcpu(Vcpu):
         thread = self._thread_id
         if thread is not None:
             kick.send(thread)
+
+
+def _slow_exit(vcpu: KvmVcpu, kind: int, value: int) -> Exit:
+    """The C path's decoder for everything but KVM_EXIT_IO, called by ``Runner.run`` (still holding the
+    Runner's run lock, so kvm_run stays mapped): the same code the pure-Python path runs."""
+    if kind == _cext.EXIT:
+        return vcpu._decode(uapi.kvm_run.from_buffer_copy(vcpu._map))
+    if kind == _cext.ERRNO:
+        return vcpu._failed(value)
+    if kind == _cext.BUSY:
+        vcpu._busy()
+    raise closed_error("KVM_RUN", vcpu._kind)
