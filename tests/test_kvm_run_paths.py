@@ -268,3 +268,71 @@ def test_failed_run_decodes_memory_fault(kvm: kvmgmem.System, path: str, err: in
             got = vcpu._failed(err)
             assert got == MemoryFaultExit(uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x1234_5000, 4096, err)
             assert got.private and got.hwpoison == (err == uapi.EHWPOISON)
+
+
+# --- the C Runner on its own: misuse is an exception, never a crash or a hang ---------------------------------
+
+
+@pytest.fixture
+def _run_module() -> object:
+    if not kvm_vcpu.cext_available():
+        pytest.skip("the C extension kvmgmem.backends.kvm._run is not built")
+    from kvmgmem.backends.kvm import _run
+
+    return _run
+
+
+def test_runner_misuse_raises(_run_module: object, kvm: kvmgmem.System) -> None:
+    from kvmgmem.backends.kvm._run import Runner
+
+    class Owner:
+        pass
+
+    def slow(owner: object, kind: int, value: int) -> Exit:
+        raise AssertionError("not reached")
+
+    with pytest.raises(OSError):
+        Runner(-1, 4096, IoExit, Owner(), slow)  # mmap of a bad fd
+    with pytest.raises(ValueError, match="smaller than struct kvm_run"):
+        Runner(0, 16, IoExit, Owner(), slow)
+    with pytest.raises(TypeError):
+        Runner(0, 4096, IoExit, Owner(), 42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="uninitialised"):
+        Runner.__new__(Runner).run()
+    with kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        assert isinstance(vcpu, KvmVcpu)
+        size = len(vcpu._map)
+        owner = Owner()
+        runner = Runner(vcpu.fd, size, IoExit, owner, slow)
+        with pytest.raises(RuntimeError, match="already initialised"):
+            runner.__init__(vcpu.fd, size, IoExit, owner, slow)  # type: ignore[misc]
+        del owner  # held weakly: the slow path reports it gone
+        runner.kick(0)  # immediate_exit: KVM_RUN fails with EINTR, which goes to the (dead) owner
+        with pytest.raises(ReferenceError):
+            runner.run()
+        runner.close()
+        runner.close()
+        assert runner.closed
+        runner.kick(0)  # no-op once closed
+
+
+def test_runner_close_from_its_own_slow_path_is_refused(_run_module: object, kvm: kvmgmem.System) -> None:
+    """close() inside run() on the same thread would wait for itself forever: it raises instead."""
+    from kvmgmem.backends.kvm._run import Runner
+
+    class Owner:
+        runner: Runner
+
+    def slow(owner: Owner, kind: int, value: int) -> Exit:
+        owner.runner.close()
+        raise AssertionError("not reached")
+
+    with kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        assert isinstance(vcpu, KvmVcpu)
+        owner = Owner()
+        owner.runner = Runner(vcpu.fd, len(vcpu._map), IoExit, owner, slow)
+        owner.runner.kick(0)
+        with pytest.raises(RuntimeError, match="from inside its own run"):
+            owner.runner.run()
+        owner.runner.close()
+        assert owner.runner.closed
