@@ -15,6 +15,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,6 +135,27 @@ def test_equal_exits_are_interchangeable(kvm: kvmgmem.System, path: str) -> None
     assert len({hash(e) for e in exits}) == 1
     with pytest.raises(AttributeError):
         exits[0].port = 1  # type: ignore[misc]
+
+
+def test_reused_exits_never_change_under_a_holder(kvm: kvmgmem.System, path: str) -> None:
+    """An OUT loop over 256 payload values (more than the exit caches hold): exits a caller keeps, strongly or
+    only weakly, keep their values; exits dropped at once (which the C path may rewrite in place for the
+    next exit) are right when returned."""
+    a = Asm()
+    top = a.new_label("top")
+    a.label(top).out(0x10, al).inc(eax).jmp(top)
+    with GuestVm.create(kvm, GuestImage(a, user=True)) as guest:
+        vcpu = _vcpu(guest, path)
+        for i in range(600):  # dropped at once
+            exit = vcpu.run()
+            assert isinstance(exit, IoExit) and exit.data == bytes([i & 0xFF]) and exit.port == 0x10
+            del exit
+        kept = [vcpu.run() for _ in range(300)]
+        assert [e.data for e in kept] == [bytes([(600 + i) & 0xFF]) for i in range(300)]  # type: ignore[attr-defined]
+        refs = [weakref.ref(vcpu.run()) for _ in range(300)]
+        alive = [(i, r()) for i, r in enumerate(refs) if r() is not None]
+        for i, e in alive:
+            assert e == IoExit(OUT, 0x10, 1, 1, bytes([(900 + i) & 0xFF]))
 
 
 def test_pending_completion_is_cleared_by_the_next_run(kvm: kvmgmem.System, path: str) -> None:
