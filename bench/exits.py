@@ -30,9 +30,9 @@ from kvmgmem import uapi
 from kvmgmem.exits import IoExit
 from kvmgmem.guest import GuestImage, GuestVm
 
-N_KVM = 10_000
+N_KVM = 5_000
 N_SIM = 20_000
-ROUNDS = 9
+ROUNDS = 15
 TARGET = 0.95
 CEXT = "C extension"
 PURE = "pure-Python fallback"
