@@ -169,6 +169,63 @@ def _ratios_per_cpl(report: Report, bench: str) -> None:
                 r.ratio = r.value / base.value
 
 
+def paired(pairs: int = 200, chunk: int = 1000) -> dict[str, tuple[float, float, float]]:
+    """Diagnostic (``python bench/exits.py --paired``): on one vCPU per CPL, alternate chunks of ``vcpu.run()``
+    (C extension, typed exits) and of the bare ctypes KVM_RUN loop, and take the thread-CPU-time difference
+    per exit of each adjacent pair. Pairs share the host's noise, so the median is the library's own cost
+    over Python calling KVM_RUN at all, steadier than comparing best-of rates. Returns per CPL (median, lower
+    quartile, upper quartile) in ns per exit."""
+    import statistics
+
+    from kvmgmem.backends.kvm.sys_calls import kvm_run_function
+
+    out: dict[str, tuple[float, float, float]] = {}
+    for user, cpl in ((False, "CPL0"), (True, "CPL3")):
+        with ExitStack() as stack:
+            system = open_or_none("kvm")
+            if system is None:
+                return out
+            stack.enter_context(system)
+            g = stack.enter_context(GuestVm.create(system, GuestImage(_loop(), user=user)))
+            vcpu = g.create_vcpu().vcpu
+            vcpu.run()
+            diffs = _paired_diffs(vcpu, kvm_run_function(), pairs, chunk)
+            q = statistics.quantiles(diffs, n=4)
+            out[cpl] = (statistics.median(diffs), q[0], q[2])
+    return out
+
+
+def _paired_diffs(vcpu: Any, kvm_run: Any, pairs: int, chunk: int) -> list[float]:
+    """Thread-CPU-time difference per exit (ns), typed loop minus bare loop, for each adjacent pair of chunks
+    (the order alternates so neither side always runs first)."""
+    fd, request = vcpu.fd, uapi.KVM_RUN
+
+    def typed() -> float:
+        c0 = time.thread_time()
+        for _ in range(chunk):
+            if not isinstance(vcpu.run(), IoExit):
+                raise RuntimeError("unexpected exit")
+        return time.thread_time() - c0
+
+    def bare() -> float:
+        c0 = time.thread_time()
+        for _ in range(chunk):
+            if kvm_run(fd, request, 0) < 0:
+                raise OSError("KVM_RUN failed")
+        return time.thread_time() - c0
+
+    diffs = []
+    for i in range(pairs):
+        if i % 2:
+            t = typed()
+            b = bare()
+        else:
+            b = bare()
+            t = typed()
+        diffs.append((t - b) / chunk * 1e9)
+    return diffs
+
+
 def _cpu_time_notes(report: Report, bench: str, cpu_best: dict[str, float]) -> None:
     """Add each kvm variant's CPU-time ratio to its note: exits per second of its thread's CPU time (guest time
     included), against the C loop's, best of the same rounds. Wall-clock rows on a loaded host also count time
@@ -189,7 +246,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds (default {ROUNDS})")
     parser.add_argument("--exits", type=int, default=N_KVM, help=f"exits per kvm sample (default {N_KVM})")
+    parser.add_argument("--paired", action="store_true", help="only the paired C-extension vs bare-ctypes diagnostic")
     args = parser.parse_args()
+    if args.paired:
+        for cpl, (median, lo, hi) in paired().items():
+            print(f"{cpl}: vcpu.run() (C extension) minus bare ctypes KVM_RUN, thread CPU time per exit: "
+                  f"median {median:+.0f} ns (quartiles {lo:+.0f} / {hi:+.0f} ns)")
+        raise SystemExit(0)
     command = "python bench/exits.py" + (f" --rounds {args.rounds}" if args.rounds != ROUNDS else "")
     command += f" --exits {args.exits}" if args.exits != N_KVM else ""
     rep = Report()
