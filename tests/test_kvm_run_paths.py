@@ -249,6 +249,37 @@ def test_close_while_running(kvm: kvmgmem.System, path: str) -> None:
         vcpu.close()  # idempotent
 
 
+def _loop_until_closed(vcpu: KvmVcpu, errors: list[BaseException]) -> None:
+    """Thread body: run() in a loop, recording each KvmError, until the closed error (EBADF) or 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            vcpu.run()
+        except kvmgmem.KvmError as e:
+            errors.append(e)
+            if e.errno == errno.EBADF:
+                return
+
+
+def test_close_while_another_thread_loops_on_run(kvm: kvmgmem.System, path: str) -> None:
+    """A thread calling run() in a loop (catching each error) cannot win the vCPU back after close() kicked
+    it: close() returns, and the loop ends on the closed error (EBADF). Repeated because the race (the loop
+    re-entering KVM_RUN before close() gets the run lock) does not happen every time."""
+    for _ in range(10):
+        with _spinner(kvm) as guest:
+            vcpu = _vcpu(guest, path)
+            errors: list[BaseException] = []
+            thread = threading.Thread(target=_loop_until_closed, args=(vcpu, errors), daemon=True)
+            thread.start()
+            time.sleep(0.05)
+            started = time.monotonic()
+            vcpu.close()
+            thread.join(10)
+            assert not thread.is_alive()
+            assert time.monotonic() - started < 5
+            assert isinstance(errors[-1], kvmgmem.KvmError) and errors[-1].errno == errno.EBADF, errors[-3:]
+
+
 def test_efault_without_memory_fault_info_raises(kvm: kvmgmem.System, path: str) -> None:
     """A memslot whose file was truncated under it: the CPL3 access fails KVM_RUN with EFAULT while
     exit_reason is not KVM_EXIT_MEMORY_FAULT here, so it is a KvmError(EFAULT, "KVM_RUN"), not an exit."""

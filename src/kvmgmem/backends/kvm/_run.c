@@ -50,6 +50,7 @@ typedef struct {
     int running;           /* inside KVM_RUN (GIL released); only read and written with the GIL held */
     pthread_t thread;      /* the thread holding `lock`, valid while `locked` */
     int locked;            /* `lock` is held by run(); only read and written with the GIL held */
+    int closing;           /* close() has begun: run() enters KVM_RUN no more (read/written with the GIL) */
     pthread_mutex_t lock;  /* held for the whole of run(): BUSY for a second run(), close() waits for it */
     struct kvm_run *run;   /* our mapping of kvm_run, NULL once closed */
     size_t size;           /* its length (KVM_GET_VCPU_MMAP_SIZE) */
@@ -301,7 +302,7 @@ PyDoc_STRVAR(Runner_run_doc,
 static PyObject *
 Runner_run(Runner *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->run == NULL)
+    if (self->run == NULL || self->closing)
         return call_slow(self, KIND_CLOSED, 0);
     if (pthread_mutex_trylock(&self->lock) != 0)
         return call_slow(self, KIND_BUSY, 0);
@@ -367,6 +368,9 @@ Runner_close(Runner *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "Runner.close() from inside its own run()");
         return NULL;
     }
+    /* From here on run() refuses to enter KVM_RUN: a thread looping on run() would otherwise win the mutex
+     * back each time (it is not fair), re-enter the guest after the kick was consumed, and starve us. */
+    self->closing = 1;
     if (pthread_mutex_trylock(&self->lock) != 0) {
         Py_BEGIN_ALLOW_THREADS
         pthread_mutex_lock(&self->lock);
