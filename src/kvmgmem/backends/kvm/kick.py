@@ -34,6 +34,11 @@ def install_handler() -> bool:
     return True
 
 
+def signal_number() -> int:
+    """The signal a kick sends, or 0 while no handler is installed (sending it would kill the process)."""
+    return int(KICK_SIGNAL) if _installed else 0
+
+
 def send(thread_id: int) -> None:
     if _installed:
         try:
