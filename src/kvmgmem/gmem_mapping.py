@@ -24,24 +24,16 @@ from typing import Any, Protocol
 
 from kvmgmem.errors import KvmError
 from kvmgmem.hostmem import PinnedMapping, place_aligned_reservation
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mremap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-
-MAP_FAILED = ctypes.c_void_p(-1).value
-MAP_FIXED = 0x10
-MAP_NORESERVE = 0x4000
-_MREMAP_MAYMOVE = 1
-_MREMAP_FIXED = 2
-PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
-MADV_REMOVE = 9
-MADV_HUGEPAGE = 14
-MADV_COLLAPSE = 25
+from kvmgmem.libc import (
+    MAP_FIXED,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PROT_RW,
+    c_mmap,
+    failed,
+    mremap,
+    munmap,
+)
 
 
 class MappingBackend(Protocol):
@@ -53,15 +45,6 @@ class MappingBackend(Protocol):
     def unmap(self, mapping: GmemMapping, munmap: Callable[[], None]) -> None:
         """Run ``munmap`` (``close()``) under the backend's lock, so no re-pointing of the mapping's pages
         races with it; then drop what the mapping held (garbage collection is the backend's finalizer)."""
-
-
-def c_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
-    """``mmap(2)``; returns the address or raises ``KvmError(errno, "mmap")``."""
-    raw = _libc.mmap(addr, length, prot, flags, fd, offset if offset < 1 << 63 else offset - (1 << 64))
-    if raw is None or raw == MAP_FAILED:
-        err = ctypes.get_errno()
-        raise KvmError(err, "mmap", f"fd {fd}, length {length:#x}, offset {offset:#x}")
-    return int(raw)
 
 
 class GmemMapping(PinnedMapping):
@@ -103,12 +86,12 @@ class GmemMapping(PinnedMapping):
         try:
             self = cls.reserve(length, offset, fd)
         except BaseException:
-            _libc.munmap(raw, length)
+            munmap(raw, length)
             raise
-        moved = _libc.mremap(raw, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, self.address)
-        if moved is None or moved == MAP_FAILED:
+        moved = mremap(raw, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, self.address)
+        if failed(moved):
             err = ctypes.get_errno()
-            _libc.munmap(raw, length)
+            munmap(raw, length)
             mmap.mmap.close(self)
             raise KvmError(err, "mmap", "mremap onto the owning object failed")
         return self

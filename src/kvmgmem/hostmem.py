@@ -38,21 +38,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kvmgmem.errors import KvmError
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mremap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MREMAP_MAYMOVE = 1
-_MREMAP_FIXED = 2
-_MAP_NORESERVE = 0x4000
-_PROT_NONE = 0  # not in Python 3.11's mmap module
-_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+from kvmgmem.libc import MAP_NORESERVE as _MAP_NORESERVE
+from kvmgmem.libc import PROT_NONE as _PROT_NONE
+from kvmgmem.libc import PROT_RW as _PROT_RW
+from kvmgmem.libc import failed, mincore, mmap_, munmap
 
 #: The x86-64 huge page (PMD) size: HostMemory at least this big starts on a multiple of it.
 HUGE_PAGE = 2 << 20
@@ -93,17 +82,17 @@ class _AlignedHole:
         if span % HUGE_PAGE == 0:
             span += page
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        base = _libc.mmap(None, span, _PROT_NONE, flags, -1, 0)
-        if base is None or base == _MAP_FAILED:
+        base = mmap_(None, span, _PROT_NONE, flags, -1, 0)
+        if failed(base):
             raise KvmError(ctypes.get_errno(), "HostMemory", f"cannot reserve {span} bytes of address space")
         self.start = (base + span - size) // HUGE_PAGE * HUGE_PAGE
         self._fences = [(base, self.start - base), (self.start + size, base + span - self.start - size)]
-        _libc.munmap(self.start, size)
+        munmap(self.start, size)
 
     def close(self) -> None:
         for start, length in self._fences:
             if length:
-                _libc.munmap(start, length)
+                munmap(start, length)
         self._fences = []
 
 
@@ -383,8 +372,6 @@ def place_aligned_reservation(cls: type[_M], length: int) -> _M:
     )
 
 
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_libc.mincore.restype = ctypes.c_int
 _MINCORE_CHUNK = 1 << 30  # bytes per mincore call, to bound the vector we allocate
 
 
@@ -400,7 +387,7 @@ def resident_bytes(address: int, length: int) -> int:
     for start in range(address, address + length, _MINCORE_CHUNK):
         span = min(_MINCORE_CHUNK, address + length - start)
         vec = (ctypes.c_ubyte * ((span + page - 1) // page))()
-        if _libc.mincore(start, span, vec) != 0:
+        if mincore(start, span, vec) != 0:
             raise KvmError(ctypes.get_errno(), "mincore")
         total += sum(v & 1 for v in bytes(vec)) * page
     return total

@@ -15,10 +15,10 @@ import pytest
 
 import kvmgmem
 from kvmgmem import uapi
-from kvmgmem.gmem_mapping import MADV_COLLAPSE, MADV_HUGEPAGE
 from kvmgmem.guest import Asm, Done, GuestImage
 from kvmgmem.guest import routines as R
 from kvmgmem.guest import ucall as U
+from kvmgmem.libc import MADV_COLLAPSE, MADV_HUGEPAGE
 
 from ._util import GMEM, INIT_SHARED, MMAP, P, raises_kvm, require_cap
 from .fixtures import MakeGuest

@@ -15,7 +15,6 @@ What the kernel does in guest_memfd terms is done through the model here: MADV_R
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import weakref
@@ -23,14 +22,11 @@ from collections.abc import Callable
 
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError
-from kvmgmem.gmem_mapping import MADV_COLLAPSE, MADV_REMOVE, MAP_NORESERVE, PROT_RW, GmemMapping, c_mmap
+from kvmgmem.gmem_mapping import GmemMapping
+from kvmgmem.libc import MADV_COLLAPSE, MADV_REMOVE, MAP_NORESERVE, PROT_RW, c_mmap, munmap
 
 from .core.gmem import GmemFile
 from .storage import GmemStorage, empty_fd
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def _put_file(file: GmemFile) -> None:
@@ -128,4 +124,4 @@ def _map(
 
 
 def _munmap(address: int, length: int) -> None:
-    _libc.munmap(address, length)
+    munmap(address, length)

@@ -31,18 +31,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.gmem_mapping import MAP_NORESERVE, PROT_RW, c_mmap
+from kvmgmem.libc import MAP_NORESERVE, PROT_RW, c_mmap, munmap
 
 from ..kvm.sys_calls import fallocate
 
 if TYPE_CHECKING:
     from kvmgmem.gmem_mapping import GmemMapping
-
-import ctypes
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 #: Files up to this size get one whole-file view (address space is 128 TiB); larger ones use chunks.
 MAX_STORAGE = 1 << 45
@@ -173,10 +167,10 @@ class GmemStorage:
         """The inode died (no file, hence no user mapping, refers to it): unmap the view, close the memfd."""
         with self.lock:
             if self.base is not None:
-                _libc.munmap(self.base, self.size)
+                munmap(self.base, self.size)
                 self.base = None
             for index, chunk in self._chunks.items():
-                _libc.munmap(chunk, min(CHUNK, self.size - index * CHUNK))
+                munmap(chunk, min(CHUNK, self.size - index * CHUNK))
             self._chunks.clear()
             if self.fd >= 0:
                 os.close(self.fd)

@@ -1,0 +1,57 @@
+"""The C library calls kvmgmem makes about memory, typed once: ``mmap``, ``munmap``, ``mremap``, ``mincore``.
+
+Why ctypes and not ``mmap.mmap`` alone: the project needs what Python's module does not offer — ``MAP_FIXED``
+placement over a reserved range (a guest_memfd mapping is assembled page range by page range), ``mremap``
+onto an owned object, ``PROT_NONE`` reservations to steer placement, raw unmaps of ranges no Python object
+owns, and ``mincore`` residency. One binding module keeps every caller on the same argument types (a
+``c_long`` offset, ``c_void_p`` addresses), so a 64-bit value cannot be truncated in one copy and not in
+another. The kvm backend's ioctl bindings (``backends/kvm/sys_calls.py``) stay with that backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from kvmgmem.errors import KvmError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+mmap_ = _libc.mmap
+mmap_.restype = ctypes.c_void_p
+mmap_.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+munmap = _libc.munmap
+munmap.restype = ctypes.c_int
+munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+mremap = _libc.mremap
+mremap.restype = ctypes.c_void_p
+mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+mincore = _libc.mincore
+mincore.restype = ctypes.c_int
+mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+PROT_NONE = 0  # not in Python 3.11's mmap module
+PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+MADV_REMOVE = 9
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+
+
+def failed(raw: int | None) -> bool:
+    """Whether an ``mmap``/``mremap`` return value is ``MAP_FAILED``."""
+    return raw is None or raw == MAP_FAILED
+
+
+def c_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    """``mmap(2)``; returns the address or raises ``KvmError(errno, "mmap")``. ``offset`` is the u64 a C
+    caller passes (values from 2^63 up reach the kernel as the negative ``off_t`` they are)."""
+    raw = mmap_(addr, length, prot, flags, fd, offset if offset < 1 << 63 else offset - (1 << 64))
+    if failed(raw):
+        err = ctypes.get_errno()
+        raise KvmError(err, "mmap", f"fd {fd}, length {length:#x}, offset {offset:#x}")
+    return int(raw)
