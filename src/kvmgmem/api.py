@@ -87,12 +87,6 @@ def bytes_arg(data: Any, op: str) -> bytes:
         raise TypeError(f"{op}: data must be a bytes-like object, not {type(data).__name__}") from None
 
 
-def signed64(value: int) -> int:
-    """A u64 field read as the kernel's signed 64-bit ``loff_t``."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >> 63 else value
-
-
 def cpuid_entries(entries: Any, op: str = "KVM_SET_CPUID2") -> list[uapi.kvm_cpuid_entry2]:
     """Copies of ``entries``, each a ``uapi.kvm_cpuid_entry2`` (TypeError naming the operation otherwise)."""
     try:
@@ -285,7 +279,7 @@ class GuestMemfd(Resource, abc.ABC):
     @abc.abstractmethod
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
         """``fallocate(fd, mode, offset, len)`` with the raw register values: ``mode`` the 32 bits of the
-        kernel's ``int``, ``offset`` and ``length`` the 64 bits of its ``loff_t`` (see :func:`signed64`)."""
+        kernel's ``int``, ``offset`` and ``length`` the 64 bits of its ``loff_t`` (see ``uapi.signed64``)."""
 
     def allocate(self, offset: int, length: int) -> None:
         """Materialise zeroed pages: ``fallocate(KEEP_SIZE)`` (existing pages and their data stay).

@@ -7,7 +7,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, signed64
+from kvmgmem.api import GuestMemfd
 from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 from kvmgmem.hostmem import resident_bytes
@@ -42,7 +42,7 @@ class KvmGuestMemfd(GuestMemfd):
             raise KvmError(e.errno or 0, op) from None
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
-        fallocate(self._fd, mode - (1 << 32) if mode >> 31 else mode, signed64(offset), signed64(length))
+        fallocate(self._fd, mode - (1 << 32) if mode >> 31 else mode, uapi.signed64(offset), uapi.signed64(length))
 
     def _mmap(self, length: int, offset: int, shared: bool) -> GmemMapping:
         """``mmap(2)`` of the guest_memfd (``kvm_gmem_mmap``); every errno is the kernel's (KvmError "mmap")."""
@@ -55,13 +55,13 @@ class KvmGuestMemfd(GuestMemfd):
         return int(self._os("write", os.write, data))
 
     def _pread(self, n: int, offset: int) -> bytes:
-        return bytes(self._os("pread", os.pread, n, signed64(offset)))
+        return bytes(self._os("pread", os.pread, n, uapi.signed64(offset)))
 
     def _pwrite(self, data: bytes, offset: int) -> int:
-        return int(self._os("pwrite", os.pwrite, data, signed64(offset)))
+        return int(self._os("pwrite", os.pwrite, data, uapi.signed64(offset)))
 
     def _truncate(self, length: int) -> None:
-        self._os("ftruncate", os.ftruncate, signed64(length))
+        self._os("ftruncate", os.ftruncate, uapi.signed64(length))
 
     def allocated_bytes(self) -> int | None:
         """Measured through a temporary mapping with mincore (page cache), which never faults pages in.

@@ -13,7 +13,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, signed64, u64
+from kvmgmem.api import GuestMemfd, u64
 from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 
@@ -77,7 +77,7 @@ class SimGuestMemfd(GuestMemfd):
         mark it hwpoisoned (guest access → EHWPOISON exit, host access → SIGBUS), no truncation."""
         op = "inject_poison"
         self._check_open(op)
-        off = signed64(u64(offset, "offset", op))
+        off = uapi.signed64(u64(offset, "offset", op))
         if off < 0:
             raise KvmError(errno.EINVAL, op, "negative offset")
         self._file.vm.gmem_poison(self._file, off >> uapi.PAGE_SHIFT)
@@ -101,12 +101,12 @@ class SimGuestMemfd(GuestMemfd):
         raise KvmError(errno.EINVAL, "write", "guest_memfd has no write operation")
 
     def _pread(self, n: int, offset: int) -> bytes:
-        if signed64(offset) < 0:
+        if uapi.signed64(offset) < 0:
             raise KvmError(errno.EINVAL, "pread", "negative offset")
         raise KvmError(errno.ESPIPE, "pread", "guest_memfd is not seekable")
 
     def _pwrite(self, data: bytes, offset: int) -> int:
-        if signed64(offset) < 0:
+        if uapi.signed64(offset) < 0:
             raise KvmError(errno.EINVAL, "pwrite", "negative offset")
         raise KvmError(errno.ESPIPE, "pwrite", "guest_memfd is not seekable")
 
