@@ -83,6 +83,10 @@ _REASON_AND_IO = struct.Struct(f"<I{_EXIT_UNION - _EXIT_REASON_OFFSET - 4}xBBHIQ
 _U64 = struct.Struct("<Q")
 _HYPERCALL_RET = _EXIT_UNION + uapi.kvm_run_hypercall.ret.offset
 _MMIO_DATA = _EXIT_UNION + uapi.kvm_run_mmio.data.offset
+_MMIO_LEN = _EXIT_UNION + uapi.kvm_run_mmio.len.offset
+_U32 = struct.Struct("<I")
+#: Pending by value: the C Runner stores the IN marker as the plain str "io_in" (equal to Pending.IO_IN).
+_PENDING: dict[str | None, Pending] = {kind.value: kind for kind in Pending}
 _kvm_run = kvm_run_function()
 _KVM_RUN = uapi.KVM_RUN
 _EXIT_IO = uapi.KVM_EXIT_IO
@@ -130,8 +134,7 @@ class KvmVcpu(Vcpu):
         runner = self._runner
         if runner is None:
             return self._pending_reply
-        kind = runner.pending
-        return None if kind is None else Pending(kind)
+        return _PENDING.get(runner.pending)
 
     @_pending.setter
     def _pending(self, kind: Pending | None) -> None:
@@ -143,10 +146,10 @@ class KvmVcpu(Vcpu):
 
     def _reply_length(self) -> int:
         """Read from ``kvm_run``, the kernel's own record of the exit (the C path keeps no length)."""
-        run = uapi.kvm_run.from_buffer_copy(self._map)
         if self._pending == Pending.IO_IN:
-            return int(run.exit.io.size * run.exit.io.count)
-        return int(run.exit.mmio.len)
+            _, size, _, count, _ = _IO_LAYOUT.unpack_from(self._map, _EXIT_UNION)
+            return int(size * count)
+        return int(_U32.unpack_from(self._map, _MMIO_LEN)[0])
 
     def _release(self) -> None:
         self.kick()
@@ -271,8 +274,8 @@ class KvmVcpu(Vcpu):
         return UnknownExit(reason=reason)
 
     def _complete_io(self, data: bytes) -> None:
-        io = uapi.kvm_run.from_buffer_copy(self._map).exit.io
-        self._map[io.data_offset : io.data_offset + len(data)] = data
+        offset = _IO_LAYOUT.unpack_from(self._map, _EXIT_UNION)[4]
+        self._map[offset : offset + len(data)] = data
 
     def _complete_mmio(self, data: bytes) -> None:
         self._map[_MMIO_DATA : _MMIO_DATA + len(data)] = data
