@@ -1,9 +1,13 @@
 """The backend-neutral API: ``System``, ``Vm``, ``Vcpu``, ``GuestMemfd``.
 
-Each class is one kernel object (as in rust-vmm's kvm-ioctls) and each ioctl is a method. Backends subclass
-these and implement the abstract ``_``-less methods; everything here is shared: lifetime (context managers,
-idempotent ``close()``), argument marshalling (Python ints to the kernel's fixed-width fields) and the small
-conveniences built on the raw operations (``allocate``/``punch_hole`` on ``fallocate``).
+Each class is one kernel object (as in rust-vmm's kvm-ioctls) and each ioctl is a method. The public methods
+live here and do everything that is not the ioctl itself, once for every backend: check the object is open,
+validate and convert the arguments, build the uapi struct the ioctl carries, and keep the state the kernel
+keeps on the caller's side of the ABI (memslot pins, the exit waiting for its reply). Each backend implements
+one small ``_``-prefixed method per ioctl that takes that struct (``_set_memory_attributes(attrs)``,
+``_create_guest_memfd(args)``, ...): the kvm backend issues the ioctl, the sim unpacks the struct into its
+model of the kernel. Marshalling in one place is what keeps the backends from drifting apart (they once
+disagreed on the width of ``KVM_CHECK_EXTENSION``'s argument).
 
 Argument rule: values are passed to the "kernel" the way a C caller would pass them — a negative int becomes
 its two's complement — so the backend returns the kernel's errno for out-of-range values. Only values that
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import enum
 import errno
 import os
 import threading
@@ -23,7 +28,7 @@ from typing import Any, Self
 
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError, closed_error
-from kvmgmem.exits import Exit
+from kvmgmem.exits import Exit, HypercallExit, IoExit, MmioExit
 from kvmgmem.hostmem import HostMemory
 
 # --- argument marshalling ----------------------------------------------------------------------------------
@@ -52,6 +57,18 @@ def u32(value: Any, name: str, op: str) -> int:
     return as_uint(value, 32, name, op)
 
 
+def ulong(value: Any, name: str, op: str) -> int:
+    """An ioctl's integer argument: the ``unsigned long`` of ``ioctl(2)``, 64 bits on x86-64.
+
+    ``KVM_CHECK_EXTENSION``, ``KVM_CREATE_VM`` and ``KVM_CREATE_VCPU`` take their value this way and the
+    kernel looks at all 64 bits (``kvm_vm_ioctl_check_extension_generic`` switches on a ``long``,
+    ``kvm_is_vm_type_supported`` and ``kvm_vm_ioctl_create_vcpu`` compare an ``unsigned long``): on 6.18
+    ``KVM_CHECK_EXTENSION(1 << 32 | KVM_CAP_USER_MEMORY)`` answers 0 and ``KVM_CREATE_VCPU(1 << 32)`` fails
+    with EINVAL (a 32-bit conversion would refuse both, or truncate them to cap 3 and vCPU 0).
+    """
+    return as_uint(value, 64, name, op)
+
+
 #: The kernel's MAX_RW_COUNT: a single read/write transfers at most this many bytes (larger counts are clamped).
 MAX_RW_COUNT = 0x7FFFF000
 
@@ -68,12 +85,6 @@ def bytes_arg(data: Any, op: str) -> bytes:
         return bytes(memoryview(data))
     except TypeError:
         raise TypeError(f"{op}: data must be a bytes-like object, not {type(data).__name__}") from None
-
-
-def signed64(value: int) -> int:
-    """A u64 field read as the kernel's signed 64-bit ``loff_t``."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >> 63 else value
 
 
 def cpuid_entries(entries: Any, op: str = "KVM_SET_CPUID2") -> list[uapi.kvm_cpuid_entry2]:
@@ -242,7 +253,6 @@ class GuestMemfd(Resource, abc.ABC):
         Pass it as ``guest_memfd`` to :meth:`Vm.set_user_memory_region2`, or use the object itself.
         """
 
-    @abc.abstractmethod
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """``fallocate(2)``: allocate (``KEEP_SIZE``) or free (``PUNCH_HOLE|KEEP_SIZE``) a page range.
 
@@ -262,6 +272,14 @@ class GuestMemfd(Resource, abc.ABC):
         ...         e.errno == errno.EOPNOTSUPP, e.op
         (True, 'fallocate')
         """
+        op = "fallocate"
+        self._check_open(op)
+        self._fallocate(u32(mode, "mode", op), u64(offset, "offset", op), u64(length, "length", op))
+
+    @abc.abstractmethod
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(fd, mode, offset, len)`` with the raw register values: ``mode`` the 32 bits of the
+        kernel's ``int``, ``offset`` and ``length`` the 64 bits of its ``loff_t`` (see ``uapi.signed64``)."""
 
     def allocate(self, offset: int, length: int) -> None:
         """Materialise zeroed pages: ``fallocate(KEEP_SIZE)`` (existing pages and their data stay).
@@ -291,7 +309,6 @@ class GuestMemfd(Resource, abc.ABC):
         """
         self.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, offset, length)
 
-    @abc.abstractmethod
     def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> Any:
         """Map the file into the host (6.18+, ``kvm_gmem_mmap``); ``length`` defaults to the file size.
 
@@ -310,8 +327,15 @@ class GuestMemfd(Resource, abc.ABC):
         ...         bytes(view[0:2])
         b'\\x00\\x00'
         """
+        op = "mmap"
+        self._check_open(op)
+        size = self.size if length is None else u64(length, "length", op)
+        return self._mmap(size, u64(offset, "offset", op), bool(shared))
 
     @abc.abstractmethod
+    def _mmap(self, length: int, offset: int, shared: bool) -> Any:
+        """``mmap(NULL, length, PROT_READ|PROT_WRITE, MAP_SHARED or MAP_PRIVATE, fd, offset)``."""
+
     def read(self, n: int) -> bytes:
         """``read(2)``: always EINVAL — guest_memfd's file operations have no read (kept to check the errno).
 
@@ -323,20 +347,46 @@ class GuestMemfd(Resource, abc.ABC):
         ...         e.op
         'read'
         """
+        n = count_arg(n, "n", "read")
+        self._check_open("read")
+        return self._read(n)
 
     @abc.abstractmethod
+    def _read(self, n: int) -> bytes:
+        """``read(fd, buf, n)`` with ``n`` already clamped to ``MAX_RW_COUNT``."""
+
     def write(self, data: bytes) -> int:
         """``write(2)``: always EINVAL, as :meth:`read` (TypeError for data that is not bytes-like)."""
+        data = bytes_arg(data, "write")
+        self._check_open("write")
+        return self._write(data)
 
     @abc.abstractmethod
+    def _write(self, data: bytes) -> int:
+        """``write(fd, data, len(data))``."""
+
     def pread(self, n: int, offset: int) -> bytes:
         """``pread(2)``: always fails as :meth:`read` (EINVAL for a negative offset first, as the VFS)."""
+        n = count_arg(n, "n", "pread")
+        offset = u64(offset, "offset", "pread")
+        self._check_open("pread")
+        return self._pread(n, offset)
 
     @abc.abstractmethod
+    def _pread(self, n: int, offset: int) -> bytes:
+        """``pread(fd, buf, n, offset)``; ``offset`` is the 64 bits of the kernel's ``loff_t``."""
+
     def pwrite(self, data: bytes, offset: int) -> int:
         """``pwrite(2)``: always fails as :meth:`write` (EINVAL for a negative offset first, as the VFS)."""
+        data = bytes_arg(data, "pwrite")
+        offset = u64(offset, "offset", "pwrite")
+        self._check_open("pwrite")
+        return self._pwrite(data, offset)
 
     @abc.abstractmethod
+    def _pwrite(self, data: bytes, offset: int) -> int:
+        """``pwrite(fd, data, len(data), offset)``; ``offset`` as in :meth:`_pread`."""
+
     def truncate(self, length: int) -> None:
         """``ftruncate(2)``: always EINVAL — ``kvm_gmem_setattr`` refuses every size change, even a no-op.
 
@@ -348,8 +398,14 @@ class GuestMemfd(Resource, abc.ABC):
         ...         e.errno == errno.EINVAL
         True
         """
+        length = u64(length, "length", "ftruncate")
+        self._check_open("ftruncate")
+        self._truncate(length)
 
     @abc.abstractmethod
+    def _truncate(self, length: int) -> None:
+        """``ftruncate(fd, length)``; ``length`` is the 64 bits of the kernel's ``loff_t``."""
+
     def stat(self) -> os.stat_result:
         """``fstat(2)``: ``st_size`` is the creation size, ``st_blksize`` 4096, ``st_ino`` unique per file.
 
@@ -359,6 +415,12 @@ class GuestMemfd(Resource, abc.ABC):
         ...     (st.st_size, st.st_blksize)
         (1048576, 4096)
         """
+        self._check_open("fstat")
+        return self._stat()
+
+    @abc.abstractmethod
+    def _stat(self) -> os.stat_result:
+        """``fstat(fd)``."""
 
     def allocated_bytes(self) -> int | None:
         """Bytes of the file backed by pages now (not a kernel API: for accounting), or None if unknowable."""
@@ -367,6 +429,34 @@ class GuestMemfd(Resource, abc.ABC):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self.fd}"
         return f"<{type(self).__name__} {state} size={self.size:#x} flags={self.flags:#x}>"
+
+
+class Pending(enum.StrEnum):
+    """The reply the last exit waits for before the next ``run()`` (see ``Vcpu._pending``).
+
+    A ``StrEnum`` so that the kvm backend's C runner can keep the IN marker as the plain string ``"io_in"``
+    (it compares equal to ``Pending.IO_IN``) without importing Python objects on its hot path.
+    """
+
+    IO_IN = "io_in"
+    MMIO_READ = "mmio_read"
+    HYPERCALL = "hypercall"
+
+    @property
+    def description(self) -> str:
+        return {"io_in": "IN", "mmio_read": "MMIO read", "hypercall": "hypercall"}[self.value]
+
+
+def awaited_reply(exit: Exit) -> tuple[Pending | None, int]:
+    """The reply ``exit`` waits for, and how many bytes of data it takes: IN and MMIO-read exits wait for
+    their data, hypercall exits for a return value, every other exit for nothing."""
+    if isinstance(exit, IoExit):
+        return (None, 0) if exit.is_out else (Pending.IO_IN, exit.size * exit.count)
+    if isinstance(exit, MmioExit):
+        return (None, 0) if exit.is_write else (Pending.MMIO_READ, exit.length)
+    if isinstance(exit, HypercallExit):
+        return Pending.HYPERCALL, 0
+    return None, 0
 
 
 class Vcpu(Resource, abc.ABC):
@@ -380,7 +470,6 @@ class Vcpu(Resource, abc.ABC):
     vm: Vm
     vcpu_id: int
 
-    @abc.abstractmethod
     def get_regs(self) -> uapi.kvm_regs:
         """``KVM_GET_REGS``: the general-purpose registers, RIP and RFLAGS, as a ``uapi.kvm_regs`` copy.
 
@@ -389,8 +478,13 @@ class Vcpu(Resource, abc.ABC):
         ...     hex(vcpu.get_regs().rip)                  # the reset vector's offset
         '0xfff0'
         """
+        self._check_open("KVM_GET_REGS")
+        return self._get_regs()
 
     @abc.abstractmethod
+    def _get_regs(self) -> uapi.kvm_regs:
+        """``KVM_GET_REGS`` into a new ``kvm_regs``."""
+
     def set_regs(self, regs: uapi.kvm_regs) -> None:
         """``KVM_SET_REGS``: load registers (TypeError for anything but a ``uapi.kvm_regs``).
 
@@ -402,16 +496,37 @@ class Vcpu(Resource, abc.ABC):
         ...     vcpu.get_regs().rax
         42
         """
+        op = "KVM_SET_REGS"
+        self._check_open(op)
+        if not isinstance(regs, uapi.kvm_regs):
+            raise TypeError(f"{op}: expected uapi.kvm_regs, not {type(regs).__name__}")
+        self._set_regs(regs)
 
     @abc.abstractmethod
+    def _set_regs(self, regs: uapi.kvm_regs) -> None:
+        """``KVM_SET_REGS`` from ``regs``."""
+
     def get_sregs(self) -> uapi.kvm_sregs:
         """``KVM_GET_SREGS``: segment, control and descriptor-table registers (``uapi.kvm_sregs``)."""
+        self._check_open("KVM_GET_SREGS")
+        return self._get_sregs()
 
     @abc.abstractmethod
+    def _get_sregs(self) -> uapi.kvm_sregs:
+        """``KVM_GET_SREGS`` into a new ``kvm_sregs``."""
+
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         """``KVM_SET_SREGS``: load them; the long-mode boot state of a guest image is loaded this way."""
+        op = "KVM_SET_SREGS"
+        self._check_open(op)
+        if not isinstance(sregs, uapi.kvm_sregs):
+            raise TypeError(f"{op}: expected uapi.kvm_sregs, not {type(sregs).__name__}")
+        self._set_sregs(sregs)
 
     @abc.abstractmethod
+    def _set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """``KVM_SET_SREGS`` from ``sregs``."""
+
     def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
         """``KVM_SET_CPUID2``; ``None`` loads the system's supported CPUID (what VMMs do).
 
@@ -421,8 +536,40 @@ class Vcpu(Resource, abc.ABC):
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
         ...     vcpu.set_cpuid()
         """
+        op = "KVM_SET_CPUID2"
+        self._check_open(op)
+        chosen = self.vm.system.get_supported_cpuid() if entries is None else cpuid_entries(entries, op)
+        cpuid = uapi.cpuid2_type(len(chosen))()
+        cpuid.nent = len(chosen)
+        for i, entry in enumerate(chosen):
+            cpuid.entries[i] = entry
+        self._set_cpuid2(cpuid)
 
     @abc.abstractmethod
+    def _set_cpuid2(self, cpuid: Any) -> None:
+        """``KVM_SET_CPUID2`` with a ``struct kvm_cpuid2`` of ``cpuid.nent`` entries (``uapi.cpuid2_type``)."""
+
+    # The exit waiting for its reply. KVM_RUN's caller answers an IN, an MMIO read or a hypercall exit by
+    # writing kvm_run before the next KVM_RUN, which completes the instruction with it
+    # (``complete_userspace_io``); anything else in between is meaningless. The kernel keeps no such
+    # record, so this is the one place that does: ``run()`` sets it from the exit it returns (and clears it
+    # first, so a failed run leaves nothing to answer), ``complete_*`` check it. ``_pending`` is a property
+    # so that the kvm backend's C runner, which sets it on the hot IO path, can be where it is stored.
+    _pending_reply: Pending | None = None
+    _pending_length: int = 0  # bytes the pending IN / MMIO read expects
+
+    @property
+    def _pending(self) -> Pending | None:
+        return self._pending_reply
+
+    @_pending.setter
+    def _pending(self, kind: Pending | None) -> None:
+        self._pending_reply = kind
+
+    def _reply_length(self) -> int:
+        """How many bytes the pending IN or MMIO read expects (a backend may read it from ``kvm_run``)."""
+        return self._pending_length
+
     def run(self) -> Exit:
         """``KVM_RUN`` until the next exit, returned as a typed ``kvmgmem.Exit``.
 
@@ -431,12 +578,21 @@ class Vcpu(Resource, abc.ABC):
         :meth:`kick` or a signal raises ``KvmError``, as does every other failure. The GIL is released while
         the guest runs, so other threads (and other vCPUs) go on. See ``kvmgmem.guest`` for a runnable guest.
         """
+        self._check_open("KVM_RUN")
+        self._pending = None
+        exit = self._run()
+        self._pending, self._pending_length = awaited_reply(exit)
+        return exit
 
     @abc.abstractmethod
+    def _run(self) -> Exit:
+        """``KVM_RUN`` once, decoded; the pending reply is recorded by :meth:`run`."""
+
     def complete_io(self, data: bytes) -> None:
         """Answer the pending IN exit: ``data`` is loaded into the guest on the next ``run()``.
 
-        Errors: EINVAL when the last exit was not an IN waiting for data, or ``data`` has the wrong size.
+        Errors: EINVAL when the last exit was not an IN waiting for data; ValueError when ``data`` is not
+        ``size * count`` bytes.
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
@@ -446,17 +602,51 @@ class Vcpu(Resource, abc.ABC):
         ...         e.errno == errno.EINVAL
         True
         """
+        op = "complete_io"
+        self._check_open(op)
+        data = bytes_arg(data, op)
+        self._expect_reply(Pending.IO_IN, op, len(data))
+        self._complete_io(data)
 
-    @abc.abstractmethod
     def complete_mmio(self, data: bytes) -> None:
-        """Answer the pending MMIO read exit (EINVAL when none is pending or the size differs)."""
+        """Answer the pending MMIO read exit (EINVAL when none is pending, ValueError when the size differs)."""
+        op = "complete_mmio"
+        self._check_open(op)
+        data = bytes_arg(data, op)
+        self._expect_reply(Pending.MMIO_READ, op, len(data))
+        self._complete_mmio(data)
 
-    @abc.abstractmethod
     def complete_hypercall(self, ret: int) -> None:
         """Answer the pending hypercall exit: ``ret`` goes to RAX and the VMCALL is skipped on the next run.
 
         Errors: EINVAL when the last exit was not a ``HypercallExit``.
         """
+        op = "complete_hypercall"
+        self._check_open(op)
+        value = u64(ret, "ret", op)
+        self._expect_reply(Pending.HYPERCALL, op, None)
+        self._complete_hypercall(value)
+
+    def _expect_reply(self, kind: Pending, op: str, length: int | None) -> None:
+        """EINVAL unless the last exit awaits ``kind``; ValueError when ``length`` is not what it expects."""
+        if self._pending != kind:
+            raise KvmError(errno.EINVAL, op, f"no pending {kind.description} exit to complete")
+        if length is not None:
+            expected = self._reply_length()
+            if length != expected:
+                raise ValueError(f"{op}: expected {expected} bytes, got {length}")
+
+    @abc.abstractmethod
+    def _complete_io(self, data: bytes) -> None:
+        """Store the IN data (of the right size) where the next ``KVM_RUN`` loads it from."""
+
+    @abc.abstractmethod
+    def _complete_mmio(self, data: bytes) -> None:
+        """Store the MMIO read data (of the right size) in ``kvm_run.mmio.data``."""
+
+    @abc.abstractmethod
+    def _complete_hypercall(self, ret: int) -> None:
+        """Store ``ret`` (64 bits) in ``kvm_run.hypercall.ret``."""
 
     @abc.abstractmethod
     def kick(self) -> None:
@@ -481,7 +671,6 @@ class Vm(Resource, abc.ABC):
         self._slot_lock = threading.Lock()
         self._vcpus: list[Vcpu] = []
 
-    @abc.abstractmethod
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd: answers may differ by VM type (``kvm_vm_ioctl_check_extension``).
 
@@ -493,8 +682,14 @@ class Vm(Resource, abc.ABC):
         ...     vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)   # MMAP | INIT_SHARED on a DEFAULT VM
         3
         """
+        op = "KVM_CHECK_EXTENSION"
+        self._check_open(op)
+        return self._check_extension(ulong(cap, "cap", op))
 
     @abc.abstractmethod
+    def _check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd with the 64-bit ioctl argument ``cap``."""
+
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """``KVM_CREATE_GUEST_MEMFD``: a new guest_memfd file of ``size`` bytes bound to this VM.
 
@@ -511,8 +706,15 @@ class Vm(Resource, abc.ABC):
         ...         (e.errno == errno.EINVAL, e.op)
         (True, 'KVM_CREATE_GUEST_MEMFD')
         """
+        op = "KVM_CREATE_GUEST_MEMFD"
+        self._check_open(op)
+        args = uapi.kvm_create_guest_memfd(size=u64(size, "size", op), flags=u64(flags, "flags", op))
+        return self._create_guest_memfd(args)
 
     @abc.abstractmethod
+    def _create_guest_memfd(self, args: uapi.kvm_create_guest_memfd) -> GuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD`` with ``args``: the new file, owned by the returned object."""
+
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, memory_size: int, userspace: Any = None, flags: int = 0
     ) -> None:
@@ -536,8 +738,24 @@ class Vm(Resource, abc.ABC):
         ...     vm.set_user_memory_region(0, 0, 0)                        # delete before the memory goes
         EEXIST
         """
+        op = "KVM_SET_USER_MEMORY_REGION"
+        self._check_open(op)
+        region = uapi.kvm_userspace_memory_region(
+            slot=u32(slot, "slot", op),
+            flags=u32(flags, "flags", op),
+            guest_phys_addr=u64(guest_phys_addr, "guest_phys_addr", op),
+            memory_size=u64(memory_size, "memory_size", op),
+        )
+        with self._memslot_update(userspace, op) as user:
+            region.userspace_addr = user.address
+            self._set_user_memory_region(region, user)
+            self._track_slot(region.slot, region.memory_size, user)
 
     @abc.abstractmethod
+    def _set_user_memory_region(self, region: uapi.kvm_userspace_memory_region, user: Userspace) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` with ``region``; ``user`` is what ``userspace_addr`` came from
+        (pinned for the call; the sim uses it to know which host memory its vCPUs may touch)."""
+
     def set_user_memory_region2(
         self,
         slot: int,
@@ -562,8 +780,25 @@ class Vm(Resource, abc.ABC):
         ...         vm.set_user_memory_region2(0, 1 << 32, 1 << 20, mem, kvmgmem.KVM_MEM_GUEST_MEMFD, gmem, 0)
         ...         vm.set_user_memory_region2(0, 1 << 32, 0)     # delete: the gmem keeps its pages
         """
+        op = "KVM_SET_USER_MEMORY_REGION2"
+        self._check_open(op)
+        region = uapi.kvm_userspace_memory_region2(
+            slot=u32(slot, "slot", op),
+            flags=u32(flags, "flags", op),
+            guest_phys_addr=u64(guest_phys_addr, "guest_phys_addr", op),
+            memory_size=u64(memory_size, "memory_size", op),
+            guest_memfd_offset=u64(guest_memfd_offset, "guest_memfd_offset", op),
+            guest_memfd=u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op),
+        )
+        with self._memslot_update(userspace, op) as user:
+            region.userspace_addr = user.address
+            self._set_user_memory_region2(region, user)
+            self._track_slot(region.slot, region.memory_size, user)
 
     @abc.abstractmethod
+    def _set_user_memory_region2(self, region: uapi.kvm_userspace_memory_region2, user: Userspace) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` with ``region`` (``user`` as in :meth:`_set_user_memory_region`)."""
+
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES``: set (overwrite, not OR) the attributes of a gpa range.
 
@@ -583,8 +818,20 @@ class Vm(Resource, abc.ABC):
         ...         e.op
         'KVM_SET_MEMORY_ATTRIBUTES'
         """
+        op = "KVM_SET_MEMORY_ATTRIBUTES"
+        self._check_open(op)
+        attrs = uapi.kvm_memory_attributes(
+            address=u64(address, "address", op),
+            size=u64(size, "size", op),
+            attributes=u64(attributes, "attributes", op),
+            flags=u64(flags, "flags", op),
+        )
+        self._set_memory_attributes(attrs)
 
     @abc.abstractmethod
+    def _set_memory_attributes(self, attrs: uapi.kvm_memory_attributes) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` with ``attrs``."""
+
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on the VM, with up to four ``args``.
 
@@ -597,8 +844,19 @@ class Vm(Resource, abc.ABC):
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
         ...     vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
         """
+        op = "KVM_ENABLE_CAP"
+        self._check_open(op)
+        if len(args) > 4:
+            raise ValueError(f"{op}: at most 4 args, got {len(args)}")
+        enable = uapi.kvm_enable_cap(cap=u32(cap, "cap", op), flags=u32(flags, "flags", op))
+        for i, arg in enumerate(args):
+            enable.args[i] = u64(arg, f"args[{i}]", op)
+        self._enable_cap(enable)
 
     @abc.abstractmethod
+    def _enable_cap(self, cap: uapi.kvm_enable_cap) -> None:
+        """``KVM_ENABLE_CAP`` on the VM fd with ``cap``."""
+
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a vCPU with this id (EEXIST if the id is taken, EINVAL past the limit).
 
@@ -610,6 +868,14 @@ class Vm(Resource, abc.ABC):
         ...         e.errno == errno.EEXIST
         True
         """
+        op = "KVM_CREATE_VCPU"
+        self._check_open(op)
+        return self._create_vcpu(ulong(vcpu_id, "vcpu_id", op))
+
+    @abc.abstractmethod
+    def _create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """``KVM_CREATE_VCPU`` with the 64-bit ioctl argument ``vcpu_id``; the backend records the vCPU in
+        ``_vcpus`` so that closing the VM closes it."""
 
     @property
     def has_private_mem(self) -> bool:
@@ -655,7 +921,6 @@ class System(Resource, abc.ABC):
     backend: str
     selection_reason: str = ""
 
-    @abc.abstractmethod
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm``: what the KVM can do; unknown capabilities answer 0.
 
@@ -665,8 +930,14 @@ class System(Resource, abc.ABC):
         ...     kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD), kvm.check_extension(123456)
         (1, 0)
         """
+        op = "KVM_CHECK_EXTENSION"
+        self._check_open(op)
+        return self._check_extension(ulong(cap, "cap", op))
 
     @abc.abstractmethod
+    def _check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` with the 64-bit ioctl argument ``cap``."""
+
     def create_vm(self, vm_type: int = 0) -> Vm:
         """``KVM_CREATE_VM``: a VM of ``vm_type`` (EINVAL unless the type is in ``supported_vm_types``).
 
@@ -678,8 +949,14 @@ class System(Resource, abc.ABC):
         ...         (e.errno == errno.EINVAL, e.op)
         (True, 'KVM_CREATE_VM')
         """
+        op = "KVM_CREATE_VM"
+        self._check_open(op)
+        return self._create_vm(ulong(vm_type, "vm_type", op))
 
     @abc.abstractmethod
+    def _create_vm(self, vm_type: int) -> Vm:
+        """``KVM_CREATE_VM`` with the 64-bit ioctl argument ``vm_type``."""
+
     def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID entries a VMM may give its vCPUs (see :meth:`Vcpu.set_cpuid`).
 
@@ -688,6 +965,12 @@ class System(Resource, abc.ABC):
         ...     any(e.function == 0 for e in kvm.get_supported_cpuid())
         True
         """
+        self._check_open("KVM_GET_SUPPORTED_CPUID")
+        return [uapi.kvm_cpuid_entry2.from_buffer_copy(entry) for entry in self._get_supported_cpuid()]
+
+    @abc.abstractmethod
+    def _get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
+        """``KVM_GET_SUPPORTED_CPUID``'s entries (the caller gets copies, so a backend may cache them)."""
 
     @property
     def supported_vm_types(self) -> frozenset[int]:

@@ -172,6 +172,20 @@ KVM_FEATURE_HC_MAP_GPA_RANGE = 16
 EHWPOISON = 133
 
 
+# --- how the kernel reads a field -----------------------------------------------------------------------
+
+
+def signed64(value: int) -> int:
+    """A u64 field (or 64-bit register) read as the kernel's signed 64-bit ``loff_t``/``long``.
+
+    It lives here, with the ABI, because both sides use it: ``kvmgmem.api`` to pass values as a C caller
+    would, and the sim's kernel model (``backends/sim/core``, which imports nothing above this layer) to read
+    them as the kernel does (``kvm_gmem_create`` refuses a size that is negative as an ``loff_t``).
+    """
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
 # --- structs (spec §1.3) ---------------------------------------------------------------------------------
 
 

@@ -142,9 +142,10 @@ OPS: dict[tuple[str, str], tuple[str, ...]] = {
 
 #: (class, method, base call taking the parameter list, [(param name, index, bits)], base args)
 INT_PARAMS: list[tuple[str, str, Callable[[World, list[Any]], Any], list[tuple[str, int, int]], list[Any]]] = [
-    # KVM_CHECK_EXTENSION's argument is a long: the kernel sees all 64 bits (unknown caps answer 0)
+    # KVM_CHECK_EXTENSION, KVM_CREATE_VM and KVM_CREATE_VCPU take the ioctl's unsigned long: the kernel sees
+    # all 64 bits (unknown caps answer 0, other types and ids are EINVAL)
     ("System", "check_extension", lambda w, a: w.sys.check_extension(*a), [("cap", 0, 64)], [1]),
-    ("System", "create_vm", lambda w, a: w.sys.create_vm(*a), [("vm_type", 0, 32)], [0]),
+    ("System", "create_vm", lambda w, a: w.sys.create_vm(*a), [("vm_type", 0, 64)], [0]),
     ("Vm", "check_extension", lambda w, a: w.vm.check_extension(*a), [("cap", 0, 64)], [1]),
     (
         "Vm",
@@ -181,7 +182,7 @@ INT_PARAMS: list[tuple[str, str, Callable[[World, list[Any]], Any], list[tuple[s
         [("cap", 0, 32), ("args[0]", 1, 64), ("flags", 2, 32)],
         [HC, 0, 0],
     ),
-    ("Vm", "create_vcpu", lambda w, a: w.vm.create_vcpu(*a), [("vcpu_id", 0, 32)], [1]),
+    ("Vm", "create_vcpu", lambda w, a: w.vm.create_vcpu(*a), [("vcpu_id", 0, 64)], [1]),
     (
         "GuestMemfd",
         "fallocate",
@@ -253,6 +254,7 @@ SEMANTIC: list[Row] = [
     # System
     Row("System", "create_vm", "type -1", lambda w: w.sys.create_vm(-1), EINVAL),
     Row("System", "create_vm", "type 31", lambda w: w.sys.create_vm(31), EINVAL),
+    Row("System", "create_vm", "type 2**32", lambda w: w.sys.create_vm(1 << 32), EINVAL),
     # Vm.create_guest_memfd
     Row("Vm", "create_guest_memfd", "size 0", lambda w: w.vm.create_guest_memfd(0), EINVAL),
     Row("Vm", "create_guest_memfd", "size -4096", lambda w: w.vm.create_guest_memfd(-P), EINVAL),
@@ -339,6 +341,7 @@ SEMANTIC: list[Row] = [
     # Vm.create_vcpu
     Row("Vm", "create_vcpu", "id -1", lambda w: w.vm.create_vcpu(-1), EINVAL),
     Row("Vm", "create_vcpu", "id 2**20", lambda w: w.vm.create_vcpu(1 << 20), EINVAL),
+    Row("Vm", "create_vcpu", "id 2**32 (not vCPU 0)", lambda w: w.vm.create_vcpu(1 << 32), EINVAL),
     Row("Vm", "create_vcpu", "duplicate id", lambda w: w.vm.create_vcpu(0), EEXIST),
     # GuestMemfd
     Row("GuestMemfd", "fallocate", "mode 0 (no KEEP_SIZE)", lambda w: w.gmem.fallocate(0, 0, P), errno.EOPNOTSUPP),

@@ -7,7 +7,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, bytes_arg, count_arg, signed64, u32, u64
+from kvmgmem.api import GuestMemfd
 from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 from kvmgmem.hostmem import resident_bytes
@@ -36,46 +36,32 @@ class KvmGuestMemfd(GuestMemfd):
         self._finalizer()
 
     def _os(self, op: str, func: Any, *args: Any) -> Any:
-        self._check_open(op)
         try:
             return func(self._fd, *args)
         except OSError as e:
             raise KvmError(e.errno or 0, op) from None
 
-    def fallocate(self, mode: int, offset: int, length: int) -> None:
-        op = "fallocate"
-        self._check_open(op)
-        raw_mode = u32(mode, "mode", op)
-        fallocate(
-            self._fd,
-            raw_mode - (1 << 32) if raw_mode >= 1 << 31 else raw_mode,
-            signed64(u64(offset, "offset", op)),
-            signed64(u64(length, "length", op)),
-        )
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        fallocate(self._fd, mode - (1 << 32) if mode >> 31 else mode, uapi.signed64(offset), uapi.signed64(length))
 
-    def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> GmemMapping:
+    def _mmap(self, length: int, offset: int, shared: bool) -> GmemMapping:
         """``mmap(2)`` of the guest_memfd (``kvm_gmem_mmap``); every errno is the kernel's (KvmError "mmap")."""
-        op = "mmap"
-        self._check_open(op)
-        length = self.size if length is None else u64(length, "length", op)
-        return GmemMapping.of_fd(self._fd, length, u64(offset, "offset", op), bool(shared))
+        return GmemMapping.of_fd(self._fd, length, offset, shared)
 
-    def read(self, n: int) -> bytes:
-        return bytes(self._os("read", os.read, count_arg(n, "n", "read")))
+    def _read(self, n: int) -> bytes:
+        return bytes(self._os("read", os.read, n))
 
-    def write(self, data: bytes) -> int:
-        return int(self._os("write", os.write, bytes_arg(data, "write")))
+    def _write(self, data: bytes) -> int:
+        return int(self._os("write", os.write, data))
 
-    def pread(self, n: int, offset: int) -> bytes:
-        n = count_arg(n, "n", "pread")
-        return bytes(self._os("pread", os.pread, n, signed64(u64(offset, "offset", "pread"))))
+    def _pread(self, n: int, offset: int) -> bytes:
+        return bytes(self._os("pread", os.pread, n, uapi.signed64(offset)))
 
-    def pwrite(self, data: bytes, offset: int) -> int:
-        data = bytes_arg(data, "pwrite")
-        return int(self._os("pwrite", os.pwrite, data, signed64(u64(offset, "offset", "pwrite"))))
+    def _pwrite(self, data: bytes, offset: int) -> int:
+        return int(self._os("pwrite", os.pwrite, data, uapi.signed64(offset)))
 
-    def truncate(self, length: int) -> None:
-        self._os("ftruncate", os.ftruncate, signed64(u64(length, "length", "ftruncate")))
+    def _truncate(self, length: int) -> None:
+        self._os("ftruncate", os.ftruncate, uapi.signed64(length))
 
     def allocated_bytes(self) -> int | None:
         """Measured through a temporary mapping with mincore (page cache), which never faults pages in.
@@ -89,6 +75,6 @@ class KvmGuestMemfd(GuestMemfd):
         with GmemMapping.of_fd(self._fd, self.size) as mapping:
             return resident_bytes(mapping.address, self.size)
 
-    def stat(self) -> os.stat_result:
+    def _stat(self) -> os.stat_result:
         result: os.stat_result = self._os("fstat", os.fstat)
         return result

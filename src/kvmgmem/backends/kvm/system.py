@@ -6,7 +6,7 @@ import os
 import weakref
 
 from kvmgmem import uapi
-from kvmgmem.api import System, u32
+from kvmgmem.api import System
 from kvmgmem.errors import KvmError
 
 from .sys_calls import ioctl, ioctl_ptr
@@ -35,22 +35,17 @@ class KvmSystem(System):
     def _release(self) -> None:
         self._finalizer()
 
-    def check_extension(self, cap: int) -> int:
-        self._check_open("KVM_CHECK_EXTENSION")
-        return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, u32(cap, "cap", "KVM_CHECK_EXTENSION"))
+    def _check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap)
 
-    def create_vm(self, vm_type: int = 0) -> KvmVm:
-        op = "KVM_CREATE_VM"
-        self._check_open(op)
-        fd = ioctl(self.fd, uapi.KVM_CREATE_VM, u32(vm_type, "vm_type", op))
-        return KvmVm(self, fd, vm_type)
+    def _create_vm(self, vm_type: int) -> KvmVm:
+        return KvmVm(self, ioctl(self.fd, uapi.KVM_CREATE_VM, vm_type), vm_type)
 
-    def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
-        self._check_open("KVM_GET_SUPPORTED_CPUID")
+    def _get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         if self._cpuid is None:
             nent = 256
             cpuid = uapi.cpuid2_type(nent)()
             cpuid.nent = nent
             ioctl_ptr(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, cpuid)
             self._cpuid = [cpuid.entries[i] for i in range(cpuid.nent)]
-        return [type(e).from_buffer_copy(e) for e in self._cpuid]
+        return self._cpuid

@@ -25,11 +25,10 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvmgmem import uapi
-from kvmgmem.api import Vcpu, cpuid_entries, u64
+from kvmgmem.api import Pending, Vcpu, awaited_reply
 from kvmgmem.errors import KvmError, closed_error
 from kvmgmem.exits import (
     Exit,
@@ -84,10 +83,13 @@ _REASON_AND_IO = struct.Struct(f"<I{_EXIT_UNION - _EXIT_REASON_OFFSET - 4}xBBHIQ
 _U64 = struct.Struct("<Q")
 _HYPERCALL_RET = _EXIT_UNION + uapi.kvm_run_hypercall.ret.offset
 _MMIO_DATA = _EXIT_UNION + uapi.kvm_run_mmio.data.offset
+_MMIO_LEN = _EXIT_UNION + uapi.kvm_run_mmio.len.offset
+_U32 = struct.Struct("<I")
+#: Pending by value: the C Runner stores the IN marker as the plain str "io_in" (equal to Pending.IO_IN).
+_PENDING: dict[str | None, Pending] = {kind.value: kind for kind in Pending}
 _kvm_run = kvm_run_function()
 _KVM_RUN = uapi.KVM_RUN
 _EXIT_IO = uapi.KVM_EXIT_IO
-_IO_IN = uapi.KVM_EXIT_IO_IN
 _IO_CACHE_SIZE = 256
 _get_ident = threading.get_ident
 _get_errno = ctypes.get_errno
@@ -103,7 +105,6 @@ class KvmVcpu(Vcpu):
         # unmapped under a running vCPU thread. (The C path does the same with a mutex inside the Runner.)
         self._run_lock = threading.Lock()
         self._thread_id: int | None = None
-        self._py_pending: str | None = None  # exit awaiting completion: "io_in", "mmio_read", "hypercall"
         self._io_cache: dict[tuple[int, int, int, int, bytes], IoExit] = {}
         self._finalizer = weakref.finalize(self, os.close, fd)  # dropped without close(): no fd leak
         self._runner: _cext.Runner | None = None
@@ -124,19 +125,31 @@ class KvmVcpu(Vcpu):
         self._check_open("kvm_run")
         return uapi.kvm_run.from_buffer_copy(self._map)
 
-    @property
-    def _pending(self) -> str | None:
-        """The completion the last exit awaits: None, "io_in", "mmio_read" or "hypercall"."""
-        runner = self._runner
-        return self._py_pending if runner is None else runner.pending
+    # The base Vcpu's pending reply, stored in the Runner on the C path: Runner.run() records an IN exit's
+    # ("io_in", equal to Pending.IO_IN) itself, so the IO round trip stays free of Python bytecode, and
+    # _slow_exit records the others through this setter. The pure-Python path uses the base class's storage.
 
-    @_pending.setter
-    def _pending(self, kind: str | None) -> None:
+    @property
+    def _pending(self) -> Pending | None:
         runner = self._runner
         if runner is None:
-            self._py_pending = kind
+            return self._pending_reply
+        return _PENDING.get(runner.pending)
+
+    @_pending.setter
+    def _pending(self, kind: Pending | None) -> None:
+        runner = self._runner
+        if runner is None:
+            self._pending_reply = kind
         else:
             runner.pending = kind
+
+    def _reply_length(self) -> int:
+        """Read from ``kvm_run``, the kernel's own record of the exit (the C path keeps no length)."""
+        if self._pending == Pending.IO_IN:
+            _, size, _, count, _ = _IO_LAYOUT.unpack_from(self._map, _EXIT_UNION)
+            return int(size * count)
+        return int(_U32.unpack_from(self._map, _MMIO_LEN)[0])
 
     def _release(self) -> None:
         self.kick()
@@ -152,47 +165,37 @@ class KvmVcpu(Vcpu):
 
     # --- registers -------------------------------------------------------------------------------------
 
-    def get_regs(self) -> uapi.kvm_regs:
-        self._check_open("KVM_GET_REGS")
+    def _get_regs(self) -> uapi.kvm_regs:
         regs = uapi.kvm_regs()
         ioctl_ptr(self.fd, uapi.KVM_GET_REGS, regs)
         return regs
 
-    def set_regs(self, regs: uapi.kvm_regs) -> None:
-        self._check_open("KVM_SET_REGS")
-        if not isinstance(regs, uapi.kvm_regs):
-            raise TypeError(f"KVM_SET_REGS: expected uapi.kvm_regs, not {type(regs).__name__}")
+    def _set_regs(self, regs: uapi.kvm_regs) -> None:
         ioctl_ptr(self.fd, uapi.KVM_SET_REGS, regs)
 
-    def get_sregs(self) -> uapi.kvm_sregs:
-        self._check_open("KVM_GET_SREGS")
+    def _get_sregs(self) -> uapi.kvm_sregs:
         sregs = uapi.kvm_sregs()
         ioctl_ptr(self.fd, uapi.KVM_GET_SREGS, sregs)
         return sregs
 
-    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        self._check_open("KVM_SET_SREGS")
-        if not isinstance(sregs, uapi.kvm_sregs):
-            raise TypeError(f"KVM_SET_SREGS: expected uapi.kvm_sregs, not {type(sregs).__name__}")
+    def _set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         ioctl_ptr(self.fd, uapi.KVM_SET_SREGS, sregs)
 
-    def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
-        self._check_open("KVM_SET_CPUID2")
-        chosen = self.vm.system.get_supported_cpuid() if entries is None else cpuid_entries(entries)
-        cpuid = uapi.cpuid2_type(len(chosen))()
-        cpuid.nent = len(chosen)
-        for i, entry in enumerate(chosen):
-            cpuid.entries[i] = entry
+    def _set_cpuid2(self, cpuid: Any) -> None:
         ioctl_ptr(self.fd, uapi.KVM_SET_CPUID2, cpuid, op="KVM_SET_CPUID2")
 
     # --- running ---------------------------------------------------------------------------------------
 
     def run(self) -> Exit:
-        """The pure-Python ``run()``; with the C extension the instance attribute ``run`` (the Runner's
-        method) shadows this, and calling it through the class still takes the C path."""
+        """With the C extension the instance attribute ``run`` (the Runner's method) shadows this, and calling
+        it through the class still takes the C path; otherwise the base ``run()`` over :meth:`_run`."""
         runner = self._runner
         if runner is not None:
             return runner.run()
+        return Vcpu.run(self)
+
+    def _run(self) -> Exit:
+        """The pure-Python KVM_RUN."""
         op = "KVM_RUN"
         if not self._run_lock.acquire(False):
             self._busy()
@@ -202,7 +205,6 @@ class KvmVcpu(Vcpu):
             self._thread_id = _get_ident()
             kvm_run = self._map
             ret = _kvm_run(self.fd, _KVM_RUN, 0)
-            self._py_pending = None
             if ret < 0:
                 return self._failed(_get_errno())
             # The hot path: exit_reason and the io member in one unpack (io is garbage unless reason is IO).
@@ -220,8 +222,6 @@ class KvmVcpu(Vcpu):
         and a lookup is cheaper than building one (a VMM's ports mostly see the same few values)."""
         _, direction, size, port, count, offset = fields
         data = kvm_run[offset : offset + size * count]
-        if direction == _IO_IN:
-            self._py_pending = "io_in"
         key = (direction, port, size, count, data)
         cache = self._io_cache
         exit = cache.get(key)
@@ -252,8 +252,6 @@ class KvmVcpu(Vcpu):
             return HltExit()
         if reason == uapi.KVM_EXIT_MMIO:
             mmio = run.exit.mmio
-            if not mmio.is_write:
-                self._pending = "mmio_read"
             return MmioExit(
                 phys_addr=mmio.phys_addr,
                 data=bytes(mmio.data)[: mmio.len],
@@ -262,7 +260,6 @@ class KvmVcpu(Vcpu):
             )
         if reason == uapi.KVM_EXIT_HYPERCALL:
             hc = run.exit.hypercall
-            self._pending = "hypercall"
             return HypercallExit(
                 nr=hc.nr, args=tuple(hc.args), longmode=bool(hc.flags & uapi.KVM_EXIT_HYPERCALL_LONG_MODE)
             )
@@ -276,28 +273,15 @@ class KvmVcpu(Vcpu):
             return SystemEventExit(type=event.type, data=tuple(event.data[: min(event.ndata, 16)]))
         return UnknownExit(reason=reason)
 
-    def _expect_pending(self, kind: str, op: str) -> uapi.kvm_run:
-        self._check_open(op)
-        if self._pending != kind:
-            raise KvmError(errno.EINVAL, op, f"no pending {kind.replace('_', ' ')} exit to complete")
-        return uapi.kvm_run.from_buffer_copy(self._map)
+    def _complete_io(self, data: bytes) -> None:
+        offset = _IO_LAYOUT.unpack_from(self._map, _EXIT_UNION)[4]
+        self._map[offset : offset + len(data)] = data
 
-    def complete_io(self, data: bytes) -> None:
-        io = self._expect_pending("io_in", "complete_io").exit.io
-        length = io.size * io.count
-        if len(data) != length:
-            raise ValueError(f"complete_io: expected {length} bytes (size {io.size} x count {io.count})")
-        self._map[io.data_offset : io.data_offset + length] = bytes(data)
+    def _complete_mmio(self, data: bytes) -> None:
+        self._map[_MMIO_DATA : _MMIO_DATA + len(data)] = data
 
-    def complete_mmio(self, data: bytes) -> None:
-        mmio = self._expect_pending("mmio_read", "complete_mmio").exit.mmio
-        if len(data) != mmio.len:
-            raise ValueError(f"complete_mmio: expected {mmio.len} bytes")
-        self._map[_MMIO_DATA : _MMIO_DATA + mmio.len] = bytes(data)
-
-    def complete_hypercall(self, ret: int) -> None:
-        self._expect_pending("hypercall", "complete_hypercall")
-        _U64.pack_into(self._map, _HYPERCALL_RET, u64(ret, "ret", "complete_hypercall"))
+    def _complete_hypercall(self, ret: int) -> None:
+        _U64.pack_into(self._map, _HYPERCALL_RET, ret)
 
     def kick(self) -> None:
         runner = self._runner
@@ -318,7 +302,9 @@ def _slow_exit(vcpu: KvmVcpu, kind: int, value: int) -> Exit:
     """The C path's decoder for everything but KVM_EXIT_IO, called by ``Runner.run`` (still holding the
     Runner's run lock, so kvm_run stays mapped): the same code the pure-Python path runs."""
     if kind == _cext.EXIT:
-        return vcpu._decode(uapi.kvm_run.from_buffer_copy(vcpu._map))
+        exit = vcpu._decode(uapi.kvm_run.from_buffer_copy(vcpu._map))
+        vcpu._pending = awaited_reply(exit)[0]  # the Runner recorded None before calling us
+        return exit
     if kind == _cext.ERRNO:
         return vcpu._failed(value)
     if kind == _cext.BUSY:

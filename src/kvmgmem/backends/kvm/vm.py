@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, u32, u64
+from kvmgmem.api import Userspace, Vm
 
 from .gmem import KvmGuestMemfd
 from .sys_calls import ioctl, ioctl_ptr
@@ -53,84 +53,27 @@ class KvmVm(Vm):
             vcpu.close()
         self._finalizer()
 
-    def check_extension(self, cap: int) -> int:
-        self._check_open("KVM_CHECK_EXTENSION")
-        return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, u32(cap, "cap", "KVM_CHECK_EXTENSION"))
+    def _check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, cap)
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> KvmGuestMemfd:
-        op = "KVM_CREATE_GUEST_MEMFD"
-        self._check_open(op)
-        args = uapi.kvm_create_guest_memfd(size=u64(size, "size", op), flags=u64(flags, "flags", op))
+    def _create_guest_memfd(self, args: uapi.kvm_create_guest_memfd) -> KvmGuestMemfd:
         fd = ioctl_ptr(self.fd, uapi.KVM_CREATE_GUEST_MEMFD, args)
         return KvmGuestMemfd(self, fd, args.size, args.flags)
 
-    def set_user_memory_region(
-        self, slot: int, guest_phys_addr: int, memory_size: int, userspace: Any = None, flags: int = 0
-    ) -> None:
-        op = "KVM_SET_USER_MEMORY_REGION"
-        self._check_open(op)
-        region = uapi.kvm_userspace_memory_region(
-            slot=u32(slot, "slot", op),
-            flags=u32(flags, "flags", op),
-            guest_phys_addr=u64(guest_phys_addr, "guest_phys_addr", op),
-            memory_size=u64(memory_size, "memory_size", op),
-        )
-        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION, region, userspace, op)
+    def _set_user_memory_region(self, region: uapi.kvm_userspace_memory_region, user: Userspace) -> None:
+        ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
 
-    def set_user_memory_region2(
-        self,
-        slot: int,
-        guest_phys_addr: int,
-        memory_size: int,
-        userspace: Any = None,
-        flags: int = 0,
-        guest_memfd: GuestMemfd | int | None = None,
-        guest_memfd_offset: int = 0,
-    ) -> None:
-        op = "KVM_SET_USER_MEMORY_REGION2"
-        self._check_open(op)
-        region = uapi.kvm_userspace_memory_region2(
-            slot=u32(slot, "slot", op),
-            flags=u32(flags, "flags", op),
-            guest_phys_addr=u64(guest_phys_addr, "guest_phys_addr", op),
-            memory_size=u64(memory_size, "memory_size", op),
-            guest_memfd_offset=u64(guest_memfd_offset, "guest_memfd_offset", op),
-            guest_memfd=u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op),
-        )
-        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION2, region, userspace, op)
+    def _set_user_memory_region2(self, region: uapi.kvm_userspace_memory_region2, user: Userspace) -> None:
+        ioctl_ptr(self.fd, uapi.KVM_SET_USER_MEMORY_REGION2, region)
 
-    def _set_region(self, request: int, region: Any, userspace: Any, op: str) -> None:
-        """Both region ioctls: fill in the (pinned) userspace address, issue, then track the slot's pin."""
-        with self._memslot_update(userspace, op) as user:
-            region.userspace_addr = user.address
-            ioctl_ptr(self.fd, request, region)
-            self._track_slot(region.slot, region.memory_size, user)
-
-    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        op = "KVM_SET_MEMORY_ATTRIBUTES"
-        self._check_open(op)
-        attrs = uapi.kvm_memory_attributes(
-            address=u64(address, "address", op),
-            size=u64(size, "size", op),
-            attributes=u64(attributes, "attributes", op),
-            flags=u64(flags, "flags", op),
-        )
+    def _set_memory_attributes(self, attrs: uapi.kvm_memory_attributes) -> None:
         ioctl_ptr(self.fd, uapi.KVM_SET_MEMORY_ATTRIBUTES, attrs)
 
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        op = "KVM_ENABLE_CAP"
-        self._check_open(op)
-        if len(args) > 4:
-            raise ValueError(f"{op}: at most 4 args, got {len(args)}")
-        enable = uapi.kvm_enable_cap(cap=u32(cap, "cap", op), flags=u32(flags, "flags", op))
-        for i, arg in enumerate(args):
-            enable.args[i] = u64(arg, f"args[{i}]", op)
-        ioctl_ptr(self.fd, uapi.KVM_ENABLE_CAP, enable)
+    def _enable_cap(self, cap: uapi.kvm_enable_cap) -> None:
+        ioctl_ptr(self.fd, uapi.KVM_ENABLE_CAP, cap)
 
-    def create_vcpu(self, vcpu_id: int = 0) -> KvmVcpu:
-        op = "KVM_CREATE_VCPU"
-        self._check_open(op)
-        fd = ioctl(self.fd, uapi.KVM_CREATE_VCPU, u32(vcpu_id, "vcpu_id", op))
+    def _create_vcpu(self, vcpu_id: int) -> KvmVcpu:
+        fd = ioctl(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id)
         try:
             vcpu = KvmVcpu(self, fd, vcpu_id, self.system.vcpu_mmap_size)
         except BaseException:

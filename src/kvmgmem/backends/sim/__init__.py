@@ -23,19 +23,37 @@ Sim-only surface: ``SimGuestMemfd.inject_poison``,
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from kvmgmem.gmem_mapping import GmemMapping
 
 from .core.profile import DEFAULT_PROFILE, PROFILES, SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, get_profile
-from .gmem import SimGuestMemfd
-from .system import SimSystem
-from .vcpu import SimVcpu
-from .vm import SimVm
+
+if TYPE_CHECKING:
+    from .gmem import SimGuestMemfd
+    from .system import SimSystem
+    from .vcpu import SimVcpu
+    from .vm import SimVm
+
+# The adapters are imported on first use, not with the package: they pull in the CPU (unicorn), and the
+# kernel model in ``core/`` must import without it (its tests need no CPU; tests/sim/test_core_layering.py).
+_LAZY = {"SimGuestMemfd": ".gmem", "SimSystem": ".system", "SimVcpu": ".vcpu", "SimVm": ".vm"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 def open_system(profile: str | Profile = DEFAULT_PROFILE, **options: Any) -> SimSystem:
     """Open the sim with the given kernel profile and host-configuration options."""
+    from .system import SimSystem
+
     return SimSystem(get_profile(profile, **options))
 
 

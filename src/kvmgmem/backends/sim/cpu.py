@@ -129,6 +129,7 @@ from unicorn.x86_const import (
 )
 
 from kvmgmem import uapi
+from kvmgmem.api import Pending
 from kvmgmem.backends.sim import cpu_regs
 from kvmgmem.backends.sim.cpu_emul import MmioAccess, decode, decode_mmio, memory_operands
 from kvmgmem.backends.sim.cpu_exc import (
@@ -287,7 +288,7 @@ class _DataOutcome:
 class _Completion:
     """What the next ``run()`` finishes before entering the guest (KVM's ``complete_userspace_io``)."""
 
-    kind: str  # "io_in" | "skip" | "mmio_load" | "hypercall"
+    kind: Pending | None  # the reply the exit waits for (the base Vcpu's vocabulary); None: only skip it
     next_rip: int
     size: int = 0
     mmio: MmioAccess | None = None
@@ -478,17 +479,17 @@ class SimCpu:
 
     def complete_io(self, data: bytes) -> None:
         c = self._completion
-        if c is not None and c.kind == "io_in":
+        if c is not None and c.kind == Pending.IO_IN:
             c.data = bytes(data)
 
     def complete_mmio(self, data: bytes) -> None:
         c = self._completion
-        if c is not None and c.kind == "mmio_load":
+        if c is not None and c.kind == Pending.MMIO_READ:
             c.data = bytes(data)
 
     def complete_hypercall(self, ret: int) -> None:
         c = self._completion
-        if c is not None and c.kind == "hypercall":
+        if c is not None and c.kind == Pending.HYPERCALL:
             c.ret = ret & MASK64
 
     # --- requests: flush, kick, store changes -------------------------------------------------------------
@@ -708,7 +709,7 @@ class SimCpu:
         if c is None:
             return
         uc = self._uc
-        if c.kind == "io_in":
+        if c.kind == Pending.IO_IN:
             rax = uc.reg_read(UC_X86_REG_RAX)
             value = int.from_bytes(c.data[: c.size].ljust(c.size, b"\0"), "little")
             if c.size == 4:
@@ -717,12 +718,12 @@ class SimCpu:
                 mask = (1 << (8 * c.size)) - 1
                 rax = (rax & ~mask) | value
             uc.reg_write(UC_X86_REG_RAX, rax & MASK64)
-        elif c.kind == "mmio_load" and c.mmio is not None:
+        elif c.kind == Pending.MMIO_READ and c.mmio is not None:
             from kvmgmem.backends.sim.cpu_emul import UC_GPR, ix
 
             reg_id = UC_GPR[ix.RegisterExt.full_register(c.mmio.dest)]
             uc.reg_write(reg_id, c.mmio.load_result(uc.reg_read(reg_id), c.data))
-        elif c.kind == "hypercall":
+        elif c.kind == Pending.HYPERCALL:
             uc.reg_write(UC_X86_REG_RAX, c.ret)
         uc.reg_write(UC_X86_REG_RIP, c.next_rip)
 
@@ -1054,9 +1055,9 @@ class SimCpu:
             if opcode in (0x6C, 0x6D):  # INS: the dummy value already went to memory; not emulated
                 return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip,))
             uc.reg_write(UC_X86_REG_RAX, io.rax)
-            self._completion = _Completion("io_in", next_rip, size=io.size)
+            self._completion = _Completion(Pending.IO_IN, next_rip, size=io.size)
         else:
-            self._completion = _Completion("skip", next_rip)
+            self._completion = _Completion(None, next_rip)
         uc.reg_write(UC_X86_REG_RIP, io.rip)  # as KVM: RIP stays on the instruction until the next run
         return IoExit(io.direction, io.port, io.size, 1, io.data)
 
@@ -1116,9 +1117,9 @@ class SimCpu:
             return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (rip,))
         gpa = gpa_page | (access.va & 0xFFF)
         if access.is_write:
-            self._completion = _Completion("skip", access.next_rip)
+            self._completion = _Completion(None, access.next_rip)
             return MmioExit(gpa, access.data, access.length, True)
-        self._completion = _Completion("mmio_load", access.next_rip, mmio=access)
+        self._completion = _Completion(Pending.MMIO_READ, access.next_rip, mmio=access)
         return MmioExit(gpa, bytes(access.length), access.length, False)
 
     def _invalid_opcode(self) -> Exit | None:
@@ -1142,7 +1143,7 @@ class SimCpu:
             elif a0 & 0xFFF or a1 == 0 or ((a0 >> 12) + a1) & MASK64 <= a0 >> 12:
                 ret = -uapi.KVM_EINVAL
             else:
-                self._completion = _Completion("hypercall", rip + 3)
+                self._completion = _Completion(Pending.HYPERCALL, rip + 3)
                 return HypercallExit(nr, (a0, a1, a2, 0, 0, 0), True)
         elif nr == KVM_HC_VAPIC_POLL_IRQ:
             ret = 0

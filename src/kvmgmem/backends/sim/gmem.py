@@ -13,7 +13,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, as_uint, bytes_arg, count_arg, signed64, u64
+from kvmgmem.api import GuestMemfd, u64
 from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 
@@ -69,69 +69,51 @@ class SimGuestMemfd(GuestMemfd):
 
     # --- fallocate ------------------------------------------------------------------------------------------
 
-    def fallocate(self, mode: int, offset: int, length: int) -> None:
-        op = "fallocate"
-        self._check_open(op)
-        mode = as_uint(mode, 32, "mode", op)
-        self._file.vm.gmem_fallocate(self._file, mode, u64(offset, "offset", op), u64(length, "length", op))
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        self._file.vm.gmem_fallocate(self._file, mode, offset, length)
 
     def inject_poison(self, offset: int) -> None:
         """Sim-only: a memory failure on the page holding file ``offset`` (§2.15): zap its guest mappings,
         mark it hwpoisoned (guest access → EHWPOISON exit, host access → SIGBUS), no truncation."""
         op = "inject_poison"
         self._check_open(op)
-        off = signed64(u64(offset, "offset", op))
+        off = uapi.signed64(u64(offset, "offset", op))
         if off < 0:
             raise KvmError(errno.EINVAL, op, "negative offset")
         self._file.vm.gmem_poison(self._file, off >> uapi.PAGE_SHIFT)
 
     # --- mmap -----------------------------------------------------------------------------------------------
 
-    def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> GmemMapping:
+    def _mmap(self, length: int, offset: int, shared: bool) -> GmemMapping:
         """6.18+ ``kvm_gmem_mmap``: a real ``GmemMapping`` (the same type as on kvm). The generic mmap(2)
         errnos first (EINVAL, ENOMEM, EOVERFLOW), then no GUEST_MEMFD_FLAG_MMAP → ENODEV, MAP_PRIVATE →
         EINVAL. The mapping may extend past EOF; see ``mapping.py`` for where accesses SIGBUS."""
-        op = "mmap"
-        self._check_open(op)
-        length = self.size if length is None else u64(length, "length", op)
-        offset = u64(offset, "offset", op)
         inode = self._file.inode
         allowed = bool(self._file.vm.profile.gmem_flags and inode.mmap_allowed)
-        return map_gmem(self._file, self._fd, length, offset, bool(shared), allowed)
+        return map_gmem(self._file, self._fd, length, offset, shared, allowed)
 
     # --- file operations guest_memfd does not have (§2.9, §2.11; errnos as measured on 6.18) -----------------
 
-    def read(self, n: int) -> bytes:
-        count_arg(n, "n", "read")
-        self._check_open("read")
+    def _read(self, n: int) -> bytes:
         raise KvmError(errno.EINVAL, "read", "guest_memfd has no read operation")
 
-    def write(self, data: bytes) -> int:
-        bytes_arg(data, "write")
-        self._check_open("write")
+    def _write(self, data: bytes) -> int:
         raise KvmError(errno.EINVAL, "write", "guest_memfd has no write operation")
 
-    def pread(self, n: int, offset: int) -> bytes:
-        count_arg(n, "n", "pread")
-        self._check_open("pread")
-        if signed64(u64(offset, "offset", "pread")) < 0:
+    def _pread(self, n: int, offset: int) -> bytes:
+        if uapi.signed64(offset) < 0:
             raise KvmError(errno.EINVAL, "pread", "negative offset")
         raise KvmError(errno.ESPIPE, "pread", "guest_memfd is not seekable")
 
-    def pwrite(self, data: bytes, offset: int) -> int:
-        bytes_arg(data, "pwrite")
-        self._check_open("pwrite")
-        if signed64(u64(offset, "offset", "pwrite")) < 0:
+    def _pwrite(self, data: bytes, offset: int) -> int:
+        if uapi.signed64(offset) < 0:
             raise KvmError(errno.EINVAL, "pwrite", "negative offset")
         raise KvmError(errno.ESPIPE, "pwrite", "guest_memfd is not seekable")
 
-    def truncate(self, length: int) -> None:
-        u64(length, "length", "ftruncate")
-        self._check_open("ftruncate")
+    def _truncate(self, length: int) -> None:
         raise KvmError(errno.EINVAL, "ftruncate", "guest_memfd is not resizable")
 
-    def stat(self) -> os.stat_result:
-        self._check_open("fstat")
+    def _stat(self) -> os.stat_result:
         st = os.fstat(self._fd)
         # The kernel's anon inode has one link (``alloc_anon_secure_inode``); the memfd standing in for it
         # reports 0 (unlinked shmem). Everything else (size, mode, blksize, a unique st_ino) is the memfd's.

@@ -6,7 +6,7 @@ import os
 import weakref
 
 from kvmgmem import uapi
-from kvmgmem.api import System, u64
+from kvmgmem.api import System
 
 from . import fdtable
 from .core.caps import check_extension
@@ -32,23 +32,18 @@ class SimSystem(System):
     def _release(self) -> None:
         self._finalizer()
 
-    def check_extension(self, cap: int) -> int:
-        op = "KVM_CHECK_EXTENSION"
-        self._check_open(op)
-        return check_extension(self.profile, u64(cap, "cap", op), None)
+    def _check_extension(self, cap: int) -> int:
+        return check_extension(self.profile, cap, None)
 
-    def create_vm(self, vm_type: int = 0) -> SimVm:
-        op = "KVM_CREATE_VM"
-        self._check_open(op)
-        return SimVm(self, create_vm(self.profile, u64(vm_type, "vm_type", op)))
+    def _create_vm(self, vm_type: int) -> SimVm:
+        return SimVm(self, create_vm(self.profile, vm_type))
 
     @property
     def private_access_bit(self) -> int | None:
         """The sim-only private access bit (profile option; None = off). Not a kernel capability."""
         return self.profile.private_access_bit
 
-    def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
-        self._check_open("KVM_GET_SUPPORTED_CPUID")
+    def _get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         return supported_cpuid(self.profile)
 
     def __repr__(self) -> str:

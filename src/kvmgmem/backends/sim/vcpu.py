@@ -10,13 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import Vcpu, bytes_arg, cpuid_entries, u64
+from kvmgmem.api import Vcpu
 from kvmgmem.errors import KvmError
-from kvmgmem.exits import Exit, HypercallExit, IoExit, MmioExit
+from kvmgmem.exits import Exit
 
 from . import fdtable
 from .core.vm import VmCore
@@ -65,7 +64,6 @@ class SimVcpu(Vcpu):
         self._sregs: uapi.kvm_sregs | None = reset_sregs()
         self._cpuid: list[uapi.kvm_cpuid_entry2] = []
         self._cpu = cpus.create_cpu(vcpu_id)
-        self._pending: tuple[str, int] | None = None  # exit awaiting completion, and its data length
         core = vm.core
         core.get()
         self._fd = fdtable.placeholder_fd()
@@ -79,83 +77,48 @@ class SimVcpu(Vcpu):
         self._cpu.close()
         self._finalizer()
 
-    def get_regs(self) -> uapi.kvm_regs:
-        self._check_open("KVM_GET_REGS")
+    def _get_regs(self) -> uapi.kvm_regs:
         if self._regs is not None:
             return uapi.kvm_regs.from_buffer_copy(self._regs)
         return self._cpu.get_regs()
 
-    def set_regs(self, regs: uapi.kvm_regs) -> None:
-        self._check_open("KVM_SET_REGS")
-        if not isinstance(regs, uapi.kvm_regs):
-            raise TypeError(f"KVM_SET_REGS: expected uapi.kvm_regs, not {type(regs).__name__}")
+    def _set_regs(self, regs: uapi.kvm_regs) -> None:
         self._cpu.set_regs(regs)
         self._regs = None
 
-    def get_sregs(self) -> uapi.kvm_sregs:
-        self._check_open("KVM_GET_SREGS")
+    def _get_sregs(self) -> uapi.kvm_sregs:
         if self._sregs is not None:
             return uapi.kvm_sregs.from_buffer_copy(self._sregs)
         return self._cpu.get_sregs()
 
-    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        self._check_open("KVM_SET_SREGS")
-        if not isinstance(sregs, uapi.kvm_sregs):
-            raise TypeError(f"KVM_SET_SREGS: expected uapi.kvm_sregs, not {type(sregs).__name__}")
+    def _set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         self._cpu.set_sregs(sregs)
         self._sregs = None
 
-    def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
-        self._check_open("KVM_SET_CPUID2")
-        self._cpuid = cpuid_entries(self.vm.system.get_supported_cpuid() if entries is None else entries)
+    def _set_cpuid2(self, cpuid: Any) -> None:
+        self._cpuid = [uapi.kvm_cpuid_entry2.from_buffer_copy(cpuid.entries[i]) for i in range(cpuid.nent)]
 
     @property
     def cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         return list(self._cpuid)
 
-    def run(self) -> Exit:
-        self._check_open("KVM_RUN")
+    def _run(self) -> Exit:
         if self._cpu.take_kick():  # immediate_exit wins over every state check, as in KVM
             raise KvmError(errno.EINTR, "KVM_RUN")
         if self._regs is not None or self._sregs is not None:
             # Never loaded: unicorn cannot start from real-mode RESET state (it runs long-mode engines).
             raise KvmError(errno.EINVAL, "KVM_RUN", "the sim starts vCPUs only from a loaded long-mode state "
                            "(KVM_SET_REGS and KVM_SET_SREGS first)")  # fmt: skip
-        self._pending = None
-        exit = self._cpu.run()
-        if isinstance(exit, IoExit) and not exit.is_out:
-            self._pending = ("io_in", exit.size * exit.count)
-        elif isinstance(exit, MmioExit) and not exit.is_write:
-            self._pending = ("mmio_read", exit.length)
-        elif isinstance(exit, HypercallExit):
-            self._pending = ("hypercall", 0)
-        return exit
+        return self._cpu.run()
 
-    def _expect_pending(self, kind: str, op: str) -> int:
-        """The byte count the pending ``kind`` exit expects; EINVAL (as the kvm backend) if none is pending."""
-        self._check_open(op)
-        if self._pending is None or self._pending[0] != kind:
-            raise KvmError(errno.EINVAL, op, f"no pending {kind.replace('_', ' ')} exit to complete")
-        return self._pending[1]
-
-    def complete_io(self, data: bytes) -> None:
-        data = bytes_arg(data, "complete_io")
-        length = self._expect_pending("io_in", "complete_io")
-        if len(data) != length:
-            raise ValueError(f"complete_io: expected {length} bytes")
+    def _complete_io(self, data: bytes) -> None:
         self._cpu.complete_io(data)
 
-    def complete_mmio(self, data: bytes) -> None:
-        data = bytes_arg(data, "complete_mmio")
-        length = self._expect_pending("mmio_read", "complete_mmio")
-        if len(data) != length:
-            raise ValueError(f"complete_mmio: expected {length} bytes")
+    def _complete_mmio(self, data: bytes) -> None:
         self._cpu.complete_mmio(data)
 
-    def complete_hypercall(self, ret: int) -> None:
-        value = u64(ret, "ret", "complete_hypercall")
-        self._expect_pending("hypercall", "complete_hypercall")
-        self._cpu.complete_hypercall(value)
+    def _complete_hypercall(self, ret: int) -> None:
+        self._cpu.complete_hypercall(ret)
 
     def kick(self) -> None:
         if not self.closed:

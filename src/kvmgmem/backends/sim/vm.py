@@ -1,4 +1,4 @@
-"""``Vm`` on the sim: marshals arguments like a C caller and calls the model's ioctl-level operations.
+"""``Vm`` on the sim: unpacks the uapi structs ``api.Vm`` built into the model's ioctl-level operations.
 
 Also the sim-only surface other layers use: ``handle_fault`` and ``add_zap_listener`` (the CPU contract,
 see ``core/mmu.py``), ``introspect()``, and ``sim`` (the ``VmCore``).
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
-from kvmgmem.api import GuestMemfd, Userspace, Vm, fd_of, u32, u64
+from kvmgmem.api import Userspace, Vm
 from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 
@@ -183,15 +183,12 @@ class SimVm(Vm):
 
     # --- ioctls ---------------------------------------------------------------------------------------------
 
-    def check_extension(self, cap: int) -> int:
-        op = "KVM_CHECK_EXTENSION"
-        self._check_open(op)
-        return self.core.check_extension(u64(cap, "cap", op))
+    def _check_extension(self, cap: int) -> int:
+        return self.core.check_extension(cap)
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> SimGuestMemfd:
+    def _create_guest_memfd(self, args: uapi.kvm_create_guest_memfd) -> SimGuestMemfd:
         op = "KVM_CREATE_GUEST_MEMFD"
-        self._check_open(op)
-        file = self.core.create_guest_memfd(u64(size, "size", op), u64(flags, "flags", op), GmemStorage)
+        file = self.core.create_guest_memfd(args.size, args.flags, GmemStorage)
         try:
             gmem = SimGuestMemfd(self, file)
         except OSError as e:
@@ -205,97 +202,64 @@ class SimVm(Vm):
                 storage.chunk_listeners.append(self._stores.get)
         return gmem
 
-    def set_user_memory_region(
-        self, slot: int, guest_phys_addr: int, memory_size: int, userspace: Any = None, flags: int = 0
-    ) -> None:
-        self._set_region(False, slot, guest_phys_addr, memory_size, userspace, flags, None, 0)
+    def _set_user_memory_region(self, region: uapi.kvm_userspace_memory_region, user: Userspace) -> None:
+        # A v1 region has no guest_memfd fields; the kernel never reads them on this path (v1 refuses
+        # KVM_MEM_GUEST_MEMFD first), so the model gets "no file" (fd -1) and offset 0.
+        self._set_region(False, region, 0xFFFFFFFF, 0, user)
 
-    def set_user_memory_region2(
-        self,
-        slot: int,
-        guest_phys_addr: int,
-        memory_size: int,
-        userspace: Any = None,
-        flags: int = 0,
-        guest_memfd: GuestMemfd | int | None = None,
-        guest_memfd_offset: int = 0,
-    ) -> None:
-        self._set_region(True, slot, guest_phys_addr, memory_size, userspace, flags, guest_memfd, guest_memfd_offset)
+    def _set_user_memory_region2(self, region: uapi.kvm_userspace_memory_region2, user: Userspace) -> None:
+        self._set_region(True, region, region.guest_memfd, region.guest_memfd_offset, user)
 
     def _set_region(
         self,
         v2: bool,
-        slot: int,
-        gpa: int,
-        size: int,
-        userspace: Any,
-        flags: int,
-        guest_memfd: GuestMemfd | int | None,
+        region: uapi.kvm_userspace_memory_region | uapi.kvm_userspace_memory_region2,
+        fd: int,
         offset: int,
+        user: Userspace,
     ) -> None:
-        op = "KVM_SET_USER_MEMORY_REGION2" if v2 else "KVM_SET_USER_MEMORY_REGION"
-        self._check_open(op)
-        slot, flags = u32(slot, "slot", op), u32(flags, "flags", op)
-        gpa, size = u64(gpa, "guest_phys_addr", op), u64(size, "memory_size", op)
-        fd = u32(fd_of(guest_memfd, "guest_memfd", op), "guest_memfd", op)
-        offset = u64(offset, "guest_memfd_offset", op)
-        with self._memslot_update(userspace, op) as user:
-            live = _live_range(user) if size else None
-            if live is not None:  # registered before the slot exists, so no vCPU can see an unknown store
-                self._stores.get(live[0], live[1] - live[0])
-            try:
-                self.core.set_user_memory_region(
-                    v2=v2,
-                    slot=slot,
-                    flags=flags,
-                    guest_phys_addr=gpa,
-                    memory_size=size,
-                    userspace_addr=user.address,
-                    guest_memfd=fd,
-                    guest_memfd_offset=offset,
-                    hva_live=live,
-                    fd_lookup=fdtable.lookup,
-                )
-            except BaseException:
-                if live is not None:
-                    self._stores.put(live[0])
-                raise
-            self._track_slot(slot, size, user)
-            if size and flags & uapi.KVM_MEM_GUEST_MEMFD:
-                bound = fdtable.lookup(fd)
-                if isinstance(bound, GmemFile) and isinstance(bound.inode.backing, GmemStorage):
-                    bound.inode.backing.premap(offset, size)
-            previous = self._slot_stores.pop(slot, None)
+        slot, flags, size = region.slot, region.flags, region.memory_size
+        live = _live_range(user) if size else None
+        if live is not None:  # registered before the slot exists, so no vCPU can see an unknown store
+            self._stores.get(live[0], live[1] - live[0])
+        try:
+            self.core.set_user_memory_region(
+                v2=v2,
+                slot=slot,
+                flags=flags,
+                guest_phys_addr=region.guest_phys_addr,
+                memory_size=size,
+                userspace_addr=region.userspace_addr,
+                guest_memfd=fd,
+                guest_memfd_offset=offset,
+                hva_live=live,
+                fd_lookup=fdtable.lookup,
+            )
+        except BaseException:
             if live is not None:
-                self._slot_stores[slot] = live[0]
-            if previous is not None:
-                self._stores.put(previous)
+                self._stores.put(live[0])
+            raise
+        if size and flags & uapi.KVM_MEM_GUEST_MEMFD:
+            bound = fdtable.lookup(fd)
+            if isinstance(bound, GmemFile) and isinstance(bound.inode.backing, GmemStorage):
+                bound.inode.backing.premap(offset, size)
+        previous = self._slot_stores.pop(slot, None)
+        if live is not None:
+            self._slot_stores[slot] = live[0]
+        if previous is not None:
+            self._stores.put(previous)
 
-    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        op = "KVM_SET_MEMORY_ATTRIBUTES"
-        self._check_open(op)
-        self.core.set_memory_attributes(
-            u64(address, "address", op),
-            u64(size, "size", op),
-            u64(attributes, "attributes", op),
-            u64(flags, "flags", op),
-        )
+    def _set_memory_attributes(self, attrs: uapi.kvm_memory_attributes) -> None:
+        self.core.set_memory_attributes(attrs.address, attrs.size, attrs.attributes, attrs.flags)
 
-    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        op = "KVM_ENABLE_CAP"
-        self._check_open(op)
-        if len(args) > 4:
-            raise ValueError(f"{op}: at most 4 args, got {len(args)}")
-        values = tuple(u64(a, f"args[{i}]", op) for i, a in enumerate(args)) + (0,) * (4 - len(args))
-        self.core.enable_cap(u32(cap, "cap", op), u32(flags, "flags", op), values)
+    def _enable_cap(self, cap: uapi.kvm_enable_cap) -> None:
+        self.core.enable_cap(cap.cap, cap.flags, tuple(cap.args))
         cpus = self._stores.cpus
         if cpus is not None:
             cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
 
-    def create_vcpu(self, vcpu_id: int = 0) -> SimVcpu:
+    def _create_vcpu(self, vcpu_id: int) -> SimVcpu:
         op = "KVM_CREATE_VCPU"
-        self._check_open(op)
-        vcpu_id = u32(vcpu_id, "vcpu_id", op)
         profile = self.core.profile
         # Closed vCPUs count too: closing a vCPU fd does not destroy the kernel's vCPU, which lives until the
         # VM is destroyed (kvm_vm_ioctl_create_vcpu checks created_vcpus and the id against every vCPU the VM

@@ -20,8 +20,8 @@ EPT walk). It is thread-safe (takes ``mmu.lock`` only, never the ioctl lock) and
   ``handle_fault(gpa, write=True)`` which returns ``FaultMmio`` for it. ``spurious`` means the SPTE
   already existed.
 - ``FaultMemoryExit`` — KVM_RUN must fail with ``errno`` (EFAULT, EHWPOISON, EIO, ENOMEM) and
-  ``exit_reason`` 39; ``to_exit()`` builds the ``MemoryFaultExit`` (gpa page aligned, size 4096, flags
-  PRIVATE iff the access was private). The instruction has not executed; re-running retries it.
+  ``exit_reason`` 39; the adapter builds the ``MemoryFaultExit`` from it (gpa page aligned, size 4096,
+  flags PRIVATE iff the access was private). The instruction has not executed; re-running retries it.
 - ``FaultMmio`` — no memslot (or a write to a READONLY slot): emulate as KVM_EXIT_MMIO.
 - ``FaultRetry`` — an invalidation covering the gfn is in progress (or the slot is being deleted/moved):
   nothing was installed; retry the access (yield the GIL first, the invalidating thread needs it).
@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.exits import MemoryFaultExit
 
 from .gmem import PAGE_HWPOISON, PAGE_PRESENT, GmemInode
 from .memslots import Memslot
@@ -126,9 +125,6 @@ class FaultMemoryExit:
     gpa: int
     errno: int
     size: int = uapi.PAGE_SIZE
-
-    def to_exit(self) -> MemoryFaultExit:
-        return MemoryFaultExit(flags=self.flags, gpa=self.gpa, size=self.size, errno=self.errno)
 
 
 @dataclass(frozen=True)

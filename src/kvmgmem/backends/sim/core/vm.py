@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmgmem import uapi
-from kvmgmem.api import signed64
 from kvmgmem.errors import KvmError
 
 from . import attributes as attrs
@@ -179,7 +178,7 @@ class VmCore:
         valid = self.profile.gmem_valid_flags(self.has_private_mem)
         if flags & ~valid:
             raise KvmError(errno.EINVAL, op, f"flags {flags:#x} not in supported {valid:#x}")
-        if signed64(size) <= 0 or size % uapi.PAGE_SIZE:
+        if uapi.signed64(size) <= 0 or size % uapi.PAGE_SIZE:
             raise KvmError(errno.EINVAL, op, f"size {size:#x} must be positive and page aligned")
         if flags & SIM_GUEST_MEMFD_FLAG_HUGEPAGE and size % _HUGE_BYTES:
             raise KvmError(errno.EINVAL, op, f"huge-page guest_memfd size {size:#x} not 2 MiB aligned")
@@ -278,7 +277,7 @@ class VmCore:
             if offset + size > inode.size:
                 raise KvmError(errno.EINVAL, op, "guest_memfd_offset + size beyond the file")
         else:  # ≤7.1: signed loff_t arithmetic (offset + size may wrap negative and pass)
-            if signed64(offset) < 0 or signed64(offset + size) > inode.size:
+            if uapi.signed64(offset) < 0 or uapi.signed64(offset + size) > inode.size:
                 raise KvmError(errno.EINVAL, op, "guest_memfd_offset negative or offset + size beyond the file")
         if inode.hugepage and (offset % _HUGE_BYTES or size % _HUGE_BYTES):
             raise KvmError(errno.EINVAL, op, "huge-page guest_memfd needs 2 MiB aligned offset and size")
@@ -476,7 +475,7 @@ class VmCore:
 
     def gmem_fallocate(self, file: GmemFile, mode: int, offset: int, length: int) -> None:
         op = "fallocate"
-        off, ln = signed64(offset), signed64(length)
+        off, ln = uapi.signed64(offset), uapi.signed64(length)
         # generic vfs_fallocate checks
         if off < 0 or ln <= 0:
             raise KvmError(errno.EINVAL, op, "offset < 0 or len <= 0")
