@@ -34,7 +34,8 @@ _SPEC_ID_IN_PATTERN = re.compile(r"(?<![\w:.\[-])(gm|sr|pk|pc)-(\d+)([a-z]?)(?![
 
 
 def spec_id(case: str) -> str:
-    """The spec §4 case id a test is named for ("GM-13", "SR-4e", ...), or "" for the §2 edge cases."""
+    """The selftest case id a test is named for ("GM-13", "SR-4e", ...), or "" for the edge cases (see
+    kvmgmem.conformance)."""
     m = _SPEC_ID.match(case)
     return f"{m.group(1).upper()}-{m.group(2)}" if m else ""
 

@@ -20,7 +20,7 @@ MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
 INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
 
-# set_memory_region_test.c constants (spec §4.2)
+# set_memory_region_test.c constants
 MEM_REGION_SIZE = 0x200000
 MEM_REGION_GPA = 0xC0000000
 MEM_REGION_SLOT = 10
@@ -56,7 +56,7 @@ def require_cap(obj: Any, cap: int, name: str, backend: str, mask: int | None = 
 
 
 def gmem_flag_sets(vm: Any) -> list[int]:
-    """F ∈ {0} ∪ {MMAP if supported} ∪ {MMAP|INIT_SHARED if supported} (spec §4.1)."""
+    """F ∈ {0} ∪ {MMAP if supported} ∪ {MMAP|INIT_SHARED if supported} (guest_memfd_test.c)."""
     valid = int(vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS))
     sets = [0]
     if valid & MMAP:

@@ -1,9 +1,10 @@
-"""KVM_SET_MEMORY_ATTRIBUTES conformance: spec §2.6 (check order, no memslot needed), §2.2 (which VMs
-support which attributes).
+"""KVM_SET_MEMORY_ATTRIBUTES conformance: `kvm_vm_ioctl_set_mem_attributes` (check order, no memslot needed),
+`kvm_vm_ioctl_check_extension_generic` (which VMs support which attributes).
 
 This host's real 6.18 kernel is built without generic memory attributes (KVM_CAP_MEMORY_ATTRIBUTES = 0,
-host-probes §0), so the ioctl does not exist there → ENOTTY. Backends that have the ioctl (the sim) are checked
-against §2.6 on the VM types that support PRIVATE (SW_PROTECTED) and on the DEFAULT VM (supports nothing).
+docs/conformance.md), so the ioctl does not exist there → ENOTTY. Backends that have the ioctl (the sim) are checked
+against `kvm_vm_ioctl_set_mem_attributes` on the VM types that support PRIVATE (SW_PROTECTED) and on the DEFAULT VM
+(supports nothing).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 
 def test_attributes_enotty_without_cap(system: kvmgmem.System, vm: kvmgmem.Vm, backend: str) -> None:
-    """§2.6 preamble: a kernel without CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES (system KVM_CAP_MEMORY_ATTRIBUTES
-    = 0) has no such ioctl: every call → ENOTTY, whatever the arguments. The sim's default build has the
-    attributes, so on the sim the case runs on ``profile="host"``, which is built without them."""
+    """`kvm_vm_ioctl_set_mem_attributes` preamble: a kernel without CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES (system
+    KVM_CAP_MEMORY_ATTRIBUTES = 0) has no such ioctl: every call → ENOTTY, whatever the arguments. The sim's default
+    build has the attributes, so on the sim the case runs on ``profile="host"``, which is built without them."""
     if backend == "sim" and system.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES):
         with kvmgmem.open("sim", profile="host") as host_sim, host_sim.create_vm() as host_vm:
             _check_enotty(host_sim, host_vm)
@@ -43,8 +44,8 @@ def _check_enotty(system: kvmgmem.System, vm: kvmgmem.Vm) -> None:
 
 
 def test_attributes_default_vm_supports_none(system: kvmgmem.System, vm: kvmgmem.Vm, backend: str) -> None:
-    """§2.2/§2.6 step 3: where the ioctl exists, a DEFAULT VM reports MEMORY_ATTRIBUTES 0 and accepts only
-    attributes == 0; PRIVATE → EINVAL."""
+    """`kvm_vm_ioctl_check_extension_generic`/`kvm_vm_ioctl_set_mem_attributes`: where the ioctl exists, a DEFAULT VM
+    reports MEMORY_ATTRIBUTES 0 and accepts only attributes == 0; PRIVATE → EINVAL."""
     require_cap(system, uapi.KVM_CAP_MEMORY_ATTRIBUTES, "KVM_CAP_MEMORY_ATTRIBUTES", backend)
     assert vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) == 0
     with raises_kvm(EINVAL, OP):
@@ -60,28 +61,28 @@ def attr_vm(protected_vm: kvmgmem.Vm, backend: str) -> kvmgmem.Vm:
 
 
 def test_attributes_private_vm_cap(attr_vm: kvmgmem.Vm) -> None:
-    """§2.2: a SW_PROTECTED VM reports exactly KVM_MEMORY_ATTRIBUTE_PRIVATE (8)."""
+    """`kvm_vm_ioctl_check_extension_generic`: a SW_PROTECTED VM reports exactly KVM_MEMORY_ATTRIBUTE_PRIVATE (8)."""
     assert attr_vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) == PRIVATE
 
 
 def test_attributes_flags_nonzero_einval(attr_vm: kvmgmem.Vm) -> None:
-    """§2.6 step 2: flags != 0 → EINVAL, even when everything else is valid."""
+    """`kvm_vm_ioctl_set_mem_attributes`: flags != 0 → EINVAL, even when everything else is valid."""
     for flags in (1, 8, 1 << 63):
         with raises_kvm(EINVAL, OP):
             attr_vm.set_memory_attributes(MEM_REGION_GPA, P, PRIVATE, flags)
 
 
 def test_attributes_unsupported_bits_einval(attr_vm: kvmgmem.Vm) -> None:
-    """§2.6 step 3: any attribute bit other than PRIVATE (RWX bits 0–2 are reserved, bit 4, bit 63) →
-    EINVAL, alone or next to PRIVATE."""
+    """`kvm_vm_ioctl_set_mem_attributes`: any attribute bit other than PRIVATE (RWX bits 0–2 are reserved, bit 4, bit
+    63) → EINVAL, alone or next to PRIVATE."""
     for attrs in (1, 2, 4, 0x10, 1 << 63, PRIVATE | 1, PRIVATE | 0x10):
         with raises_kvm(EINVAL, OP):
             attr_vm.set_memory_attributes(MEM_REGION_GPA, P, attrs)
 
 
 def test_attributes_size_zero_or_wrap_einval(attr_vm: kvmgmem.Vm) -> None:
-    """§2.6 step 4: size 0 → EINVAL; address + size wrapping u64 → EINVAL — including the last page, whose
-    end 2^64 wraps to 0 (the kernel tests ``address + size < address``)."""
+    """`kvm_vm_ioctl_set_mem_attributes`: size 0 → EINVAL; address + size wrapping u64 → EINVAL — including the last
+    page, whose end 2^64 wraps to 0 (the kernel tests ``address + size < address``)."""
     for attrs in (0, PRIVATE):
         with raises_kvm(EINVAL, OP):
             attr_vm.set_memory_attributes(MEM_REGION_GPA, 0, attrs)
@@ -92,15 +93,15 @@ def test_attributes_size_zero_or_wrap_einval(attr_vm: kvmgmem.Vm) -> None:
 
 
 def test_attributes_unaligned_einval(attr_vm: kvmgmem.Vm) -> None:
-    """§2.6 step 5: address or size not page aligned → EINVAL."""
+    """`kvm_vm_ioctl_set_mem_attributes`: address or size not page aligned → EINVAL."""
     for address, size in ((MEM_REGION_GPA + 0x800, P), (MEM_REGION_GPA, P + 1), (1, P), (0, P - 1)):
         with raises_kvm(EINVAL, OP):
             attr_vm.set_memory_attributes(address, size, PRIVATE)
 
 
 def test_attributes_no_memslot_required(attr_vm: kvmgmem.Vm) -> None:
-    """§2.6 steps 6–7, 10: any aligned range is accepted without a memslot; setting the same value again is a
-    no-op success; 0 converts back; a huge range (1 TiB) too."""
+    """`kvm_vm_ioctl_set_mem_attributes`: any aligned range is accepted without a memslot; setting the same value again
+    is a no-op success; 0 converts back; a huge range (1 TiB) too."""
     attr_vm.set_memory_attributes(MEM_REGION_GPA, MEM_REGION_SIZE, PRIVATE)
     attr_vm.set_memory_attributes(MEM_REGION_GPA, MEM_REGION_SIZE, PRIVATE)
     attr_vm.set_memory_attributes(MEM_REGION_GPA + P, P, 0)
@@ -111,7 +112,8 @@ def test_attributes_no_memslot_required(attr_vm: kvmgmem.Vm) -> None:
 
 
 def test_attributes_over_gmem_slot(attr_vm: kvmgmem.Vm) -> None:
-    """§2.6 step 9: converting a range covered by a GUEST_MEMFD memslot (partly, and past its end) succeeds."""
+    """`kvm_vm_ioctl_set_mem_attributes`: converting a range covered by a GUEST_MEMFD memslot (partly, and past its end)
+    succeeds."""
     with attr_vm.create_guest_memfd(MEM_REGION_SIZE, 0) as g:
         attr_vm.set_user_memory_region2(MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE, None, GMEM, g, 0)
         attr_vm.set_memory_attributes(MEM_REGION_GPA, P, PRIVATE)

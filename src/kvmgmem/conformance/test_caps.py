@@ -1,5 +1,5 @@
-"""Capability answers (spec §2.2, profile 6.18 — this host's kernel), VM types (§2.3) and
-KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) (§2.7)."""
+"""Capability answers (`kvm_vm_ioctl_check_extension_generic`, profile 6.18 — this host's kernel), VM types
+(`kvm_dev_ioctl_create_vm`) and KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) (x86 `kvm_vm_ioctl_enable_cap`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from ._util import EEXIST, EINVAL, INIT_SHARED, MMAP, P, raises_kvm
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 HC_BIT = 1 << uapi.KVM_HC_MAP_GPA_RANGE
 
-#: §2.2, 6.18 column: caps every x86 6.18 KVM with guest_memfd answers the same on /dev/kvm and a DEFAULT VM.
+#: `kvm_vm_ioctl_check_extension_generic` as of 6.18: caps every x86 6.18 KVM with guest_memfd answers the same on
+#: /dev/kvm and a DEFAULT VM.
 COMMON = {
     uapi.KVM_CAP_USER_MEMORY: 1,
     uapi.KVM_CAP_NR_MEMSLOTS: 32764,
@@ -34,21 +35,23 @@ def _answers(obj: object, caps: dict[int, int]) -> dict[str, int]:
 
 
 def test_caps_system_6_18(system: kvmgmem.System) -> None:
-    """§2.2 on /dev/kvm: USER_MEMORY2 1, MEMORY_FAULT_INFO 1, GUEST_MEMFD 1, GUEST_MEMFD_FLAGS MMAP|INIT_SHARED
-    = 3, EXIT_HYPERCALL 1<<12, NR_MEMSLOTS 32764, USER_MEMORY 1, CHECK_EXTENSION_VM 1."""
+    """`kvm_vm_ioctl_check_extension_generic` on /dev/kvm: USER_MEMORY2 1, MEMORY_FAULT_INFO 1, GUEST_MEMFD 1,
+    GUEST_MEMFD_FLAGS MMAP|INIT_SHARED = 3, EXIT_HYPERCALL 1<<12, NR_MEMSLOTS 32764, USER_MEMORY 1, CHECK_EXTENSION_VM
+    1."""
     assert _answers(system, COMMON) == {NAMES[c]: v for c, v in COMMON.items()}
 
 
 def test_caps_default_vm_6_18(vm: kvmgmem.Vm) -> None:
-    """§2.2 on a DEFAULT VM (6.18): the same answers as the system — GUEST_MEMFD 1 for every VM,
-    GUEST_MEMFD_FLAGS 3 (INIT_SHARED allowed: no private memory) — and MEMORY_ATTRIBUTES 0."""
+    """`kvm_vm_ioctl_check_extension_generic` on a DEFAULT VM (6.18): the same answers as the system — GUEST_MEMFD 1 for
+    every VM, GUEST_MEMFD_FLAGS 3 (INIT_SHARED allowed: no private memory) — and MEMORY_ATTRIBUTES 0."""
     expected = {**COMMON, uapi.KVM_CAP_MEMORY_ATTRIBUTES: 0}
     assert _answers(vm, expected) == {NAMES[c]: v for c, v in expected.items()}
 
 
 def test_caps_sw_protected_vm_6_18(protected_vm: kvmgmem.Vm) -> None:
-    """§2.2 on a SW_PROTECTED VM: GUEST_MEMFD 1, GUEST_MEMFD_FLAGS MMAP only (1), MEMORY_ATTRIBUTES PRIVATE (8),
-    USER_MEMORY2 1; a private-memory VM has a single address space (MULTI_ADDRESS_SPACE ≤ 1)."""
+    """`kvm_vm_ioctl_check_extension_generic` on a SW_PROTECTED VM: GUEST_MEMFD 1, GUEST_MEMFD_FLAGS MMAP only (1),
+    MEMORY_ATTRIBUTES PRIVATE (8), USER_MEMORY2 1; a private-memory VM has a single address space (MULTI_ADDRESS_SPACE ≤
+    1)."""
     expected = {
         **COMMON,
         uapi.KVM_CAP_GUEST_MEMFD_FLAGS: MMAP,
@@ -59,8 +62,8 @@ def test_caps_sw_protected_vm_6_18(protected_vm: kvmgmem.Vm) -> None:
 
 
 def test_caps_memory_attributes_consistent(system: kvmgmem.System) -> None:
-    """§2.2/§1.7: system MEMORY_ATTRIBUTES is 0 (not configured, as on this host) or PRIVATE; a kernel that
-    offers SW_PROTECTED VMs must offer PRIVATE."""
+    """`kvm_vm_ioctl_check_extension_generic`: system MEMORY_ATTRIBUTES is 0 (not
+    configured, as on this host) or PRIVATE; a kernel that offers SW_PROTECTED VMs must offer PRIVATE."""
     cap = system.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)
     assert cap in (0, PRIVATE)
     if uapi.KVM_X86_SW_PROTECTED_VM in system.supported_vm_types:
@@ -68,15 +71,16 @@ def test_caps_memory_attributes_consistent(system: kvmgmem.System) -> None:
 
 
 def test_caps_unknown_cap_is_zero(system: kvmgmem.System, vm: kvmgmem.Vm) -> None:
-    """§2.2: unknown caps return 0 (243 is an arm64 cap; 9999 and 1<<20 do not exist)."""
+    """`kvm_vm_ioctl_check_extension_generic`: unknown caps return 0 (243 is an arm64 cap; 9999 and 1<<20 do not
+    exist)."""
     for cap in (243, 9999, 1 << 20):
         assert system.check_extension(cap) == 0
         assert vm.check_extension(cap) == 0
 
 
 def test_supported_vm_types(system: kvmgmem.System) -> None:
-    """§2.2 VM_TYPES / §2.3: supported_vm_types is the bit set of KVM_CAP_VM_TYPES (DEFAULT always in it);
-    each listed type can be created, and reports its type."""
+    """`kvm_vm_ioctl_check_extension_generic` VM_TYPES / `kvm_dev_ioctl_create_vm`: supported_vm_types is the bit set of
+    KVM_CAP_VM_TYPES (DEFAULT always in it); each listed type can be created, and reports its type."""
     mask = system.check_extension(uapi.KVM_CAP_VM_TYPES)
     types = system.supported_vm_types
     assert uapi.KVM_X86_DEFAULT_VM in types
@@ -89,7 +93,7 @@ def test_supported_vm_types(system: kvmgmem.System) -> None:
 
 
 def test_create_vm_unsupported_type_einval(system: kvmgmem.System) -> None:
-    """§2.3: a type ≥ 32 or whose bit is not in the supported bitmap → EINVAL (KVM_CREATE_VM)."""
+    """`kvm_dev_ioctl_create_vm`: a type ≥ 32 or whose bit is not in the supported bitmap → EINVAL (KVM_CREATE_VM)."""
     types = system.supported_vm_types
     missing = [t for t in range(6) if t not in types]
     for t in [*missing, 31, 32, 0xFFFFFFFF]:
@@ -98,8 +102,9 @@ def test_create_vm_unsupported_type_einval(system: kvmgmem.System) -> None:
 
 
 def test_multi_address_space_consistent(vm: kvmgmem.Vm) -> None:
-    """§1.2/§2.5 F: memslot as_id (slot >> 16) must be < KVM_CAP_MULTI_ADDRESS_SPACE (0 means 1 space):
-    the first address space past the count → EINVAL; the ones below it work."""
+    """`kvm_arch_nr_memslot_as_ids`/`__kvm_set_memory_region`: memslot as_id (slot >> 16) must be <
+    KVM_CAP_MULTI_ADDRESS_SPACE (0 means 1 space): the first address space past the count → EINVAL; the ones below it
+    work."""
     n = max(vm.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE), 1)
     with raises_kvm(EINVAL, "KVM_SET_USER_MEMORY_REGION"):
         vm.set_user_memory_region(n << 16, 0, P, None)
@@ -108,7 +113,7 @@ def test_multi_address_space_consistent(vm: kvmgmem.Vm) -> None:
         vm.set_user_memory_region(as_id << 16, 0, 0, None)
 
 
-# --- §2.7 KVM_ENABLE_CAP(EXIT_HYPERCALL) ----------------------------------------------------------------------
+# --- x86 `kvm_vm_ioctl_enable_cap` KVM_ENABLE_CAP(EXIT_HYPERCALL) ---------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -119,8 +124,9 @@ def test_multi_address_space_consistent(vm: kvmgmem.Vm) -> None:
     ],
 )
 def test_enable_cap_exit_hypercall(vm_of: Callable[[int], kvmgmem.Vm], vm_type: int) -> None:
-    """§2.7 (host-probes §1): args[0] = 1<<12 → ok (also repeated, and 0 to clear); args[0] with any other bit
-    (1<<11, 0xffffffff, 1<<12|1) → EINVAL; flags != 0 → EINVAL even with a valid mask."""
+    """x86 `kvm_vm_ioctl_enable_cap` (also measured on this host): args[0] = 1<<12 → ok (also repeated, and 0 to
+    clear); args[0] with any other bit (1<<11, 0xffffffff, 1<<12|1) → EINVAL; flags != 0 → EINVAL even with a valid
+    mask."""
     vm = vm_of(vm_type)
     op = "KVM_ENABLE_CAP"
     vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_BIT)
@@ -136,7 +142,8 @@ def test_enable_cap_exit_hypercall(vm_of: Callable[[int], kvmgmem.Vm], vm_type: 
 
 
 def test_enable_cap_exit_hypercall_after_vcpu(vm: kvmgmem.Vm) -> None:
-    """host-probes §1: enabling EXIT_HYPERCALL works after KVM_CREATE_VCPU too."""
+    """Enabling EXIT_HYPERCALL works after KVM_CREATE_VCPU too (x86 `kvm_vm_ioctl_enable_cap` does not check
+    ``kvm->created_vcpus`` for it; so on this host)."""
     vm.create_vcpu(0)
     vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_BIT)
 

@@ -1,6 +1,7 @@
-"""guest_memfd mappings and files as a new user meets them (spec §2.10, §2.11, §2.12): lifetime of a VM
-dropped without close(), dup'd fds, madvise, mmap offset/length limits, huge sparse files, memslots over a
-private mapping. Expected values are the 6.18 kernel's (this host's), checked on every backend.
+"""guest_memfd mappings and files as a new user meets them (`kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`,
+`kvm_gmem_setattr`, `kvm_gmem_release`): lifetime of a VM dropped without close(), dup'd fds, madvise, mmap
+offset/length limits, huge sparse files, memslots over a private mapping. Expected values are the 6.18 kernel's (this
+host's), checked on every backend.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _mapping_count() -> int:
         return len(f.read().splitlines())
 
 
-# --- lifetime: a VM dropped without close() (§2.12, §2.14) -------------------------------------------------
+# --- lifetime: a VM dropped without close() (`kvm_gmem_release`; a guest_memfd holds a VM reference) ----------
 
 
 def test_dropped_vm_with_self_backed_slot_unmaps(system: kvmgmem.System, backend: str) -> None:
@@ -65,12 +66,12 @@ def test_dropped_vm_with_self_backed_slot_unmaps(system: kvmgmem.System, backend
     assert grown_kib < (1 << 30) // 1024, f"VmSize grew by {grown_kib} KiB after 20 dropped 1 GiB VMs"
 
 
-# --- dup'd fds and fstat (§2.11, §2.12) -------------------------------------------------------------------
+# --- dup'd fds and fstat (`kvm_gmem_setattr`, `kvm_gmem_release`) ---------------------------------------------
 
 
 def test_dup_fd_binds_also_after_original_closed(vm: kvmgmem.Vm, backend: str) -> None:
     """The selftests bind ``dup(gmem_fd)``: a dup'd fd is the same file to ``kvm_gmem_bind``'s ``fget``, and it
-    keeps the file (and its bindings' target) alive after the original fd is closed (§2.12: release happens
+    keeps the file (and its bindings' target) alive after the original fd is closed (`kvm_gmem_release`: release happens
     on the last close). A second binding of the same range through the dup is the same file: EINVAL."""
     g = vm.create_guest_memfd(4 * P)
     dup = os.dup(g.fd)
@@ -96,14 +97,14 @@ def test_dup_fd_binds_also_after_original_closed(vm: kvmgmem.Vm, backend: str) -
 
 
 def test_fstat_one_link(vm: kvmgmem.Vm) -> None:
-    """§2.11: fstat of a guest_memfd (an anon inode) reports st_nlink 1, st_size the creation size, mode
+    """`kvm_gmem_setattr`: fstat of a guest_memfd (an anon inode) reports st_nlink 1, st_size the creation size, mode
     0100600, st_blksize 4096."""
     with vm.create_guest_memfd(4 * P) as g:
         st = g.stat()
         assert (st.st_nlink, st.st_size, st.st_mode, st.st_blksize) == (1, 4 * P, 0o100600, P)
 
 
-# --- madvise on a guest_memfd mapping (§2.10 (5)) -----------------------------------------------------------
+# --- madvise on a guest_memfd mapping (`kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`) -------------------------
 
 
 def test_madvise_remove_frees_and_bad_advice_einval(vm: kvmgmem.Vm, backend: str) -> None:
@@ -159,7 +160,7 @@ def test_mmap_large_file_not_refused_by_overcommit(vm: kvmgmem.Vm, backend: str)
         assert m[-4:] == b"last"
 
 
-# --- memslots over a guest_memfd mapping (§2.5, §2.10) ------------------------------------------------------
+# --- memslots over a guest_memfd mapping (`__kvm_set_memory_region`, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`) ---
 
 
 @pytest.mark.parametrize("v2", [pytest.param(False, id="REGION"), pytest.param(True, id="REGION2")])
@@ -190,7 +191,7 @@ def test_memslot_over_private_mapping_accepted(vm: kvmgmem.Vm, backend: str, v2:
         assert m.closed
 
 
-# --- files above 32 TiB (§2.4: size is any positive page-aligned signed 64-bit value) -----------------------
+# --- files above 32 TiB (`kvm_gmem_create`: size is any positive page-aligned signed 64-bit value) ------------
 
 
 @pytest.mark.parametrize("size", [pytest.param(1 << 46, id="64TiB"), pytest.param(2**63 - P, id="2^63-4096")])

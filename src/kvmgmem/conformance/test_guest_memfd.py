@@ -1,7 +1,9 @@
-"""guest_memfd file conformance: spec §4.1 (guest_memfd_test.c cases GM-n), §2.4, §2.8–§2.11, §2.14.
+"""guest_memfd file conformance: the cases GM-n of tools/testing/selftests/kvm/guest_memfd_test.c, and
+`kvm_gmem_create`, `kvm_gmem_fallocate`, `kvm_gmem_fops`, `kvm_gmem_mmap`, `kvm_gmem_setattr` and the VM reference a
+guest_memfd holds (virt/kvm/guest_memfd.c).
 
-Expected values are the spec's 6.18 profile, which is what this host's kernel (6.18.44) returns
-(host-probes §2, §10); the sim's default profile is the same kernel.
+Expected values are upstream 6.18's, which is what this host's kernel (6.18.44) returns (measured, and the upstream
+guest_memfd_test passes here; docs/conformance.md); the sim's default profile is the same kernel.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ VM_TYPES = [
     pytest.param(uapi.KVM_X86_DEFAULT_VM, id="DEFAULT"),
     pytest.param(uapi.KVM_X86_SW_PROTECTED_VM, id="SW_PROTECTED"),
 ]
-#: Spec §2.2 / §4.1 GM-1, profile 6.18: valid creation flags per VM type.
+#: `kvm_vm_ioctl_check_extension_generic` / GM-1, profile 6.18: valid creation flags per VM type.
 EXPECTED_VALID_FLAGS = {uapi.KVM_X86_DEFAULT_VM: MMAP | INIT_SHARED, uapi.KVM_X86_SW_PROTECTED_VM: MMAP}
 
 
@@ -53,7 +55,7 @@ MMAP_FLAG_SETS = [pytest.param(f, id=_flag_id(f)) for f in (MMAP, MMAP | INIT_SH
 
 @pytest.mark.parametrize("vm_type", VM_TYPES)
 def test_gm1_flags_sweep(vm_of: Callable[[int], kvmgmem.Vm], vm_type: int) -> None:
-    """GM-1 (spec §4.1, §2.4 step 2): for each bit b in 0..63, gmem(p, 1<<b) succeeds iff b is in
+    """GM-1 (guest_memfd_test.c, `kvm_gmem_create`): for each bit b in 0..63, gmem(p, 1<<b) succeeds iff b is in
     KVM_CAP_GUEST_MEMFD_FLAGS of the VM, else EINVAL. 6.18: DEFAULT {MMAP, INIT_SHARED}, SW_PROTECTED {MMAP}."""
     vm = vm_of(vm_type)
     valid = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
@@ -73,7 +75,7 @@ def test_gm1_flags_sweep(vm_of: Callable[[int], kvmgmem.Vm], vm_type: int) -> No
 
 
 def test_gm1_flag_combinations_default_vm(vm: kvmgmem.Vm, backend: str) -> None:
-    """GM-1 / §2.4 step 2 (6.18): MMAP|INIT_SHARED together is accepted, INIT_SHARED alone too (the selftest
+    """GM-1 / `kvm_gmem_create` (6.18): MMAP|INIT_SHARED together is accepted, INIT_SHARED alone too (the selftest
     flag loop creates it alone); any unsupported bit next to valid ones still fails with EINVAL."""
     require_cap(vm, uapi.KVM_CAP_GUEST_MEMFD_FLAGS, "KVM_CAP_GUEST_MEMFD_FLAGS", backend, mask=MMAP | INIT_SHARED)
     for flags in (MMAP | INIT_SHARED, INIT_SHARED, MMAP):
@@ -85,7 +87,8 @@ def test_gm1_flag_combinations_default_vm(vm: kvmgmem.Vm, backend: str) -> None:
 
 
 def test_gm1_init_shared_rejected_on_private_vm(protected_vm: kvmgmem.Vm) -> None:
-    """GM-1 / §2.2: a VM with private memory gets MMAP but not INIT_SHARED (EINVAL)."""
+    """GM-1 / `kvm_vm_ioctl_check_extension_generic`: a VM with private memory gets MMAP but not INIT_SHARED
+    (EINVAL)."""
     with protected_vm.create_guest_memfd(P, MMAP) as g:
         assert g.flags == MMAP
     for flags in (INIT_SHARED, MMAP | INIT_SHARED):
@@ -97,7 +100,7 @@ def test_gm1_init_shared_rejected_on_private_vm(protected_vm: kvmgmem.Vm) -> Non
 
 
 def test_gm2_multiple_files(vm: kvmgmem.Vm) -> None:
-    """GM-2 (spec §4.1): gmem(p) has size p, gmem(2p) has size 2p, the first keeps p, distinct inodes."""
+    """GM-2 (guest_memfd_test.c): gmem(p) has size p, gmem(2p) has size 2p, the first keeps p, distinct inodes."""
     with vm.create_guest_memfd(P, 0) as g1:
         st1 = g1.stat()
         assert st1.st_size == P
@@ -111,8 +114,8 @@ def test_gm2_multiple_files(vm: kvmgmem.Vm) -> None:
 
 @pytest.mark.parametrize("flags", FLAG_SETS)
 def test_gm3_invalid_sizes(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """GM-3 (spec §4.1, §2.4 step 3): sizes 1..p-1 → EINVAL; also 0, p+1, 2p-1 and sizes ≥ 2^63 (negative as
-    loff_t) → EINVAL."""
+    """GM-3 (guest_memfd_test.c, `kvm_gmem_create`): sizes 1..p-1 → EINVAL; also 0, p+1, 2p-1 and sizes ≥ 2^63 (negative
+    as loff_t) → EINVAL."""
     _with_flags(vm, backend, flags)
     for size in range(1, P):
         with raises_kvm(EINVAL, CREATE):
@@ -123,19 +126,19 @@ def test_gm3_invalid_sizes(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
 
 
 def test_gm3_large_lazy_size_ok(vm: kvmgmem.Vm) -> None:
-    """§2.4 success: a 1 TiB guest_memfd (far more than this machine's memory) is created, because its size
+    """`kvm_gmem_create` success: a 1 TiB guest_memfd (far more than this machine's memory) is created, because its size
     reserves nothing; pages come with first use (``test_fresh_file_has_no_pages`` measures that)."""
     with vm.create_guest_memfd(1 << 40, 0) as g:
         assert g.stat().st_size == 1 << 40
 
 
-# --- GM-4, §2.9, §2.11: file operations the kernel does not define ------------------------------------------
+# --- GM-4, `kvm_gmem_fops`, `kvm_gmem_setattr`: file operations the kernel does not define --------------------
 
 
 @pytest.mark.parametrize("flags", FLAG_SETS)
 def test_gm4_read_write(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """GM-4 (spec §4.1, §2.9; host-probes §2 for 6.18): on a 4p file read()/write() of 64 bytes → EINVAL,
-    pread()/pwrite() at offset 0 → ESPIPE; each error names its operation."""
+    """GM-4 (guest_memfd_test.c, `kvm_gmem_fops`; errnos as measured on this host's 6.18): on a 4p file read()/write()
+    of 64 bytes → EINVAL, pread()/pwrite() at offset 0 → ESPIPE; each error names its operation."""
     _with_flags(vm, backend, flags)
     with vm.create_guest_memfd(4 * P, flags) as g:
         with raises_kvm(EINVAL, "read"):
@@ -150,7 +153,7 @@ def test_gm4_read_write(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
 
 @pytest.mark.parametrize("flags", FLAG_SETS)
 def test_ftruncate_einval(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """§2.11: ftruncate to any size (grow, shrink, same, 0) → EINVAL; the size is unchanged."""
+    """`kvm_gmem_setattr`: ftruncate to any size (grow, shrink, same, 0) → EINVAL; the size is unchanged."""
     _with_flags(vm, backend, flags)
     with vm.create_guest_memfd(4 * P, flags) as g:
         for length in (8 * P, 2 * P, 4 * P, 0):
@@ -163,15 +166,16 @@ def test_ftruncate_einval(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
 
 
 def test_gm5_mmap_supported(vm: kvmgmem.Vm, backend: str) -> None:
-    """GM-5 (spec §4.1, §2.10): MMAP|INIT_SHARED 4p file mapped MAP_SHARED: fill 0xaa and read it back;
-    punch [0,p) → page 0 reads 0x00, the rest stays 0xaa; refill page 0 → all 0xaa."""
+    """GM-5 (guest_memfd_test.c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`): MMAP|INIT_SHARED 4p file mapped
+    MAP_SHARED: fill 0xaa and read it back; punch [0,p) → page 0 reads 0x00, the rest stays 0xaa; refill page 0 → all
+    0xaa."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     size = 4 * P
     with vm.create_guest_memfd(size, flags) as g:
         m = g.mmap(size)
         try:
             assert len(m) == size
-            assert m[:] == bytes(size), "never-touched gmem must read as zero (§3.7)"
+            assert m[:] == bytes(size), "never-touched gmem must read as zero"
             m[:] = b"\xaa" * size
             assert m[:] == b"\xaa" * size
             g.fallocate(KEEP | PUNCH, 0, P)
@@ -184,8 +188,8 @@ def test_gm5_mmap_supported(vm: kvmgmem.Vm, backend: str) -> None:
 
 
 def test_gm5_mmap_two_mappings_share_pages(vm: kvmgmem.Vm, backend: str) -> None:
-    """§2.10 (3): a write through one MAP_SHARED mapping is visible through another mapping of the file,
-    at the right offset (mapping at offset p)."""
+    """`kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: a write through one MAP_SHARED mapping is visible through another
+    mapping of the file, at the right offset (mapping at offset p)."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     with vm.create_guest_memfd(4 * P, flags) as g:
         a = g.mmap(4 * P)
@@ -201,8 +205,8 @@ def test_gm5_mmap_two_mappings_share_pages(vm: kvmgmem.Vm, backend: str) -> None
 
 
 def test_mmap_keeps_gmem_alive_after_close(vm: kvmgmem.Vm, backend: str) -> None:
-    """§2.10 (7): a mapping holds a reference on the file, so closing the gmem object does not free the
-    memory while it is mapped."""
+    """`kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: a mapping holds a reference on the file, so closing the gmem
+    object does not free the memory while it is mapped."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     g = vm.create_guest_memfd(2 * P, flags)
     m = g.mmap(2 * P)
@@ -232,8 +236,9 @@ def _expect_sigbus(g: kvmgmem.GuestMemfd, length: int, action: str) -> None:
 
 
 def test_gm6_fault_overflow(vm: kvmgmem.Vm, backend: str) -> None:
-    """GM-6 (spec §4.1, §2.10 (3)): a 16p mapping of a 4p MMAP|INIT_SHARED file is allowed; memset over
-    all 16p raises SIGBUS after writing the first 4p (which then read 0xaa); reading byte 4p → SIGBUS."""
+    """GM-6 (guest_memfd_test.c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`): a 16p mapping of a 4p MMAP|INIT_SHARED
+    file is allowed; memset over all 16p raises SIGBUS after writing the first 4p (which then read 0xaa); reading byte
+    4p → SIGBUS."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     with vm.create_guest_memfd(4 * P, flags) as g:
         _expect_sigbus(g, 16 * P, "memset")
@@ -246,8 +251,8 @@ def test_gm6_fault_overflow(vm: kvmgmem.Vm, backend: str) -> None:
 
 
 def test_gm8_fault_private(vm: kvmgmem.Vm, backend: str) -> None:
-    """GM-8 (spec §4.1, §2.10 (3)): an MMAP file without INIT_SHARED maps fine (MAP_SHARED) but any host
-    access is private memory: memset → SIGBUS, reading byte 0 → SIGBUS."""
+    """GM-8 (guest_memfd_test.c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`): an MMAP file without INIT_SHARED maps
+    fine (MAP_SHARED) but any host access is private memory: memset → SIGBUS, reading byte 0 → SIGBUS."""
     flags = _with_flags(vm, backend, MMAP)
     with vm.create_guest_memfd(4 * P, flags) as g:
         g.mmap(4 * P).close()  # mapping itself succeeds
@@ -257,7 +262,8 @@ def test_gm8_fault_private(vm: kvmgmem.Vm, backend: str) -> None:
 
 @pytest.mark.parametrize("flags", MMAP_FLAG_SETS)
 def test_gm9a_mmap_cow_rejected(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """GM-9a (spec §4.1, §2.10 (2)): MAP_PRIVATE of an MMAP guest_memfd → EINVAL."""
+    """GM-9a (guest_memfd_test.c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`): MAP_PRIVATE of an MMAP guest_memfd →
+    EINVAL."""
     _with_flags(vm, backend, flags)
     with vm.create_guest_memfd(4 * P, flags) as g:
         with raises_kvm(EINVAL, "mmap"):
@@ -268,8 +274,9 @@ def test_gm9a_mmap_cow_rejected(vm: kvmgmem.Vm, backend: str, flags: int) -> Non
 
 @pytest.mark.parametrize("flags", [pytest.param(0, id="F0"), pytest.param(INIT_SHARED, id="INIT_SHARED")])
 def test_gm9c_mmap_not_supported(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """GM-9c (spec §4.1, §2.10 (1)): without GUEST_MEMFD_FLAG_MMAP, mmap(p) and mmap(4p) MAP_SHARED →
-    ENODEV (also for INIT_SHARED alone, host-probes §2); MAP_PRIVATE too (the MMAP check comes first)."""
+    """GM-9c (guest_memfd_test.c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`): without GUEST_MEMFD_FLAG_MMAP, mmap(p)
+    and mmap(4p) MAP_SHARED → ENODEV (also for INIT_SHARED alone, as on this host); MAP_PRIVATE too (the MMAP check
+    comes first)."""
     _with_flags(vm, backend, flags)
     with vm.create_guest_memfd(4 * P, flags) as g:
         for length in (P, 4 * P):
@@ -279,13 +286,13 @@ def test_gm9c_mmap_not_supported(vm: kvmgmem.Vm, backend: str, flags: int) -> No
             g.mmap(P, shared=False)
 
 
-# --- GM-10, §2.4 file properties -----------------------------------------------------------------------------
+# --- GM-10, `kvm_gmem_create` file properties -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("flags", FLAG_SETS)
 def test_gm10_file_size(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """GM-10 (spec §4.1, §2.11): fstat of a 4p file: st_size 4p, st_blksize p, a regular file with mode
-    0600 (0100600 as measured on the host)."""
+    """GM-10 (guest_memfd_test.c, `kvm_gmem_setattr`): fstat of a 4p file: st_size 4p, st_blksize p, a regular file with
+    mode 0600 (0100600 as measured on the host)."""
     _with_flags(vm, backend, flags)
     with vm.create_guest_memfd(4 * P, flags) as g:
         st = g.stat()
@@ -297,10 +304,11 @@ def test_gm10_file_size(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
 
 
 def test_fresh_file_has_no_pages(vm: kvmgmem.Vm, backend: str) -> None:
-    """§2.4/§2.10: a new guest_memfd holds no pages until one is used. Measured with ``allocated_bytes()``
-    (mincore on kvm, the page map on the sim), which sees the page a host write allocates — so its 0 before
-    the write means something. ``st_blocks`` is no such measure: guest_memfd never accounts i_blocks, so it
-    stays 0 after the write too (asserted, so a backend that starts inventing blocks is caught)."""
+    """`kvm_gmem_create`/`kvm_gmem_fault_user_mapping`: a new guest_memfd holds no pages until one is used.
+    Measured with ``allocated_bytes()`` (mincore on kvm, the page map on the sim), which sees the page a host write
+    allocates — so its 0 before the write means something. ``st_blocks`` is no such measure: guest_memfd never
+    accounts i_blocks, so it stays 0 after the write too (asserted, so a backend that starts inventing blocks is
+    caught)."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     with vm.create_guest_memfd(4 * P, flags) as g:
         assert g.allocated_bytes() == 0
@@ -311,7 +319,7 @@ def test_fresh_file_has_no_pages(vm: kvmgmem.Vm, backend: str) -> None:
 
 
 def test_gmem_distinct_inodes(vm: kvmgmem.Vm) -> None:
-    """§2.4: a fresh inode per KVM_CREATE_GUEST_MEMFD — st_ino differs for every file."""
+    """`kvm_gmem_create`: a fresh inode per KVM_CREATE_GUEST_MEMFD — st_ino differs for every file."""
     files = [vm.create_guest_memfd(P * (i + 1), 0) for i in range(4)]
     try:
         inos = [g.stat().st_ino for g in files]
@@ -323,7 +331,7 @@ def test_gmem_distinct_inodes(vm: kvmgmem.Vm) -> None:
 
 
 def test_gmem_fd_flags(vm: kvmgmem.Vm) -> None:
-    """§2.4: the fd is a real, distinct descriptor opened O_RDWR|O_LARGEFILE, without FD_CLOEXEC."""
+    """`kvm_gmem_create`: the fd is a real, distinct descriptor opened O_RDWR|O_LARGEFILE, without FD_CLOEXEC."""
     with vm.create_guest_memfd(P, 0) as g:
         assert g.fd >= 0
         assert fcntl.fcntl(g.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC == 0
@@ -346,13 +354,13 @@ def test_gmem_closed_ops_ebadf(vm: kvmgmem.Vm) -> None:
         g.stat()
 
 
-# --- GM-11, GM-12, §2.8 fallocate -----------------------------------------------------------------------------
+# --- GM-11, GM-12, `kvm_gmem_fallocate` -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("flags", FLAG_SETS)
 def test_gm11_fallocate(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """GM-11 (spec §4.1, §2.8), 4p file, T = 4p, in order: KEEP(0,T) ok; PUNCH(p-1,p) EINVAL; KEEP(T,p)
-    EINVAL; KEEP(T+p,p) EINVAL; PUNCH(T,p) ok; PUNCH(T+p,p) ok; PUNCH(p,p-1) EINVAL; PUNCH(p,p) ok;
+    """GM-11 (guest_memfd_test.c, `kvm_gmem_fallocate`), 4p file, T = 4p, in order: KEEP(0,T) ok; PUNCH(p-1,p) EINVAL;
+    KEEP(T,p) EINVAL; KEEP(T+p,p) EINVAL; PUNCH(T,p) ok; PUNCH(T+p,p) ok; PUNCH(p,p-1) EINVAL; PUNCH(p,p) ok;
     KEEP(p,p) ok."""
     _with_flags(vm, backend, flags)
     t = 4 * P
@@ -380,8 +388,8 @@ def test_gm11_fallocate(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
 
 @pytest.mark.parametrize("flags", FLAG_SETS)
 def test_gm12_invalid_punch_hole(vm: kvmgmem.Vm, backend: str, flags: int) -> None:
-    """GM-12 (spec §4.1, §2.8 step 3): KEEP|PUNCH with unaligned (offset, len) → EINVAL for each of the ten
-    selftest pairs."""
+    """GM-12 (guest_memfd_test.c, `kvm_gmem_fallocate`): KEEP|PUNCH with unaligned (offset, len) → EINVAL for each of
+    the ten selftest pairs."""
     _with_flags(vm, backend, flags)
     pairs = [(0, 1), (0, P - 1), (0, P + 1), (1, 1), (1, P - 1), (1, P), (1, P + 1), (P, 1), (P, P - 1), (P, P + 1)]
     with vm.create_guest_memfd(4 * P, flags) as g:
@@ -391,7 +399,8 @@ def test_gm12_invalid_punch_hole(vm: kvmgmem.Vm, backend: str, flags: int) -> No
 
 
 def test_fallocate_mode_errnos(vm: kvmgmem.Vm) -> None:
-    """§2.8 steps 1–2 and VFS pre-checks (host-probes §2): mode without KEEP_SIZE (0, PUNCH alone) →
+    """`kvm_gmem_fallocate` mode checks and the VFS pre-checks of `vfs_fallocate` (errnos as measured on this
+    host): mode without KEEP_SIZE (0, PUNCH alone) →
     EOPNOTSUPP; any other mode bit (ZERO_RANGE, COLLAPSE, INSERT, ZERO|KEEP, UNSHARE|KEEP) → EOPNOTSUPP;
     len 0, negative offset, unaligned len → EINVAL; punching past EOF succeeds."""
     with vm.create_guest_memfd(4 * P, 0) as g:
@@ -416,7 +425,7 @@ def test_fallocate_mode_errnos(vm: kvmgmem.Vm) -> None:
 
 
 def test_fallocate_keeps_data_outside_punched_range(vm: kvmgmem.Vm, backend: str) -> None:
-    """§2.8 steps 4–5: allocate leaves existing data untouched; punching one page zeroes only that page."""
+    """`kvm_gmem_fallocate`: allocate leaves existing data untouched; punching one page zeroes only that page."""
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)
     with vm.create_guest_memfd(4 * P, flags) as g:
         m = g.mmap()
@@ -432,12 +441,13 @@ def test_fallocate_keeps_data_outside_punched_range(vm: kvmgmem.Vm, backend: str
             m.close()
 
 
-# --- §2.14 ----------------------------------------------------------------------------------------------------
+# --- the guest_memfd's VM reference (`kvm_gmem_create`) -------------------------------------------------------
 
 
 def test_2_14_gmem_survives_vm_close(system: kvmgmem.System, backend: str) -> None:
-    """§2.14: closing the VM fd keeps the guest_memfd working — fallocate allocate and punch succeed, its
-    checks still run (allocate past EOF → EINVAL), and (with MMAP|INIT_SHARED) its data is intact."""
+    """the guest_memfd's VM reference (`kvm_gmem_create`): closing the VM fd keeps the guest_memfd working — fallocate
+    allocate and punch succeed, its checks still run (allocate past EOF → EINVAL), and (with MMAP|INIT_SHARED) its data
+    is intact."""
     vm = system.create_vm()
     flags = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) & (MMAP | INIT_SHARED)
     g = vm.create_guest_memfd(4 * P, flags)
@@ -490,9 +500,9 @@ def test_create_bad_argument_types(vm: kvmgmem.Vm) -> None:
 
 
 def test_gm7b_collapse(vm: kvmgmem.Vm, backend: str) -> None:
-    """GM-7b (spec §4.1, §2.10 (5)): a PMD-sized, 2 MiB-aligned range of an MMAP|INIT_SHARED mapping:
-    read-fault every page, MADV_HUGEPAGE ok, MADV_COLLAPSE → EINVAL (never huge folios), MADV_DONTNEED ok and
-    the data stays (it is in the file; DONTNEED only drops the page table entries)."""
+    """GM-7b (guest_memfd_test.c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`): a PMD-sized, 2 MiB-aligned range of an
+    MMAP|INIT_SHARED mapping: read-fault every page, MADV_HUGEPAGE ok, MADV_COLLAPSE → EINVAL (never huge folios),
+    MADV_DONTNEED ok and the data stays (it is in the file; DONTNEED only drops the page table entries)."""
     import mmap as mmap_mod
 
     flags = _with_flags(vm, backend, MMAP | INIT_SHARED)

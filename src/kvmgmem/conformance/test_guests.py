@@ -1,5 +1,6 @@
-"""Guest-running conformance cases: GM-13 (spec §4.1), PK-1/PK-2 (§4.3), PC-1/PC-2 (§4.4), the hypercall
-error returns of §3.4, and a guest access after its guest_memfd was closed (§2.12).
+"""Guest-running conformance cases: GM-13 (guest_memfd_test.c), PK-1/PK-2 (x86/private_mem_kvm_exits_test.c), PC-1/PC-2
+(x86/private_mem_conversions_test.c), the hypercall error returns of `kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE), and
+a guest access after its guest_memfd was closed (`kvm_gmem_release`).
 
 Guests are built with :mod:`kvmgmem.guest`. PK/PC need KVM_X86_SW_PROTECTED_VM: on a kernel without it (this
 host) they skip naming it. The hypercall cases meet this host's defects (``HOST_DEVIATIONS`` in the sim's
@@ -50,10 +51,10 @@ def run(v: GuestVcpu, backend: str, timeout: float = 30.0) -> Any:
 
 @pytest.mark.parametrize("user", [False, True], ids=["cpl0", "cpl3"])
 def test_gm13_guest_round_trip(system: kvmgmem.System, backend: str, make_guest: MakeGuest, user: bool) -> None:
-    """GM-13 (spec §4.1, 6.18+): DEFAULT VM with MMAP and INIT_SHARED; gmem(p, MMAP|INIT_SHARED) bound at
+    """GM-13 (guest_memfd_test.c, 6.18+): DEFAULT VM with MMAP and INIT_SHARED; gmem(p, MMAP|INIT_SHARED) bound at
     slot 1, gpa 4 GiB; the host fills 0xaa through an mmap; the guest checks every byte is 0xaa and writes
-    0xff; a fresh host mapping reads 0xff. The slot's hva is the gmem's own mapping (host-probes §2/§10:
-    this host's emulated CPL0 accesses go through the hva)."""
+    0xff; a fresh host mapping reads 0xff. The slot's hva is the gmem's own mapping (on this host
+    emulated CPL0 accesses go through the hva: `gmem_only_slot_hva_at_cpl0` in docs/conformance.md)."""
     want = MMAP | INIT_SHARED
     require_cap(system, uapi.KVM_CAP_GUEST_MEMFD_FLAGS, "KVM_CAP_GUEST_MEMFD_FLAGS", backend, mask=want)
     gpa = 4 * GIB
@@ -93,13 +94,13 @@ def _read_loop_guest() -> GuestImage:
 
 
 def _expect_private_fault(got: object) -> None:
-    """§4.3: KVM_RUN → -1/EFAULT, exit 39, flags PRIVATE, gpa 0xc0000000, size 4096."""
+    """x86/private_mem_kvm_exits_test.c: KVM_RUN → -1/EFAULT, exit 39, flags PRIVATE, gpa 0xc0000000, size 4096."""
     assert got == MemoryFaultExit(uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE, PK_GPA, P, errno.EFAULT), got
 
 
 def test_pk1_memslot_deleted(backend: str, make_guest: MakeGuest) -> None:
-    """PK-1 (spec §4.3): SW_PROTECTED VM, slot 10 with GUEST_MEMFD (hva + 1-page gmem), PRIVATE on the page;
-    a vCPU thread loops reading it; the host deletes slot 10; the thread's KVM_RUN returns -1/EFAULT with
+    """PK-1 (x86/private_mem_kvm_exits_test.c): SW_PROTECTED VM, slot 10 with GUEST_MEMFD (hva + 1-page gmem), PRIVATE
+    on the page; a vCPU thread loops reading it; the host deletes slot 10; the thread's KVM_RUN returns -1/EFAULT with
     KVM_EXIT_MEMORY_FAULT, flags PRIVATE, gpa 0xc0000000, size 4096."""
     g = make_guest(_read_loop_guest(), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
     with HostMemory(P) as mem, g.vm.create_guest_memfd(P, 0) as gmem:
@@ -119,8 +120,8 @@ def test_pk1_memslot_deleted(backend: str, make_guest: MakeGuest) -> None:
 
 
 def test_pk2_private_access_without_gmem(backend: str, make_guest: MakeGuest) -> None:
-    """PK-2 (spec §4.3): slot 10 without GUEST_MEMFD, PRIVATE on the page → the first read faults: -1/EFAULT,
-    KVM_EXIT_MEMORY_FAULT, flags PRIVATE, gpa 0xc0000000, size 4096."""
+    """PK-2 (x86/private_mem_kvm_exits_test.c): slot 10 without GUEST_MEMFD, PRIVATE on the page → the first read
+    faults: -1/EFAULT, KVM_EXIT_MEMORY_FAULT, flags PRIVATE, gpa 0xc0000000, size 4096."""
     g = make_guest(_read_loop_guest(), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
     with HostMemory(P) as mem:
         try:
@@ -132,9 +133,9 @@ def test_pk2_private_access_without_gmem(backend: str, make_guest: MakeGuest) ->
 
 
 def test_gmem_closed_while_bound_then_private_access(backend: str, make_guest: MakeGuest) -> None:
-    """§2.12 / §3.3: closing the guest_memfd while slot 10 is bound (and the page PRIVATE) leaves the slot
-    without private backing: the guest's next private access → -1/EFAULT, KVM_EXIT_MEMORY_FAULT (PRIVATE);
-    deleting the slot afterwards still works."""
+    """`kvm_gmem_release` / `kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: closing the guest_memfd while
+    slot 10 is bound (and the page PRIVATE) leaves the slot without private backing: the guest's next private access →
+    -1/EFAULT, KVM_EXIT_MEMORY_FAULT (PRIVATE); deleting the slot afterwards still works."""
     g = make_guest(_read_loop_guest(), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
     with HostMemory(P) as mem:
         try:
@@ -143,7 +144,7 @@ def test_gmem_closed_while_bound_then_private_access(backend: str, make_guest: M
             g.vm.set_memory_attributes(PK_GPA, P, PRIVATE)
             gmem.close()
             _expect_private_fault(run(g.vcpus[0], backend))
-            g.vm.set_user_memory_region2(PK_SLOT, PK_GPA, 0, None, GMEM, None, 0)  # delete works (§2.12)
+            g.vm.set_user_memory_region2(PK_SLOT, PK_GPA, 0, None, GMEM, None, 0)  # delete works (`kvm_gmem_release`)
         finally:
             g.close()
 
@@ -161,7 +162,8 @@ SYNC_SHARED, SYNC_PRIVATE = 1, 2
 
 
 class PcGuest:
-    """Emits the §4.4 guest program; r12 = this vCPU's base (4 GiB + index * 4 MiB), r13 = scratch address."""
+    """Emits the x86/private_mem_conversions_test.c guest program; r12 = this vCPU's base (4 GiB + index * 4 MiB), r13 =
+    scratch address."""
 
     def __init__(self) -> None:
         self.a = Asm()
@@ -318,7 +320,7 @@ def _run_pc(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus:
     host = PcHost(g, nvcpus, nslots)
     try:
         g.run_vcpus(host.drive, timeout=300)
-        g.close()  # the VM is freed; the gmem outlives it (§2.14)
+        g.close()  # the VM is freed; the gmem outlives it (the guest_memfd's VM reference (`kvm_gmem_create`))
         host.gmem.fallocate(KEEP | PUNCH, 0, host.total)
         host.gmem.fallocate(KEEP, 0, host.total)
     finally:
@@ -329,9 +331,9 @@ def _run_pc(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus:
 @pytest.mark.parametrize(("nvcpus", "nslots"), PC_SHAPES)
 def test_pc1_explicit_conversions(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus: int,
                                   nslots: int) -> None:  # fmt: skip
-    """PC-1 (spec §4.4), run without then with fallocate: shared writes reach the host view; converting a
-    range to private (MAP_GPA_RANGE → KVM_EXIT_HYPERCALL → KVM_SET_MEMORY_ATTRIBUTES [+ fallocate]) gives the
-    guest private memory whose writes do not leak into the hva view; converting back shows the shared data
+    """PC-1 (x86/private_mem_conversions_test.c), run without then with fallocate: shared writes reach the host view;
+    converting a range to private (MAP_GPA_RANGE → KVM_EXIT_HYPERCALL → KVM_SET_MEMORY_ATTRIBUTES [+ fallocate])
+    gives the guest private memory whose writes do not leak into the hva view; converting back shows the shared data
     again; ranges (0,p) (0,2M) (p,p) (p,2M) (2M,p), per vCPU, N vCPUs over M memslots of one guest_memfd."""
     _run_pc(system, backend, make_guest, nvcpus, nslots, _pc1_program)
 
@@ -339,12 +341,13 @@ def test_pc1_explicit_conversions(system: kvmgmem.System, backend: str, make_gue
 @pytest.mark.parametrize(("nvcpus", "nslots"), PC_SHAPES)
 def test_pc2_punch_hole(system: kvmgmem.System, backend: str, make_guest: MakeGuest, nvcpus: int,
                         nslots: int) -> None:  # fmt: skip
-    """PC-2 (spec §4.4), imprecise then precise: with everything private, PUNCH_HOLE zaps the guest's private
-    mappings and the range re-faults as zero pages; the gmem outlives the VM (punch/allocate after close)."""
+    """PC-2 (x86/private_mem_conversions_test.c), imprecise then precise: with everything private, PUNCH_HOLE zaps the
+    guest's private mappings and the range re-faults as zero pages; the gmem outlives the VM (punch/allocate after
+    close)."""
     _run_pc(system, backend, make_guest, nvcpus, nslots, _pc2_program)
 
 
-# --- §3.4 hypercall error returns -----------------------------------------------------------------------------
+# --- `kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE) hypercall error returns -----------------------------------
 
 
 def _hc_guest(*calls: tuple[int, int, int, int], user: bool = False) -> GuestImage:
@@ -383,8 +386,9 @@ def _run_hc(v: GuestVcpu, defect: bool) -> object:
 def test_hypercall_einval_bad_args(
     request: pytest.FixtureRequest, system: kvmgmem.System, backend: str, make_guest: MakeGuest
 ) -> None:
-    """§3.4 step 4 (enabled): a0 not page aligned, a1 == 0, gfn(a0) + a1 wrapping → RAX = -KVM_EINVAL and the
-    guest continues (no exit); a well-formed call afterwards still exits with KVM_EXIT_HYPERCALL.
+    """`kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE) (enabled): a0 not page aligned, a1 == 0, gfn(a0) + a1 wrapping →
+    RAX = -KVM_EINVAL and the guest continues (no exit); a well-formed call afterwards still exits with
+    KVM_EXIT_HYPERCALL.
 
     On this host KVM_CAP_EXIT_HYPERCALL is advertised but VMCALL never returns: a strict expected failure."""
     defect = expect_host_defect(request, backend, "vmcall_never_returns")
@@ -407,9 +411,9 @@ def test_hypercall_einval_bad_args(
 def test_hypercall_enosys_when_not_enabled(
     request: pytest.FixtureRequest, system: kvmgmem.System, backend: str, make_guest: MakeGuest
 ) -> None:
-    """§3.4 step 3: without KVM_CAP_EXIT_HYPERCALL bit 12, MAP_GPA_RANGE → RAX = -KVM_ENOSYS (-1000), no exit.
-    Needs no capability; where the cap exists, enabling then disabling it again (args[0] = 0) first, which must
-    restore that answer. On this host VMCALL never returns: a strict expected failure."""
+    """`kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE): without KVM_CAP_EXIT_HYPERCALL bit 12, MAP_GPA_RANGE → RAX =
+    -KVM_ENOSYS (-1000), no exit. Needs no capability; where the cap exists, enabling then disabling it again (args[0] =
+    0) first, which must restore that answer. On this host VMCALL never returns: a strict expected failure."""
     defect = expect_host_defect(request, backend, "vmcall_never_returns")
     g = _hc_vm(system, backend, make_guest, _hc_guest((4 * GIB, 1, 0, -uapi.KVM_ENOSYS)), enable=False)
     if system.check_extension(uapi.KVM_CAP_EXIT_HYPERCALL) & HC_BIT:
@@ -421,7 +425,8 @@ def test_hypercall_enosys_when_not_enabled(
 def test_hypercall_eperm_at_cpl3(
     request: pytest.FixtureRequest, system: kvmgmem.System, backend: str, make_guest: MakeGuest
 ) -> None:
-    """§3.4 step 1: a hypercall from CPL3 → RAX = -KVM_EPERM (-1), even with the exit enabled — no exit.
+    """`kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE): a hypercall from CPL3 → RAX = -KVM_EPERM (-1), even with the exit
+    enabled — no exit.
 
     On this host (kvm_pvm) CPL3 guest code runs natively and a VMCALL there is delivered to the guest as #GP(0)
     at the VMCALL instead of reaching kvm_emulate_hypercall: exactly that #GP is a strict expected failure

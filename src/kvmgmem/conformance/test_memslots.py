@@ -1,7 +1,7 @@
-"""Memslot conformance: spec §4.2 (set_memory_region_test.c cases SR-n), §2.5, §2.12, §2.13, and the API's
-HostMemory pinning and argument rules.
+"""Memslot conformance: set_memory_region_test.c (cases SR-n), `__kvm_set_memory_region`,
+`kvm_gmem_release`, `kvm_gmem_unbind`, and the API's HostMemory pinning and argument rules.
 
-Profile 6.18 (this host's kernel, host-probes §2/§10): GUEST_MEMFD memslots are allowed on every VM type, so
+Profile 6.18 (this host's kernel, as measured here): GUEST_MEMFD memslots are allowed on every VM type, so
 the SR-4 binding rules run on the DEFAULT VM; overlapping gmem bindings → EINVAL (EEXIST only from 7.2);
 GPA overlap → EEXIST.
 """
@@ -63,9 +63,9 @@ def _delete(vm: kvmgmem.Vm, slot: int, flags: int = GMEM) -> None:
 
 
 def test_sr1_invalid_flags(system: kvmgmem.System, backend: str) -> None:
-    """SR-1 (spec §4.2, §2.5 steps 2/A): VM = SW_PROTECTED if available else DEFAULT. Supported = LOG_DIRTY |
-    READONLY | GUEST_MEMFD (6.18: gmem slots on every VM type with KVM_CAP_GUEST_MEMFD). For bit i in 0..31
-    not supported (or the v2-only GUEST_MEMFD): v1(slot 0, 1<<i, gpa 0, 2M, uaddr 0) → EINVAL; unless the
+    """SR-1 (set_memory_region_test.c, `__kvm_set_memory_region`): VM = SW_PROTECTED if available else DEFAULT.
+    Supported = LOG_DIRTY | READONLY | GUEST_MEMFD (6.18: gmem slots on every VM type with KVM_CAP_GUEST_MEMFD). For bit
+    i in 0..31 not supported (or the v2-only GUEST_MEMFD): v1(slot 0, 1<<i, gpa 0, 2M, uaddr 0) → EINVAL; unless the
     bit is supported, v2(same, fd 0, off 0) → EINVAL too."""
     vm_type = (
         uapi.KVM_X86_SW_PROTECTED_VM
@@ -99,8 +99,8 @@ def test_sr1_invalid_flags(system: kvmgmem.System, backend: str) -> None:
 
 
 def test_sr2_log_dirty_with_guest_memfd(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """SR-2 (spec §4.2, §2.5 A): v2(slot 0, LOG_DIRTY|GUEST_MEMFD, gpa 0, 2M, uaddr 0, fd, 0) → EINVAL (dirty
-    logging of gmem slots is unsupported); without LOG_DIRTY the same call succeeds."""
+    """SR-2 (set_memory_region_test.c, `check_memory_region_flags`): v2(slot 0, LOG_DIRTY|GUEST_MEMFD, gpa 0, 2M, uaddr
+    0, fd, 0) → EINVAL (dirty logging of gmem slots is unsupported); without LOG_DIRTY the same call succeeds."""
     with raises_kvm(EINVAL, V2):
         vm.set_user_memory_region2(0, 0, MEM_REGION_SIZE, None, LOG_DIRTY | GMEM, gmem_2m, 0)
     vm.set_user_memory_region2(0, 0, MEM_REGION_SIZE, None, GMEM, gmem_2m, 0)
@@ -108,8 +108,8 @@ def test_sr2_log_dirty_with_guest_memfd(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMe
 
 
 def test_sr3_readonly_with_guest_memfd(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """SR-3 (spec §4.2, §2.5 A, the Feb 2024 fix): v2(READONLY|GUEST_MEMFD, ...) → EINVAL; READONLY alone
-    (no gmem) is accepted on a DEFAULT VM."""
+    """SR-3 (set_memory_region_test.c, `check_memory_region_flags`, the Feb 2024 fix): v2(READONLY|GUEST_MEMFD, ...) →
+    EINVAL; READONLY alone (no gmem) is accepted on a DEFAULT VM."""
     with raises_kvm(EINVAL, V2):
         vm.set_user_memory_region2(0, 0, MEM_REGION_SIZE, None, READONLY | GMEM, gmem_2m, 0)
     vm.set_user_memory_region2(0, 0, MEM_REGION_SIZE, None, READONLY)
@@ -117,8 +117,8 @@ def test_sr3_readonly_with_guest_memfd(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMem
 
 
 def test_sr2_delete_still_checks_flags(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """§2.5 step I: delete goes through the flag checks — GUEST_MEMFD|LOG_DIRTY with size 0 → EINVAL and the
-    slot stays; deleting a slot that does not exist → EINVAL."""
+    """`__kvm_set_memory_region`: delete goes through the flag checks — GUEST_MEMFD|LOG_DIRTY with size 0 → EINVAL and
+    the slot stays; deleting a slot that does not exist → EINVAL."""
     _add_private(vm, gmem_2m, 0, slot=0, gpa=0)
     with raises_kvm(EINVAL, V2):
         vm.set_user_memory_region2(0, 0, 0, None, GMEM | LOG_DIRTY, None, 0)
@@ -133,20 +133,20 @@ def test_sr2_delete_still_checks_flags(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMem
 
 
 def test_sr4a_kvm_fd_rejected(system: kvmgmem.System, vm: kvmgmem.Vm) -> None:
-    """SR-4a (spec §4.2, §2.5 bind step 2): guest_memfd = the /dev/kvm fd → EINVAL."""
+    """SR-4a (set_memory_region_test.c, `kvm_gmem_bind`): guest_memfd = the /dev/kvm fd → EINVAL."""
     with raises_kvm(EINVAL, V2):
         _add_private(vm, _raw_fd(system, "the System (/dev/kvm)"))
 
 
 def test_sr4b_vm_fd_rejected(vm: kvmgmem.Vm) -> None:
-    """SR-4b (spec §4.2, bind step 2): guest_memfd = the VM's own fd → EINVAL."""
+    """SR-4b (set_memory_region_test.c): guest_memfd = the VM's own fd → EINVAL."""
     with raises_kvm(EINVAL, V2):
         _add_private(vm, _raw_fd(vm, "the Vm"))
 
 
 def test_sr4c_memfd_fd_rejected(vm: kvmgmem.Vm) -> None:
-    """SR-4c (spec §4.2, bind step 2): guest_memfd = a memfd_create() fd of 2M → EINVAL; /dev/null too
-    (host-probes §2)."""
+    """SR-4c (set_memory_region_test.c): guest_memfd = a memfd_create() fd of 2M → EINVAL; /dev/null too
+    (as measured on this host)."""
     fd = os.memfd_create("sr4c")
     try:
         os.ftruncate(fd, MEM_REGION_SIZE)
@@ -163,7 +163,7 @@ def test_sr4c_memfd_fd_rejected(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr4d_other_vm_gmem_rejected(system: kvmgmem.System, vm: kvmgmem.Vm) -> None:
-    """SR-4d (spec §4.2, bind step 3): the gmem of a second VM → EINVAL on this VM, and binding it to the
+    """SR-4d (set_memory_region_test.c): the gmem of a second VM → EINVAL on this VM, and binding it to the
     second VM succeeds."""
     with system.create_vm() as vm2, vm2.create_guest_memfd(MEM_REGION_SIZE, 0) as g2:
         with raises_kvm(EINVAL, V2):
@@ -173,28 +173,28 @@ def test_sr4d_other_vm_gmem_rejected(system: kvmgmem.System, vm: kvmgmem.Vm) -> 
 
 
 def test_sr4e_unaligned_offset(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """SR-4e (spec §4.2, §2.5 step E): own gmem(2M), offset 1..4095 → each EINVAL."""
+    """SR-4e (set_memory_region_test.c, `__kvm_set_memory_region`): own gmem(2M), offset 1..4095 → each EINVAL."""
     for off in range(1, P):
         with raises_kvm(EINVAL, V2):
             _add_private(vm, gmem_2m, off)
 
 
 def test_sr4f_offset_zero_ok(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """SR-4f (spec §4.2): own gmem(2M), offset 0 → success; deleting it works."""
+    """SR-4f (set_memory_region_test.c): own gmem(2M), offset 0 → success; deleting it works."""
     _add_private(vm, gmem_2m, 0)
     _delete(vm, MEM_REGION_SLOT)
 
 
 def test_sr4_bad_fd_ebadf(vm: kvmgmem.Vm) -> None:
-    """§2.5 bind step 1 (host-probes §2): a GUEST_MEMFD slot whose fd is not open (9999, or -1 / None) →
-    EBADF."""
+    """`kvm_gmem_bind` (`fget` fails; measured on this host too): a GUEST_MEMFD slot whose fd is not open (9999, or -1
+    / None) → EBADF."""
     for fd in (9999, -1, None):
         with raises_kvm(errno.EBADF, V2):
             _add_private(vm, fd)
 
 
 def test_sr4_closed_gmem_ebadf(vm: kvmgmem.Vm) -> None:
-    """§2.5 bind step 1: a closed GuestMemfd object is passed as fd -1 → EBADF."""
+    """`kvm_gmem_bind`: a closed GuestMemfd object is passed as fd -1 → EBADF."""
     g = vm.create_guest_memfd(MEM_REGION_SIZE, 0)
     g.close()
     with raises_kvm(errno.EBADF, V2):
@@ -202,8 +202,9 @@ def test_sr4_closed_gmem_ebadf(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr4_offset_range_checks(vm: kvmgmem.Vm) -> None:
-    """§2.5 bind step 4 (host-probes §2): offset + size > file size → EINVAL; offset = EOF → EINVAL;
-    offset + size wrapping u64 → EINVAL (step E); the exact fit at the end of the file is accepted."""
+    """`kvm_gmem_bind` (also measured on this host): offset + size > file size → EINVAL; offset = EOF →
+    EINVAL; offset + size wrapping u64 → EINVAL (`__kvm_set_memory_region`); the exact fit at the end of the file is
+    accepted."""
     with vm.create_guest_memfd(4 * P, 0) as g:
         with raises_kvm(EINVAL, V2):
             _add_private(vm, g, 4 * P, size=P)
@@ -218,9 +219,9 @@ def test_sr4_offset_range_checks(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr4_signed_offset_quirk_6_18(vm: kvmgmem.Vm) -> None:
-    """host-probes §10 (invalid_binding): 6.18 checks ``offset + size > i_size`` on a signed loff_t, so a
-    0x4000-byte slot at gmem offset 0x7ffffffffffff000 (sum wraps negative) is *accepted* on 6.18
-    (7.2 and 6.12-stable reject it with EINVAL)."""
+    """Upstream guest_memfd_test's invalid_binding case, run on this host: 6.18's `kvm_gmem_bind` checks ``offset +
+    size > i_size`` on a signed loff_t, so a 0x4000-byte slot at gmem offset 0x7ffffffffffff000 (sum wraps negative) is
+    *accepted* on 6.18 (7.2 and 6.12-stable reject it with EINVAL)."""
     with vm.create_guest_memfd(4 * P, 0) as g:
         _add_private(vm, g, 0x7FFFFFFFFFFFF000, size=0x4000)
         _delete(vm, MEM_REGION_SLOT)
@@ -230,9 +231,9 @@ def test_sr4_signed_offset_quirk_6_18(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr5_overlapping_bindings(vm: kvmgmem.Vm) -> None:
-    """SR-5 (spec §4.2, §2.5 K and bind step 5; profile 6.18 = this host): gmem(10M); slot 10 @0xc0000000
-    4M off 0 and slot 11 @0x180000000 4M off 4M succeed; delete slot 10; recreating slot 10 with a file
-    range overlapping slot 11's (off 2M, off 6M) → EINVAL (EEXIST only from 7.2); with a GPA range
+    """SR-5 (set_memory_region_test.c, `__kvm_set_memory_region` and `kvm_gmem_bind`; profile 6.18 = this host):
+    gmem(10M); slot 10 @0xc0000000 4M off 0 and slot 11 @0x180000000 4M off 4M succeed; delete slot 10; recreating slot
+    10 with a file range overlapping slot 11's (off 2M, off 6M) → EINVAL (EEXIST only from 7.2); with a GPA range
     overlapping slot 11 (gpa 0x180000000 ± 2M, off 0) → EEXIST. Finally the original slot 10 can be re-added."""
     gpa11 = 0x180000000
     with vm.create_guest_memfd(10 * M, 0) as g:
@@ -253,8 +254,8 @@ def test_sr5_overlapping_bindings(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr5_same_offsets_second_slot(vm: kvmgmem.Vm) -> None:
-    """host-probes §2: a second slot on the same gmem at the same offset (or a partly overlapping one,
-    off 1M) → EINVAL; a disjoint range (off 2M) is fine — one gmem can back several slots."""
+    """`kvm_gmem_bind` (as measured on this host): a second slot on the same gmem at the same offset (or a partly
+    overlapping one, off 1M) → EINVAL; a disjoint range (off 2M) is fine — one gmem can back several slots."""
     with vm.create_guest_memfd(4 * M, 0) as g:
         _add_private(vm, g, 0, slot=0, gpa=1 << 30, size=2 * M)
         with raises_kvm(EINVAL, V2):
@@ -267,7 +268,7 @@ def test_sr5_same_offsets_second_slot(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr5_gpa_overlap_plain_slots(vm: kvmgmem.Vm) -> None:
-    """§2.5 step K: GPA overlap between ordinary (non-gmem) slots → EEXIST; adjacent is fine."""
+    """`__kvm_set_memory_region`: GPA overlap between ordinary (non-gmem) slots → EEXIST; adjacent is fine."""
     vm.set_user_memory_region(0, 0x100000, 2 * P, None)
     with raises_kvm(errno.EEXIST, V1):
         vm.set_user_memory_region(1, 0x100000 + P, 2 * P, None)
@@ -280,8 +281,8 @@ def test_sr5_gpa_overlap_plain_slots(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr6_max_slots(vm: kvmgmem.Vm) -> None:
-    """SR-6 (spec §4.2, §2.5 step 3): KVM_CAP_NR_MEMSLOTS (32764 on x86) slots succeed; one more (slot id
-    = NR_MEMSLOTS) → EINVAL."""
+    """SR-6 (set_memory_region_test.c, `__kvm_set_memory_region`): KVM_CAP_NR_MEMSLOTS (32764 on x86) slots succeed; one
+    more (slot id = NR_MEMSLOTS) → EINVAL."""
     n = vm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS)
     assert n == uapi.KVM_USER_MEM_SLOTS == 32764
     for slot in range(n):
@@ -292,11 +293,11 @@ def test_sr6_max_slots(vm: kvmgmem.Vm) -> None:
         vm.set_user_memory_region2(n, n * P, P, None)
 
 
-# --- §2.5 other checks ---------------------------------------------------------------------------------------
+# --- `__kvm_set_memory_region` other checks -------------------------------------------------------------------
 
 
 def test_region_alignment_checks(vm: kvmgmem.Vm) -> None:
-    """§2.5 steps B–D, G and 3: size not a multiple of 4096, unaligned gpa, unaligned uaddr (+8), gpa+size
+    """`__kvm_set_memory_region`: size not a multiple of 4096, unaligned gpa, unaligned uaddr (+8), gpa+size
     wrapping, slot id ≥ 32764 (also slot -1 = 0xffffffff) → EINVAL; uaddr 0 is fine."""
     with raises_kvm(EINVAL, V1):
         vm.set_user_memory_region(0, 0, P + 1, None)
@@ -314,8 +315,8 @@ def test_region_alignment_checks(vm: kvmgmem.Vm) -> None:
 
 
 def test_gmem_slot_is_immutable(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """§2.5 step J (host-probes §2): an existing gmem slot can only be deleted — re-issuing the identical
-    create, moving it (new gpa) and dropping GUEST_MEMFD → EINVAL; delete via the v1 ioctl works."""
+    """`__kvm_set_memory_region` (as measured on this host): an existing gmem slot can only be deleted — re-issuing the
+    identical create, moving it (new gpa) and dropping GUEST_MEMFD → EINVAL; delete via the v1 ioctl works."""
     _add_private(vm, gmem_2m, 0)
     with raises_kvm(EINVAL, V2):
         _add_private(vm, gmem_2m, 0)
@@ -329,12 +330,12 @@ def test_gmem_slot_is_immutable(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> 
     _delete(vm, MEM_REGION_SLOT)
 
 
-# --- §2.12 / §2.13: delete, re-add, close ----------------------------------------------------------------------
+# --- `kvm_gmem_release` / `kvm_gmem_unbind`: delete, re-add, close --------------------------------------------
 
 
 def test_2_13_delete_bound_slot_keeps_gmem_data(vm: kvmgmem.Vm, backend: str) -> None:
-    """§2.13 (2), §3.7: deleting a gmem slot unbinds but does not free pages — data written through the
-    (MMAP|INIT_SHARED) mapping survives the delete and a re-bind of the same file range."""
+    """`kvm_gmem_unbind`, virt/kvm/guest_memfd.c: deleting a gmem slot unbinds but does not free pages — data written
+    through the (MMAP|INIT_SHARED) mapping survives the delete and a re-bind of the same file range."""
     require_cap(vm, uapi.KVM_CAP_GUEST_MEMFD_FLAGS, "KVM_CAP_GUEST_MEMFD_FLAGS", backend, mask=MMAP | INIT_SHARED)
     pattern = bytes(range(256)) * (2 * P // 256)
     with vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED) as g:
@@ -353,8 +354,8 @@ def test_2_13_delete_bound_slot_keeps_gmem_data(vm: kvmgmem.Vm, backend: str) ->
 
 
 def test_2_13_readd_same_range_after_delete(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """§2.13, host-probes §2: after deleting a gmem slot the same slot id, GPA and file range can be added
-    again (several times), and another slot id can take the range too."""
+    """`kvm_gmem_unbind` (as measured on this host): after deleting a gmem slot the same slot id, GPA and file range
+    can be added again (several times), and another slot id can take the range too."""
     for _ in range(3):
         _add_private(vm, gmem_2m, 0)
         _delete(vm, MEM_REGION_SLOT)
@@ -363,8 +364,8 @@ def test_2_13_readd_same_range_after_delete(vm: kvmgmem.Vm, gmem_2m: kvmgmem.Gue
 
 
 def test_2_12_close_gmem_while_bound_then_delete(vm: kvmgmem.Vm) -> None:
-    """§2.12, host-probes §2: closing the gmem while a slot is bound works; the slot stays (re-creating it is
-    EINVAL, its GPA range is still taken → EEXIST), and deleting it afterwards works."""
+    """`kvm_gmem_release` (as measured on this host): closing the gmem while a slot is bound works; the slot stays
+    (re-creating it is EINVAL, its GPA range is still taken → EEXIST), and deleting it afterwards works."""
     g = vm.create_guest_memfd(MEM_REGION_SIZE, 0)
     _add_private(vm, g, 0)
     g.close()
@@ -379,8 +380,8 @@ def test_2_12_close_gmem_while_bound_then_delete(vm: kvmgmem.Vm) -> None:
 
 
 def test_2_12_memslots_do_not_pin_gmem(vm: kvmgmem.Vm) -> None:
-    """§2.1/§2.12: memslots do not hold the gmem file — after close() with a slot bound, its fd number is
-    really closed (the kernel file is released)."""
+    """`kvm_gmem_release`: memslots do not hold the gmem file — after close() with a slot bound,
+    its fd number is really closed (the kernel file is released)."""
     g = vm.create_guest_memfd(MEM_REGION_SIZE, 0)
     fd = g.fd
     _add_private(vm, g, 0)
@@ -498,11 +499,11 @@ def test_closed_vm_ebadf(system: kvmgmem.System) -> None:
         vm.set_user_memory_region(0, 0, P, None)
 
 
-# --- §2.5 later steps: ranges, modify rules, check order ----------------------------------------------------
+# --- `__kvm_set_memory_region` later steps: ranges, modify rules, check order ---------------------------------
 
 
 def test_2_5_max_nr_pages(vm: kvmgmem.Vm) -> None:
-    """§2.5 step H: a slot of more than KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages → EINVAL."""
+    """`__kvm_set_memory_region`: a slot of more than KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages → EINVAL."""
     with raises_kvm(EINVAL, V1):
         vm.set_user_memory_region(0, 0, (uapi.KVM_MEM_MAX_NR_PAGES + 1) * P, None)
     with raises_kvm(EINVAL, V2):
@@ -510,7 +511,7 @@ def test_2_5_max_nr_pages(vm: kvmgmem.Vm) -> None:
 
 
 def test_2_5_userspace_range(vm: kvmgmem.Vm) -> None:
-    """§2.5 step D: [uaddr, uaddr+size) must be a user range — a kernel address → EINVAL; a slot ending at
+    """`__kvm_set_memory_region`: [uaddr, uaddr+size) must be a user range — a kernel address → EINVAL; a slot ending at
     the top of the 4-level user address space (0x7ffffffff000) is fine, one page more → EINVAL."""
     with raises_kvm(EINVAL, V1):
         vm.set_user_memory_region(0, 0, P, 0xFFFF800000000000)
@@ -521,8 +522,8 @@ def test_2_5_userspace_range(vm: kvmgmem.Vm) -> None:
 
 
 def test_2_5_gpa_beyond_max_gpa(vm: kvmgmem.Vm) -> None:
-    """§2.5 step N (x86 arch prepare; 52-bit GPA on this shadow-paging host): a slot whose last gfn is below
-    2^52 is accepted, one starting at 2^52 → EINVAL."""
+    """`__kvm_set_memory_region` (x86 arch prepare; 52-bit GPA on this shadow-paging host): a slot whose last gfn is
+    below 2^52 is accepted, one starting at 2^52 → EINVAL."""
     vm.set_user_memory_region(0, (1 << 52) - P, P, None)
     vm.set_user_memory_region(0, 0, 0, None)
     with raises_kvm(EINVAL, V1):
@@ -530,7 +531,7 @@ def test_2_5_gpa_beyond_max_gpa(vm: kvmgmem.Vm) -> None:
 
 
 def test_2_5_bind_errors_precede_arch_checks(vm: kvmgmem.Vm, gmem_2m: kvmgmem.GuestMemfd) -> None:
-    """§2.5 steps M/N: bind errors come before the arch range check (a gmem slot at gpa 2^52 with a closed fd
+    """`__kvm_set_memory_region`: bind errors come before the arch range check (a gmem slot at gpa 2^52 with a closed fd
     → EBADF, not EINVAL); when the commit then fails (good fd, gpa 2^52 → EINVAL) the binding is undone, so the
     same file range can be bound right after."""
     with raises_kvm(errno.EBADF, V2):
@@ -542,7 +543,7 @@ def test_2_5_bind_errors_precede_arch_checks(vm: kvmgmem.Vm, gmem_2m: kvmgmem.Gu
 
 
 def test_2_5_modify_rules(vm: kvmgmem.Vm) -> None:
-    """§2.5 step J for an ordinary slot: toggling READONLY, changing npages or userspace_addr → EINVAL;
+    """`__kvm_set_memory_region` for an ordinary slot: toggling READONLY, changing npages or userspace_addr → EINVAL;
     moving (new gpa), a flags-only change (LOG_DIRTY) and an identical call succeed; adding GUEST_MEMFD to an
     existing non-gmem slot → EINVAL."""
     with HostMemory(2 * P) as a, HostMemory(2 * P) as b, vm.create_guest_memfd(P, 0) as g:
@@ -570,8 +571,8 @@ def test_2_5_modify_rules(vm: kvmgmem.Vm) -> None:
 
 
 def test_sr4_binding_rules_sw_protected(system: kvmgmem.System, protected_vm: kvmgmem.Vm) -> None:
-    """SR-4 a–f on a SW_PROTECTED VM (spec §4.2, where the selftest runs them): /dev/kvm fd, VM fd, memfd and
-    another SW_PROTECTED VM's gmem → EINVAL; offsets 1..4095 → EINVAL; offset 0 → success."""
+    """SR-4 a–f on a SW_PROTECTED VM (set_memory_region_test.c, where the selftest runs them): /dev/kvm fd, VM fd, memfd
+    and another SW_PROTECTED VM's gmem → EINVAL; offsets 1..4095 → EINVAL; offset 0 → success."""
     vm = protected_vm
     memfd = os.memfd_create("sr4")
     try:
@@ -593,7 +594,8 @@ def test_sr4_binding_rules_sw_protected(system: kvmgmem.System, protected_vm: kv
 
 
 def test_sw_protected_single_address_space(protected_vm: kvmgmem.Vm) -> None:
-    """§1.2/§2.5 F: VMs with private memory have one memslot address space — as_id 1 → EINVAL; as_id 0 works."""
+    """`kvm_arch_nr_memslot_as_ids`/`__kvm_set_memory_region`: VMs with private memory have one memslot address space —
+    as_id 1 → EINVAL; as_id 0 works."""
     with raises_kvm(EINVAL, V1):
         protected_vm.set_user_memory_region(1 << 16, 0, P, None)
     with raises_kvm(EINVAL, V2):
