@@ -2,7 +2,8 @@
 
 Each exit is a frozen dataclass holding a copy of the ``kvm_run`` fields that are valid for that exit reason,
 so an exit can be kept, compared and printed after the next ``run()`` has overwritten ``kvm_run``. Both
-backends build the same values from the same kernel semantics (spec §3.3 for memory faults).
+backends build the same values from the same kernel semantics (`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`
+for memory faults).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class HypercallExit(Exit):
 class MemoryFaultExit(Exit):
     """KVM_EXIT_MEMORY_FAULT: KVM_RUN failed with EFAULT or EHWPOISON and ``kvm_run`` describes the page.
 
-    ``gpa`` is page aligned and ``size`` is 4096 (spec §3.3); ``errno`` says which of the two it was.
+    ``gpa`` is page aligned and ``size`` is 4096 (`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`); ``errno``
+    says which of the two it was.
     """
 
     flags: int

@@ -1,4 +1,4 @@
-"""KVM uAPI numbers and struct layouts (spec §1) — the single source of truth.
+"""KVM uAPI numbers and struct layouts (include/uapi/linux/kvm.h) — the single source of truth.
 
 Every ioctl number is computed from the struct it carries with the kernel's ``_IOC`` encoding, never typed
 in, so a layout mistake shows up as a wrong ioctl number in the tests instead of a silent EINVAL at run time.
@@ -20,7 +20,7 @@ from ctypes import (
 )
 from typing import Any
 
-# --- ioctl encoding (spec §1.1) -------------------------------------------------------------------------
+# --- ioctl encoding (_IOC, include/uapi/asm-generic/ioctl.h) --------------------------------------------------
 
 _IOC_NONE = 0
 _IOC_WRITE = 1
@@ -49,7 +49,7 @@ def _IOWR(type_: int, nr: int, struct: Any) -> int:
     return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, sizeof(struct))
 
 
-# --- constants (spec §1.2, §1.4–§1.8) ---------------------------------------------------------------------
+# --- constants (include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h, x86/hypercalls.rst) -------------
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -82,7 +82,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_FL_INSERT_RANGE = 0x20
 FALLOC_FL_UNSHARE_RANGE = 0x40
 
-# capabilities (spec §1.5)
+# capabilities (include/uapi/linux/kvm.h)
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
@@ -100,7 +100,7 @@ KVM_CAP_VM_TYPES = 235
 KVM_CAP_PRE_FAULT_MEMORY = 236
 KVM_CAP_GUEST_MEMFD_FLAGS = 244
 
-#: The caps `kvmgmem caps` reports, in spec §1.5 order, by name.
+#: The caps `kvmgmem caps` reports, in include/uapi/linux/kvm.h order, by name.
 CAPS: dict[str, int] = {
     "USER_MEMORY": KVM_CAP_USER_MEMORY,
     "NR_MEMSLOTS": KVM_CAP_NR_MEMSLOTS,
@@ -117,7 +117,7 @@ CAPS: dict[str, int] = {
     "GUEST_MEMFD_FLAGS": KVM_CAP_GUEST_MEMFD_FLAGS,
 }
 
-# exit reasons (spec §1.6)
+# exit reasons (include/uapi/linux/kvm.h)
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_EXCEPTION = 1
 KVM_EXIT_IO = 2
@@ -138,7 +138,7 @@ KVM_EXIT_IO_OUT = 1
 
 KVM_INTERNAL_ERROR_EMULATION = 1
 
-# x86 VM types (spec §1.7)
+# x86 VM types (arch/x86/include/uapi/asm/kvm.h)
 KVM_X86_DEFAULT_VM = 0
 KVM_X86_SW_PROTECTED_VM = 1
 KVM_X86_SEV_VM = 2
@@ -153,10 +153,10 @@ VM_TYPE_NAMES: dict[int, str] = {
     KVM_X86_SNP_VM: "SNP",
     KVM_X86_TDX_VM: "TDX",
 }
-#: VM types whose memory can be private (spec §1.7).
+#: VM types whose memory can be private (arch/x86/include/uapi/asm/kvm.h).
 PRIVATE_MEM_VM_TYPES = frozenset({KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM})
 
-# hypercalls (spec §1.8)
+# hypercalls (Documentation/virt/kvm/x86/hypercalls.rst)
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1
@@ -186,7 +186,7 @@ def signed64(value: int) -> int:
     return value - (1 << 64) if value >> 63 else value
 
 
-# --- structs (spec §1.3) ---------------------------------------------------------------------------------
+# --- structs (include/uapi/linux/kvm.h) -----------------------------------------------------------------------
 
 
 class kvm_userspace_memory_region(Structure):

@@ -1,6 +1,6 @@
 """GDT, TSS and IDT contents: the CPU data structures a long-mode guest needs, as bytes.
 
-The values are the ones host-probes §1 measured working on this host's KVM (code64 ``0x00af9a000000ffff``,
+The values are the ones measured working on this host's KVM (code64 ``0x00af9a000000ffff``,
 data ``0x00cf92000000ffff``, user data/code at DPL3 with selectors 0x2b/0x33, a busy 64-bit TSS), and the
 matching hidden segment state for ``KVM_SET_SREGS`` is produced here too, so the two can never disagree.
 """
@@ -108,7 +108,7 @@ def apply_long_mode(
     tss_limit: int,
     tr: int,
 ) -> None:
-    """Fill ``sregs`` with the 64-bit CPL0 state host-probes §1 measured working (paging, PAE, LME/LMA)."""
+    """Fill ``sregs`` with the 64-bit CPL0 state measured working on this host (paging, PAE, LME/LMA)."""
     _segment(sregs.cs, KERNEL_CS, code=True, dpl=0)
     for name in ("ds", "es", "fs", "gs", "ss"):
         _segment(getattr(sregs, name), KERNEL_DS, code=False, dpl=0)

@@ -1,7 +1,7 @@
 """The image's CPL0 code: exception entry stubs, the reporting handler, and the drop-to-CPL3 stub.
 
 Kept tiny on purpose: on this host CPL0 guest code runs through KVM's instruction emulator (~1.7 M instr/s,
-host-probes §1), so the kernel only reports and hands over; payloads that need speed run at CPL3.
+README.md, Backends), so the kernel only reports and hands over; payloads that need speed run at CPL3.
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ class GuestVm:
         views and free the image memory.
 
         The slots are deleted explicitly because closing the VM fd does not end the VM while a guest_memfd
-        still references it (spec §2.14), and a live slot keeps its host memory pinned. Buffers passed to
-        ``add_memory`` stay the caller's to close once this returns."""
+        still references it (the guest_memfd's VM reference (`kvm_gmem_create`)), and a live slot keeps its host memory
+        pinned. Buffers passed to ``add_memory`` stay the caller's to close once this returns."""
         if self._closed:
             return
         self._closed = True

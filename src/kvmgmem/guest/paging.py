@@ -6,7 +6,8 @@ physical range is mapped a second time at ``alias_base`` with extra bits in ever
 encrypted view, whose leaves carry the C-bit (the sim's ``private_access_bit``).
 
 Reach and leaf size are configurable; the host measured that this KVM's CPUID has no 1 GiB pages
-(host-probes §1), so callers ask :func:`max_page_size` before choosing 1 GiB leaves.
+(KVM_GET_SUPPORTED_CPUID lacks PDPE1GB, leaf 0x80000001 EDX bit 26), so callers ask :func:`max_page_size` before
+choosing 1 GiB leaves.
 """
 
 from __future__ import annotations

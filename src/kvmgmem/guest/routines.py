@@ -3,7 +3,7 @@
 Each function appends straight-line code to an ``Asm`` (no calls, so they work at any privilege and need no
 stack discipline). Ranges and values may be ints or 64-bit registers; the registers each routine clobbers
 are listed in its docstring. Byte loops use the ``rep`` string instructions, 8 bytes at a time plus a byte
-tail, because CPL0 code on this host runs through KVM's emulator (host-probes §1) and the sim pays per
+tail, because CPL0 code on this host runs through KVM's emulator (README.md, Backends) and the sim pays per
 instruction too.
 """
 
@@ -113,8 +113,8 @@ def touch_pages(a: Asm, start: Value, length: Value, *, value: int | None = 0, s
 
 
 def hypercall(a: Asm, nr: int, *args: Value) -> Asm:
-    """KVM hypercall ABI (spec §1.8): rax = nr, rbx/rcx/rdx/rsi = a0..a3, ``vmcall``; result in rax.
-    Clobbers rax and the argument registers. Must run at CPL0: at CPL3 KVM answers -KVM_EPERM."""
+    """KVM hypercall ABI (Documentation/virt/kvm/x86/hypercalls.rst): rax = nr, rbx/rcx/rdx/rsi = a0..a3, ``vmcall``;
+    result in rax. Clobbers rax and the argument registers. Must run at CPL0: at CPL3 KVM answers -KVM_EPERM."""
     if len(args) > 4:
         raise ValueError("at most four hypercall arguments")
     for reg, value in reversed(list(zip((rbx, rcx, rdx, rsi), args, strict=False))):

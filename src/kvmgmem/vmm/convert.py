@@ -1,9 +1,10 @@
 """The conversion service: one path for both ways a guest asks to change a page's shared/private state.
 
-Real VMMs see two entry points (spec/ecosystem.md §A2–§A8): the implicit one, a ``KVM_EXIT_MEMORY_FAULT``
-whose PRIVATE flag says what the guest wanted, and the explicit one, the ``KVM_HC_MAP_GPA_RANGE`` hypercall.
-Both end here, as in QEMU's ``kvm_convert_memory()``: validate, set the attribute for the whole range with one
-``KVM_SET_MEMORY_ATTRIBUTES``, then discard the copy that is no longer used, as the policy says.
+Real VMMs (QEMU, libkrun, cloud-hypervisor, alioth, Firecracker) see two entry points: the implicit one, a
+``KVM_EXIT_MEMORY_FAULT`` whose PRIVATE flag says what the guest wanted, and the explicit one, the
+``KVM_HC_MAP_GPA_RANGE`` hypercall. Both end here, as in QEMU's ``kvm_convert_memory()``: validate, set the attribute
+for the whole range with one ``KVM_SET_MEMORY_ATTRIBUTES``, then discard the copy that is no longer used, as the policy
+says.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .trace import Tracer
 
 
 class DiscardPolicy(enum.StrEnum):
-    """What happens to the now-unused copy after a conversion (spec/ecosystem.md §A8)."""
+    """What happens to the now-unused copy after a conversion, as each VMM does it."""
 
     BOTH = "both"  # QEMU, libkrun: to-private drops the shared copy, to-shared punches the gmem
     PUNCH_ONLY = "punch-only"  # cloud-hypervisor: only to-shared punches the gmem

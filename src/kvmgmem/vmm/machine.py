@@ -12,7 +12,7 @@ the one :class:`~kvmgmem.vmm.convert.ConversionService`. The first failure stops
 re-raised; ``close()`` always releases every fd, mapping and thread (also after Ctrl-C).
 
 Implicit conversions need hardware that reports private/shared per access (SNP's C-bit, TDX's shared bit);
-upstream SW_PROTECTED has none (spec §3.2). ``private_access_bit=N`` asks the sim for its C-bit model
+upstream SW_PROTECTED has none (`kvm_mmu_page_fault`). ``private_access_bit=N`` asks the sim for its C-bit model
 (``kvmgmem.backends.sim``) and builds the guest image with the matching private alias
 (``image.private_va(gpa)``), so the guest's own accesses drive ``KVM_EXIT_MEMORY_FAULT`` conversions.
 """

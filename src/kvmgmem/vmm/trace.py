@@ -1,8 +1,9 @@
 """Structured trace events (fault, zap, convert, exit, punch) and their sinks.
 
 A VMM that converts memory is hard to debug from counters alone (dstack had to reach for bpftrace to find a
-boot problem, spec/ecosystem.md §B). Every conversion step is an event with a timestamp, the vCPU or thread
-that caused it and the gpa range; sinks turn them into JSON lines or a Chrome/Perfetto trace a person can open.
+boot problem: dstack issue #1220, bpftrace on ``kvm_vm_set_mem_attributes``). Every conversion step is an event with a
+timestamp, the vCPU or thread that caused it and the gpa range; sinks turn them into JSON lines or a Chrome/Perfetto
+trace a person can open.
 """
 
 from __future__ import annotations

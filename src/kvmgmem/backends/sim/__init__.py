@@ -1,4 +1,4 @@
-"""The sim backend: a software KVM (design.md §2).
+"""The sim backend: a software KVM (README.md, Backends).
 
 ``open_system(profile="6.18", **options)`` returns a ``SimSystem``. ``profile`` is "6.8", "6.18" (default:
 upstream 6.18 with KVM_X86_SW_PROTECTED_VM and SMM), "host" (this project's host: 6.18 without either) or
@@ -8,7 +8,7 @@ SIM_GUEST_MEMFD_FLAG_HUGEPAGE), ``sw_protected=False``, ``address_spaces=1``, ``
 ``private_access_bit=N`` (sim-only, off by default; not reported by any cap) gives the vCPUs of
 KVM_X86_SW_PROTECTED_VMs an SEV-style "C-bit": bit N of a guest leaf PTE marks the access private (and is not
 part of the address). Upstream SW_PROTECTED takes private/shared from the gfn's attribute, so a guest can
-never trigger an implicit conversion (spec §3.2); with the bit, as on SNP/TDX, an access whose type
+never trigger an implicit conversion (`kvm_mmu_page_fault`); with the bit, as on SNP/TDX, an access whose type
 disagrees with the attribute fails KVM_RUN with EFAULT and a ``MemoryFaultExit`` (flags PRIVATE iff the
 access was private, page-aligned gpa, size 4096), which the VMM answers by converting the page and running
 again — the instruction then re-executes. ``kvmgmem.open("sim", private_access_bit=51)``;

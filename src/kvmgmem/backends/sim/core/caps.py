@@ -1,7 +1,9 @@
-"""KVM_CHECK_EXTENSION answers (spec §2.2, §1.5), for the system fd (``vm is None``) or a VM.
+"""KVM_CHECK_EXTENSION answers (`kvm_vm_ioctl_check_extension_generic`, include/uapi/linux/kvm.h), for the system fd
+(``vm is None``) or a VM.
 
 Why one function: the table differs by profile and by VM type in a handful of places; keeping every answer
-here makes the "default profile matches the host" claim checkable against host-probes.md §0 line by line.
+here makes the "default profile matches the host" claim checkable line by line against this host's answers
+(``kvmgmem caps``; tests/differential checks ``profile="host"`` against the kvm backend).
 """
 
 from __future__ import annotations

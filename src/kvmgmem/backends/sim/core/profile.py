@@ -1,7 +1,7 @@
 """Kernel profiles: which version's behaviour the sim models, plus the host configuration it mirrors.
 
-Why a profile and not flags sprinkled through the code: the spec (§6, §7) lists a handful of switches that
-separate 6.8, 6.18 and 7.2; each rule in the model asks the profile one named question, so a reader can see
+Why a profile and not flags sprinkled through the code: the kernel's history since 6.8 has a handful of switches
+that separate 6.8, 6.18 and 7.2; each rule in the model asks the profile one named question, so a reader can see
 every version difference in this file.
 
 "6.18" (the default) is upstream 6.18 built the way the sim is most useful: with KVM_X86_SW_PROTECTED_VM and
@@ -24,7 +24,8 @@ from typing import Any
 
 from kvmgmem import uapi
 
-#: Sim-only guest_memfd creation flag for the v12 RFC's huge pages (spec §5.6). Bit 63 can never collide
+#: Sim-only guest_memfd creation flag for the v12 RFC's huge pages (KVM_GUEST_MEMFD_ALLOW_HUGEPAGE in "KVM:
+#: guest_memfd() and per-page attributes", Sep 2023; dropped before the 6.8 merge). Bit 63 can never collide
 #: with an upstream flag (upstream allocates from bit 0 up; 6.18 uses bits 0–1). Accepted and reported in
 #: KVM_CAP_GUEST_MEMFD_FLAGS only when the profile option ``hugepage`` is on.
 SIM_GUEST_MEMFD_FLAG_HUGEPAGE = 1 << 63
@@ -60,16 +61,18 @@ class Profile:
     gmem_slots_all_vm_types: bool
     #: Memslots bound to an MMAP guest_memfd are GMEM_ONLY: every access is served from gmem (6.18+).
     gmem_only_slots: bool
-    #: READONLY together with GUEST_MEMFD is EINVAL (Feb 2024 fix; we place it in 6.8 final, spec §6 says
-    #: [unverified] whether 6.8 or 6.9 — set False to model the original merge).
+    #: READONLY together with GUEST_MEMFD is EINVAL (Feb 2024 fix to `check_memory_region_flags`, "Fixes:
+    #: a7800aa80ea4"; we place it in 6.8 final, though it may have landed in 6.9 — set False to model the original
+    #: merge).
     reject_readonly_gmem: bool
     #: A FLAGS_ONLY update toggling GUEST_MEMFD is EINVAL (Dec 2025 fix, backported to stable; this host's
-    #: 6.18.44 has it, host-probes §2).
+    #: 6.18.44 has it, as measured).
     reject_gmem_flag_toggle: bool
     #: Overlapping guest_memfd bindings: EINVAL (≤7.1) or EEXIST (7.2).
     bind_overlap_errno: int
     #: Binding offsets/sizes checked in unsigned arithmetic (7.2). ≤7.1 uses signed loff_t, so
-    #: offset 0x7ffffffffffff000 + size 0x4000 wraps negative and passes (host-probes §10).
+    #: offset 0x7ffffffffffff000 + size 0x4000 wraps negative and passes (upstream guest_memfd_test's
+    #: invalid_binding case fails on this 6.18 host for that reason).
     unsigned_bind_offsets: bool
     #: KVM_CAP_GUEST_MEMFD answers 1 on every VM (6.18+) instead of only system/private-memory VMs.
     gmem_cap_everywhere: bool
@@ -83,17 +86,18 @@ class Profile:
     address_spaces: int = 2
     #: User memslots per address space (KVM_CAP_NR_MEMSLOTS).
     nr_memslots: int = uapi.KVM_USER_MEM_SLOTS
-    #: Guest physical address width: a memslot ending above it is EINVAL at commit (spec §2.5 N).
+    #: Guest physical address width: a memslot ending above it is EINVAL at commit (`__kvm_set_memory_region`).
     #: 52 = what x86 KVM uses without TDP (this host runs shadow paging).
     max_gpa_bits: int = 52
     #: Highest user virtual address + 1 (TASK_SIZE_MAX, 4-level paging): the userspace_addr range check.
     user_addr_limit: int = 0x7FFFFFFFF000
     #: Largest page the host mapping behind a memslot's userspace_addr provides (the sim's assumption about
-    #: host THP): shared mappings may be this large where uniform (spec §3.6). 2 = 2 MiB.
+    #: host THP): shared mappings may be this large where uniform (`hugepage_has_attrs`). 2 = 2 MiB.
     host_mapping_level: int = PG_LEVEL_2M
     #: Largest TDP mapping level (2 = 2 MiB; this host's guests lack 1 GiB pages).
     max_mapping_level: int = PG_LEVEL_2M
-    #: Enable the v12 RFC's huge-page guest_memfd (SIM_GUEST_MEMFD_FLAG_HUGEPAGE, spec §5.6). Sim-only.
+    #: Enable the v12 RFC's huge-page guest_memfd (SIM_GUEST_MEMFD_FLAG_HUGEPAGE, modelled on
+    #: KVM_GUEST_MEMFD_ALLOW_HUGEPAGE). Sim-only.
     hugepage: bool = False
     nr_vcpus: int = 2
     max_vcpus: int = 1024
@@ -101,7 +105,8 @@ class Profile:
     #: Sim-only, not a kernel cap (None = off, the upstream behaviour). Bit N (12..51; SEV's C-bit is
     #: typically 51) of a guest leaf PTE marks the access private on KVM_X86_SW_PROTECTED_VMs: the vCPU's
     #: page walk strips it from the address and reports private/shared per access, as SNP/TDX hardware does,
-    #: so an access against the gfn's attribute exits with KVM_EXIT_MEMORY_FAULT (spec §3.2/§3.3 step 2) —
+    #: so an access against the gfn's attribute exits with KVM_EXIT_MEMORY_FAULT (the private/shared mismatch
+    #: check in `kvm_mmu_faultin_pfn`, then `kvm_mmu_prepare_memory_fault_exit`) —
     #: guest-driven implicit conversions. Other VM types ignore it (bit N stays an address bit).
     private_access_bit: int | None = None
 
@@ -150,7 +155,8 @@ class Profile:
         return mask
 
     def gmem_valid_flags(self, has_private_mem: bool | None) -> int:
-        """Creation flags accepted (``has_private_mem`` None = asked on the system fd), spec §2.2/§2.4."""
+        """Creation flags accepted (``has_private_mem`` None = asked on the system fd),
+        `kvm_vm_ioctl_check_extension_generic`/`kvm_gmem_create`."""
         if not self.gmem_flags:
             flags = 0
         else:
@@ -179,7 +185,7 @@ _V6_18 = Profile(
     gmem_cap_everywhere=True,
 )
 
-#: The other versions as their documented deltas from 6.18 (spec §6, §7).
+#: The other versions as their deltas from 6.18, one field per upstream change (see the field comments).
 PROFILES: dict[str, Profile] = {
     "6.8": replace(
         _V6_18,
