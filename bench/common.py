@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: result records, the markdown table, guest builders, the C baseline.
 
 Every benchmark measures its variants side by side in one run and reports ratios against a baseline of the
-same run, because this host is itself a VM and absolute times drift between runs (host-probes §0).
+same run, because this host is itself a VM and absolute times drift between runs (by up to 2×, docs/bench.md).
 """
 
 from __future__ import annotations

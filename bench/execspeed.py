@@ -3,8 +3,8 @@
 The payload is ``out 0x10; mov rcx, N; 1: dec rcx; jnz 1b; out 0x11; jmp start`` (2·N guest instructions
 between the OUTs). The host times ``vcpu.run()`` from the 0x10 exit to the 0x11 exit, best of ``REPS``, with
 N chosen per variant for roughly a second of guest time: kvm at CPL3 runs natively, kvm at CPL0 goes
-through KVM's instruction emulator on this host (host-probes §1), the sim runs unicorn. The ratio column is
-against kvm at the same CPL. Target: sim ≥ 50 M instructions/s.
+through KVM's instruction emulator on this host (kvm_pvm; README.md, Backends), the sim runs unicorn. The ratio column
+is against kvm at the same CPL. Target: sim ≥ 50 M instructions/s.
 
 Store rows: a one-page store loop on the sim and on a bare engine (docs/bench.md, "stores"): unicorn sends
 every store through a TLB entry that is writable and executable down its slow path, so the sim grants EXEC

@@ -3,7 +3,7 @@
 Backings, side by side in one run (interleaved rounds, a fresh VM and fresh memory each time, best of N):
 
 * guest_memfd created with MMAP|INIT_SHARED, memslot via KVM_SET_USER_MEMORY_REGION2 with userspace_addr =
-  the gmem's own mapping (host-probes §2: native CPL3 accesses then use the gmem pages);
+  the gmem's own mapping (on this host native CPL3 accesses then use the gmem pages; docs/conformance.md);
 * anonymous ``MAP_SHARED`` memory (``HostMemory``) — the baseline.
 
 On kvm the slot is 1 GiB (262,144 pages). The sim resolves every 4 KiB page through its TLB-fill hook and

@@ -1,8 +1,8 @@
 """Bench 6: the private-memory conversion workload (PC) and the demo, wall time.
 
-PC workload: a simplified x86/private_mem_conversions_test (spec §4.4) on ``kvmgmem.vmm.Machine``: a
-SW_PROTECTED VM, 4 vCPUs, 4 GUEST_MEMFD memslots (slot 1+i at 4 GiB + i·4 MiB, 4 MiB each, its own
-guest_memfd and HostMemory), vCPU i working on 2 MiB + 4 KiB of slot i. Each vCPU runs ``ROUNDS`` rounds of
+PC workload: a simplified x86/private_mem_conversions_test.c on
+``kvmgmem.vmm.Machine``: a SW_PROTECTED VM, 4 vCPUs, 4 GUEST_MEMFD memslots (slot 1+i at 4 GiB + i·4 MiB, 4 MiB each,
+its own guest_memfd and HostMemory), vCPU i working on 2 MiB + 4 KiB of slot i. Each vCPU runs ``ROUNDS`` rounds of
 ``kvmgmem.vmm.workload.conversion_workload`` (fill/verify shared, KVM_HC_MAP_GPA_RANGE to private,
 fill/verify private, back to shared and private again checking the discard policy, back to shared — four
 MAP_GPA_RANGE exits per round, each a range conversion by the VMM with the "both" discard policy). The
@@ -71,7 +71,7 @@ def run(report: Report) -> None:
         with kvm:
             types = kvm.supported_vm_types
         reason = (f"KVM_CAP_VM_TYPES has no KVM_X86_SW_PROTECTED_VM (types {sorted(types)}); VMCALL never"
-                  " returns here either (host-probes §1), so MAP_GPA_RANGE cannot run")  # fmt: skip
+                  " returns here either (kvm_pvm), so MAP_GPA_RANGE cannot run")  # fmt: skip
         if uapi.KVM_X86_SW_PROTECTED_VM in types:  # pragma: no cover - not on this host
             wall, conversions, _ = pc_workload("kvm")
             report.add(Row(bench, "kvm", wall, "s", note=f"{what}; {conversions} conversions"))
