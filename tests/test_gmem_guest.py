@@ -2,7 +2,7 @@
 
 The whole image (page tables, GDT/IDT, code, stacks) lives in a guest_memfd created with MMAP|INIT_SHARED;
 its memslot takes the guest_memfd's own mapping as userspace address (on this host CPL0 accesses go
-through the hva and CPL3 ones through the guest_memfd, host-probes §2 — with one mapping both agree).
+through the hva and CPL3 ones through the guest_memfd, docs/conformance.md — with one mapping both agree).
 """
 
 from __future__ import annotations

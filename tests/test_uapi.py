@@ -1,5 +1,6 @@
-"""kvmgmem.uapi against the spec: struct layouts (§1.3, host-probes §1), ioctl numbers (§1.1), constants
-(§1.2, §1.4–§1.8). Pure: no backend needed."""
+"""kvmgmem.uapi against the kernel's uAPI: struct layouts (include/uapi/linux/kvm.h; sizes also checked with a C
+``sizeof`` on this host), ioctl numbers (_IOC, include/uapi/asm-generic/ioctl.h), constants (include/uapi/linux/kvm.h,
+arch/x86/include/uapi/asm/kvm.h, Documentation/virt/kvm/x86/hypercalls.rst). Pure: no backend needed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from kvmgmem import uapi
 
-# --- §1.3 struct layouts: (field, offset, size) exactly as the spec tables list them --------------------------
+# --- include/uapi/linux/kvm.h struct layouts: (field, offset, size) exactly as the kernel headers lay them out ---
 
 LAYOUTS: dict[str, tuple[int, list[tuple[str, int, int]]]] = {
     "kvm_userspace_memory_region": (
@@ -51,7 +52,7 @@ LAYOUTS: dict[str, tuple[int, list[tuple[str, int, int]]]] = {
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_struct_layout_matches_spec_1_3(name: str) -> None:
-    """Spec §1.3: every struct's size and every field's offset/size, in the table's order, no padding."""
+    """include/uapi/linux/kvm.h: every struct's size and every field's offset/size, in the table's order, no padding."""
     struct = getattr(uapi, name)
     size, fields = LAYOUTS[name]
     assert ctypes.sizeof(struct) == size
@@ -64,7 +65,7 @@ def test_struct_layout_matches_spec_1_3(name: str) -> None:
 
 
 def test_struct_field_widths_region2_and_gmem() -> None:
-    """Spec §1.3: guest_memfd is a u32 (userspace passes -1 = 0xFFFFFFFF), offsets/sizes are u64 and
+    """include/uapi/linux/kvm.h: guest_memfd is a u32 (userspace passes -1 = 0xFFFFFFFF), offsets/sizes are u64 and
     little-endian."""
     r = uapi.kvm_userspace_memory_region2(guest_memfd=0xFFFFFFFF, guest_memfd_offset=(1 << 64) - 1)
     raw = bytes(r)
@@ -83,7 +84,7 @@ def test_struct_field_widths_region2_and_gmem() -> None:
 
 
 def test_kvm_run_exit_union_members_1_3() -> None:
-    """Spec §1.3: memory_fault flags/gpa/size at 32/40/48 of kvm_run; hypercall nr @32, args[6] @40..87,
+    """include/uapi/linux/kvm.h: memory_fault flags/gpa/size at 32/40/48 of kvm_run; hypercall nr @32, args[6] @40..87,
     ret @88, flags @96 (union with the legacy u32 longmode)."""
     base = uapi.kvm_run.exit.offset
     mf = uapi.kvm_run_exit.memory_fault.offset
@@ -115,11 +116,11 @@ def test_kvm_run_exit_union_members_1_3() -> None:
      ("kvm_create_guest_memfd", 64)],
 )  # fmt: skip
 def test_struct_sizes_match_host_probes_1(name: str, size: int) -> None:
-    """host-probes §1: sizes checked against a C sizeof on this host."""
+    """Sizes as a C ``sizeof`` gives them on this host (x86-64)."""
     assert ctypes.sizeof(getattr(uapi, name)) == size
 
 
-# --- §1.1 ioctl numbers --------------------------------------------------------------------------------------
+# --- ioctl numbers (_IOC, include/uapi/asm-generic/ioctl.h) ---------------------------------------------------
 
 IOCTLS = {
     "KVM_GET_API_VERSION": 0xAE00,
@@ -139,21 +140,23 @@ IOCTLS = {
 
 @pytest.mark.parametrize("name", sorted(IOCTLS))
 def test_ioctl_number_matches_spec_1_1(name: str) -> None:
-    """Spec §1.1: the ioctl number equals the table value, and IOCTL_NAMES maps it back to its name."""
+    """_IOC (include/uapi/asm-generic/ioctl.h): the ioctl number equals the table value, and IOCTL_NAMES
+    maps it back to its name."""
     value = getattr(uapi, name)
     assert value == IOCTLS[name], f"{name} = {value:#x}, spec says {IOCTLS[name]:#x}"
     assert uapi.IOCTL_NAMES[value] == name
 
 
 def test_ioctl_encoding_1_1() -> None:
-    """Spec §1.1: _IOC(dir, type, nr, size) = dir<<30 | size<<16 | type<<8 | nr (dir: IO 0, W 1, R 2, WR 3)."""
+    """_IOC (include/uapi/asm-generic/ioctl.h): _IOC(dir, type, nr, size) = dir<<30 | size<<16 | type<<8 |
+    nr (dir: IO 0, W 1, R 2, WR 3)."""
     assert uapi.KVMIO == 0xAE
     assert uapi._IOC(3, 0xAE, 0xD4, 64) == 0xC040AED4
     assert uapi._IOC(1, 0xAE, 0x49, 160) == 0x40A0AE49
     assert uapi._IO(0xAE, 0x80) == 0xAE80
     assert uapi._IOW(0xAE, 0xD2, uapi.kvm_memory_attributes) == 0x4020AED2
     assert uapi._IOWR(0xAE, 0xD5, uapi.kvm_pre_fault_memory) == 0xC040AED5
-    # the v12-only numbers (§1.1) must not be what we send
+    # the v12 RFC's numbers must not be what we send
     assert uapi.KVM_SET_MEMORY_ATTRIBUTES != 0x4020AED3
     assert 0x8008AED2 not in uapi.IOCTL_NAMES
 
@@ -165,11 +168,11 @@ def test_ioctl_names_are_unique() -> None:
     assert len(set(values)) == len(values) == len(uapi.IOCTL_NAMES)
 
 
-# --- §1.2 numeric constants -----------------------------------------------------------------------------------
+# --- include/uapi/linux/kvm.h numeric constants ---------------------------------------------------------------
 
 
 def test_numeric_constants_1_2() -> None:
-    """Spec §1.2: page size, max pages per slot, slot counts, EHWPOISON, fallocate modes."""
+    """include/uapi/linux/kvm.h: page size, max pages per slot, slot counts, EHWPOISON, fallocate modes."""
     assert uapi.PAGE_SIZE == 4096 and uapi.PAGE_SHIFT == 12
     assert uapi.KVM_MEM_MAX_NR_PAGES == 2**31 - 1
     assert uapi.KVM_MEM_SLOTS_NUM == 32767
@@ -182,7 +185,7 @@ def test_numeric_constants_1_2() -> None:
     ) == (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40)  # fmt: skip
 
 
-# --- §1.4 flag bits -------------------------------------------------------------------------------------------
+# --- include/uapi/linux/kvm.h flag bits -----------------------------------------------------------------------
 
 FLAGS = {
     "KVM_MEM_LOG_DIRTY_PAGES": 1 << 0,
@@ -199,11 +202,11 @@ FLAGS = {
 
 @pytest.mark.parametrize("name", sorted(FLAGS))
 def test_flag_bits_1_4(name: str) -> None:
-    """Spec §1.4 flag bits (released ABI: MMAP = bit 0, INIT_SHARED = bit 1)."""
+    """include/uapi/linux/kvm.h flag bits (released ABI: MMAP = bit 0, INIT_SHARED = bit 1)."""
     assert getattr(uapi, name) == FLAGS[name]
 
 
-# --- §1.5 caps ------------------------------------------------------------------------------------------------
+# --- include/uapi/linux/kvm.h caps ----------------------------------------------------------------------------
 
 CAPS = {
     "KVM_CAP_USER_MEMORY": 3,
@@ -224,16 +227,16 @@ CAPS = {
 
 @pytest.mark.parametrize("name", sorted(CAPS))
 def test_cap_numbers_1_5(name: str) -> None:
-    """Spec §1.5 capability numbers (merged numbering, not v12's 230–233)."""
+    """include/uapi/linux/kvm.h capability numbers (merged numbering, not v12's 230–233)."""
     assert getattr(uapi, name) == CAPS[name]
 
 
 def test_caps_table_is_spec_order_1_5() -> None:
-    """uapi.CAPS (what `kvmgmem caps` reports) lists exactly the §1.5 caps, by short name."""
+    """uapi.CAPS (what `kvmgmem caps` reports) lists exactly the include/uapi/linux/kvm.h caps, by short name."""
     assert uapi.CAPS == {name.removeprefix("KVM_CAP_"): num for name, num in CAPS.items()}
 
 
-# --- §1.6 exit reasons ----------------------------------------------------------------------------------------
+# --- include/uapi/linux/kvm.h exit reasons --------------------------------------------------------------------
 
 EXIT_REASONS = {
     "KVM_EXIT_UNKNOWN": 0,
@@ -261,12 +264,12 @@ EXIT_REASONS_OPTIONAL = {
 
 @pytest.mark.parametrize("name", sorted(EXIT_REASONS))
 def test_exit_reasons_1_6(name: str) -> None:
-    """Spec §1.6 exit reasons (MEMORY_FAULT is 39, not v12's 38)."""
+    """include/uapi/linux/kvm.h exit reasons (MEMORY_FAULT is 39, not v12's 38)."""
     assert getattr(uapi, name) == EXIT_REASONS[name]
 
 
 def test_optional_exit_reasons_consistent_1_6() -> None:
-    """Spec §1.6: any other KVM_EXIT_* uapi defines must not collide with a spec number."""
+    """include/uapi/linux/kvm.h: any other KVM_EXIT_* uapi defines must not collide with a spec number."""
     spec_values = {**EXIT_REASONS, **EXIT_REASONS_OPTIONAL}
     defined = {n: getattr(uapi, n) for n in dir(uapi) if n.startswith("KVM_EXIT_") and n in spec_values}
     assert set(EXIT_REASONS) <= set(defined)
@@ -276,11 +279,11 @@ def test_optional_exit_reasons_consistent_1_6() -> None:
     assert len(set(reasons.values())) == len(reasons), "two exit reasons share a number"
 
 
-# --- §1.7 VM types, §1.8 hypercall ------------------------------------------------------------------------------
+# --- arch/x86/include/uapi/asm/kvm.h VM types, Documentation/virt/kvm/x86/hypercalls.rst hypercall ------------
 
 
 def test_vm_types_1_7() -> None:
-    """Spec §1.7: DEFAULT 0, SW_PROTECTED 1, SEV 2, SEV_ES 3, SNP 4, TDX 5; private-memory types
+    """arch/x86/include/uapi/asm/kvm.h: DEFAULT 0, SW_PROTECTED 1, SEV 2, SEV_ES 3, SNP 4, TDX 5; private-memory types
     SW_PROTECTED, SNP, TDX."""
     assert (
         uapi.KVM_X86_DEFAULT_VM, uapi.KVM_X86_SW_PROTECTED_VM, uapi.KVM_X86_SEV_VM, uapi.KVM_X86_SEV_ES_VM,
@@ -290,7 +293,8 @@ def test_vm_types_1_7() -> None:
 
 
 def test_map_gpa_range_constants_1_8() -> None:
-    """Spec §1.8: hypercall 12, ENCRYPTED 0x10, guest error codes, CPUID feature bit 16."""
+    """Documentation/virt/kvm/x86/hypercalls.rst: hypercall 12, ENCRYPTED 0x10, guest error codes, CPUID feature bit
+    16."""
     assert uapi.KVM_HC_MAP_GPA_RANGE == 12
     assert uapi.KVM_MAP_GPA_RANGE_ENCRYPTED == 0x10 and uapi.KVM_MAP_GPA_RANGE_DECRYPTED == 0
     assert (uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K, uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M,

@@ -1,8 +1,8 @@
 """Differential tests: the same operation sequence on real KVM and on the sim must give identical results.
 
-Design (design.md §5): hypothesis generates short sequences of guest_memfd / memslot / fallocate / mmap
-operations for the DEFAULT VM type. Each operation is rendered as one line of Python (against the names
-``vm``, ``vm2``, ``g``, ``memfd``), evaluated on ``kvmgmem.open("kvm")`` and on
+Design (README.md, Conformance; docs/conformance.md, Differential testing): hypothesis generates short sequences of
+guest_memfd / memslot / fallocate / mmap operations for the DEFAULT VM type. Each operation is rendered as one line of
+Python (against the names ``vm``, ``vm2``, ``g``, ``memfd``), evaluated on ``kvmgmem.open("kvm")`` and on
 ``kvmgmem.open("sim", profile="host")`` (the sim configured like this host: VM_TYPES 1, no memory
 attributes, no SMM) step by step, and its outcome — return value, errno and failing op, or exception type — is
 compared. Pages are read back through the mappings (``peek``) and, at the end of every sequence, every page
@@ -187,7 +187,7 @@ def render(op: tuple[int, ...], seq: Sequence) -> tuple[str, Callable[[tuple[Any
     n = len(seq.facts)
     if not n and kind not in (2, 3, 9):
         kind = 0  # nothing to operate on yet: create a file instead
-    if kind == 9:  # close the VM fd (spec §2.14: its guest_memfds keep working); later vm ops → EBADF
+    if kind == 9:  # close the VM fd (its guest_memfds hold a VM reference and keep working); later vm ops → EBADF
         return ("vm.close()", None) if a % 4 == 0 else None
     if kind == 0:  # create on vm (or vm2, 1 in 4)
         size, flags, owner = _pick(SIZES, a), _pick(CREATE_FLAGS, b), "vm2" if c % 4 == 0 else "vm"
@@ -389,9 +389,10 @@ def _report(lines: list[str], kvm_result: tuple[Any, ...], sim_result: tuple[Any
 )
 @given(ops=SEQUENCES)
 def test_kvm_and_sim_agree(systems: tuple[kvmgmem.System, kvmgmem.System], ops: list[tuple[int, ...]]) -> None:
-    """Spec §2.4/§2.5/§2.8–§2.11 on the DEFAULT VM: every generated sequence gives identical outcomes
-    (return values, errnos with the failing op, exception types, page contents) on kvm and on the sim
-    configured like this host (``profile="host"``)."""
+    """`kvm_gmem_create`, `__kvm_set_memory_region`, `kvm_gmem_fallocate`, `kvm_gmem_fops`, `kvm_gmem_mmap` and
+    `kvm_gmem_setattr` on the DEFAULT VM: every generated sequence gives identical outcomes (return values, errnos with
+    the failing op, exception types, page contents) on kvm and on the sim configured like this host
+    (``profile="host"``)."""
     kvm, sim = systems
     started = time.perf_counter()
     run_sequence(kvm, sim, ops)
@@ -454,8 +455,8 @@ def test_truncate_huge_length(systems: tuple[kvmgmem.System, kvmgmem.System]) ->
 
 
 def test_host_profile_caps_match_kvm(systems: tuple[kvmgmem.System, kvmgmem.System]) -> None:
-    """``profile="host"`` mirrors this host: every capability the sim models (``uapi.CAPS``, spec §1.5, plus
-    the vCPU limits) answers the same on the system fd and on a DEFAULT VM, and the VM types are the same. (It
+    """``profile="host"`` mirrors this host: every capability the sim models (``uapi.CAPS``, include/uapi/linux/kvm.h,
+    plus the vCPU limits) answers the same on the system fd and on a DEFAULT VM, and the VM types are the same. (It
     was not so for ``sw_protected=False`` alone: KVM_CAP_MULTI_ADDRESS_SPACE was 2 there, 0 here.)"""
     caps = {**uapi.CAPS, "NR_VCPUS": uapi.KVM_CAP_NR_VCPUS, "MAX_VCPUS": uapi.KVM_CAP_MAX_VCPUS, "MAX_VCPU_ID": 128}
     kvm, sim = systems

@@ -11,7 +11,7 @@ from kvmgmem.guest.operands import al, ax, cr3, dx, eax, rax, rbx, rcx, rdi, rsi
 
 
 def test_matches_gnu_as_byte_for_byte() -> None:
-    """The probe snippet of host-probes §7, whose GNU as encoding is recorded there."""
+    """A long-mode probe snippet; ``gas`` is GNU as's encoding of the same source (``as`` + ``ld --oformat binary``)."""
     a = Asm()
     a.mov(rax, 0x1122334455667788).mov(qword[0x20000], rax).mov(dx, 0x10).out(dx, eax).in_(eax, dx).vmcall()
     a.lea(rax, "here").label("here").label("L").dec(rcx).jnz("L").hlt()

@@ -98,7 +98,8 @@ def test_guest_assertion_becomes_python_exception(make_guest: MakeGuest) -> None
 
 @CPL
 def test_gm13_guest_round_trip(system: kvmgmem.System, backend: str, make_guest: MakeGuest, user: bool) -> None:
-    """Spec §4.1 GM-13 with the hva = the gmem's own mapping (host-probes §2: CPL0 goes through the hva)."""
+    """GM-13 (guest_memfd_test.c) with the hva = the gmem's own mapping (on this host CPL0 goes through the hva:
+    docs/conformance.md)."""
     want = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
     require_cap(system, backend, "GUEST_MEMFD_FLAGS", uapi.KVM_CAP_GUEST_MEMFD_FLAGS, want)
     p, gpa = uapi.PAGE_SIZE, 4 * GiB
@@ -120,7 +121,7 @@ def test_gm13_guest_round_trip(system: kvmgmem.System, backend: str, make_guest:
             mapping.close()
 
 
-# --- KVM_HC_MAP_GPA_RANGE (spec §1.8, §3.4) -------------------------------------------------------------------
+# --- KVM_HC_MAP_GPA_RANGE (Documentation/virt/kvm/x86/hypercalls.rst, `kvm_emulate_hypercall`) ----------------
 
 HC_GPA, HC_NPAGES = 4 * GiB, 16
 HC_ATTRS = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED | uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K
@@ -138,7 +139,8 @@ def _hypercall_guest(expect: int) -> GuestImage:
 
 def _run_probing_vmcall(v: GuestVcpu, backend: str) -> object:
     """Run; if the vCPU is still inside VMCALL after the probe time, skip: this host's VMCALL never returns
-    to the VMM (host-probes §1, kvm_pvm), so neither KVM_EXIT_HYPERCALL nor -KVM_ENOSYS can be observed."""
+    to the VMM (kvm_pvm; docs/conformance.md, `vmcall_never_returns`), so neither KVM_EXIT_HYPERCALL nor -KVM_ENOSYS
+    can be observed."""
     try:
         return v.run(timeout=VMCALL_PROBE_S)
     except GuestTimeoutError:
@@ -148,7 +150,7 @@ def _run_probing_vmcall(v: GuestVcpu, backend: str) -> object:
     assert code == b"\x0f\x01\xc1", f"guest stuck at {regs.rip:#x} ({code.hex()}), not on a vmcall"
     pytest.skip(
         f"backend {backend}: VMCALL never returned to the VMM within {VMCALL_PROBE_S} s (vCPU kicked, RIP "
-        f"{regs.rip:#x} still on the vmcall) — this host's KVM spins on VMCALL (host-probes §1)"
+        f"{regs.rip:#x} still on the vmcall) — this host's KVM spins on VMCALL (docs/conformance.md)"
     )
 
 

@@ -56,7 +56,7 @@ def test_bad_page_table_requests(reach: int, size: int) -> None:
 def test_gdt_tss_idt_encodings() -> None:
     gdt = D.gdt([(0x12000, 0x3000)])
     entries = struct.unpack_from("<8Q", gdt)
-    assert entries[1] == 0x00AF9A000000FFFF and entries[2] == 0x00CF92000000FFFF  # host-probes §1
+    assert entries[1] == 0x00AF9A000000FFFF and entries[2] == 0x00CF92000000FFFF  # code64, data: measured working here
     assert entries[5] == 0x00CFF2000000FFFF and entries[6] == 0x00AFFA000000FFFF  # DPL3 data / code
     low, high = struct.unpack_from("<QQ", gdt, D.TSS_FIRST)
     assert (low & 0xFFFF, (low >> 16) & 0xFFFFFF, (low >> 40) & 0xFF, high) == (0x3000, 0x12000, 0x8B, 0)

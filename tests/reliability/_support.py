@@ -18,7 +18,7 @@ P = uapi.PAGE_SIZE
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 
-# --- invariants over introspect() (design.md §5) -----------------------------------------------------------
+# --- invariants over introspect() (docs/reliability.md) -------------------------------------------------------
 
 
 def _private_runs(snapshot: dict[str, Any]) -> list[tuple[int, int]]:

@@ -3,7 +3,7 @@
 Faulting threads resolve random gpas through ``SimVm.handle_fault`` (the vCPU's fault entry point) while
 other threads convert pages (KVM_SET_MEMORY_ATTRIBUTES), punch and re-allocate guest_memfd pages, delete and
 recreate memslots and inject hwpoison. A checker thread snapshots ``introspect()`` continuously and checks
-design.md §5's invariant: no SPTE maps a backing that the attributes, bindings or punched/poisoned pages
+the invariant of docs/reliability.md: no SPTE maps a backing that the attributes, bindings or punched/poisoned pages
 forbid. Every thread does a fixed number of operations (no timing decides pass/fail); a watchdog turns a
 hang into a failure carrying every thread's stack.
 """

@@ -28,7 +28,7 @@ def test_vm_pinned_by_its_guest_memfd(system: kvmgmem.System, backend: str) -> N
     gmem = vm.create_guest_memfd(8 * P)
     core = getattr(vm, "sim", None)
     vm.close()
-    gmem.allocate(0, 8 * P)  # spec §2.14: fallocate keeps working
+    gmem.allocate(0, 8 * P)  # the guest_memfd's VM reference (`kvm_gmem_create`): fallocate keeps working
     gmem.punch_hole(0, 4 * P)
     gmem.allocate(0, P)
     assert gmem.stat().st_size == 8 * P
@@ -50,7 +50,7 @@ def test_gmem_mapping_outlives_its_fd(system: kvmgmem.System) -> None:
     m[3 * P : 3 * P + 5] = b"world"
     gmem.close()
     vm.close()
-    assert m[0:5] == b"hello" and m[3 * P : 3 * P + 5] == b"world"  # §2.10.7: the mapping holds the file
+    assert m[0:5] == b"hello" and m[3 * P : 3 * P + 5] == b"world"  # the mapping holds the file (`kvm_gmem_mmap`)
     m[P : P + 3] = b"new"
     assert m[P : P + 3] == b"new"
     m.close()

@@ -1,4 +1,4 @@
-"""KVM_SET_MEMORY_ATTRIBUTES on the sim (spec §2.6) and the range map's cost (design.md §2)."""
+"""KVM_SET_MEMORY_ATTRIBUTES on the sim (`kvm_vm_ioctl_set_mem_attributes`) and the range map's cost."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def errno_of(fn: Callable[[], object]) -> int:
 
 
 def test_2_6_check_order(pvm: SimVm) -> None:
-    """§2.6 steps 2–5 in order: flags, attributes, size/wrap, alignment — each EINVAL."""
+    """`kvm_vm_ioctl_set_mem_attributes` in order: flags, attributes, size/wrap, alignment — each EINVAL."""
     sa = pvm.set_memory_attributes
     assert errno_of(lambda: sa(1, 0, 1 << 5, 1)) == errno.EINVAL  # flags first
     assert errno_of(lambda: sa(1, 0, 1 << 5)) == errno.EINVAL  # unsupported attribute
@@ -35,7 +35,7 @@ def test_2_6_check_order(pvm: SimVm) -> None:
 
 
 def test_2_6_default_vm_only_zero(dvm: SimVm) -> None:
-    """§2.6 step 3: on a DEFAULT VM only attributes 0 pass (and are a no-op)."""
+    """`kvm_vm_ioctl_set_mem_attributes`: on a DEFAULT VM only attributes 0 pass (and are a no-op)."""
     assert dvm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) == 0
     assert errno_of(lambda: dvm.set_memory_attributes(0, P, PRIVATE)) == errno.EINVAL
     dvm.set_memory_attributes(0, P, 0)
@@ -52,7 +52,7 @@ def test_2_6_not_compiled_enotty(open_sim: Callable[..., SimSystem]) -> None:
 
 
 def test_2_6_step7_noop_does_not_zap(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§2.6 step 7: setting the current value again returns 0 without an invalidation."""
+    """`kvm_vm_ioctl_set_mem_attributes`: setting the current value again returns 0 without an invalidation."""
     pvm.set_user_memory_region(0, GPA, M2, hostmem(M2))
     pvm.set_memory_attributes(GPA, P, 0)
     assert pvm.introspect()["counters"]["invalidations"] == 0
@@ -62,15 +62,16 @@ def test_2_6_step7_noop_does_not_zap(pvm: SimVm, hostmem: Callable[[int], HostMe
 
 
 def test_2_6_step10_overwrite_not_or(pvm: SimVm) -> None:
-    """§2.6 step 10: the value replaces the old one; 0 erases."""
+    """`kvm_vm_ioctl_set_mem_attributes`: the value replaces the old one; 0 erases."""
     pvm.set_memory_attributes(GPA, 4 * P, PRIVATE)
     pvm.set_memory_attributes(GPA + P, P, 0)
     assert pvm.introspect()["attributes"] == [(GPA // P, GPA // P + 1, PRIVATE), (GPA // P + 2, GPA // P + 4, PRIVATE)]
 
 
 def test_2_6_step9_zap_before_store(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§2.6 steps 9–11, §3.5: the zap listener runs after the SPTEs are gone and before the new attributes
-    are visible; faults during it retry; the sequence number bumps at the end."""
+    """`kvm_vm_ioctl_set_mem_attributes`, `kvm_mmu_invalidate_begin`/`kvm_mmu_invalidate_end`: the zap listener runs
+    after the SPTEs are gone and before the new attributes are visible; faults during it retry; the sequence number
+    bumps at the end."""
     mem = hostmem(M2)
     with pvm.create_guest_memfd(M2) as g:
         pvm.set_user_memory_region2(0, GPA, M2, mem, GMEM, g, 0)
@@ -98,7 +99,7 @@ def test_2_6_step9_zap_before_store(pvm: SimVm, hostmem: Callable[[int], HostMem
 
 
 def test_2_6_range_outside_slots(pvm: SimVm) -> None:
-    """§2.6 step 6: no memslot needed; 1 TiB ranges are fine."""
+    """`kvm_vm_ioctl_set_mem_attributes`: no memslot needed; 1 TiB ranges are fine."""
     pvm.set_memory_attributes(0, 1 << 40, PRIVATE)
     pvm.set_memory_attributes(0, 1 << 40, 0)
     assert pvm.introspect()["attributes"] == []
@@ -114,7 +115,7 @@ def _best(fn: Callable[[], None], reps: int = 7) -> float:
 
 
 def test_design_2_convert_1tib_costs_like_4kib(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """design.md §2: converting 1 TiB costs within 10x of converting 4 KiB (best of several runs), with a
+    """Converting 1 TiB costs within 10x of converting 4 KiB (best of several runs), with a
     memslot covering the range and mappings present, and a fragmented attribute map around it."""
     mem = hostmem(M2)
     pvm.set_user_memory_region(0, 0, M2, mem)
@@ -137,7 +138,7 @@ def test_design_2_convert_1tib_costs_like_4kib(pvm: SimVm, hostmem: Callable[[in
 
 
 def test_design_2_uniform_range_constant_memory(pvm: SimVm) -> None:
-    """design.md §2: a uniform range is one run whatever its size; converting back restores the count."""
+    """A uniform range is one run whatever its size; converting back restores the count."""
     before = len(pvm.sim.attributes)
     pvm.set_memory_attributes(P, 1 << 40, PRIVATE)
     assert len(pvm.sim.attributes) == before + 2

@@ -1,4 +1,5 @@
-"""guest_memfd file operations on the sim (spec §2.4, §2.8–§2.11, selftest cases GM-n of §4.1)."""
+"""guest_memfd file operations on the sim (`kvm_gmem_create`, `kvm_gmem_fallocate`, `kvm_gmem_fops`, `kvm_gmem_mmap`,
+`kvm_gmem_setattr`; selftest cases GM-n of guest_memfd_test.c)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_GM_1_flags_sweep(make_vm: Callable[..., SimVm], vm_type: int, valid: se
 
 
 def test_GM_1_6_8_profile_accepts_no_flags(open_sim: Callable[..., SimSystem]) -> None:
-    """§2.4 step 2 (6.8–6.17): every creation flag → EINVAL; GUEST_MEMFD_FLAGS is an unknown cap (0)."""
+    """`kvm_gmem_create` (6.8–6.17): every creation flag → EINVAL; GUEST_MEMFD_FLAGS is an unknown cap (0)."""
     with open_sim("6.8").create_vm(1) as vm:
         assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) == 0
         for bit in range(64):
@@ -60,18 +61,19 @@ def test_GM_2_multiple_files_distinct_inodes(dvm: SimVm) -> None:
 
 @pytest.mark.parametrize("size", [0, 1, P - 1, P + 1, 1 << 63, (1 << 64) - P])
 def test_GM_3_invalid_sizes(dvm: SimVm, size: int) -> None:
-    """GM-3, §2.4 step 3: size ≤ 0 (as signed) or unaligned → EINVAL."""
+    """GM-3, `kvm_gmem_create`: size ≤ 0 (as signed) or unaligned → EINVAL."""
     assert errno_of(lambda: dvm.create_guest_memfd(size)) == errno.EINVAL
 
 
 def test_GM_3_huge_lazy_file(dvm: SimVm) -> None:
-    """host-probes §2: a 1 TiB guest_memfd is created lazily."""
+    """`kvm_gmem_create`: a 1 TiB guest_memfd is created lazily (as on this host)."""
     with dvm.create_guest_memfd(1 << 40, MMAP | INIT_SHARED) as g:
         assert g.stat().st_size == 1 << 40
 
 
 def test_GM_4_read_write_errnos(dvm: SimVm) -> None:
-    """GM-4 with host-probes §2: read/write → EINVAL, pread/pwrite → ESPIPE (negative offset → EINVAL)."""
+    """GM-4 with the errnos measured on this host: read/write → EINVAL, pread/pwrite → ESPIPE (negative offset →
+    EINVAL)."""
     with dvm.create_guest_memfd(4 * P) as g:
         assert errno_of(lambda: g.read(64)) == errno.EINVAL
         assert errno_of(lambda: g.write(b"x" * 64)) == errno.EINVAL
@@ -102,7 +104,8 @@ def test_GM_6_fault_overflow_sigbus(dvm: SimVm) -> None:
 
 
 def test_GM_7b_madvise_collapse_einval(dvm: SimVm) -> None:
-    """GM-7b, §2.10.5: MADV_HUGEPAGE ok, MADV_COLLAPSE → EINVAL, MADV_DONTNEED ok and data stays."""
+    """GM-7b, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: MADV_HUGEPAGE ok, MADV_COLLAPSE → EINVAL, MADV_DONTNEED ok
+    and data stays."""
     with dvm.create_guest_memfd(M2, MMAP | INIT_SHARED) as g, g.mmap() as m:
         m[0] = 7
         m.madvise(14)
@@ -122,13 +125,14 @@ def test_GM_8_private_mapping_sigbus(pvm: SimVm) -> None:
 
 
 def test_GM_9a_map_private_einval(dvm: SimVm) -> None:
-    """GM-9a, §2.10 step 2: MAP_PRIVATE → EINVAL."""
+    """GM-9a, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: MAP_PRIVATE → EINVAL."""
     with dvm.create_guest_memfd(4 * P, MMAP) as g:
         assert errno_of(lambda: g.mmap(shared=False)) == errno.EINVAL
 
 
 def test_GM_9c_no_mmap_enodev(dvm: SimVm, open_sim: Callable[..., SimSystem]) -> None:
-    """GM-9c, §2.10 step 1: without MMAP → ENODEV (checked before MAP_PRIVATE); 6.8 has no mmap at all."""
+    """GM-9c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: without MMAP → ENODEV (checked before MAP_PRIVATE); 6.8 has
+    no mmap at all."""
     for flags in (0, INIT_SHARED):
         with dvm.create_guest_memfd(4 * P, flags) as g:
             assert errno_of(lambda g=g: g.mmap()) == errno.ENODEV
@@ -138,14 +142,14 @@ def test_GM_9c_no_mmap_enodev(dvm: SimVm, open_sim: Callable[..., SimSystem]) ->
 
 
 def test_GM_10_fstat(dvm: SimVm) -> None:
-    """GM-10, §2.11: st_size, st_blksize 4096, mode 0600 regular file."""
+    """GM-10, `kvm_gmem_setattr`: st_size, st_blksize 4096, mode 0600 regular file."""
     with dvm.create_guest_memfd(4 * P) as g:
         st = g.stat()
         assert (st.st_size, st.st_blksize, st.st_mode) == (4 * P, P, 0o100600)
 
 
 def test_GM_11_fallocate_sequence(dvm: SimVm) -> None:
-    """GM-11, in order (errors are EINVAL per §2.8)."""
+    """GM-11, in order (errors are EINVAL per `kvm_gmem_fallocate`)."""
     T = 4 * P
     with dvm.create_guest_memfd(T) as g:
         g.fallocate(KEEP, 0, T)
@@ -172,7 +176,7 @@ def test_GM_12_invalid_punch_hole(dvm: SimVm, off: int, ln: int) -> None:
 @pytest.mark.parametrize(
     "mode, off, ln, err",
     [
-        (0, 0, P, errno.EOPNOTSUPP),  # host-probes: mode 0 → EOPNOTSUPP
+        (0, 0, P, errno.EOPNOTSUPP),  # measured on this host: mode 0 → EOPNOTSUPP
         (0, 100, 5, errno.EOPNOTSUPP),
         (PUNCH, 0, P, errno.EOPNOTSUPP),
         (KEEP, P, 100, errno.EINVAL),
@@ -189,27 +193,28 @@ def test_GM_12_invalid_punch_hole(dvm: SimVm, off: int, ln: int) -> None:
     ],
 )
 def test_2_8_fallocate_errnos(dvm: SimVm, mode: int, off: int, ln: int, err: int) -> None:
-    """§2.8 (VFS checks, then guest_memfd's) with host-probes §2's errno table."""
+    """`vfs_fallocate`'s checks, then `kvm_gmem_fallocate`'s, with the errnos measured on this host."""
     with dvm.create_guest_memfd(4 << 20, MMAP | INIT_SHARED) as g:
         assert errno_of(lambda: g.fallocate(mode, off, ln)) == err
 
 
 def test_2_8_punch_beyond_eof_ok(dvm: SimVm) -> None:
-    """§2.8 step 4: punch at/after EOF (and straddling it) succeeds."""
+    """`kvm_gmem_fallocate`: punch at/after EOF (and straddling it) succeeds."""
     with dvm.create_guest_memfd(4 << 20) as g:
         g.punch_hole((4 << 20) - P, 2 * P)
         g.punch_hole(4 << 20, P)
 
 
 def test_2_11_ftruncate_einval(dvm: SimVm) -> None:
-    """§2.11: any ftruncate → EINVAL."""
+    """`kvm_gmem_setattr`: any ftruncate → EINVAL."""
     with dvm.create_guest_memfd(4 * P) as g:
         for n in (0, 4 * P, 8 * P):
             assert errno_of(lambda n=n: g.truncate(n)) == errno.EINVAL
 
 
 def test_2_10_7_mmap_pins_file(dvm: SimVm) -> None:
-    """§2.10.7: closing the fd keeps the memory while mapped; the fd number is no longer a guest_memfd."""
+    """`kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: closing the fd keeps the memory while mapped; the fd number is no
+    longer a guest_memfd."""
     g = dvm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
     m = g.mmap()
     m[0:4] = b"abcd"
@@ -239,8 +244,8 @@ def test_fd_is_real_and_unique(dvm: SimVm) -> None:
 
 
 def test_5_6_hugepage_flag_sim_only(open_sim: Callable[..., SimSystem]) -> None:
-    """§5.6 (sim option): the huge-page flag is reported and accepted only with ``hugepage=True``; sizes must
-    be 2 MiB aligned."""
+    """the v12 RFC's KVM_GUEST_MEMFD_ALLOW_HUGEPAGE (sim option): the huge-page flag is reported and accepted only with
+    ``hugepage=True``; sizes must be 2 MiB aligned."""
     with open_sim().create_vm() as vm:
         assert not vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) & SIM_GUEST_MEMFD_FLAG_HUGEPAGE
         assert errno_of(lambda: vm.create_guest_memfd(M2, SIM_GUEST_MEMFD_FLAG_HUGEPAGE)) == errno.EINVAL
@@ -252,9 +257,10 @@ def test_5_6_hugepage_flag_sim_only(open_sim: Callable[..., SimSystem]) -> None:
 
 
 def test_poison_repoints_live_mappings_and_punch_heals(dvm: SimVm) -> None:
-    """§2.15 with §2.10 (3): a hwpoisoned page SIGBUSes the host through every mapping — one mapped before
-    the poison (re-pointed, as the kernel zaps user mappings) and one mapped after — while its neighbours
-    keep their data; punching the page frees it with its poison mark, and both mappings read zero there."""
+    """`kvm_gmem_error_folio` with `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: a hwpoisoned page SIGBUSes the host
+    through every mapping — one mapped before the poison (re-pointed, as the kernel zaps user mappings) and one mapped
+    after — while its neighbours keep their data; punching the page frees it with its poison mark, and both mappings
+    read zero there."""
     with dvm.create_guest_memfd(4 * P, MMAP | INIT_SHARED) as g, g.mmap() as before:
         before[:] = b"\x11" * (4 * P)
         g.inject_poison(P)

@@ -1,4 +1,6 @@
-"""Object lifetimes on the sim (spec §2.1, §2.12–§2.14, §7) and concurrent faults vs invalidations (§3.5)."""
+"""Object lifetimes on the sim (virt/kvm/guest_memfd.c: `kvm_gmem_release`, `kvm_gmem_unbind`, the VM reference a
+guest_memfd holds; memslots do not pin the file) and concurrent faults vs invalidations
+(`kvm_mmu_invalidate_begin`/`kvm_mmu_invalidate_end`)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ GPA = 0xC0000000
 
 
 def test_2_14_gmem_pins_vm(simsys: SimSystem) -> None:
-    """§2.14: closing the VM fd keeps the VM alive while a guest_memfd exists; allocate/punch still work;
-    closing the gmem then destroys the VM."""
+    """the guest_memfd's VM reference (`kvm_gmem_create`): closing the VM fd keeps the VM alive while a guest_memfd
+    exists; allocate/punch still work; closing the gmem then destroys the VM."""
     vm = simsys.create_vm(1)
     core = vm.sim
     g = vm.create_guest_memfd(4 * P)
@@ -36,7 +38,7 @@ def test_2_14_gmem_pins_vm(simsys: SimSystem) -> None:
 
 
 def test_2_12_memslots_do_not_pin_gmem(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§2.12/§7: a bound memslot does not keep the gmem alive: closing it releases the file (slot keeps its
+    """`kvm_gmem_release`: a bound memslot does not keep the gmem alive: closing it releases the file (slot keeps its
     GUEST_MEMFD flag, loses the file pointer, its SPTEs are zapped) and frees the inode's pages."""
     g = pvm.create_guest_memfd(4 * P)
     pvm.set_user_memory_region2(10, GPA, 4 * P, hostmem(4 * P), GMEM, g, 0)
@@ -53,7 +55,8 @@ def test_2_12_memslots_do_not_pin_gmem(pvm: SimVm, hostmem: Callable[[int], Host
 
 
 def test_2_1_vcpu_pins_vm(simsys: SimSystem) -> None:
-    """§2.1: a vCPU fd holds a VM reference; regs/sregs are stored; vCPU ids are unique (EEXIST)."""
+    """`kvm_vm_ioctl_create_vcpu`: a vCPU fd holds a VM reference; regs/sregs are stored; vCPU ids are unique
+    (EEXIST)."""
     vm = simsys.create_vm()
     core = vm.sim
     vcpu = vm.create_vcpu(0)
@@ -81,9 +84,10 @@ def test_gc_releases_everything(simsys: SimSystem) -> None:
 
 
 def test_3_5_concurrent_faults_never_map_stale(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.5: a vCPU thread faulting while another thread converts and punches never installs an SPTE that
-    the current state forbids (checked after every conversion under the MMU lock). Whether a fault races an
-    invalidation here is up to the scheduler, so retries are not counted; ``test_mmu`` forces one."""
+    """`kvm_mmu_invalidate_begin`/`kvm_mmu_invalidate_end`: a vCPU thread faulting while another thread converts and
+    punches never installs an SPTE that the current state forbids (checked after every conversion under the MMU lock).
+    Whether a fault races an invalidation here is up to the scheduler, so retries are not counted; ``test_mmu`` forces
+    one."""
     n = 64
     mem = hostmem(n * P)
     g = pvm.create_guest_memfd(n * P)

@@ -1,4 +1,4 @@
-"""KVM_SET_USER_MEMORY_REGION(2) on the sim: spec §2.5 check order A–N, kvm_gmem_bind, selftest SR-n."""
+"""KVM_SET_USER_MEMORY_REGION(2) on the sim: `__kvm_set_memory_region` check order A–N, kvm_gmem_bind, selftest SR-n."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_SR_1_invalid_flags(make_vm: Callable[..., SimVm], vm_type: int) -> None
 
 
 def test_SR_1_6_8_default_vm_rejects_gmem_flag(open_sim: Callable[..., SimSystem]) -> None:
-    """§2.5 A (6.8–6.17): GUEST_MEMFD memslots only on private-memory VMs."""
+    """`check_memory_region_flags` (6.8–6.17): GUEST_MEMFD memslots only on private-memory VMs."""
     with open_sim("6.8").create_vm(0) as vm, open_sim("6.8").create_vm(1) as pvm:
         assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD) == 0
         assert errno_of(lambda: vm.set_user_memory_region2(0, 0, M2, None, GMEM, 0, 0)) == errno.EINVAL
@@ -79,7 +79,7 @@ def test_SR_4_add_private_region(make_vm: Callable[..., SimVm], simsys: SimSyste
 
 
 def test_SR_4_bad_fds_ebadf(pvm: SimVm) -> None:
-    """kvm_gmem_bind step 1: a closed fd, -1 or None → EBADF (host-probes: fd 9999 → EBADF)."""
+    """`kvm_gmem_bind` (`fget` fails): a closed fd, -1 or None → EBADF (this host: fd 9999 → EBADF)."""
     g = pvm.create_guest_memfd(M2)
     g.close()
     for fd in (9999, -1, None, g):
@@ -124,8 +124,8 @@ def test_SR_6_full_slot_count(dvm: SimVm) -> None:
 
 @pytest.mark.parametrize("profile, ok", [("6.18", True), ("6.8", True), ("7.2", False)])
 def test_2_5_M4_signed_offset_wrap(open_sim: Callable[..., SimSystem], profile: str, ok: bool) -> None:
-    """host-probes §10: offset 0x7ffffffffffff000 with size 0x4000 succeeds ≤7.1 (signed loff_t wraps
-    negative) and is EINVAL on 7.2 (unsigned)."""
+    """Upstream guest_memfd_test's invalid_binding case (run on this host): offset 0x7ffffffffffff000 with size 0x4000
+    succeeds ≤7.1 (signed loff_t wraps negative) and is EINVAL on 7.2 (unsigned)."""
     with open_sim(profile).create_vm(1) as vm, vm.create_guest_memfd(M2) as g:
         call = lambda: vm.set_user_memory_region2(SLOT, GPA, 0x4000, None, GMEM, g, 0x7FFFFFFFFFFFF000)  # noqa: E731
         if ok:
@@ -135,8 +135,8 @@ def test_2_5_M4_signed_offset_wrap(open_sim: Callable[..., SimSystem], profile: 
 
 
 def test_2_5_check_order(pvm: SimVm) -> None:
-    """§2.5: each error is reported by the first failing check (A flags, B size, C gpa, D uaddr, E offset,
-    F as_id, G wrap, H too many pages, then bind, then N max GPA)."""
+    """`__kvm_set_memory_region`: each error is reported by the first failing check (A flags, B size, C gpa, D uaddr, E
+    offset, F as_id, G wrap, H too many pages, then bind, then N max GPA)."""
     f = GMEM
     region = pvm.set_user_memory_region2
     with pvm.create_guest_memfd(M2) as g:
@@ -153,14 +153,15 @@ def test_2_5_check_order(pvm: SimVm) -> None:
 
 
 def test_2_5_D_userspace_addr(dvm: SimVm) -> None:
-    """§2.5 D: unaligned userspace_addr, or a range past the user address limit → EINVAL; 0 is fine."""
+    """`__kvm_set_memory_region`: unaligned userspace_addr, or a range past the user address limit → EINVAL; 0 is
+    fine."""
     assert errno_of(lambda: dvm.set_user_memory_region(0, 0, M2, 8)) == errno.EINVAL
     assert errno_of(lambda: dvm.set_user_memory_region(0, 0, M2, 0x7FFFFFFFF000)) == errno.EINVAL
     dvm.set_user_memory_region(0, 0, M2, 0)
 
 
 def test_2_5_I_delete(dvm: SimVm) -> None:
-    """§2.5 I: deleting a missing slot → EINVAL; flags are still validated on delete."""
+    """`__kvm_set_memory_region`: deleting a missing slot → EINVAL; flags are still validated on delete."""
     assert errno_of(lambda: dvm.set_user_memory_region(3, 0, 0)) == errno.EINVAL
     dvm.set_user_memory_region(3, 0, M2)
     assert errno_of(lambda: dvm.set_user_memory_region2(3, 0, 0, None, GMEM | LOG)) == errno.EINVAL
@@ -168,14 +169,14 @@ def test_2_5_I_delete(dvm: SimVm) -> None:
 
 
 def test_2_5_J_modify_rules(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§2.5 J: gmem slots are immutable; uaddr/size/READONLY changes → EINVAL; identical → no-op; moves
-    and LOG_DIRTY toggles are accepted; K: a move onto another slot → EEXIST."""
+    """`__kvm_set_memory_region`: gmem slots are immutable; uaddr/size/READONLY changes → EINVAL; identical → no-op;
+    moves and LOG_DIRTY toggles are accepted; K: a move onto another slot → EEXIST."""
     mem = hostmem(M2)
     with dvm.create_guest_memfd(M2, MMAP) as g:
         dvm.set_user_memory_region2(1, GPA, M2, mem, GMEM, g, 0)
         assert errno_of(lambda: dvm.set_user_memory_region2(1, GPA, M2, mem, GMEM, g, 0)) == errno.EINVAL
         assert errno_of(lambda: dvm.set_user_memory_region2(1, GPA + M2, M2, mem, GMEM, g, 0)) == errno.EINVAL
-        # dropping GUEST_MEMFD by a flags-only update: EINVAL on 6.18 (Dec 2025 fix, host-probes §2)
+        # dropping GUEST_MEMFD by a flags-only update: EINVAL on 6.18 (Dec 2025 fix; so on this host)
         assert errno_of(lambda: dvm.set_user_memory_region2(1, GPA, M2, mem, 0)) == errno.EINVAL
     dvm.set_user_memory_region(2, 0, M2, mem)
     dvm.set_user_memory_region(2, 0, M2, mem)  # identical: no-op
@@ -188,7 +189,8 @@ def test_2_5_J_modify_rules(dvm: SimVm, hostmem: Callable[[int], HostMemory]) ->
 
 
 def test_2_5_J_6_8_flag_drop_accepted(open_sim: Callable[..., SimSystem]) -> None:
-    """§2.5 J (before the Dec 2025 fix): a FLAGS_ONLY update dropping GUEST_MEMFD is accepted and unbinds."""
+    """`__kvm_set_memory_region` (before the Dec 2025 fix): a FLAGS_ONLY update dropping GUEST_MEMFD is accepted and
+    unbinds."""
     with open_sim("6.8").create_vm(1) as vm, vm.create_guest_memfd(M2) as g:
         vm.set_user_memory_region2(1, GPA, M2, None, GMEM, g, 0)
         vm.set_user_memory_region2(1, GPA, M2, None, 0)
@@ -196,8 +198,8 @@ def test_2_5_J_6_8_flag_drop_accepted(open_sim: Callable[..., SimSystem]) -> Non
 
 
 def test_2_5_F_smm_address_space(dvm: SimVm, pvm: SimVm, open_sim: Callable[..., SimSystem]) -> None:
-    """§1.2/§2.5 F: DEFAULT VMs have 2 address spaces, private VMs 1; ``address_spaces=1`` mirrors hosts
-    without SMM."""
+    """`kvm_arch_nr_memslot_as_ids`/`__kvm_set_memory_region`: DEFAULT VMs have 2 address spaces, private VMs 1;
+    ``address_spaces=1`` mirrors hosts without SMM."""
     dvm.set_user_memory_region(1 << 16, 0, M2)
     assert dvm.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE) == 2
     assert pvm.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE) == 1
@@ -207,7 +209,7 @@ def test_2_5_F_smm_address_space(dvm: SimVm, pvm: SimVm, open_sim: Callable[...,
 
 
 def test_2_13_rebind_after_delete_keeps_data(dvm: SimVm) -> None:
-    """§2.13: deleting a gmem slot unbinds without freeing; the same range can be bound again."""
+    """`kvm_gmem_unbind`: deleting a gmem slot unbinds without freeing; the same range can be bound again."""
     with dvm.create_guest_memfd(M2, MMAP | 2) as g, g.mmap() as m:
         dvm.set_user_memory_region2(1, GPA, M2, None, GMEM, g, 0)
         m[0] = 0x5A

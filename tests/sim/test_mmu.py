@@ -1,5 +1,6 @@
-"""The sim's fault path (spec §3.1–§3.3), invalidations (§3.5), huge pages (§3.6, §5.6), and the CPU
-contract (``core/mmu.py``)."""
+"""The sim's fault path (`kvm_mmu_faultin_pfn`, `kvm_mmu_prepare_memory_fault_exit`), invalidations
+(`kvm_mmu_invalidate_begin`/`kvm_mmu_invalidate_end`), huge pages (`hugepage_has_attrs`, the v12 RFC's
+KVM_GUEST_MEMFD_ALLOW_HUGEPAGE), and the CPU contract (``core/mmu.py``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def fault(vm: SimVm, gpa: int, write: bool = False, private: bool | None = None)
 
 
 def test_PK_2_private_access_to_non_gmem_slot(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """PK-2, §3.3 3a: PRIVATE gfn in a slot without GUEST_MEMFD → EFAULT exit, flags 8, page-aligned gpa."""
+    """PK-2, `kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: PRIVATE gfn in a slot without GUEST_MEMFD →
+    EFAULT exit, flags 8, page-aligned gpa."""
     pvm.set_user_memory_region(10, GPA, P, hostmem(P))
     pvm.set_memory_attributes(GPA, P, PRIVATE)
     r = fault(pvm, GPA + 0x123)
@@ -43,12 +45,14 @@ def test_PK_1_memslot_deleted(pvm: SimVm, hostmem: Callable[[int], HostMemory]) 
 
 
 def test_3_3_shared_no_slot_is_mmio(pvm: SimVm) -> None:
-    """§3.3 step 4 / §2.13: a shared access with no memslot → MMIO."""
+    """`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit` / `kvm_gmem_unbind`: a shared access with no memslot →
+    MMIO."""
     assert fault(pvm, 0x1234) == FaultMmio(0x1000, False)
 
 
 def test_3_3_mismatch_exit(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.3 step 2: a fault whose private bit disagrees with the attribute exits EFAULT (flags = fault's)."""
+    """`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: a fault whose private bit disagrees with the attribute
+    exits EFAULT (flags = fault's)."""
     pvm.set_user_memory_region(0, GPA, P, hostmem(P))
     assert fault(pvm, GPA, private=True) == FaultMemoryExit(EXIT_PRIVATE, GPA, errno.EFAULT)
     pvm.set_memory_attributes(GPA, P, PRIVATE)
@@ -56,7 +60,8 @@ def test_3_3_mismatch_exit(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> 
 
 
 def test_3_3_gmem_closed_efault(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§2.12/§3.3 3b: after the gmem is closed, private accesses exit EFAULT; deleting the slot works."""
+    """`kvm_gmem_release`/`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: after the gmem is closed,
+    private accesses exit EFAULT; deleting the slot works."""
     g = pvm.create_guest_memfd(P)
     pvm.set_user_memory_region2(10, GPA, P, hostmem(P), GMEM, g, 0)
     pvm.set_memory_attributes(GPA, P, PRIVATE)
@@ -67,8 +72,8 @@ def test_3_3_gmem_closed_efault(pvm: SimVm, hostmem: Callable[[int], HostMemory]
 
 
 def test_2_15_hwpoison(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§2.15: poison zaps the mapping, does not truncate, and the next access exits EHWPOISON; punching the
-    page removes it."""
+    """`kvm_gmem_error_folio`: poison zaps the mapping, does not truncate, and the next access exits EHWPOISON; punching
+    the page removes it."""
     with pvm.create_guest_memfd(2 * P) as g:
         pvm.set_user_memory_region2(10, GPA, 2 * P, hostmem(2 * P), GMEM, g, 0)
         pvm.set_memory_attributes(GPA, 2 * P, PRIVATE)
@@ -98,8 +103,8 @@ def test_3_3_readonly_write_is_mmio(dvm: SimVm, hostmem: Callable[[int], HostMem
 
 
 def test_3_1_shared_and_private_backings_independent(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.1/§3.7 (PC-1 property): shared data lives in the hva, private data in gmem; converting back and forth
-    without punching shows each again; punching makes private read zero."""
+    """`kvm_mmu_faultin_pfn`/virt/kvm/guest_memfd.c (PC-1 property): shared data lives in the hva, private data in gmem;
+    converting back and forth without punching shows each again; punching makes private read zero."""
     mem = hostmem(P)
     with pvm.create_guest_memfd(P) as g:
         pvm.set_user_memory_region2(10, GPA, P, mem, GMEM, g, 0)
@@ -121,7 +126,7 @@ def test_3_1_shared_and_private_backings_independent(pvm: SimVm, hostmem: Callab
 
 
 def test_3_1_gmem_only_slot(dvm: SimVm, open_sim: Callable[..., SimSystem]) -> None:
-    """§3.1 (6.18+): a slot bound to an MMAP gmem serves shared accesses from gmem (GM-13's host↔guest
+    """`kvm_mmu_faultin_pfn` (6.18+): a slot bound to an MMAP gmem serves shared accesses from gmem (GM-13's host↔guest
     round trip); 6.8-style routing uses the hva."""
     with dvm.create_guest_memfd(P, MMAP | INIT_SHARED) as g, g.mmap() as m:
         dvm.set_user_memory_region2(1, 1 << 32, P, None, GMEM, g, 0)
@@ -138,7 +143,8 @@ def test_3_1_gmem_only_slot(dvm: SimVm, open_sim: Callable[..., SimSystem]) -> N
 
 
 def test_3_5_punch_zaps_and_refaults_zero(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.5 / PC-2: PUNCH_HOLE zaps every bound gfn, notifies listeners with the gfn range, frees pages."""
+    """`kvm_mmu_invalidate_begin`/`kvm_mmu_invalidate_end` / PC-2: PUNCH_HOLE zaps every bound gfn, notifies listeners
+    with the gfn range, frees pages."""
     zaps: list[tuple[int, int]] = []
     with pvm.create_guest_memfd(4 * P) as g:
         pvm.set_user_memory_region2(10, GPA, 4 * P, hostmem(4 * P), GMEM, g, 0)
@@ -154,7 +160,8 @@ def test_3_5_punch_zaps_and_refaults_zero(pvm: SimVm, hostmem: Callable[[int], H
 
 
 def test_retry_during_invalidation(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.3 step 1/5: faults in a range being invalidated (slot delete) retry; outside, they proceed."""
+    """`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: faults in a range being invalidated (slot delete)
+    retry; outside, they proceed."""
     mem = hostmem(2 * P)
     pvm.set_user_memory_region(0, GPA, P, mem)
     pvm.set_user_memory_region(1, GPA + P, P, memoryview(mem)[P:])
@@ -175,15 +182,15 @@ def test_cpu_types_adapter(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> 
 
 
 def _aligned_mem(hostmem: Callable[[int], HostMemory], size: int) -> memoryview:
-    """A 2 MiB-aligned window of host memory (hva/gfn alignment matters for huge mappings, §3.6)."""
+    """A 2 MiB-aligned window of host memory (hva/gfn alignment matters for huge mappings, `hugepage_has_attrs`)."""
     mem = hostmem(size + M2)
     skip = -mem.address % M2
     return memoryview(mem)[skip : skip + size]
 
 
 def test_3_6_shared_huge_only_where_uniform(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.6: shared mappings are 2 MiB where the region's attributes are uniform; converting one 4 KiB page
-    makes that region "mixed" (4 KiB mappings); converting it back restores 2 MiB."""
+    """`hugepage_has_attrs`: shared mappings are 2 MiB where the region's attributes are uniform; converting one 4 KiB
+    page makes that region "mixed" (4 KiB mappings); converting it back restores 2 MiB."""
     pvm.set_user_memory_region(0, GPA, 2 * M2, _aligned_mem(hostmem, 2 * M2))
     r = fault(pvm, GPA + 5 * P)
     assert isinstance(r, FaultMapped) and r.level == 2 and r.gpa == GPA
@@ -200,7 +207,7 @@ def test_3_6_shared_huge_only_where_uniform(pvm: SimVm, hostmem: Callable[[int],
 
 
 def test_3_6_dirty_logging_and_misaligned_hva_4k(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.6: dirty logging, or an hva not congruent with the gfn, keeps mappings at 4 KiB."""
+    """`hugepage_has_attrs`: dirty logging, or an hva not congruent with the gfn, keeps mappings at 4 KiB."""
     win = _aligned_mem(hostmem, M2 + P)
     dvm.set_user_memory_region(0, 0, M2, win[P:])
     assert fault(dvm, 0).level == 1  # type: ignore[union-attr]
@@ -209,7 +216,7 @@ def test_3_6_dirty_logging_and_misaligned_hva_4k(dvm: SimVm, hostmem: Callable[[
 
 
 def test_3_6_private_mappings_are_4k(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """§3.6: upstream gmem reports order 0, so private mappings are 4 KiB even over a uniform 2 MiB."""
+    """`hugepage_has_attrs`: upstream gmem reports order 0, so private mappings are 4 KiB even over a uniform 2 MiB."""
     with pvm.create_guest_memfd(M2) as g:
         pvm.set_user_memory_region2(0, GPA, M2, _aligned_mem(hostmem, M2), GMEM, g, 0)
         pvm.set_memory_attributes(GPA, M2, PRIVATE)
@@ -217,8 +224,9 @@ def test_3_6_private_mappings_are_4k(pvm: SimVm, hostmem: Callable[[int], HostMe
 
 
 def test_5_6_hugepage_gmem(open_sim: Callable[..., SimSystem], hostmem: Callable[[int], HostMemory]) -> None:
-    """§5.6 (sim option): 2 MiB folios, bind needs 2 MiB aligned offset and size, private mappings are 2 MiB
-    where the folio is whole, unpoisoned and attributes uniform; else 4 KiB. A punch zaps the huge SPTE."""
+    """the v12 RFC's KVM_GUEST_MEMFD_ALLOW_HUGEPAGE (sim option): 2 MiB folios, bind needs 2 MiB aligned offset and
+    size, private mappings are 2 MiB where the folio is whole, unpoisoned and attributes uniform; else 4 KiB. A punch
+    zaps the huge SPTE."""
     H = SIM_GUEST_MEMFD_FLAG_HUGEPAGE
     with open_sim(hugepage=True).create_vm(1) as vm, vm.create_guest_memfd(4 * M2, H) as g:
         region = vm.set_user_memory_region2

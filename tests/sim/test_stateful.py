@@ -1,11 +1,12 @@
 """Random operation sequences against the sim's model, checking the kernel's invariants after every step.
 
-Invariants (design.md §5, spec §3.5, §2.12–§2.14):
+Invariants (docs/reliability.md; `kvm_mmu_invalidate_begin`/`kvm_mmu_invalidate_end`, `kvm_gmem_release`,
+`kvm_gmem_unbind`, the VM reference a guest_memfd holds):
 - no SPTE maps a backing that the current attributes, bindings or punched/poisoned pages forbid, and every
   SPTE agrees with the memslot that covers it (address, level alignment, huge only where uniform);
 - SPTEs never overlap, no invalidation is left in progress;
 - page accounting balances (allocated − freed = present) for every live inode;
-- the stored "mixed" huge-page flags equal a recomputation from the attributes (§3.6);
+- the stored "mixed" huge-page flags equal a recomputation from the attributes (`hugepage_has_attrs`);
 - lifetimes: guest_memfd files pin the VM; memslots do not pin guest_memfd files; the VM's refcount is its
   fd + vCPUs + unreleased files.
 """
@@ -106,7 +107,7 @@ class SimModel(RuleBasedStateMachine):
     @precondition(lambda self: any(not g.closed for g in self.gmems))
     @rule(data=st.data())
     def close_gmem(self, data: st.DataObject) -> None:
-        """§2.12: memslots do not pin the file; bound slots lose their file pointer."""
+        """`kvm_gmem_release`: memslots do not pin the file; bound slots lose their file pointer."""
         self.step()
         g = data.draw(st.sampled_from([g for g in self.gmems if not g.closed]))
         file = g.sim
@@ -214,8 +215,8 @@ class SimModel(RuleBasedStateMachine):
     @precondition(lambda self: any(not g.closed and g.flags & uapi.GUEST_MEMFD_FLAG_MMAP for g in self.gmems))
     @rule(data=st.data(), page=st.integers(0, GMEM_PAGES + 4))
     def host_access(self, data: st.DataObject, page: int) -> None:
-        """§2.10: host access through an mmap: a real SIGBUS (in a forked child) beyond EOF, on private files,
-        on poison; elsewhere the write lands and the page is present."""
+        """`kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: host access through an mmap: a real SIGBUS (in a forked child)
+        beyond EOF, on private files, on poison; elsewhere the write lands and the page is present."""
         self.step()
         g = data.draw(st.sampled_from([g for g in self.gmems if not g.closed and g.flags & uapi.GUEST_MEMFD_FLAG_MMAP]))
         m = g.mmap((GMEM_PAGES + 8) * P)
@@ -227,15 +228,15 @@ class SimModel(RuleBasedStateMachine):
         else:
             assert touch_dies_of_sigbus(m.address + page * P, 1, write=True) == signal.SIGBUS
         if data.draw(st.booleans()):
-            self.mappings.append(m)  # keep it: it pins the file past close (§2.10.7)
+            self.mappings.append(m)  # keep it: it pins the file past close (`kvm_gmem_mmap`)
         else:
             m.close()
 
     @precondition(lambda self: self.vm is not None and not self.vm.closed)
     @rule(dice=st.integers(0, 29))
     def close_vm(self, dice: int) -> None:
-        """§2.14: closing the VM fd keeps the VM alive while a guest_memfd exists; fallocate keeps working.
-        (Rare: after it only guest_memfd operations remain.)"""
+        """the guest_memfd's VM reference (`kvm_gmem_create`): closing the VM fd keeps the VM alive while a guest_memfd
+        exists; fallocate keeps working. (Rare: after it only guest_memfd operations remain.)"""
         self.step()
         if dice:
             return

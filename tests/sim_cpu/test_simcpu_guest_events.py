@@ -1,4 +1,5 @@
-"""Hypercalls (spec §3.4) and exceptions delivered through the guest IDT; triple fault → shutdown."""
+"""Hypercalls (`kvm_emulate_hypercall`, KVM_HC_MAP_GPA_RANGE) and exceptions delivered through the guest IDT; triple
+fault → shutdown."""
 
 from __future__ import annotations
 

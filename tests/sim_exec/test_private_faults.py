@@ -38,7 +38,7 @@ class Guest:
     def __init__(self, system: kvmgmem.System, program: Asm) -> None:
         self.guest = GuestVm.create(system, GuestImage(program), vm_type=uapi.KVM_X86_SW_PROTECTED_VM)
         self.vm = self.guest.vm
-        # Shared memory 2 MiB aligned like the gpa, so shared accesses may map at 2 MiB (spec §3.6 needs
+        # Shared memory 2 MiB aligned like the gpa, so shared accesses may map at 2 MiB (`hugepage_has_attrs` needs
         # compatible gfn/hva alignment): a view into a larger HostMemory.
         self.shared = HostMemory(SIZE + HUGE)
         skip = -self.shared.address % HUGE
@@ -55,8 +55,9 @@ class Guest:
 
 
 def test_poisoned_private_page_gives_ehwpoison(sim: kvmgmem.System) -> None:
-    """spec §2.15/§3.3: a memory failure on a private page zaps it; the next guest access exits with
-    KVM_EXIT_MEMORY_FAULT and KVM_RUN fails with EHWPOISON (flags PRIVATE, page-aligned gpa, size 4096)."""
+    """`kvm_gmem_error_folio`/`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: a memory failure on a private
+    page zaps it; the next guest access exits with KVM_EXIT_MEMORY_FAULT and KVM_RUN fails with EHWPOISON (flags
+    PRIVATE, page-aligned gpa, size 4096)."""
     a = Asm()
     R.fill(a, GPA, 2 * PAGE, 0x5A)
     U.sync(a)
@@ -85,7 +86,7 @@ def _shared_levels(vm: kvmgmem.Vm, lo: int, hi: int) -> set[int]:
 
 
 def test_one_private_page_splits_the_2m_region(sim: kvmgmem.System) -> None:
-    """spec §3.6: shared mappings of a uniform 2 MiB region are 2 MiB; after one 4 KiB page of it becomes
+    """`hugepage_has_attrs`: shared mappings of a uniform 2 MiB region are 2 MiB; after one 4 KiB page of it becomes
     private the region is "mixed" and shared accesses there map at 4 KiB (seen through introspection)."""
     a = Asm()
     R.touch_pages(a, GPA, 2 << 20, value=None)
@@ -106,8 +107,8 @@ def test_one_private_page_splits_the_2m_region(sim: kvmgmem.System) -> None:
 
 
 def test_private_access_after_gmem_close_is_efault(sim: kvmgmem.System) -> None:
-    """spec §2.12/§3.3: closing the guest_memfd while bound unbinds it (the slot stays); a private access
-    then exits with KVM_EXIT_MEMORY_FAULT, errno EFAULT."""
+    """`kvm_gmem_release`/`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: closing the guest_memfd while bound
+    unbinds it (the slot stays); a private access then exits with KVM_EXIT_MEMORY_FAULT, errno EFAULT."""
     a = Asm()
     R.fill(a, GPA, PAGE, 0x11)
     U.sync(a)

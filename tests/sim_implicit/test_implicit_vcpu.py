@@ -1,4 +1,5 @@
-"""A guest's own private/shared accesses through the C-bit alias, on one sim vCPU (spec §3.2/§3.3 step 2).
+"""A guest's own private/shared accesses through the C-bit alias, on one sim vCPU
+(`kvm_mmu_page_fault`/`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`).
 
 The VM: SW_PROTECTED, a 2 MiB RAM memslot at 4 GiB backed by a ``HostMemory`` (shared) and a guest_memfd
 (private); the guest image maps RAM twice — identity (shared accesses) and ``image.private_va`` (leaf bit 51,
@@ -148,7 +149,7 @@ def test_shared_access_to_private_page_exits_without_flag() -> None:
 
 def test_round_trip_keeps_private_data_and_cache_is_per_access_type() -> None:
     """Private store; then a shared load of the *same* gpa must exit (a translation cache keyed by gpa alone
-    would serve it from the cached gmem page); converting back shows the old private data (spec §3.1)."""
+    would serve it from the cached gmem page); converting back shows the old private data (`kvm_mmu_faultin_pfn`)."""
 
     def body(a: Asm) -> None:
         store(a, PV)  # private

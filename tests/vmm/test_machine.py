@@ -96,7 +96,7 @@ def test_discard_policy_accounting(
     protected_system: kvmgmem.System, policy: DiscardPolicy, shared_held: bool, private_held: bool
 ) -> None:
     """Bytes held by each store after a round, measured: QEMU's "both" frees both copies, cloud-hypervisor's
-    punch-only keeps the shared copy, alioth's none keeps both (spec/ecosystem.md §A8)."""
+    punch-only keeps the shared copy, alioth's none keeps both (``DiscardPolicy`` in kvmgmem.vmm.convert)."""
     size = 2 * MiB
     with one_round(protected_system, policy, size=size) as m:
         m.run(timeout=120)
@@ -120,7 +120,8 @@ def test_the_guest_sees_each_policy(protected_system: kvmgmem.System) -> None:
 
 def test_bad_map_gpa_range_gets_einval(protected_system: kvmgmem.System) -> None:
     """A MAP_GPA_RANGE the VMM refuses (private memory outside guest RAM) returns -KVM_EINVAL to the guest,
-    and so does one KVM itself refuses (unaligned gpa, spec §3.4) — the guest checks both."""
+    and so does one KVM itself refuses (unaligned gpa, `kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE)) — the guest
+    checks both."""
     a = Asm()
     R.map_gpa_range(a, RAM + 64 * MiB, 1, PRIVATE, expect=-uapi.KVM_EINVAL, check="outside RAM")
     R.map_gpa_range(a, RAM + 1, 1, PRIVATE, expect=-uapi.KVM_EINVAL, check="unaligned")
@@ -149,8 +150,9 @@ def test_conversion_service_validates(protected_system: kvmgmem.System) -> None:
 
 
 def test_memory_fault_with_unknown_flags_is_an_error(protected_system: kvmgmem.System) -> None:
-    """Every VMM read treats unknown memory-fault flags as fatal (spec/ecosystem.md §B); so does Machine,
-    with a message naming the flags — and PRIVATE alone converts (the implicit path)."""
+    """Every VMM read treats unknown memory-fault flags as fatal (QEMU's ``kvm_cpu_exec``, Firecracker's
+    ``vstate/vcpu.rs``); so does Machine, with a message naming the flags — and PRIVATE alone converts (the implicit
+    path)."""
     with Machine(Asm().hlt(), system=protected_system, regions=[(RAM, MiB)]) as m:
         gv = m.vcpus[0]
         with pytest.raises(MachineError, match="unknown flags 0x10"):
