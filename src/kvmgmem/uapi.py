@@ -168,7 +168,7 @@ KVM_EINVAL = 22
 KVM_EPERM = 1
 KVM_FEATURE_HC_MAP_GPA_RANGE = 16
 
-# errnos the spec names that Python's errno module may lack
+# errnos the kernel returns here that Python's errno module may lack
 EHWPOISON = 133
 
 

@@ -219,7 +219,7 @@ def test_vcpu_threads_time_out(make_guest: MakeGuest) -> None:
 
 def test_single_vcpu_watchdog(make_guest: MakeGuest) -> None:
     a = Asm()
-    R.read_loop(a, 0x1000)  # spec PK cases: read a u64 forever
+    R.read_loop(a, 0x1000)  # PK cases (x86/private_mem_kvm_exits_test.c): read a u64 forever
     v = make_guest(GuestImage(a, user=True)).vcpus[0]
     with pytest.raises(GuestTimeoutError):
         v.run(timeout=0.2)

@@ -129,7 +129,7 @@ def _memory(m: Mem, resolve: Callable[[Label], int]) -> MemoryOperand:
     base: Register_ = a.base.value if a.base else Register.NONE
     index: Register_ = a.index.value if a.index else Register.NONE
     if base == Register.NONE and index == Register.NONE:
-        return MemoryOperand(displ=a.disp, displ_size=8)  # SIB absolute, no 67 prefix (ecosystem §D2)
+        return MemoryOperand(displ=a.disp, displ_size=8)  # SIB absolute, no 67 prefix (iced-x86: displ_size=8)
     return MemoryOperand(base, index, a.scale, displ=a.disp, displ_size=1 if a.disp else 0)
 
 

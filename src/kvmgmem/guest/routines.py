@@ -89,7 +89,7 @@ def verify(a: Asm, start: Value, length: Value, value: int, check: str = "verify
 
 
 def read_loop(a: Asm, gva: Value) -> Asm:
-    """Read the u64 at ``gva`` forever (spec PK cases: the access the host races against). Clobbers rax, rbx."""
+    """Read the u64 at ``gva`` forever (the PK cases' guest: the access the host races against). Clobbers rax, rbx."""
     _load(a, rbx, gva)
     top = Label("read_loop")
     return a.label(top).mov(rax, qword[rbx]).jmp(top)
