@@ -2,8 +2,8 @@
 `kvm_gmem_create`, `kvm_gmem_fallocate`, `kvm_gmem_fops`, `kvm_gmem_mmap`, `kvm_gmem_setattr` and the VM reference a
 guest_memfd holds (virt/kvm/guest_memfd.c).
 
-Expected values are upstream 6.18's, which is what this host's kernel (6.18.44) returns (measured, and the upstream
-guest_memfd_test passes here; docs/conformance.md); the sim's default profile is the same kernel.
+Expected values are upstream 6.18's, which is what this host's kernel (6.18.44) returns (measured; docs/conformance.md
+lists where this host deviates); the sim's default profile is the same kernel.
 """
 
 from __future__ import annotations
