@@ -47,7 +47,7 @@ def _query(check: Any) -> dict[str, int]:
 
 
 def collect(system: System) -> CapsReport:
-    """Query every spec §1.5 cap on the system and on a VM of every supported type."""
+    """Query every cap in ``uapi.CAPS`` (include/uapi/linux/kvm.h) on the system and on a VM of every supported type."""
     report = CapsReport(
         backend=system.backend,
         selection_reason=system.selection_reason,

@@ -35,7 +35,7 @@ def _drop_vm(fd: int, slot_users: dict[int, Userspace], lock: threading.Lock, ke
 
 class KvmVm(Vm):
     """Owns the VM fd. Closing it closes the vCPUs created here but not the guest_memfds, which keep
-    working (they pin the kernel's VM object, spec §2.14)."""
+    working (each holds a reference on the kernel's VM, taken in ``kvm_gmem_create``)."""
 
     system: KvmSystem
 

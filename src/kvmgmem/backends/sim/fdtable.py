@@ -10,7 +10,7 @@ Why files are found by the memfd's *inode* and not by fd number: ``dup()`` (the 
 gives another number for the same open file, and the kernel's ``fget`` finds the same guest_memfd through
 it. For the same reason the file lives as long as any such fd does: when the sim object's own fd closes
 while a dup is open, the file becomes an *orphan*, released by ``sweep`` once no fd of this process refers
-to it any more (the kernel's "release happens on the last close", spec §2.12). ``sweep`` runs whenever the
+to it any more (the kernel's "release happens on the last close", ``kvm_gmem_release``). ``sweep`` runs whenever the
 sim creates, looks up or closes an fd, so an orphan never outlives the next sim operation.
 """
 

@@ -2,7 +2,7 @@
 
 Why a memfd: every view of the file must be the *same* pages, as in the kernel where the guest, the host
 mmap and fallocate all work on the inode's page cache. The sim's own view (``base``, mapped once into
-unicorn, zero-copy, design.md §2) and every user ``GmemMapping`` are ``MAP_SHARED`` mappings of this memfd,
+unicorn, zero-copy) and every user ``GmemMapping`` are ``MAP_SHARED`` mappings of this memfd,
 so host writes are what the guest reads, PUNCH_HOLE (``fallocate`` on the memfd) frees the pages and zaps
 every mapping of them at once, and pages are materialised lazily (a 1 TiB file costs nothing until touched).
 
