@@ -73,8 +73,8 @@ class SimGuestMemfd(GuestMemfd):
         self._file.vm.gmem_fallocate(self._file, mode, offset, length)
 
     def inject_poison(self, offset: int) -> None:
-        """Sim-only: a memory failure on the page holding file ``offset`` (``kvm_gmem_error_folio``): zap its guest mappings,
-        mark it hwpoisoned (guest access → EHWPOISON exit, host access → SIGBUS), no truncation."""
+        """Sim-only: a memory failure on the page holding file ``offset`` (``kvm_gmem_error_folio``): zap its
+        guest mappings, mark it hwpoisoned (guest access → EHWPOISON exit, host access → SIGBUS), no truncation."""
         op = "inject_poison"
         self._check_open(op)
         off = uapi.signed64(u64(offset, "offset", op))
@@ -92,7 +92,7 @@ class SimGuestMemfd(GuestMemfd):
         allowed = bool(self._file.vm.profile.gmem_flags and inode.mmap_allowed)
         return map_gmem(self._file, self._fd, length, offset, shared, allowed)
 
-    # --- file operations guest_memfd does not have (``kvm_gmem_fops``, ``kvm_gmem_setattr``; errnos as measured on 6.18) -----------------
+    # --- file operations guest_memfd does not have (kvm_gmem_fops, kvm_gmem_setattr; errnos measured on 6.18) ---
 
     def _read(self, n: int) -> bytes:
         raise KvmError(errno.EINVAL, "read", "guest_memfd has no read operation")

@@ -1,4 +1,4 @@
-"""Host mmap of a sim guest_memfd (6.18+, ``kvm_gmem_mmap``/``kvm_gmem_fault_user_mapping``): a real ``kvmgmem.GmemMapping``, as on kvm.
+"""Host mmap of a sim guest_memfd (6.18+, ``kvm_gmem_mmap``): a real ``kvmgmem.GmemMapping``, as on kvm.
 
 Why real pages and not checked copies: code tested on the sim must behave as on kvm — buffer protocol,
 ``mmap.mmap`` slicing, zero-copy addresses, and a real SIGBUS where ``kvm_gmem_fault_user_mapping`` gives
@@ -35,7 +35,7 @@ def _put_file(file: GmemFile) -> None:
 
 class SimMapper:
     """The sim's side of one ``GmemMapping`` (``kvmgmem.gmem_mapping.MappingBackend``): it holds a
-    reference on the file (an mmap pins the file, so closing the fd keeps the memory, as ``kvm_gmem_mmap``'s file reference does)."""
+    reference on the file (an mmap pins the file, as ``kvm_gmem_mmap``'s does: closing the fd keeps the memory)."""
 
     def __init__(self, file: GmemFile, storage: GmemStorage) -> None:
         self.file = file
