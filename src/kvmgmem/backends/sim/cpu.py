@@ -117,7 +117,7 @@ import time
 from dataclasses import dataclass
 
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
-from unicorn.unicorn_const import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL
+from unicorn.unicorn_const import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_MEM_FETCH, UC_MEM_WRITE
 from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
@@ -145,6 +145,16 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     ACCESS_FETCH,
     ACCESS_READ,
     ACCESS_WRITE,
+    CR0_WP,
+    CR4_SMAP,
+    EFER_NXE,
+    EFLAGS_AC,
+    PTE_ADDR,
+    PTE_NX,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
+    PTE_US,
     NonCanonical,
     PageFault,
     Paging,
@@ -161,7 +171,16 @@ from kvmgmem.backends.sim.cpu_types import (
     Mmio,
     Retry,
 )
-from kvmgmem.backends.sim.cpu_uc import CpuState, Engine, add_code_hook, new_engine, tlb_flush
+from kvmgmem.backends.sim.cpu_uc import (
+    CpuState,
+    Engine,
+    PagingView,
+    TlbEntry,
+    add_code_hook,
+    add_tlb_fill_hook,
+    new_engine,
+    tlb_flush,
+)
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import (
     Exit,
@@ -176,6 +195,7 @@ from kvmgmem.exits import (
 
 MASK64 = (1 << 64) - 1
 PAGE_MASK = ~(PAGE_SIZE - 1) & MASK64
+CR0_PG = 1 << 31
 UNTIL = 1 << 63  # non-canonical: the guest can never reach it, so emu_start never ends on "until"
 KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_HC_VAPIC_POLL_IRQ = 1
@@ -402,7 +422,8 @@ class SimCpu:
         self._hooked: set[int] = set()  # guest addresses with a code hook (never removed: TBs call them)
         # per code page (as last scanned): hooked address whose byte is INT3/INT n/INTO/INT1 -> its length
         self._int_sites: dict[int, dict[int, int]] = {}
-        self._uc.hook_add(UC_HOOK_TLB_FILL, self._hook_tlb_fill)
+        self._paging_view = PagingView(self._uc)
+        self._fill_cb = add_tlb_fill_hook(self._uc, self._fill)  # kept alive with the engine
         self._uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
         self._uc.hook_add(UC_HOOK_INTR, self._hook_intr)
@@ -425,6 +446,7 @@ class SimCpu:
 
         # per-vCPU caches, valid until the next flush (vCPU thread only)
         self._pt_cache: dict[int, int] = {}  # gpa page -> host address of that 4 KiB page
+        self._pt_entries: dict[int, ctypes.Array[ctypes.c_uint64]] = {}  # the same pages as 512 u64 entries
         # gfns with a _pt_cache/_data_cache entry, by 2 MiB region (REGION_SHIFT); changed under _cond, so a
         # flusher can ask (under _cond) whether this vCPU cached anything in a range
         self._touched: dict[int, set[int]] = {}
@@ -626,6 +648,7 @@ class SimCpu:
         if ranges is None:
             self._huge_cache.clear()
             self._pt_cache.clear()
+            self._pt_entries.clear()
             self._data_cache.clear()
             self._touched.clear()
             return
@@ -633,13 +656,14 @@ class SimCpu:
             first, size = key[0] >> 12, self._huge_cache[key][2] >> 12
             if any(first < e and s < first + size for s, e in ranges):
                 del self._huge_cache[key]
-        pt, data = self._pt_cache, self._data_cache
+        pt, data, pte = self._pt_cache, self._data_cache, self._pt_entries
         for s, e in ranges:
             for gfns in self._regions_in(s, e):
                 hit = [g for g in gfns if s <= g < e]
                 for g in hit:
                     gpa = g << 12
                     pt.pop(gpa, None)
+                    pte.pop(gpa, None)
                     data.pop((gpa, None), None)
                     data.pop((gpa, True), None)
                     data.pop((gpa, False), None)
@@ -829,6 +853,93 @@ class SimCpu:
         self._invalid_insn = True
         return False  # ends emu_start with UC_ERR_INSN_INVALID, RIP at the instruction
 
+    def _fill(self, vaddr: int, access: int, entry: int) -> bool:
+        """The TLB-fill hook (``cpu_uc.add_tlb_fill_hook``): a refill the per-vCPU caches can answer is done
+        here, in one hold of ``_cond`` with the GIL never released, and everything else takes
+        ``_hook_tlb_fill``.
+
+        Why a second walk: a warm refill (unicorn evicted an entry; every table page and the data page are
+        cached) is the sim's most frequent fill, and ``cpu_pagewalk.walk`` with its callbacks, result objects
+        and per-entry lock costs ~4× this. The fast path only takes the plain case — paging on, a data
+        access, no private access bit, every entry present without reserved bits, the access allowed, the
+        data page in ``_data_cache`` — and hands anything else, unchanged, to the full walk, which decides
+        #PF, exits and caching; so it can only answer what the full walk would answer the same way. Holding
+        ``_cond`` with ``_req == _ack`` is the same install rule as the slow path (module docstring).
+        """
+        if access != UC_MEM_FETCH and self._private_bit is None and not self._changing_map:
+            with self._cond:
+                if self._req == self._ack and not self._kick and self._stores.generation == self._stores_gen:
+                    hit = self._fast_translate(vaddr, access == UC_MEM_WRITE)
+                    if hit is not None:
+                        e = TlbEntry.from_address(entry)
+                        e.paddr, e.perms = hit
+                        return True
+        return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
+
+    def _fast_translate(self, va: int, write: bool) -> tuple[int, int] | None:
+        """(window address, perms) for a data access answerable from the caches, else None. Caller holds
+        ``_cond`` with no request pending, so cached table pages are live store memory."""
+        pv = self._paging_view
+        q = pv.load()
+        cr0 = q[pv.CR0]
+        if not cr0 & CR0_PG:
+            return None
+        top = va >> 47
+        if top and top != 0x1FFFF:
+            return None
+        efer = q[pv.EFER]
+        nxe = efer & EFER_NXE
+        tables = self._pt_entries
+        table = q[pv.CR3] & PTE_ADDR
+        rwus = PTE_RW | PTE_US
+        nx = 0
+        shift = 39
+        while True:
+            entries = tables.get(table)
+            if entries is None:
+                return None
+            pte = entries[(va >> shift) & 0x1FF]
+            if not pte & PTE_P or (pte & PTE_NX and not nxe):
+                return None
+            rwus &= pte
+            nx |= pte & PTE_NX
+            if shift == 12:
+                gpa_page = pte & PTE_ADDR
+                break
+            if pte & PTE_PS:
+                if shift == 39:
+                    return None
+                size = 1 << shift
+                if pte & PTE_ADDR & (size - 1) & ~0x1000:
+                    return None  # reserved bits below the frame: #PF(RSVD), the full walk reports it
+                gpa_page = (pte & PTE_ADDR & ~(size - 1)) | (va & (size - 1) & PAGE_MASK)
+                break
+            table = pte & PTE_ADDR
+            shift -= 9
+        cpl = q[pv.HFLAGS] & 3
+        if cpl == 3:
+            if not rwus & PTE_US:
+                return None
+            writable = rwus == PTE_RW | PTE_US
+        else:
+            cr4 = q[pv.CR4]
+            if rwus & PTE_US and cr4 & CR4_SMAP and not q[pv.EFLAGS] & EFLAGS_AC:
+                return None
+            writable = bool(rwus & PTE_RW) or not cr0 & CR0_WP
+        if write and not writable:
+            return None
+        cached = self._data_cache.get((gpa_page, None))
+        if cached is None:
+            return None
+        host_page, host_writable = cached
+        if write and not host_writable:
+            return None
+        store = self._stores.find(host_page, PAGE_SIZE)
+        if store is None:
+            return None
+        perms = UC_PROT_READ | UC_PROT_WRITE if writable and host_writable else UC_PROT_READ
+        return (store.window + host_page - store.host_ptr, perms)
+
     def _hook_tlb_fill(self, uc: Engine, vaddr: int, access: int, entry: object, _ud: object) -> bool:
         if self._changing_map:
             # unicorn's own mem_unmap/mem_map_ptr probe addresses through this hook while we hold _cond
@@ -942,6 +1053,8 @@ class SimCpu:
             host_page = res[0]
             with self._cond:
                 self._pt_cache[page] = host_page
+                if self._req == self._ack:  # live memory of a registered store (see _deref)
+                    self._pt_entries[page] = (ctypes.c_uint64 * 512).from_address(host_page)
                 self._note_cached_locked(page)  # also when it came from a huge mapping
         data = self._deref(host_page + (gpa & 0xFFF), 8)
         if data is None:
