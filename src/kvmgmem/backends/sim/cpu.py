@@ -861,24 +861,72 @@ class SimCpu:
         Why a second walk: a warm refill (unicorn evicted an entry; every table page and the data page are
         cached) is the sim's most frequent fill, and ``cpu_pagewalk.walk`` with its callbacks, result objects
         and per-entry lock costs ~4× this. The fast path only takes the plain case — paging on, a data
-        access, no private access bit, every entry present without reserved bits, the access allowed, the
-        data page in ``_data_cache`` — and hands anything else, unchanged, to the full walk, which decides
-        #PF, exits and caching; so it can only answer what the full walk would answer the same way. Holding
-        ``_cond`` with ``_req == _ack`` is the same install rule as the slow path (module docstring).
+        access, no private access bit, every entry present without reserved bits, the access allowed — and
+        hands anything else, unchanged, to the full walk, which decides #PF, exits and caching; so it can
+        only answer what the full walk would answer the same way. A data page missing from ``_data_cache``
+        then goes through ``_resolve_page`` exactly as ``_translate`` does after its walk (first touch,
+        refault, spurious). Holding ``_cond`` with ``_req == _ack`` is the slow path's install rule.
         """
-        if access != UC_MEM_FETCH and self._private_bit is None and not self._changing_map:
+        if access == UC_MEM_FETCH or self._private_bit is not None or self._changing_map:
+            return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
+        write = access == UC_MEM_WRITE
+        with self._cond:
+            if self._req != self._ack or self._kick or self._stores.generation != self._stores_gen:
+                walked = None
+            else:
+                walked = self._fast_walk(vaddr, write)
+                if walked is not None:
+                    cached = self._data_cache.get((walked[0], None))
+                    if cached is not None and (cached[1] or not write):
+                        hit = self._window(cached[0], walked[1] and cached[1])
+                        if hit is not None:
+                            e = TlbEntry.from_address(entry)
+                            e.paddr, e.perms = hit
+                            return True
+                    self._in_guest = False  # into "the kernel": requesters need not wait for us
+        if walked is None:
+            return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
+        # The walk is done; only the data page needs the fault path (what _translate does after its walk).
+        gpa_page, writable = walked
+        outcome: object
+        page: tuple[int, bool] | FaultResult | VmExitSignal
+        try:
+            page = self._resolve_page(gpa_page, write, False, None)
+        except VmExitSignal as sig:
+            page = sig
+        if isinstance(page, tuple):
+            host_page, host_writable = page
             with self._cond:
-                if self._req == self._ack and not self._kick and self._stores.generation == self._stores_gen:
-                    hit = self._fast_translate(vaddr, access == UC_MEM_WRITE)
+                if self._req == self._ack:
+                    hit = self._window(host_page, writable and host_writable)
                     if hit is not None:
                         e = TlbEntry.from_address(entry)
                         e.paddr, e.perms = hit
+                        self._in_guest = True
+                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
+                            self._uc.emu_stop()
                         return True
-        return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
+                    outcome = _emulation_failure(host_page)
+                else:
+                    outcome = Retry()
+        elif isinstance(page, VmExitSignal):
+            outcome = page
+        else:
+            outcome = _DataOutcome(gpa_page, page)
+        self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
+        return False
 
-    def _fast_translate(self, va: int, write: bool) -> tuple[int, int] | None:
-        """(window address, perms) for a data access answerable from the caches, else None. Caller holds
-        ``_cond`` with no request pending, so cached table pages are live store memory."""
+    def _window(self, host_page: int, writable: bool) -> tuple[int, int] | None:
+        """(window address, perms) of a data page for the TLB entry; None if no store holds it."""
+        store = self._stores.find(host_page, PAGE_SIZE)
+        if store is None:
+            return None
+        return (store.window + host_page - store.host_ptr, UC_PROT_READ | UC_PROT_WRITE if writable else UC_PROT_READ)
+
+    def _fast_walk(self, va: int, write: bool) -> tuple[int, bool] | None:
+        """(gpa page, guest-writable) of a data access whose walk the cached table pages answer and which
+        the guest's tables allow, else None (the full walk decides). Caller holds ``_cond`` with no request
+        pending, so cached table pages are live store memory."""
         pv = self._paging_view
         q = pv.load()
         cr0 = q[pv.CR0]
@@ -928,17 +976,7 @@ class SimCpu:
             writable = bool(rwus & PTE_RW) or not cr0 & CR0_WP
         if write and not writable:
             return None
-        cached = self._data_cache.get((gpa_page, None))
-        if cached is None:
-            return None
-        host_page, host_writable = cached
-        if write and not host_writable:
-            return None
-        store = self._stores.find(host_page, PAGE_SIZE)
-        if store is None:
-            return None
-        perms = UC_PROT_READ | UC_PROT_WRITE if writable and host_writable else UC_PROT_READ
-        return (store.window + host_page - store.host_ptr, perms)
+        return (gpa_page, writable)
 
     def _hook_tlb_fill(self, uc: Engine, vaddr: int, access: int, entry: object, _ud: object) -> bool:
         if self._changing_map:
