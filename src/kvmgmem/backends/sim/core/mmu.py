@@ -79,9 +79,11 @@ if TYPE_CHECKING:
 
 ZapListener = Callable[[int, int], None]
 REGION_SHIFT = 9  # SPTE index buckets: 2 MiB of gfns
+_PAGES_2M = level_pages(PG_LEVEL_2M)
+_PAGES_1G = level_pages(PG_LEVEL_1G)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen __init__ costs ~5× (per fault)
 class Spte:
     """One installed mapping: ``npages`` gfns from ``gfn`` to host memory from ``host_address``."""
 
@@ -107,7 +109,7 @@ class Spte:
         return "gmem" if self.gmem is not None else "hva"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen __init__ costs ~5× (per fault)
 class FaultMapped:
     gpa: int  # first byte of the mapping (aligned to size)
     size: int
@@ -161,7 +163,7 @@ class MmuCounters:
     sptes_zapped: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Install:
     level: int
     gmem: GmemInode | None
@@ -201,12 +203,17 @@ class Mmu:
     # --- SPTE map --------------------------------------------------------------------------------------
 
     def lookup(self, gfn: int) -> Spte | None:
-        """The SPTE mapping ``gfn`` (any level)."""
-        for level in (1, 2, 3):
-            n = level_pages(level)
-            s = self._sptes.get(gfn - gfn % n)
-            if s is not None and s.level == level:
-                return s
+        """The SPTE mapping ``gfn`` (any level): at ``gfn`` rounded down to 4 KiB, 2 MiB, 1 GiB."""
+        sptes = self._sptes
+        s = sptes.get(gfn)
+        if s is not None and s.level == PG_LEVEL_4K:
+            return s
+        s = sptes.get(gfn & ~(_PAGES_2M - 1))
+        if s is not None and s.level == PG_LEVEL_2M:
+            return s
+        s = sptes.get(gfn & ~(_PAGES_1G - 1))
+        if s is not None and s.level == PG_LEVEL_1G:
+            return s
         return None
 
     def sptes(self) -> list[Spte]:
@@ -289,11 +296,14 @@ class Mmu:
         self.counters.sptes_zapped += len(victims)
         return len(victims)
 
-    def _install(self, gfn: int, slot: Memslot, inst: _Install, private: bool) -> Spte:
+    def _install(self, gfn: int, slot: Memslot, inst: _Install, private: bool, old: Spte | _Unknown | None) -> Spte:
+        """kvm_tdp_mmu_map's SPTE write. ``old``: the SPTE covering ``gfn`` when the caller knows it is still
+        the current one (looked up under this same hold of ``lock``), else ``UNKNOWN``."""
         n = level_pages(inst.level)
         base = gfn - gfn % n
         if n == 1:  # a 4 KiB install replaces at most the one SPTE covering the gfn (cheaper than a scan)
-            old = self.lookup(gfn)
+            if isinstance(old, _Unknown):
+                old = self.lookup(gfn)
             if old is not None:
                 self._remove(old)
         else:
@@ -460,7 +470,8 @@ class Mmu:
                 return self._done(self._retry("invalidation in progress"))
             # F12 kvm_tdp_mmu_map: the level is decided under the lock (lpage_info "mixed")
             inst = self._gmem_install(gfn, slot, pfn) if isinstance(pfn, GmemInode) else self._hva_install(gfn, slot)
-            spte = self._install(gfn, slot, inst, is_private)
+            # Straight through, mmu_lock was held since F3, so its lookup still holds; stepping, it may not.
+            spte = self._install(gfn, slot, inst, is_private, _UNKNOWN if stepping else existing)
             c.mapped += 1
             if spte.level > PG_LEVEL_4K:
                 c.huge_mappings += 1
@@ -571,6 +582,13 @@ class Mmu:
                 continue
             return level
         return PG_LEVEL_4K
+
+
+class _Unknown:
+    """``_install``'s "look the old SPTE up again" marker (None already means "no SPTE")."""
+
+
+_UNKNOWN = _Unknown()
 
 
 class _Hva:
