@@ -1,7 +1,8 @@
 """Bench 8: the sim's fault path as a guest sees it — µs per 4 KiB page, one row per kind of TLB fill.
 
 A CPL3 guest on a KVM_X86_SW_PROTECTED_VM reads the first byte of every page of a ``SIZE`` guest_memfd slot
-(attributes PRIVATE), between two SYNC ucalls; the host times the window and divides by the pages. Each
+(attributes PRIVATE), between two SYNC ucalls; the host takes the thread CPU time of the window (the vCPU
+runs on the calling thread) and divides by the pages. Each
 kind is a pass over the same pages:
 
 * **first touch** — the first pass: every fill walks the guest tables, faults into the core and allocates
@@ -46,9 +47,11 @@ def payload() -> Asm:
 
 
 def _timed(gv: object) -> float:
-    t0 = time.perf_counter()
+    """Thread CPU seconds of one pass: the vCPU runs on this thread (fills, faults, flush servicing all
+    happen here), and CPU time is what stays comparable on a loaded 2-core host."""
+    t0 = time.thread_time()
     gv.expect_sync(timeout=300)  # type: ignore[attr-defined]
-    return time.perf_counter() - t0
+    return time.thread_time() - t0
 
 
 def measure() -> dict[str, list[float]]:
@@ -85,7 +88,7 @@ def run(report: Report) -> None:
     for kind, secs in times.items():
         best = min(secs) * 1e6
         target = TARGETS.get(kind)
-        note = f"{SIZE // uapi.PAGE_SIZE:,} pages read by a CPL3 guest; best of {len(secs)} (µs: " + ", ".join(
+        note = f"{SIZE // uapi.PAGE_SIZE:,} pages read by a CPL3 guest; thread CPU time; best of {len(secs)} (µs: " + ", ".join(
             f"{s * 1e6:.1f}" for s in secs) + ")"  # fmt: skip
         if target is not None:
             note = f"target ≤ {target:g} µs: {'met' if best <= target else 'missed'}; " + note
