@@ -414,6 +414,8 @@ class SimCpu:
         self.vcpu_id = vcpu_id
         self._resolver = cpuset.resolver
         self._private_bit = cpuset.private_access_bit
+        self._c_bit = 0 if self._private_bit is None else 1 << self._private_bit
+        self._addr_mask = PTE_ADDR & ~self._c_bit  # frame bits of every entry (cpu_pagewalk.walk)
         self._stores: StoreMap = cpuset.stores
         self._uc: Engine = new_engine()
         self._state = CpuState(self._uc)
@@ -861,13 +863,13 @@ class SimCpu:
         Why a second walk: a warm refill (unicorn evicted an entry; every table page and the data page are
         cached) is the sim's most frequent fill, and ``cpu_pagewalk.walk`` with its callbacks, result objects
         and per-entry lock costs ~4× this. The fast path only takes the plain case — paging on, a data
-        access, no private access bit, every entry present without reserved bits, the access allowed — and
+        access, every entry present without reserved bits, the access allowed — and
         hands anything else, unchanged, to the full walk, which decides #PF, exits and caching; so it can
         only answer what the full walk would answer the same way. A data page missing from ``_data_cache``
         then goes through ``_resolve_page`` exactly as ``_translate`` does after its walk (first touch,
         refault, spurious). Holding ``_cond`` with ``_req == _ack`` is the slow path's install rule.
         """
-        if access == UC_MEM_FETCH or self._private_bit is not None or self._changing_map:
+        if access == UC_MEM_FETCH or self._changing_map:
             return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
         write = access == UC_MEM_WRITE
         with self._cond:
@@ -876,7 +878,7 @@ class SimCpu:
             else:
                 walked = self._fast_walk(vaddr, write)
                 if walked is not None:
-                    cached = self._data_cache.get((walked[0], None))
+                    cached = self._data_cache.get((walked[0], walked[2]))
                     if cached is not None and (cached[1] or not write):
                         hit = self._window(cached[0], walked[1] and cached[1])
                         if hit is not None:
@@ -887,11 +889,11 @@ class SimCpu:
         if walked is None:
             return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
         # The walk is done; only the data page needs the fault path (what _translate does after its walk).
-        gpa_page, writable = walked
+        gpa_page, writable, private = walked
         outcome: object
         page: tuple[int, bool] | FaultResult | VmExitSignal
         try:
-            page = self._resolve_page(gpa_page, write, False, None)
+            page = self._resolve_page(gpa_page, write, False, private)
         except VmExitSignal as sig:
             page = sig
         if isinstance(page, tuple):
@@ -923,10 +925,11 @@ class SimCpu:
             return None
         return (store.window + host_page - store.host_ptr, UC_PROT_READ | UC_PROT_WRITE if writable else UC_PROT_READ)
 
-    def _fast_walk(self, va: int, write: bool) -> tuple[int, bool] | None:
-        """(gpa page, guest-writable) of a data access whose walk the cached table pages answer and which
-        the guest's tables allow, else None (the full walk decides). Caller holds ``_cond`` with no request
-        pending, so cached table pages are live store memory."""
+    def _fast_walk(self, va: int, write: bool) -> tuple[int, bool, bool | None] | None:
+        """(gpa page, guest-writable, private) of a data access whose walk the cached table pages answer and
+        which the guest's tables allow, else None (the full walk decides). ``private`` is the leaf's private
+        access bit, None without one (as ``cpu_pagewalk.walk``: the bit is no address bit in any entry).
+        Caller holds ``_cond`` with no request pending, so cached table pages are live store memory."""
         pv = self._paging_view
         q = pv.load()
         cr0 = q[pv.CR0]
@@ -938,7 +941,8 @@ class SimCpu:
         efer = q[pv.EFER]
         nxe = efer & EFER_NXE
         tables = self._pt_entries
-        table = q[pv.CR3] & PTE_ADDR
+        addr_mask = self._addr_mask
+        table = q[pv.CR3] & addr_mask
         rwus = PTE_RW | PTE_US
         nx = 0
         shift = 39
@@ -952,17 +956,17 @@ class SimCpu:
             rwus &= pte
             nx |= pte & PTE_NX
             if shift == 12:
-                gpa_page = pte & PTE_ADDR
+                gpa_page = pte & addr_mask
                 break
             if pte & PTE_PS:
                 if shift == 39:
                     return None
                 size = 1 << shift
-                if pte & PTE_ADDR & (size - 1) & ~0x1000:
+                if pte & addr_mask & (size - 1) & ~0x1000:
                     return None  # reserved bits below the frame: #PF(RSVD), the full walk reports it
-                gpa_page = (pte & PTE_ADDR & ~(size - 1)) | (va & (size - 1) & PAGE_MASK)
+                gpa_page = (pte & addr_mask & ~(size - 1)) | (va & (size - 1) & PAGE_MASK)
                 break
-            table = pte & PTE_ADDR
+            table = pte & addr_mask
             shift -= 9
         cpl = q[pv.HFLAGS] & 3
         if cpl == 3:
@@ -976,7 +980,8 @@ class SimCpu:
             writable = bool(rwus & PTE_RW) or not cr0 & CR0_WP
         if write and not writable:
             return None
-        return (gpa_page, writable)
+        c_bit = self._c_bit
+        return (gpa_page, writable, bool(pte & c_bit) if c_bit else None)
 
     def _hook_tlb_fill(self, uc: Engine, vaddr: int, access: int, entry: object, _ud: object) -> bool:
         if self._changing_map:
