@@ -878,14 +878,17 @@ class SimCpu:
             else:
                 walked = self._fast_walk(vaddr, write)
                 if walked is not None:
-                    cached = self._data_cache.get((walked[0], walked[2]))
-                    if cached is not None and (cached[1] or not write):
+                    cached = self._cached(walked[0], write, walked[2])
+                    if cached is not None:
                         hit = self._window(cached[0], walked[1] and cached[1])
                         if hit is not None:
                             e = TlbEntry.from_address(entry)
                             e.paddr, e.perms = hit
                             return True
                     self._in_guest = False  # into "the kernel": requesters need not wait for us
+                    if cached is None:  # what _resolve_page would do first, in this same hold
+                        seq = self.cpuset.flush_seq
+                        self._in_resolver = True
         if walked is None:
             return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
         # The walk is done; only the data page needs the fault path (what _translate does after its walk).
@@ -893,7 +896,7 @@ class SimCpu:
         outcome: object
         page: tuple[int, bool] | FaultResult | VmExitSignal
         try:
-            page = self._resolve_page(gpa_page, write, False, private)
+            page = self._resolve_page(gpa_page, write, False, private, seq if cached is None else None)
         except VmExitSignal as sig:
             page = sig
         if isinstance(page, tuple):
@@ -1043,10 +1046,8 @@ class SimCpu:
         st = self._state.load()
         return Paging(st.cr(0), st.cr(3), st.cr(4), st.efer, st.eflags, st.cpl if cpl is None else cpl)
 
-    def _resolve_page(
-        self, gpa_page: int, write: bool, fetch: bool, private: bool | None = None
-    ) -> tuple[int, bool] | FaultResult:
-        """``private`` None: the resolver decides from the attribute (page-table reads, no private bit)."""
+    def _cached(self, gpa_page: int, write: bool, private: bool | None) -> tuple[int, bool] | None:
+        """(host page, writable) from this vCPU's data or huge-mapping cache, if it allows the access."""
         cached = self._data_cache.get((gpa_page, private))
         if cached is not None and (cached[1] or not write):
             return cached
@@ -1054,36 +1055,60 @@ class SimCpu:
             huge = self._huge_cache.get((gpa_page & ~(size - 1), private))
             if huge is not None and huge[2] == size and (huge[1] or not write):
                 return (huge[0] + (gpa_page & (size - 1)), huge[1])
-        seq = self.cpuset.flush_seq  # read before resolving: a flush after this may make the result stale
-        with self._cond:
-            self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
+        return None
+
+    def _resolve_page(
+        self, gpa_page: int, write: bool, fetch: bool, private: bool | None = None, entered: int | None = None
+    ) -> tuple[int, bool] | FaultResult:
+        """``private`` None: the resolver decides from the attribute (page-table reads, no private bit).
+
+        ``entered``: the caller (the fill fast path) already missed the caches, read ``cpuset.flush_seq``
+        (passed here) and set ``_in_resolver``, all in its own hold of ``_cond``; this saves a hold."""
+        if entered is None:
+            cached = self._cached(gpa_page, write, private)
+            if cached is not None:
+                return cached
+            seq = self.cpuset.flush_seq  # read before resolving: a flush after this may make the result stale
+            with self._cond:
+                self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
+        else:
+            seq = entered
         try:
             if private is None:  # the three-argument form every GpaResolver understands
                 res = self._resolver.handle_fault(gpa_page, write, fetch)
             else:
                 res = self._resolver.handle_fault(gpa_page, write, fetch, private=private)
-        finally:
+        except BaseException:
             with self._cond:
                 self._in_resolver = False
+            raise
         if not isinstance(res, Mapped):
+            with self._cond:
+                self._in_resolver = False
             return res
-        if res.size < PAGE_SIZE or res.size & (res.size - 1) or res.host_ptr & (PAGE_SIZE - 1):
-            raise _emulation_failure(gpa_page)  # a resolver bug; refusing beats dereferencing garbage
-        host_page = res.host_ptr + (gpa_page & (res.size - 1))
-        if write and not res.writable:
-            return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
-        result = (host_page, res.writable)
-        base = gpa_page & ~(res.size - 1)
+        size = res.size
+        base = gpa_page & ~(size - 1)
+        usable = not (size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1)) and (
+            res.writable or not write
+        )
+        result = (res.host_ptr + (gpa_page & (size - 1)), res.writable)
         with self._cond:
+            self._in_resolver = False
             # A flusher that skipped this vCPU (nothing cached in its range) relies on this check: a result
             # resolved before a zap of its gfns is never cached nor installed.
-            if self.cpuset.stale_since(seq, base >> 12, (base + res.size) >> 12):
-                return Retry()
-            if res.size > PAGE_SIZE:
-                self._huge_cache[(base, private)] = (res.host_ptr, res.writable, res.size)
-            else:
-                self._data_cache[(gpa_page, private)] = result
-                self._note_cached_locked(gpa_page)
+            stale = usable and self.cpuset.stale_since(seq, base >> 12, (base + size) >> 12)
+            if usable and not stale:
+                if size > PAGE_SIZE:
+                    self._huge_cache[(base, private)] = (res.host_ptr, res.writable, size)
+                else:
+                    self._data_cache[(gpa_page, private)] = result
+                    self._note_cached_locked(gpa_page)
+        if size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1):
+            raise _emulation_failure(gpa_page)  # a resolver bug; refusing beats dereferencing garbage
+        if write and not res.writable:
+            return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
+        if stale:
+            return Retry()
         return result
 
     def _read_pte(self, gpa: int) -> int | FaultResult:
