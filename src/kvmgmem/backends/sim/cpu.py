@@ -435,7 +435,8 @@ class SimCpu:
         # KVM's vcpu->mutex: held by run() and by register access, never by requesters
         self._mutex = threading.RLock()
         # request state (KVM's vcpu->requests + vcpu->mode), guarded by _cond
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # _cond's lock, taken directly where a fill's microseconds count
+        self._cond = threading.Condition(self._lock)
         self._in_guest = False
         self._in_resolver = False
         self._owner: int | None = None  # thread ident inside run()
@@ -461,6 +462,7 @@ class SimCpu:
         self._huge_cache: dict[tuple[int, bool | None], tuple[int, bool, int]] = {}  # -> (host, writable, size)
         self._mapped: dict[int, Store] = {}  # window -> store mapped into this engine
         self._stores_gen = -1
+        self._last_store: Store | None = None  # the store the last fill found (_window)
         self._code_stale = False
 
         # events recorded by hooks during one emu_start
@@ -688,6 +690,7 @@ class SimCpu:
         if removed:
             self._clear_translations()
             self._code_stale = True
+        self._last_store = None
         self._changing_map = True
         try:
             for window in removed:
@@ -855,7 +858,7 @@ class SimCpu:
         self._invalid_insn = True
         return False  # ends emu_start with UC_ERR_INSN_INVALID, RIP at the instruction
 
-    def _fill(self, vaddr: int, access: int, entry: int) -> bool:
+    def _fill(self, _uch: int, vaddr: int, access: int, entry: int, _ud: int) -> bool:
         """The TLB-fill hook (``cpu_uc.add_tlb_fill_hook``): a refill the per-vCPU caches can answer is done
         here, in one hold of ``_cond`` with the GIL never released, and everything else takes
         ``_hook_tlb_fill``.
@@ -869,39 +872,64 @@ class SimCpu:
         then goes through ``_resolve_page`` exactly as ``_translate`` does after its walk (first touch,
         refault, spurious). Holding ``_cond`` with ``_req == _ack`` is the slow path's install rule.
         """
-        if access == UC_MEM_FETCH or self._changing_map:
+        try:
+            if access != UC_MEM_FETCH and not self._changing_map:
+                write = access == UC_MEM_WRITE
+                with self._lock:
+                    if self._req == self._ack and not self._kick and self._stores.generation == self._stores_gen:
+                        walked = self._fast_walk(vaddr, write)
+                        if walked is not None:
+                            cached = self._cached(walked[0], write, walked[2])
+                            if cached is not None:
+                                hit = self._window(cached[0], walked[1] and cached[1])
+                                if hit is not None:
+                                    e = TlbEntry.from_address(entry)
+                                    e.paddr, e.perms = hit
+                                    return True
+                            return self._fill_resolve(vaddr, access, entry, walked, cached)
             return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
-        write = access == UC_MEM_WRITE
-        with self._cond:
-            if self._req != self._ack or self._kick or self._stores.generation != self._stores_gen:
-                walked = None
-            else:
-                walked = self._fast_walk(vaddr, write)
-                if walked is not None:
-                    cached = self._cached(walked[0], write, walked[2])
-                    if cached is not None:
-                        hit = self._window(cached[0], walked[1] and cached[1])
-                        if hit is not None:
-                            e = TlbEntry.from_address(entry)
-                            e.paddr, e.perms = hit
-                            return True
-                    self._in_guest = False  # into "the kernel": requesters need not wait for us
-                    if cached is None:  # what _resolve_page would do first, in this same hold
-                        seq = self.cpuset.flush_seq
-                        self._in_resolver = True
-        if walked is None:
-            return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
-        # The walk is done; only the data page needs the fault path (what _translate does after its walk).
+        except BaseException as e:  # what the binding's hook wrapper does: emu_start re-raises it
+            uc = self._uc
+            if uc._hook_exception is None:
+                uc._hook_exception = e
+            uc.emu_stop()
+            return False
+
+    def _fill_resolve(
+        self,
+        vaddr: int,
+        access: int,
+        entry: int,
+        walked: tuple[int, bool, bool | None],
+        cached: tuple[int, bool] | None,
+    ) -> bool:
+        """The rest of a fast-path fill whose data page needs the fault path. Called holding ``_lock`` (it
+        is released across the resolver: the fault may block on VM locks that a flusher holds)."""
+        self._in_guest = False  # into "the kernel": requesters need not wait for us
+        seq = None
+        if cached is None:  # what _resolve_page would do first, in the caller's hold
+            seq = self.cpuset.flush_seq
+            self._in_resolver = True
+        self._lock.release()
+        try:
+            return self._fill_resolve_unlocked(vaddr, access, entry, walked, seq)
+        finally:
+            self._lock.acquire()
+
+    def _fill_resolve_unlocked(
+        self, vaddr: int, access: int, entry: int, walked: tuple[int, bool, bool | None], seq: int | None
+    ) -> bool:
         gpa_page, writable, private = walked
+        write = access == UC_MEM_WRITE
         outcome: object
         page: tuple[int, bool] | FaultResult | VmExitSignal
         try:
-            page = self._resolve_page(gpa_page, write, False, private, seq if cached is None else None)
+            page = self._resolve_page(gpa_page, write, False, private, seq)
         except VmExitSignal as sig:
             page = sig
         if isinstance(page, tuple):
             host_page, host_writable = page
-            with self._cond:
+            with self._lock:
                 if self._req == self._ack:
                     hit = self._window(host_page, writable and host_writable)
                     if hit is not None:
@@ -922,10 +950,14 @@ class SimCpu:
         return False
 
     def _window(self, host_page: int, writable: bool) -> tuple[int, int] | None:
-        """(window address, perms) of a data page for the TLB entry; None if no store holds it."""
-        store = self._stores.find(host_page, PAGE_SIZE)
-        if store is None:
-            return None
+        """(window address, perms) of a data page for the TLB entry; None if no store holds it. Caller holds
+        ``_lock`` with the store map synced (``_sync_stores`` forgets ``_last_store``)."""
+        store = self._last_store
+        if store is None or not store.host_ptr <= host_page < store.host_ptr + store.size:
+            store = self._stores.find(host_page, PAGE_SIZE)
+            if store is None:
+                return None
+            self._last_store = store
         return (store.window + host_page - store.host_ptr, UC_PROT_READ | UC_PROT_WRITE if writable else UC_PROT_READ)
 
     def _fast_walk(self, va: int, write: bool) -> tuple[int, bool, bool | None] | None:

@@ -303,21 +303,13 @@ class TlbEntry(ctypes.Structure):
 
 
 def add_tlb_fill_hook(uc: Engine, callback: Any) -> Any:
-    """Register ``callback(vaddr, access, entry_address) -> bool`` as the engine's TLB-fill hook, straight
-    through ctypes: the binding's hook_add wraps it in two more Python frames and a pointer dereference per
-    fill, a third of a warm refill. Exceptions are recorded like the binding does (``uc._hook_exception``,
-    re-raised by ``emu_start``) and stop the engine. Returns the C callback; keep it alive with the engine."""
-
-    def hook(_uch: int, vaddr: int, access: int, entry: int, _ud: int) -> bool:
-        try:
-            return bool(callback(vaddr, access, entry))
-        except BaseException as e:
-            if uc._hook_exception is None:
-                uc._hook_exception = e
-            uc.emu_stop()
-            return False
-
-    cfunc = TLB_FILL_CFUNC(hook)
+    """Register ``callback(uch, vaddr, access, entry_address, user_data) -> bool`` as the engine's TLB-fill
+    hook, straight through ctypes: the binding's hook_add wraps it in two more Python frames and a pointer
+    dereference per fill, a third of a warm refill. The callback must guard itself as the binding's wrapper
+    does (record an exception in ``uc._hook_exception``, which ``emu_start`` re-raises, stop the engine and
+    return False): an exception escaping a ctypes callback is only printed. Returns the C callback; keep it
+    alive with the engine."""
+    cfunc = TLB_FILL_CFUNC(callback)
     handle = ctypes.c_size_t()
     err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_TLB_FILL, ctypes.cast(cfunc, ctypes.c_void_p),
                             None, ctypes.c_uint64(1), ctypes.c_uint64(0))  # fmt: skip
