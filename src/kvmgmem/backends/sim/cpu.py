@@ -145,16 +145,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     ACCESS_FETCH,
     ACCESS_READ,
     ACCESS_WRITE,
-    CR0_WP,
-    CR4_SMAP,
-    EFER_NXE,
-    EFLAGS_AC,
     PTE_ADDR,
-    PTE_NX,
-    PTE_P,
-    PTE_PS,
-    PTE_RW,
-    PTE_US,
     NonCanonical,
     PageFault,
     Paging,
@@ -181,6 +172,7 @@ from kvmgmem.backends.sim.cpu_uc import (
     new_engine,
     tlb_flush,
 )
+from kvmgmem.backends.sim.cpu_walk import fast_walk_py, walk_c
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import (
     Exit,
@@ -195,7 +187,6 @@ from kvmgmem.exits import (
 
 MASK64 = (1 << 64) - 1
 PAGE_MASK = ~(PAGE_SIZE - 1) & MASK64
-CR0_PG = 1 << 31
 UNTIL = 1 << 63  # non-canonical: the guest can never reach it, so emu_start never ends on "until"
 KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_HC_VAPIC_POLL_IRQ = 1
@@ -877,7 +868,13 @@ class SimCpu:
                 write = access == UC_MEM_WRITE
                 with self._lock:
                     if self._req == self._ack and not self._kick and self._stores.generation == self._stores_gen:
-                        walked = self._fast_walk(vaddr, write)
+                        pv = self._paging_view
+                        if walk_c is not None:
+                            pv.load()
+                            walked = walk_c(pv.address, self._pt_cache, vaddr, self._addr_mask, self._c_bit, write)
+                        else:
+                            walked = fast_walk_py(pv.load(), self._pt_entries, vaddr, self._addr_mask, self._c_bit,
+                                                  write)  # fmt: skip
                         if walked is not None:
                             cached = self._cached(walked[0], write, walked[2])
                             if cached is not None:
@@ -959,85 +956,6 @@ class SimCpu:
                 return None
             self._last_store = store
         return (store.window + host_page - store.host_ptr, UC_PROT_READ | UC_PROT_WRITE if writable else UC_PROT_READ)
-
-    def _fast_walk(self, va: int, write: bool) -> tuple[int, bool, bool | None] | None:
-        """(gpa page, guest-writable, private) of a data access whose walk the cached table pages answer and
-        which the guest's tables allow, else None (the full walk decides). ``private`` is the leaf's private
-        access bit, None without one (as ``cpu_pagewalk.walk``: the bit is no address bit in any entry).
-        Caller holds ``_cond`` with no request pending, so cached table pages are live store memory.
-
-        The four levels are unrolled and entries are read through memoryviews: a warm refill spends most of
-        its time here, and a loop plus ctypes indexing doubled it."""
-        pv = self._paging_view
-        q = pv.load()
-        cr0 = q[pv.CR0]
-        if not cr0 & CR0_PG:
-            return None
-        top = va >> 47
-        if top and top != 0x1FFFF:
-            return None
-        nxe = q[pv.EFER] & EFER_NXE
-        tables = self._pt_entries
-        mask = self._addr_mask
-        # PML4E
-        entries = tables.get(q[pv.CR3] & mask)
-        if entries is None:
-            return None
-        pte = entries[(va >> 39) & 0x1FF]
-        if not pte & PTE_P or pte & PTE_PS or (pte & PTE_NX and not nxe):
-            return None
-        acc = pte
-        # PDPTE
-        entries = tables.get(pte & mask)
-        if entries is None:
-            return None
-        pte = entries[(va >> 30) & 0x1FF]
-        if not pte & PTE_P or (pte & PTE_NX and not nxe):
-            return None
-        acc &= pte | PTE_NX
-        acc |= pte & PTE_NX
-        if pte & PTE_PS:
-            if pte & mask & 0x3FFFE000:
-                return None  # reserved bits below the frame: #PF(RSVD), the full walk reports it
-            gpa_page = (pte & mask & ~0x3FFFFFFF) | (va & 0x3FFFF000)
-        else:
-            # PDE
-            entries = tables.get(pte & mask)
-            if entries is None:
-                return None
-            pte = entries[(va >> 21) & 0x1FF]
-            if not pte & PTE_P or (pte & PTE_NX and not nxe):
-                return None
-            acc &= pte | PTE_NX
-            acc |= pte & PTE_NX
-            if pte & PTE_PS:
-                if pte & mask & 0x1FE000:
-                    return None
-                gpa_page = (pte & mask & ~0x1FFFFF) | (va & 0x1FF000)
-            else:
-                # PTE
-                entries = tables.get(pte & mask)
-                if entries is None:
-                    return None
-                pte = entries[(va >> 12) & 0x1FF]
-                if not pte & PTE_P or (pte & PTE_NX and not nxe):
-                    return None
-                acc &= pte | PTE_NX
-                acc |= pte & PTE_NX
-                gpa_page = pte & mask
-        # acc: R/W and U/S ANDed over the levels (NX ORed; data accesses ignore it)
-        if q[pv.HFLAGS] & 3 == 3:
-            if not acc & PTE_US:
-                return None
-            writable = bool(acc & PTE_RW)
-        else:
-            if acc & PTE_US and q[pv.CR4] & CR4_SMAP and not q[pv.EFLAGS] & EFLAGS_AC:
-                return None
-            writable = bool(acc & PTE_RW) or not cr0 & CR0_WP
-        if write and not writable:
-            return None
-        c_bit = self._c_bit
-        return (gpa_page, writable, bool(pte & c_bit) if c_bit else None)
 
     def _hook_tlb_fill(self, uc: Engine, vaddr: int, access: int, entry: object, _ud: object) -> bool:
         if self._changing_map:

@@ -343,6 +343,7 @@ class PagingView:
             raise LayoutError("uc_context_save returned NULL")
         self._uch = uc._uch.value if isinstance(uc._uch, ctypes.c_void_p) else uc._uch
         self._addr = addr
+        self.address = addr  # of the saved state (for the C walk)
         self._array = (ctypes.c_uint64 * (self._ctx.size // 8)).from_address(addr)
         self.q = memoryview(self._array).cast("B").cast("Q")  # indexing a memoryview is ~2× a ctypes array
         self._save = _pylib.uc_context_save
