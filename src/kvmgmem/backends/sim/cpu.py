@@ -45,8 +45,10 @@ Interface for the sim VM
 Mechanism
 =========
 
-* **EPT = TLB-fill hook.** In ``UC_TLB_VIRTUAL`` mode unicorn asks ``_tlb_fill(vaddr, access)`` for every TLB
-  miss (per 4 KiB page). We walk the guest's page tables in software (``cpu_pagewalk``; each entry read is
+* **EPT = TLB-fill hook.** In ``UC_TLB_VIRTUAL`` mode unicorn asks ``_fill(vaddr, access)`` for every TLB
+  miss (per 4 KiB page). A data access whose table pages are cached takes the fast path (``_fill``,
+  ``cpu_walk``: the plain-case walk in C or Python, then the data cache or the fault path); everything else
+  the full walk below. We walk the guest's page tables in software (``cpu_pagewalk``; each entry read is
   a guest-physical access through the resolver), resolve the data gpa through ``handle_fault``, and point
   the entry at ``window + offset`` with permissions = guest PTE ∧ ``Mapped.writable``. Page-table pages and
   data pages resolved once are cached per vCPU until the next flush, like a paging-structure cache.
@@ -95,8 +97,10 @@ Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbe
 * guest ``dec rcx; jnz``: 80-95% of a bare unicorn engine by CPU time (bench 5; it was ~22% with the former
   per-instruction native hook, ~450 → ~100 M instructions/s). Steady-state guest code runs with no Python
   callback and no native call at all.
-* TLB fill: ~20 µs per 4 KiB page (hook + 4-level walk over cached table pages + data-page resolve), about
-  the same on first touch with the fake resolver (the VM's own fault cost adds to that).
+* TLB fill (bench 8, thread CPU time per 4 KiB page): a warm refill ~2.5 µs with the C walk (~4-5 µs with
+  the Python one), of which ~0.75 µs is the ctypes callback and unicorn's own fill; a refault after a zap
+  ~12-15 µs and a first touch ~18 µs, the VM's fault path (``core/mmu.py``) being ~5 µs of it. Before
+  issue 15's fault work: ~12 / 27 / 32 µs.
 * exit round trip (guest OUT → ``run()`` returns → ``run()`` again): ~21 µs; a hypercall answered in the
   "kernel" (ENOSYS): ~65 µs (invalid-opcode stop + instruction fetch through the software walk).
 * ``emu_start`` without exit work: ~3-4 µs; unicorn TLB flush ~1.4 µs; TB-cache flush ~10 µs; context
