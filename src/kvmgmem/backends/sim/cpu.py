@@ -45,8 +45,10 @@ Interface for the sim VM
 Mechanism
 =========
 
-* **EPT = TLB-fill hook.** In ``UC_TLB_VIRTUAL`` mode unicorn asks ``_tlb_fill(vaddr, access)`` for every TLB
-  miss (per 4 KiB page). We walk the guest's page tables in software (``cpu_pagewalk``; each entry read is
+* **EPT = TLB-fill hook.** In ``UC_TLB_VIRTUAL`` mode unicorn asks ``_fill(vaddr, access)`` for every TLB
+  miss (per 4 KiB page). A data access whose table pages are cached takes the fast path (``_fill``,
+  ``cpu_walk``: the plain-case walk in C or Python, then the data cache or the fault path); everything else
+  the full walk below. We walk the guest's page tables in software (``cpu_pagewalk``; each entry read is
   a guest-physical access through the resolver), resolve the data gpa through ``handle_fault``, and point
   the entry at ``window + offset`` with permissions = guest PTE ∧ ``Mapped.writable``. Page-table pages and
   data pages resolved once are cached per vCPU until the next flush, like a paging-structure cache.
@@ -95,8 +97,10 @@ Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbe
 * guest ``dec rcx; jnz``: 80-95% of a bare unicorn engine by CPU time (bench 5; it was ~22% with the former
   per-instruction native hook, ~450 → ~100 M instructions/s). Steady-state guest code runs with no Python
   callback and no native call at all.
-* TLB fill: ~20 µs per 4 KiB page (hook + 4-level walk over cached table pages + data-page resolve), about
-  the same on first touch with the fake resolver (the VM's own fault cost adds to that).
+* TLB fill (bench 8, thread CPU time per 4 KiB page): a warm refill ~2.5 µs with the C walk (~4-5 µs with
+  the Python one), of which ~0.75 µs is the ctypes callback and unicorn's own fill; a refault after a zap
+  ~12-15 µs and a first touch ~18 µs, the VM's fault path (``core/mmu.py``) being ~5 µs of it. Before
+  issue 15's fault work: ~12 / 27 / 32 µs.
 * exit round trip (guest OUT → ``run()`` returns → ``run()`` again): ~21 µs; a hypercall answered in the
   "kernel" (ENOSYS): ~65 µs (invalid-opcode stop + instruction fetch through the software walk).
 * ``emu_start`` without exit work: ~3-4 µs; unicorn TLB flush ~1.4 µs; TB-cache flush ~10 µs; context
@@ -117,7 +121,7 @@ import time
 from dataclasses import dataclass
 
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
-from unicorn.unicorn_const import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL
+from unicorn.unicorn_const import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_MEM_FETCH, UC_MEM_WRITE
 from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
@@ -146,6 +150,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     ACCESS_FETCH,
     ACCESS_READ,
     ACCESS_WRITE,
+    PTE_ADDR,
     NonCanonical,
     PageFault,
     Paging,
@@ -162,7 +167,17 @@ from kvmgmem.backends.sim.cpu_types import (
     Mmio,
     Retry,
 )
-from kvmgmem.backends.sim.cpu_uc import CpuState, Engine, add_code_hook, new_engine, tlb_flush
+from kvmgmem.backends.sim.cpu_uc import (
+    CpuState,
+    Engine,
+    PagingView,
+    TlbEntry,
+    add_code_hook,
+    add_tlb_fill_hook,
+    new_engine,
+    tlb_flush,
+)
+from kvmgmem.backends.sim.cpu_walk import fast_walk_py, walk_c
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import (
     Exit,
@@ -395,6 +410,8 @@ class SimCpu:
         self.vcpu_id = vcpu_id
         self._resolver = cpuset.resolver
         self._private_bit = cpuset.private_access_bit
+        self._c_bit = 0 if self._private_bit is None else 1 << self._private_bit
+        self._addr_mask = PTE_ADDR & ~self._c_bit  # frame bits of every entry (cpu_pagewalk.walk)
         self._stores: StoreMap = cpuset.stores
         self._uc: Engine = new_engine()
         self._state = CpuState(self._uc)
@@ -403,7 +420,8 @@ class SimCpu:
         self._hooked: set[int] = set()  # guest addresses with a code hook (never removed: TBs call them)
         # per code page (as last scanned): hooked address whose byte is INT3/INT n/INTO/INT1 -> its length
         self._int_sites: dict[int, dict[int, int]] = {}
-        self._uc.hook_add(UC_HOOK_TLB_FILL, self._hook_tlb_fill)
+        self._paging_view = PagingView(self._uc)
+        self._fill_cb = add_tlb_fill_hook(self._uc, self._fill)  # kept alive with the engine
         self._uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         self._uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
         self._uc.hook_add(UC_HOOK_INTR, self._hook_intr)
@@ -413,7 +431,8 @@ class SimCpu:
         # KVM's vcpu->mutex: held by run() and by register access, never by requesters
         self._mutex = threading.RLock()
         # request state (KVM's vcpu->requests + vcpu->mode), guarded by _cond
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # _cond's lock, taken directly where a fill's microseconds count
+        self._cond = threading.Condition(self._lock)
         self._in_guest = False
         self._in_resolver = False
         self._owner: int | None = None  # thread ident inside run()
@@ -426,6 +445,7 @@ class SimCpu:
 
         # per-vCPU caches, valid until the next flush (vCPU thread only)
         self._pt_cache: dict[int, int] = {}  # gpa page -> host address of that 4 KiB page
+        self._pt_entries: dict[int, memoryview] = {}  # the same pages as 512 u64 entries
         # gfns with a _pt_cache/_data_cache entry, by 2 MiB region (REGION_SHIFT); changed under _cond, so a
         # flusher can ask (under _cond) whether this vCPU cached anything in a range
         self._touched: dict[int, set[int]] = {}
@@ -438,6 +458,7 @@ class SimCpu:
         self._huge_cache: dict[tuple[int, bool | None], tuple[int, bool, int]] = {}  # -> (host, writable, size)
         self._mapped: dict[int, Store] = {}  # window -> store mapped into this engine
         self._stores_gen = -1
+        self._last_store: Store | None = None  # the store the last fill found (_window)
         self._code_stale = False
 
         # events recorded by hooks during one emu_start
@@ -627,6 +648,7 @@ class SimCpu:
         if ranges is None:
             self._huge_cache.clear()
             self._pt_cache.clear()
+            self._pt_entries.clear()
             self._data_cache.clear()
             self._touched.clear()
             return
@@ -634,13 +656,14 @@ class SimCpu:
             first, size = key[0] >> 12, self._huge_cache[key][2] >> 12
             if any(first < e and s < first + size for s, e in ranges):
                 del self._huge_cache[key]
-        pt, data = self._pt_cache, self._data_cache
+        pt, data, pte = self._pt_cache, self._data_cache, self._pt_entries
         for s, e in ranges:
             for gfns in self._regions_in(s, e):
                 hit = [g for g in gfns if s <= g < e]
                 for g in hit:
                     gpa = g << 12
                     pt.pop(gpa, None)
+                    pte.pop(gpa, None)
                     data.pop((gpa, None), None)
                     data.pop((gpa, True), None)
                     data.pop((gpa, False), None)
@@ -663,6 +686,7 @@ class SimCpu:
         if removed:
             self._clear_translations()
             self._code_stale = True
+        self._last_store = None
         self._changing_map = True
         try:
             for window in removed:
@@ -830,6 +854,114 @@ class SimCpu:
         self._invalid_insn = True
         return False  # ends emu_start with UC_ERR_INSN_INVALID, RIP at the instruction
 
+    def _fill(self, _uch: int, vaddr: int, access: int, entry: int, _ud: int) -> bool:
+        """The TLB-fill hook (``cpu_uc.add_tlb_fill_hook``): a refill the per-vCPU caches can answer is done
+        here, in one hold of ``_cond`` with the GIL never released, and everything else takes
+        ``_hook_tlb_fill``.
+
+        Why a second walk: a warm refill (unicorn evicted an entry; every table page and the data page are
+        cached) is the sim's most frequent fill, and ``cpu_pagewalk.walk`` with its callbacks, result objects
+        and per-entry lock costs ~4× this. The fast path only takes the plain case — paging on, a data
+        access, every entry present without reserved bits, the access allowed — and
+        hands anything else, unchanged, to the full walk, which decides #PF, exits and caching; so it can
+        only answer what the full walk would answer the same way. A data page missing from ``_data_cache``
+        then goes through ``_resolve_page`` exactly as ``_translate`` does after its walk (first touch,
+        refault, spurious). Holding ``_cond`` with ``_req == _ack`` is the slow path's install rule.
+        """
+        try:
+            if access != UC_MEM_FETCH and not self._changing_map:
+                write = access == UC_MEM_WRITE
+                with self._lock:
+                    if self._req == self._ack and not self._kick and self._stores.generation == self._stores_gen:
+                        pv = self._paging_view
+                        if walk_c is not None:
+                            pv.load()
+                            walked = walk_c(pv.address, self._pt_cache, vaddr, self._addr_mask, self._c_bit, write)
+                        else:
+                            walked = fast_walk_py(pv.load(), self._pt_entries, vaddr, self._addr_mask, self._c_bit,
+                                                  write)  # fmt: skip
+                        if walked is not None:
+                            cached = self._cached(walked[0], write, walked[2])
+                            if cached is not None:
+                                hit = self._window(cached[0], walked[1] and cached[1])
+                                if hit is not None:
+                                    e = TlbEntry.from_address(entry)
+                                    e.paddr, e.perms = hit
+                                    return True
+                            return self._fill_resolve(vaddr, access, entry, walked, cached)
+            return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
+        except BaseException as e:  # what the binding's hook wrapper does: emu_start re-raises it
+            uc = self._uc
+            if uc._hook_exception is None:
+                uc._hook_exception = e
+            uc.emu_stop()
+            return False
+
+    def _fill_resolve(
+        self,
+        vaddr: int,
+        access: int,
+        entry: int,
+        walked: tuple[int, bool, bool | None],
+        cached: tuple[int, bool] | None,
+    ) -> bool:
+        """The rest of a fast-path fill whose data page needs the fault path. Called holding ``_lock`` (it
+        is released across the resolver: the fault may block on VM locks that a flusher holds)."""
+        self._in_guest = False  # into "the kernel": requesters need not wait for us
+        seq = None
+        if cached is None:  # what _resolve_page would do first, in the caller's hold
+            seq = self.cpuset.flush_seq
+            self._in_resolver = True
+        self._lock.release()
+        try:
+            return self._fill_resolve_unlocked(vaddr, access, entry, walked, seq)
+        finally:
+            self._lock.acquire()
+
+    def _fill_resolve_unlocked(
+        self, vaddr: int, access: int, entry: int, walked: tuple[int, bool, bool | None], seq: int | None
+    ) -> bool:
+        gpa_page, writable, private = walked
+        write = access == UC_MEM_WRITE
+        outcome: object
+        page: tuple[int, bool] | FaultResult | VmExitSignal
+        try:
+            page = self._resolve_page(gpa_page, write, False, private, seq)
+        except VmExitSignal as sig:
+            page = sig
+        if isinstance(page, tuple):
+            host_page, host_writable = page
+            with self._lock:
+                if self._req == self._ack:
+                    hit = self._window(host_page, writable and host_writable)
+                    if hit is not None:
+                        e = TlbEntry.from_address(entry)
+                        e.paddr, e.perms = hit
+                        self._in_guest = True
+                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
+                            self._uc.emu_stop()
+                        return True
+                    outcome = _emulation_failure(host_page)
+                else:
+                    outcome = Retry()
+        elif isinstance(page, VmExitSignal):
+            outcome = page
+        else:
+            outcome = _DataOutcome(gpa_page, page)
+        self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
+        return False
+
+    def _window(self, host_page: int, writable: bool) -> tuple[int, int] | None:
+        """(window address, perms) of a data page for the TLB entry; None if no store holds it. Caller holds
+        ``_lock`` with the store map synced (``_sync_stores`` forgets ``_last_store``)."""
+        store = self._last_store
+        if store is None or not store.host_ptr <= host_page < store.host_ptr + store.size:
+            store = self._stores.find(host_page, PAGE_SIZE)
+            if store is None:
+                return None
+            self._last_store = store
+        return (store.window + host_page - store.host_ptr, UC_PROT_READ | UC_PROT_WRITE if writable else UC_PROT_READ)
+
     def _hook_tlb_fill(self, uc: Engine, vaddr: int, access: int, entry: object, _ud: object) -> bool:
         if self._changing_map:
             # unicorn's own mem_unmap/mem_map_ptr probe addresses through this hook while we hold _cond
@@ -890,10 +1022,8 @@ class SimCpu:
         st = self._state.load()
         return Paging(st.cr(0), st.cr(3), st.cr(4), st.efer, st.eflags, st.cpl if cpl is None else cpl)
 
-    def _resolve_page(
-        self, gpa_page: int, write: bool, fetch: bool, private: bool | None = None
-    ) -> tuple[int, bool] | FaultResult:
-        """``private`` None: the resolver decides from the attribute (page-table reads, no private bit)."""
+    def _cached(self, gpa_page: int, write: bool, private: bool | None) -> tuple[int, bool] | None:
+        """(host page, writable) from this vCPU's data or huge-mapping cache, if it allows the access."""
         cached = self._data_cache.get((gpa_page, private))
         if cached is not None and (cached[1] or not write):
             return cached
@@ -901,36 +1031,60 @@ class SimCpu:
             huge = self._huge_cache.get((gpa_page & ~(size - 1), private))
             if huge is not None and huge[2] == size and (huge[1] or not write):
                 return (huge[0] + (gpa_page & (size - 1)), huge[1])
-        seq = self.cpuset.flush_seq  # read before resolving: a flush after this may make the result stale
-        with self._cond:
-            self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
+        return None
+
+    def _resolve_page(
+        self, gpa_page: int, write: bool, fetch: bool, private: bool | None = None, entered: int | None = None
+    ) -> tuple[int, bool] | FaultResult:
+        """``private`` None: the resolver decides from the attribute (page-table reads, no private bit).
+
+        ``entered``: the caller (the fill fast path) already missed the caches, read ``cpuset.flush_seq``
+        (passed here) and set ``_in_resolver``, all in its own hold of ``_cond``; this saves a hold."""
+        if entered is None:
+            cached = self._cached(gpa_page, write, private)
+            if cached is not None:
+                return cached
+            seq = self.cpuset.flush_seq  # read before resolving: a flush after this may make the result stale
+            with self._cond:
+                self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
+        else:
+            seq = entered
         try:
             if private is None:  # the three-argument form every GpaResolver understands
                 res = self._resolver.handle_fault(gpa_page, write, fetch)
             else:
                 res = self._resolver.handle_fault(gpa_page, write, fetch, private=private)
-        finally:
+        except BaseException:
             with self._cond:
                 self._in_resolver = False
+            raise
         if not isinstance(res, Mapped):
+            with self._cond:
+                self._in_resolver = False
             return res
-        if res.size < PAGE_SIZE or res.size & (res.size - 1) or res.host_ptr & (PAGE_SIZE - 1):
-            raise _emulation_failure(gpa_page)  # a resolver bug; refusing beats dereferencing garbage
-        host_page = res.host_ptr + (gpa_page & (res.size - 1))
-        if write and not res.writable:
-            return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
-        result = (host_page, res.writable)
-        base = gpa_page & ~(res.size - 1)
+        size = res.size
+        base = gpa_page & ~(size - 1)
+        usable = not (size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1)) and (
+            res.writable or not write
+        )
+        result = (res.host_ptr + (gpa_page & (size - 1)), res.writable)
         with self._cond:
+            self._in_resolver = False
             # A flusher that skipped this vCPU (nothing cached in its range) relies on this check: a result
             # resolved before a zap of its gfns is never cached nor installed.
-            if self.cpuset.stale_since(seq, base >> 12, (base + res.size) >> 12):
-                return Retry()
-            if res.size > PAGE_SIZE:
-                self._huge_cache[(base, private)] = (res.host_ptr, res.writable, res.size)
-            else:
-                self._data_cache[(gpa_page, private)] = result
-                self._note_cached_locked(gpa_page)
+            stale = usable and self.cpuset.stale_since(seq, base >> 12, (base + size) >> 12)
+            if usable and not stale:
+                if size > PAGE_SIZE:
+                    self._huge_cache[(base, private)] = (res.host_ptr, res.writable, size)
+                else:
+                    self._data_cache[(gpa_page, private)] = result
+                    self._note_cached_locked(gpa_page)
+        if size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1):
+            raise _emulation_failure(gpa_page)  # a resolver bug; refusing beats dereferencing garbage
+        if write and not res.writable:
+            return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
+        if stale:
+            return Retry()
         return result
 
     def _read_pte(self, gpa: int) -> int | FaultResult:
@@ -943,6 +1097,10 @@ class SimCpu:
             host_page = res[0]
             with self._cond:
                 self._pt_cache[page] = host_page
+                if self._req == self._ack:  # live memory of a registered store (see _deref)
+                    self._pt_entries[page] = (
+                        memoryview((ctypes.c_uint64 * 512).from_address(host_page)).cast("B").cast("Q")
+                    )
                 self._note_cached_locked(page)  # also when it came from a huge mapping
         data = self._deref(host_page + (gpa & 0xFFF), 8)
         if data is None:

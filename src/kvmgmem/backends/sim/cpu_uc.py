@@ -31,7 +31,7 @@ import threading
 from typing import Any
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_TLB_VIRTUAL, Uc
-from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_OK, UC_HOOK_CODE
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_OK, UC_HOOK_CODE, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import UC_X86_REG_CR4, UC_X86_REG_FS_BASE, UC_X86_REG_GDTR, UC_X86_REG_TR
 
@@ -286,3 +286,68 @@ def new_engine() -> Engine:
 
 def tlb_flush(uc: Engine) -> None:
     uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+
+# --- the TLB-fill hook without the binding's wrappers -------------------------------------------------------
+
+#: ``bool cb(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *result, void *user_data)``; the
+#: entry is passed as a plain address (one ``from_address`` per fill instead of a pointer object's contents).
+TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_void_p)  # fmt: skip
+
+
+class TlbEntry(ctypes.Structure):
+    """unicorn's ``uc_tlb_entry``: what the fill hook hands back (window address and UC_PROT_* bits)."""
+
+    _fields_ = (("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32))
+
+
+def add_tlb_fill_hook(uc: Engine, callback: Any) -> Any:
+    """Register ``callback(uch, vaddr, access, entry_address, user_data) -> bool`` as the engine's TLB-fill
+    hook, straight through ctypes: the binding's hook_add wraps it in two more Python frames and a pointer
+    dereference per fill, a third of a warm refill. The callback must guard itself as the binding's wrapper
+    does (record an exception in ``uc._hook_exception``, which ``emu_start`` re-raises, stop the engine and
+    return False): an exception escaping a ctypes callback is only printed. Returns the C callback; keep it
+    alive with the engine."""
+    cfunc = TLB_FILL_CFUNC(callback)
+    handle = ctypes.c_size_t()
+    err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_TLB_FILL, ctypes.cast(cfunc, ctypes.c_void_p),
+                            None, ctypes.c_uint64(1), ctypes.c_uint64(0))  # fmt: skip
+    if err != UC_ERR_OK:  # pragma: no cover - only on a broken unicorn
+        raise LayoutError(f"uc_hook_add(TLB fill) failed: {err}")
+    return cfunc
+
+
+# uc_context_save through a PyDLL: the call is ~0.3 µs, so releasing and re-taking the GIL around it (what a
+# CDLL call does) would cost more than the call and let another thread in mid-fill.
+_pylib = ctypes.PyDLL(uclib._name)
+_pylib.uc_context_save.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+_pylib.uc_context_save.restype = ctypes.c_int
+
+
+class PagingView:
+    """A private context buffer of one engine for the TLB-fill fast path: ``load()`` snapshots the CPU state
+    with the GIL held, and ``q`` indexes it as u64s (the control registers a page walk needs)."""
+
+    CR0 = (OFF_CR) // 8
+    CR3 = (OFF_CR + 24) // 8
+    CR4 = (OFF_CR + 32) // 8
+    EFER = OFF_EFER // 8
+    EFLAGS = OFF_EFLAGS // 8
+    HFLAGS = OFF_HFLAGS // 8  # low half is hflags (little endian)
+
+    def __init__(self, uc: Engine) -> None:
+        self._ctx = uc.context_save()  # owns the buffer
+        addr = self._ctx.context.value
+        if addr is None:  # pragma: no cover
+            raise LayoutError("uc_context_save returned NULL")
+        self._uch = uc._uch.value if isinstance(uc._uch, ctypes.c_void_p) else uc._uch
+        self._addr = addr
+        self.address = addr  # of the saved state (for the C walk)
+        self._array = (ctypes.c_uint64 * (self._ctx.size // 8)).from_address(addr)
+        self.q = memoryview(self._array).cast("B").cast("Q")  # indexing a memoryview is ~2× a ctypes array
+        self._save = _pylib.uc_context_save
+
+    def load(self) -> Any:
+        self._save(self._uch, self._addr)
+        return self.q

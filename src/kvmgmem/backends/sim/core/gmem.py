@@ -121,6 +121,8 @@ class GmemInode:
         """Allocate every absent page in ``[first, last)`` (zero-filled: the backing keeps absent pages
         zero). A huge-page file allocates whole 2 MiB folios. Existing pages and poison marks are kept.
         Returns the number of pages newly allocated."""
+        if last == first + 1 and not self.hugepage and self.pages.get(first) != PAGE_ABSENT:
+            return 0  # the fault path's common case: one page, already there
         if self.hugepage:
             first -= first % HUGE_FOLIO_PAGES
             last = -(-last // HUGE_FOLIO_PAGES) * HUGE_FOLIO_PAGES

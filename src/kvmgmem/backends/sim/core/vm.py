@@ -358,11 +358,10 @@ class VmCore:
             mmu.invalidate_begin()
             for lo, hi in ranges:
                 mmu.invalidate_range_add(lo, hi)
-                for spte in [s for s in mmu.sptes() if s.gmem is None and s.gfn < hi and lo < s.end_gfn]:
+                for spte in [s for s in mmu.overlapping(lo, hi) if s.gmem is None]:
                     mmu.zap(spte.gfn, spte.end_gfn)
             yield Step("kvm_flush_remote_tlbs")
-            for lo, hi in ranges:
-                mmu.notify_zap(lo, hi)
+            mmu.notify_zaps(ranges)
         yield Step("the host changes the pages behind the hva range")
         for lo, hi in self._hva_gfn_ranges(hva_start, hva_end):
             self._mutating("hva", lo, hi)
@@ -441,8 +440,7 @@ class VmCore:
                     continue
                 mmu.zap(lo, hi)
             yield Step("kvm_flush_remote_tlbs; KVM_MMU_UNLOCK")
-            for lo, hi in ranges:
-                mmu.notify_zap(lo, hi)
+            mmu.notify_zaps(ranges)
         yield Step("xa_store: store the attributes", guard=mmu.klock)
         self._mutating("attributes", start, end)
         self.attributes.store(start, end, attributes)
@@ -569,8 +567,7 @@ class VmCore:
                 mmu.zap(lo, hi)
             opened.append(f)
             yield Step("kvm_flush_remote_tlbs")
-            for lo, hi in ranges:
-                mmu.notify_zap(lo, hi)
+            mmu.notify_zaps(ranges)
         return opened
 
     def _gmem_invalidate_end(self, inode: GmemInode, first: int, last: int, opened: list[GmemFile]) -> Steps[None]:
@@ -669,8 +666,7 @@ class VmCore:
             mmu.invalidate_range_add(lo, hi)
             mmu.zap(lo, hi)
         yield Step("kvm_flush_remote_tlbs")
-        for lo, hi in ranges:
-            mmu.notify_zap(lo, hi)
+        mmu.notify_zaps(ranges)
         return [file]
 
     # --- the fault path ------------------------------------------------------------------------------------
