@@ -40,21 +40,7 @@ _BARE_SECTION = re.compile(r"§\s*\d")
 _SELF = "tests/test_lint.py"
 #: Files that still carry such citations. Reason for every entry: being edited concurrently; fixed at merge.
 #: The lead empties this list when those branches land (the test fails for an entry that has become clean).
-_CITATION_ALLOWLIST = frozenset(
-    {
-        # being edited concurrently; fixed at merge
-        "src/kvmgmem/backends/sim/core/attributes.py",
-        "src/kvmgmem/backends/sim/core/gmem.py",
-        "src/kvmgmem/backends/sim/core/memslots.py",
-        "src/kvmgmem/backends/sim/core/mmu.py",
-        "src/kvmgmem/backends/sim/core/rangemap.py",
-        "src/kvmgmem/backends/sim/core/vm.py",
-        "src/kvmgmem/backends/sim/cpu.py",
-        "src/kvmgmem/backends/sim/cpu_pagewalk.py",
-        "src/kvmgmem/backends/sim/cpu_stores.py",
-        "src/kvmgmem/backends/sim/cpu_types.py",
-    }
-)
+_CITATION_ALLOWLIST: frozenset[str] = frozenset()  # files still citing outside documents: none
 
 
 def _external_citations(text: str) -> list[str]:

@@ -69,7 +69,8 @@ Mechanism
   writes its address into a slot cleared before each ``emu_start``: HLT iff the slot is RIP-1 and that
   byte is 0xF4 (an external stop never leaves it there, as executing a HLT ends ``emu_start``). Likewise an
   interrupt is a software INT n/INT3 iff the slot names an INT whose end is the reported RIP.
-* **VMCALL/VMMCALL** reach the invalid-instruction hook and are handled per spec §3.4; other #UD, #GP,
+* **VMCALL/VMMCALL** reach the invalid-instruction hook and are handled as ``kvm_emulate_hypercall`` does
+(KVM_HC_MAP_GPA_RANGE); other #UD, #GP,
   INT n... are delivered through the IDT; a fault while delivering #DF is a triple fault → ``ShutdownExit``.
 * **Requests and acks** (KVM's ``kvm_make_all_cpus_request``). A vCPU is *in guest mode* while unicorn executes
   guest code, and leaves it whenever it is in Python (fault hook, exit handling). Requests (flush, store
@@ -1290,7 +1291,7 @@ class SimCpu:
         return self._hypercall(rip)
 
     def _hypercall(self, rip: int) -> Exit | None:
-        """KVM's ``kvm_emulate_hypercall`` (spec §3.4), 64-bit mode."""
+        """KVM's ``kvm_emulate_hypercall``, 64-bit mode."""
         uc = self._uc
         nr, a0, a1, a2 = uc.reg_read_batch([UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX])
         if self._state.load().cpl != 0:

@@ -16,7 +16,8 @@ example descriptor-table reads) are checked with CPL 3's rights.
 on a KVM_X86_SW_PROTECTED_VM). Models the SEV C-bit: bit N is removed from the frame address of every entry
 (leaf and non-leaf), and the *leaf's* bit N says whether the access is private (``Translation.private``),
 which the CPU passes to the fault path so an access against the gfn's attribute exits with
-KVM_EXIT_MEMORY_FAULT (spec §3.2/§3.3). Page-table reads themselves stay attribute-derived (the C-bit of
+KVM_EXIT_MEMORY_FAULT (``kvm_mmu_faultin_pfn``'s mismatch check). Page-table reads themselves stay attribute-derived
+(the C-bit of
 non-leaf entries and CR3 is ignored), and instruction fetches follow the leaf bit too (real SNP forces them
 private). Without the option (``private_bit=None``) bit N is an ordinary address bit and
 ``Translation.private`` is None: the access type comes from the attribute, as before.

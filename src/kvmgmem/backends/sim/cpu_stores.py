@@ -3,7 +3,8 @@
 Unicorn's physical map is static: each store (a memslot's userspace buffer, a guest_memfd's page storage — one
 anonymous mmap each) is mapped once, zero-copy, with ``mem_map_ptr`` at its own window, and the TLB-fill hook
 points guest pages into windows. Remapping regions page by page is what we avoid: it costs 27 µs - 14 ms per
-call (spec/ecosystem.md §D). Windows are handed out by a bump allocator and never reused, so a stale TLB entry
+call (measured on unicorn 2.1.4: 27 µs to 14 ms per remap). Windows are handed out by a bump allocator and never
+reused, so a stale TLB entry
 or translated block can never alias a newer store.
 
 The registry is shared by every vCPU of a VM. It also answers "is this host address inside a registered

@@ -2,7 +2,8 @@
 
 The CPU layer (``cpu.py``) is unicorn plus a software page walker; it knows nothing about memslots,
 attributes or guest_memfd. Every guest-physical access it cannot satisfy from unicorn's TLB goes through one
-call, ``GpaResolver.handle_fault``, which is the sim VM's equivalent of KVM's TDP page fault (spec §3.3). The
+call, ``GpaResolver.handle_fault``, which is the sim VM's equivalent of KVM's TDP page fault
+(``kvm_mmu_faultin_pfn``). The
 VM answers with one of the four results below. They are plain dataclasses (treated as immutable) so the VM side can
 import them without pulling in unicorn.
 """
@@ -34,7 +35,8 @@ class Mapped:
 
 @dataclass(frozen=True)
 class MemoryFault:
-    """KVM_EXIT_MEMORY_FAULT: ``run()`` returns ``exits.MemoryFaultExit`` with these fields (spec §3.3).
+    """KVM_EXIT_MEMORY_FAULT: ``run()`` returns ``exits.MemoryFaultExit`` with these fields
+    (``kvm_mmu_prepare_memory_fault_exit``).
 
     ``errno`` is EFAULT or EHWPOISON (what KVM_RUN fails with). The faulting instruction has not executed;
     running again after the VMM fixed the cause re-executes it.
@@ -53,7 +55,8 @@ class Mmio:
 
 @dataclass(frozen=True)
 class Retry:
-    """An invalidation covering the gpa is in progress (spec §3.5): the vCPU leaves the guest, services
+    """An invalidation covering the gpa is in progress (``kvm_mmu_invalidate_begin``/``_end``): the vCPU leaves the
+    guest, services
     pending requests (TLB flushes) and retries the access."""
 
 
@@ -72,7 +75,7 @@ class GpaResolver(Protocol):
 
     ``private`` (optional; only passed by keyword, and only when the CPU has a private access bit, see
     ``CpuSet(private_access_bit=...)``): True/False = the access is private/shared as the guest's leaf PTE
-    says (hardware that reports the access type, spec §3.2); an access that disagrees with the gfn's
+    says (hardware that reports the access type, as SNP and TDX do); an access that disagrees with the gfn's
     attribute answers ``MemoryFault`` (flags PRIVATE iff ``private``). Resolvers written against the
     three-argument form keep working: the CPU never passes ``private`` unless the bit is enabled.
     """

@@ -32,7 +32,7 @@ CR0_PG = 1 << 31
 walk_c: Callable[..., Any] | None = None
 if not os.environ.get("KVMGMEM_NO_CEXT"):
     try:
-        from kvmgmem.backends.sim import _walk  # type: ignore[attr-defined]
+        from kvmgmem.backends.sim import _walk
     except ImportError:  # pragma: no cover - no C compiler at install time
         pass
     else:

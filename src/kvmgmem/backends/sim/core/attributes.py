@@ -1,8 +1,8 @@
-"""Per-gfn memory attributes of a VM (KVM_SET_MEMORY_ATTRIBUTES, spec §2.6).
+"""Per-gfn memory attributes of a VM (KVM_SET_MEMORY_ATTRIBUTES, ``kvm_vm_ioctl_set_mem_attributes``).
 
 Why a range map: the kernel keeps an xarray entry per gfn, but a model that did the same would make
 converting 1 TiB cost 2^28 operations. Here an update or query costs O(log n + pieces) and a uniform range
-is one run, however large (design.md §2). Absent = 0 = shared, the state of every gfn at VM creation.
+is one run, however large. Absent = 0 = shared, the state of every gfn at VM creation.
 
 This module only stores and validates; the ioctl's zap/store/end ordering lives in ``vm.py`` so that the
 invalidation protocol is in one place.
@@ -23,7 +23,8 @@ _U64 = (1 << 64) - 1
 
 
 def validate(address: int, size: int, attributes: int, flags: int, supported: int) -> tuple[int, int]:
-    """Checks 2–5 of spec §2.6, in the kernel's order; returns the gfn range ``[start, end)``."""
+    """The flags, attribute-mask, size/wrap and alignment checks of ``kvm_vm_ioctl_set_mem_attributes``, in its order;
+    returns the gfn range ``[start, end)``."""
     if flags != 0:
         raise KvmError(errno.EINVAL, OP, f"flags {flags:#x} must be 0")
     if attributes & ~supported:

@@ -1,8 +1,10 @@
-"""guest_memfd objects: the inode ("the physical memory") and the per-VM file ("one VM's view"), spec §2.1.
+"""guest_memfd objects: the inode ("the physical memory") and the per-VM file ("one VM's view"), as in
+virt/kvm/guest_memfd.c.
 
 Why the split: upstream keeps physical state (size, flags, pages, poison) on the inode and bindings on the
 file, and lifetimes differ — the file pins its VM, memslots do not pin the file, and an mmap pins the file
-(§2.10.7, §2.12). Modelling both objects keeps those rules visible instead of folding them into one class.
+(an mmap holds a file reference; ``kvm_gmem_release``). Modelling both objects keeps those rules visible instead of
+folding them into one class.
 
 Page contents are not stored here: the model tracks page *state* (absent / present / hwpoisoned) and asks a
 ``Backing`` (owned by the adapter layer) for addresses and to discard bytes. The invariant the adapter keeps:
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 PAGE_ABSENT = 0
 PAGE_PRESENT = 1
-PAGE_HWPOISON = 2  # present, and marked poisoned by memory failure (§2.15)
+PAGE_HWPOISON = 2  # present, and marked poisoned by memory failure (``kvm_gmem_error_folio``)
 
 PAGE_STATE_NAMES = {PAGE_ABSENT: "absent", PAGE_PRESENT: "present", PAGE_HWPOISON: "hwpoison"}
 
@@ -172,8 +174,8 @@ class GmemInode:
 class GmemFile:
     """One VM's view of a guest_memfd inode: the bindings (page index → memslot) and the VM reference.
 
-    ``refs`` counts the fd plus every host mmap (an mmap holds a file reference, §2.10.7). When it reaches
-    zero the VM releases the file (§2.12): bound slots lose their file pointer, their SPTEs are zapped.
+    ``refs`` counts the fd plus every host mmap (an mmap holds a file reference, ``kvm_gmem_mmap``). When it reaches
+    zero the VM releases the file (``kvm_gmem_release``): bound slots lose their file pointer, their SPTEs are zapped.
     """
 
     def __init__(self, inode: GmemInode, vm: VmCore) -> None:
@@ -207,7 +209,8 @@ class GmemFile:
                 yield start, end, slot
 
     def gfn_ranges(self, first: int, last: int) -> list[tuple[int, int]]:
-        """gfn ranges bound to pages ``[first, last)`` (gfn = base_gfn + (index − pgoff), §2.8)."""
+        """gfn ranges bound to pages ``[first, last)`` (gfn = base_gfn + (index − pgoff), as
+        ``kvm_gmem_invalidate_begin`` computes it)."""
         out = []
         for start, end, slot in self.bound_pieces(first, last):
             out.append((slot.base_gfn + start - slot.pgoff, slot.base_gfn + end - slot.pgoff))

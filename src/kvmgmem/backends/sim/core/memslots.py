@@ -1,8 +1,9 @@
 """Memslots: one table per address space, and the REGION/REGION2 argument checks in the kernel's order.
 
-Why here and not in ``vm.py``: the checks A–H of spec §2.5 depend only on the request, the VM type and the
-profile, so they are a pure function, testable alone; ``vm.py`` sequences them with the table lookups
-(I–K), the guest_memfd bind (M) and the commit (N).
+Why here and not in ``vm.py``: the checks of ``check_memory_region_flags`` and ``__kvm_set_memory_region``
+depend only on the request, the VM type and the profile, so they are a pure function, testable alone;
+``vm.py`` sequences them with the table lookups, the guest_memfd bind (``kvm_gmem_bind``) and the commit
+(``kvm_set_memslot``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ _U64 = (1 << 64) - 1
 OP_V1 = "KVM_SET_USER_MEMORY_REGION"
 OP_V2 = "KVM_SET_USER_MEMORY_REGION2"
 
-#: Levels at which "mixed attributes" are tracked (spec §3.6).
+#: Levels at which "mixed attributes" are tracked (``hugepage_has_attrs``).
 HUGE_LEVELS = (PG_LEVEL_2M, PG_LEVEL_1G)
 
 
 @dataclass(eq=False)
 class Memslot:
-    """One memslot. ``gmem`` is a plain pointer, not a reference: the file clears it on release (§2.12)."""
+    """One memslot. ``gmem`` is a plain pointer, not a reference: the file clears it on release
+    (``kvm_gmem_release``)."""
 
     id: int
     as_id: int
@@ -156,7 +158,8 @@ def check_region(
     userspace_addr: int,
     guest_memfd_offset: int,
 ) -> None:
-    """Dispatcher steps 2–3 and checks A–H of spec §2.5, in order. All arguments are the raw u32/u64
+    """``kvm_vm_ioctl_set_memory_region``'s v1-flags and slot-id checks, then those of ``check_memory_region_flags``
+    and ``__kvm_set_memory_region``, in order. All arguments are the raw u32/u64
     field values."""
     op = OP_V2 if v2 else OP_V1
     # 2. v1 accepts only LOG_DIRTY_PAGES | READONLY.

@@ -1,5 +1,6 @@
-"""The sim's TDP MMU: SPTEs, the page-fault algorithm (spec §3.3), the invalidation protocol (§3.5) and
-huge-page rules (§3.6, §5.6).
+"""The sim's TDP MMU: SPTEs, the page-fault algorithm (``kvm_mmu_faultin_pfn``), the invalidation
+protocol (``kvm_mmu_invalidate_begin``/``_end``) and huge-page rules (``hugepage_has_attrs``; the v12 RFC's
+huge-page guest_memfd flag).
 
 Why a model of SPTEs at all: a software CPU caches translations exactly like hardware does, so the kernel's
 discipline — zap, flush, then change, then let faults re-evaluate — is what keeps the guest from reading
@@ -29,8 +30,9 @@ EPT walk). It is thread-safe (takes ``mmu.lock`` only, never the ioctl lock) and
   memory-fault exit (EFAULT, flags 0), as KVM reports a failed hva → pfn translation.
 
 ``private=None`` derives the access type from the gfn's PRIVATE attribute, as KVM does for
-KVM_X86_SW_PROTECTED_VM (§3.2); pass True/False to model hardware that reports it (a mismatch then gives
-the §3.3 step 2 EFAULT exit).
+KVM_X86_SW_PROTECTED_VM (``kvm_mmu_page_fault`` derives it from the attribute); pass True/False to model hardware that
+reports it (a mismatch then gives
+the private/shared mismatch exit of ``kvm_mmu_faultin_pfn``).
 
 **Zap notification.** ``VmCore.add_zap_listener(callback)`` registers ``callback(gfn_start, gfn_end)``. It is
 called for every zap (attribute change, punch hole, hwpoison, gmem release, memslot delete/move/flags change,
@@ -309,7 +311,7 @@ class Mmu:
         self._add(spte)
         return spte
 
-    # --- invalidation protocol (§3.5) ----------------------------------------------------------------------
+    # --- invalidation protocol (kvm_mmu_invalidate_begin/end) ---------------------------------------------------------
     # kvm_mmu_invalidate_begin / kvm_mmu_invalidate_range_add / kvm_mmu_invalidate_end, as the kernel keeps
     # them: one counter, one hull of every range added since the counter went 0 -> 1 (reset at that begin,
     # not at end), one sequence number bumped at every end. Callers hold ``lock`` (mmu_lock for write).
@@ -386,7 +388,7 @@ class Mmu:
         yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_end; KVM_MMU_UNLOCK", take=(self.klock,), drop=(self.klock,))
         self.invalidate_end()
 
-    # --- the fault (§3.3) ------------------------------------------------------------------------------------
+    # --- the fault (kvm_mmu_faultin_pfn) ------------------------------------------------------------------------------
 
     def fault(self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None) -> FaultResult:
         """Resolve a guest access to ``gpa`` (see the module docstring for the outcomes): ``fault_steps``
@@ -534,7 +536,8 @@ class Mmu:
 
     def _gmem_level(self, gfn: int, slot: Memslot, inode: GmemInode) -> int:
         """4 KiB upstream (gmem reports order 0); 2 MiB for a sim huge-page file where the whole folio is
-        present, unpoisoned, aligned and not "mixed" (spec §5.6). An attribute change keeps a fault off a
+        present, unpoisoned, aligned and not "mixed" (the v12 RFC's huge-page rule). An attribute change keeps a fault
+        off a
         region it is changing by adding the head/tail huge regions to the invalidation (kvm_arch_pre_set_
         memory_attributes); punch hole and poison invalidate whole folios."""
         profile = self.vm.profile
@@ -568,7 +571,7 @@ class Mmu:
 
     def _hva_level(self, gfn: int, slot: Memslot) -> int:
         """Largest level whose aligned region is inside the slot, hva-compatible, backed by a large enough
-        host mapping, not dirty-logged, not "mixed" and not being invalidated (spec §3.6)."""
+        host mapping, not dirty-logged, not "mixed" and not being invalidated (``hugepage_has_attrs``)."""
         profile = self.vm.profile
         if slot.dirty_logging:
             return PG_LEVEL_4K

@@ -2,7 +2,8 @@
 
 Why: every per-page table in the model (memory attributes, guest_memfd page states, bindings, "mixed"
 huge-page flags) is usually uniform over long ranges. Storing runs instead of pages keeps a 1 TiB update as
-cheap as a 4 KiB one (spec §2.6, design.md §2) and keeps memory constant for uniform ranges.
+cheap as a 4 KiB one (``kvm_vm_ioctl_set_mem_attributes`` accepts any range) and keeps memory constant for uniform
+ranges.
 
 Representation: two parallel sorted lists. ``_keys[i]`` is where run ``i`` starts and ``_vals[i]`` its value;
 run ``i`` ends where run ``i + 1`` starts (the last run is unbounded). ``_keys[0]`` is always 0, and adjacent

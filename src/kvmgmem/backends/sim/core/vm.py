@@ -2,7 +2,9 @@
 
 Why one class sequences everything: the interesting rules are orderings — argument checks before table
 lookups, GPA overlap (EEXIST) before the guest_memfd bind, bind errors before the arch range check, zap
-before change (spec §2.5 A–N, §2.6, §2.8, §2.12, §3.5). Keeping each operation in one method, written as the
+before change (``__kvm_set_memory_region``, ``kvm_vm_ioctl_set_mem_attributes``,
+``kvm_gmem_fallocate``, ``kvm_gmem_release``, ``kvm_mmu_invalidate_begin``/``_end``). Keeping each operation in one
+method, written as the
 spec's numbered steps, makes the order reviewable.
 
 Locks: ``slots_lock`` (an RLock, KVM's slots_lock) serialises the ioctl-level operations of one VM and its
@@ -73,14 +75,15 @@ FdLookup = Callable[[int], "GmemFile | Fd"]
 
 
 def create_vm(profile: Profile, vm_type: int) -> VmCore:
-    """KVM_CREATE_VM (spec §2.3): the type must be < 32 and in the supported bitmap."""
+    """KVM_CREATE_VM (``kvm_dev_ioctl_create_vm``, x86 ``kvm_arch_init_vm``): the type must be < 32 and in the
+    supported bitmap."""
     if vm_type >= 32 or not profile.vm_types_mask & (1 << vm_type):
         raise KvmError(errno.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} not supported")
     return VmCore(profile, vm_type)
 
 
 class VmCore:
-    """The kernel-side state of one VM (spec §2.1) and its operations."""
+    """The kernel-side state of one VM (struct kvm) and its operations."""
 
     def __init__(self, profile: Profile, vm_type: int) -> None:
         self.profile = profile
@@ -159,7 +162,7 @@ class VmCore:
         return check_extension(self.profile, cap, self)
 
     def enable_cap(self, cap: int, flags: int, args: tuple[int, ...]) -> None:
-        """KVM_ENABLE_CAP on the VM (spec §2.7); only KVM_CAP_EXIT_HYPERCALL is modelled."""
+        """KVM_ENABLE_CAP on the VM (x86 ``kvm_vm_ioctl_enable_cap``); only KVM_CAP_EXIT_HYPERCALL is modelled."""
         op = "KVM_ENABLE_CAP"
         if cap != uapi.KVM_CAP_EXIT_HYPERCALL:
             raise KvmError(errno.EINVAL, op, f"capability {cap} cannot be enabled on this VM")
@@ -171,7 +174,7 @@ class VmCore:
         with self.slots_lock:
             self.hypercall_exit_mask = args[0]
 
-    # --- KVM_CREATE_GUEST_MEMFD (§2.4) ----------------------------------------------------------------------
+    # --- KVM_CREATE_GUEST_MEMFD (kvm_gmem_create) ---------------------------------------------------------------------
 
     def create_guest_memfd(self, size: int, flags: int, backing: Callable[[int], Backing]) -> GmemFile:
         op = "KVM_CREATE_GUEST_MEMFD"
@@ -191,7 +194,7 @@ class VmCore:
             self.gmem_files.append(file)
             return file
 
-    # --- KVM_SET_USER_MEMORY_REGION(2) (§2.5) -----------------------------------------------------------------
+    # --- KVM_SET_USER_MEMORY_REGION(2) (__kvm_set_memory_region) ------------------------------------------------------
 
     def set_user_memory_region(
         self,
@@ -259,7 +262,7 @@ class VmCore:
             self._replace(space, old, new)
 
     def _bind_check(self, op: str, slot: Memslot, fd: int, offset: int, fd_lookup: FdLookup | None) -> GmemFile:
-        """kvm_gmem_bind steps 1–5 (spec §2.5 M), without committing."""
+        """``kvm_gmem_bind``'s checks, without committing."""
         fd &= 0xFFFFFFFF
         found: GmemFile | Fd = Fd.NOT_OPEN
         if fd < 1 << 31 and fd_lookup is not None:
@@ -385,7 +388,7 @@ class VmCore:
                     file.bindings.set(start, end, None)
         slot.gmem = None
 
-    # --- huge-page "mixed" tracking (§3.6) -------------------------------------------------------------------
+    # --- huge-page "mixed" tracking (hugepage_has_attrs) --------------------------------------------------------------
 
     def _init_mixed(self, slot: Memslot) -> None:
         for level in HUGE_LEVELS:
@@ -406,7 +409,7 @@ class VmCore:
                 if (r * n < start or (r + 1) * n > end) and slot.contains_region(r * n, level):
                     slot.mixed[level].set(r, r + 1, not self.attributes.is_uniform(r * n, (r + 1) * n))
 
-    # --- KVM_SET_MEMORY_ATTRIBUTES (§2.6) -------------------------------------------------------------------
+    # --- KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes) --------------------------------------------------
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int) -> None:
         if not self.profile.sw_protected:
@@ -469,7 +472,7 @@ class VmCore:
                     out.append((r * n, (r + 1) * n))
         return out
 
-    # --- guest_memfd file operations (§2.8, §2.12, §2.15) ---------------------------------------------------
+    # --- guest_memfd file operations (kvm_gmem_fallocate, kvm_gmem_release, kvm_gmem_error_folio) ---------------------
 
     def gmem_fallocate(self, file: GmemFile, mode: int, offset: int, length: int) -> None:
         op = "fallocate"
@@ -581,7 +584,8 @@ class VmCore:
             mmu.invalidate_end()
 
     def gmem_poison(self, file: GmemFile, pgoff: int) -> None:
-        """Memory failure on page ``pgoff`` (§2.15): zap bound gfns, mark hwpoison, do not truncate."""
+        """Memory failure on page ``pgoff`` (``kvm_gmem_error_folio``): zap bound gfns, mark hwpoison, do not
+        truncate."""
         if not 0 <= pgoff < file.inode.npages:
             raise KvmError(errno.EINVAL, "inject_poison", f"page {pgoff:#x} beyond the end of the file")
         with self.slots_lock:
@@ -597,7 +601,8 @@ class VmCore:
         yield from self._gmem_invalidate_end(inode, lo, hi, opened)
 
     def gmem_host_fault(self, file: GmemFile, first: int, last: int) -> tuple[int, str | None]:
-        """Host accesses pages ``[first, last)`` through an mmap (§2.10.3): materialise what may be touched.
+        """Host accesses pages ``[first, last)`` through an mmap (``kvm_gmem_fault_user_mapping``): materialise what
+        may be touched.
 
         Returns ``(stop, reason)``: pages before ``stop`` are accessible; the access to page ``stop`` raises
         SIGBUS for ``reason`` ("private", "beyond EOF", "hwpoison"), or ``reason`` is None when all are fine.
@@ -617,7 +622,7 @@ class VmCore:
             return stop, reason
 
     def release_gmem_file(self, file: GmemFile) -> None:
-        """Last reference to a guest_memfd file dropped (§2.12). Caller holds ``slots_lock``."""
+        """Last reference to a guest_memfd file dropped (``kvm_gmem_release``). Caller holds ``slots_lock``."""
         with self.slots_lock:
             run_steps(self.release_gmem_file_steps(file))
             self.put()
