@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +94,18 @@ class Collector:
     names: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     interrupted: bool = False
+    #: Set by ``run``'s SIGINT handler. Its KeyboardInterrupt can land in a weakref callback or a finalizer,
+    #: where Python only prints it ("Exception ignored in ...") and the run would go on; the flag makes the
+    #: next test's start raise it again, from a place pytest sees.
+    sigint: bool = False
 
     def pytest_keyboard_interrupt(self) -> None:
         self.interrupted = True
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: Any, nextitem: Any) -> None:
+        if self.sigint:
+            raise KeyboardInterrupt
 
     @pytest.hookimpl(tryfirst=True)  # before pytest's -k deselection, which reads the spec keywords
     def pytest_collection_modifyitems(self, items: list[Any]) -> None:
@@ -146,6 +157,13 @@ def run(
     old = os.environ.get("KVMGMEM_BACKENDS")
     if backends:
         os.environ["KVMGMEM_BACKENDS"] = ",".join(backends)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        collector.sigint = True
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         try:
             code = int(pytest.main(args, plugins=[collector]))
@@ -157,6 +175,8 @@ def run(
                 raise
             code = EXIT_INTERRUPTED
     finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, old_handler)
         if old is None:
             os.environ.pop("KVMGMEM_BACKENDS", None)
         else:
