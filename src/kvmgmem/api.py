@@ -50,10 +50,12 @@ def as_uint(value: Any, bits: int, name: str, op: str) -> int:
 
 
 def u64(value: Any, name: str, op: str) -> int:
+    """``value`` as a C caller's ``__u64`` field (``as_uint`` with 64 bits)."""
     return as_uint(value, 64, name, op)
 
 
 def u32(value: Any, name: str, op: str) -> int:
+    """``value`` as a C caller's ``__u32`` field (``as_uint`` with 32 bits)."""
     return as_uint(value, 32, name, op)
 
 
@@ -134,20 +136,24 @@ class Userspace:
         return is_pinnable(self.owner)
 
     def pin_pending(self, op: str) -> None:
+        """Pin the memory for the duration of the ioctl ``op`` (before the kernel sees the address)."""
         if self.pinnable:
             self._pending = (-1, id(self))
             self.owner._pin(self._pending, f"{op} in progress")
 
     def release_pending(self) -> None:
+        """Drop the ioctl's pin (the memslot's own pin, if any, has replaced it by now)."""
         if self._pending is not None and self.pinnable:
             self.owner._unpin(self._pending)
         self._pending = None
 
     def pin(self, key: tuple[int, int], what: str) -> None:
+        """Pin the memory for the memslot ``key`` (VM id, slot), described as ``what`` in EBUSY errors."""
         if self.pinnable:
             self.owner._pin(key, what)
 
     def unpin(self, key: tuple[int, int]) -> None:
+        """Drop memslot ``key``'s pin and the buffer export that kept a plain buffer from resizing."""
         if self.pinnable:
             self.owner._unpin(key)
         self._holder = None
@@ -197,6 +203,7 @@ class Resource:
     _kind: str = "object"
 
     def close(self) -> None:
+        """Release the object (its fd, or the sim's model object); idempotent, as ``close(2)`` on one fd once is."""
         if self._closed:
             return
         self._closed = True
@@ -207,6 +214,7 @@ class Resource:
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` has run; every operation on a closed object raises EBADF naming itself."""
         return self._closed
 
     def _check_open(self, op: str) -> None:
@@ -444,6 +452,7 @@ class Pending(enum.StrEnum):
 
     @property
     def description(self) -> str:
+        """What the pending exit waits for, in words, for the EINVAL of a ``complete_*`` that does not match it."""
         return {"io_in": "IN", "mmio_read": "MMIO read", "hypercall": "hypercall"}[self.value]
 
 

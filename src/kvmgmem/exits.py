@@ -31,6 +31,7 @@ class IoExit(Exit):
 
     @property
     def is_out(self) -> bool:
+        """Whether the guest wrote to the port (KVM_EXIT_IO_OUT) rather than read from it."""
         return self.direction == uapi.KVM_EXIT_IO_OUT
 
     @property
@@ -96,6 +97,7 @@ class MemoryFaultExit(Exit):
 
     @property
     def hwpoison(self) -> bool:
+        """Whether KVM_RUN failed with EHWPOISON: the page is poisoned, not merely of the wrong kind."""
         return self.errno == uapi.EHWPOISON
 
 

@@ -183,6 +183,7 @@ class Pins:
                 self._deferred = None
 
     def users(self) -> list[str]:
+        """Descriptions of the memslots pinning the memory now."""
         with self._lock:
             return list(self._pins.values())
 
@@ -252,6 +253,7 @@ class PinnedMapping(mmap.mmap):
 
     @property  # the issue's contract: ``.size`` is an attribute (mmap's size() method is shadowed)
     def size(self) -> int:  # type: ignore[override]
+        """The mapping's length in bytes (``len()``), as an attribute."""
         return len(self)
 
     # --- pinning by memslots ---------------------------------------------------------------------------
@@ -308,6 +310,7 @@ class HostMemory(PinnedMapping):
     """
 
     def __new__(cls, size: int) -> HostMemory:
+        """Map ``size`` bytes (TypeError/ValueError for a size no mmap can have, KvmError when the kernel refuses)."""
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"HostMemory: size must be an int, not {type(size).__name__}")
         if not 0 < size <= sys.maxsize:

@@ -190,6 +190,8 @@ def signed64(value: int) -> int:
 
 
 class kvm_userspace_memory_region(Structure):
+    """``struct kvm_userspace_memory_region``: the argument of KVM_SET_USER_MEMORY_REGION (32 bytes)."""
+
     _fields_ = [
         ("slot", c_uint32),
         ("flags", c_uint32),
@@ -200,6 +202,8 @@ class kvm_userspace_memory_region(Structure):
 
 
 class kvm_userspace_memory_region2(Structure):
+    """``struct kvm_userspace_memory_region2``: KVM_SET_USER_MEMORY_REGION2, adds the guest_memfd fd and offset."""
+
     _fields_ = [
         ("slot", c_uint32),
         ("flags", c_uint32),
@@ -214,6 +218,8 @@ class kvm_userspace_memory_region2(Structure):
 
 
 class kvm_memory_attributes(Structure):
+    """``struct kvm_memory_attributes``: the argument of KVM_SET_MEMORY_ATTRIBUTES (gpa range and attributes)."""
+
     _fields_ = [
         ("address", c_uint64),
         ("size", c_uint64),
@@ -223,6 +229,8 @@ class kvm_memory_attributes(Structure):
 
 
 class kvm_create_guest_memfd(Structure):
+    """``struct kvm_create_guest_memfd``: KVM_CREATE_GUEST_MEMFD's size and flags (reserved words ignored)."""
+
     _fields_ = [
         ("size", c_uint64),
         ("flags", c_uint64),
@@ -231,6 +239,8 @@ class kvm_create_guest_memfd(Structure):
 
 
 class kvm_enable_cap(Structure):
+    """``struct kvm_enable_cap``: KVM_ENABLE_CAP's capability, flags and four argument words."""
+
     _fields_ = [
         ("cap", c_uint32),
         ("flags", c_uint32),
@@ -240,6 +250,8 @@ class kvm_enable_cap(Structure):
 
 
 class kvm_pre_fault_memory(Structure):
+    """``struct kvm_pre_fault_memory``: KVM_PRE_FAULT_MEMORY's gpa/size, updated as it progresses."""
+
     _fields_ = [
         ("gpa", c_uint64),
         ("size", c_uint64),
@@ -249,6 +261,8 @@ class kvm_pre_fault_memory(Structure):
 
 
 class kvm_regs(Structure):
+    """``struct kvm_regs``: KVM_GET_REGS/KVM_SET_REGS, the general-purpose registers, RIP and RFLAGS."""
+
     _fields_ = [
         (name, c_uint64)
         for name in (
@@ -260,6 +274,8 @@ class kvm_regs(Structure):
 
 
 class kvm_segment(Structure):
+    """``struct kvm_segment``: one segment register as ``kvm_sregs`` carries it."""
+
     _fields_ = [
         ("base", c_uint64),
         ("limit", c_uint32),
@@ -278,6 +294,8 @@ class kvm_segment(Structure):
 
 
 class kvm_dtable(Structure):
+    """``struct kvm_dtable``: a descriptor-table register (GDTR, IDTR)."""
+
     _fields_ = [
         ("base", c_uint64),
         ("limit", c_uint16),
@@ -286,6 +304,8 @@ class kvm_dtable(Structure):
 
 
 class kvm_sregs(Structure):
+    """``struct kvm_sregs``: KVM_GET_SREGS/KVM_SET_SREGS, segments, control registers, EFER, APIC base."""
+
     _fields_ = [
         ("cs", kvm_segment),
         ("ds", kvm_segment),
@@ -309,6 +329,8 @@ class kvm_sregs(Structure):
 
 
 class kvm_cpuid_entry2(Structure):
+    """``struct kvm_cpuid_entry2``: one CPUID leaf/subleaf as KVM_GET_SUPPORTED_CPUID and KVM_SET_CPUID2 pass it."""
+
     _fields_ = [
         ("function", c_uint32),
         ("index", c_uint32),
@@ -340,6 +362,8 @@ def cpuid2_type(nent: int) -> type[Structure]:
 
 
 class kvm_run_io(Structure):
+    """``kvm_run.io``: a KVM_EXIT_IO's direction, size, port, count and data offset in the run page."""
+
     _fields_ = [
         ("direction", c_uint8),
         ("size", c_uint8),
@@ -350,6 +374,8 @@ class kvm_run_io(Structure):
 
 
 class kvm_run_mmio(Structure):
+    """``kvm_run.mmio``: a KVM_EXIT_MMIO's gpa, data, length and direction."""
+
     _fields_ = [
         ("phys_addr", c_uint64),
         ("data", c_uint8 * 8),
@@ -363,6 +389,8 @@ class _hypercall_flags(Union):
 
 
 class kvm_run_hypercall(Structure):
+    """``kvm_run.hypercall``: a KVM_EXIT_HYPERCALL's number, arguments, return value and flags."""
+
     _anonymous_ = ("u",)
     _fields_ = [
         ("nr", c_uint64),
@@ -373,6 +401,8 @@ class kvm_run_hypercall(Structure):
 
 
 class kvm_run_internal(Structure):
+    """``kvm_run.internal``: a KVM_EXIT_INTERNAL_ERROR's suberror and data words."""
+
     _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
 
 
@@ -381,23 +411,33 @@ class _system_event_data(Union):
 
 
 class kvm_run_system_event(Structure):
+    """``kvm_run.system_event``: a KVM_EXIT_SYSTEM_EVENT's type and data."""
+
     _anonymous_ = ("u",)
     _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("u", _system_event_data)]
 
 
 class kvm_run_memory_fault(Structure):
+    """``kvm_run.memory_fault``: a KVM_EXIT_MEMORY_FAULT's flags (PRIVATE), gpa and size."""
+
     _fields_ = [("flags", c_uint64), ("gpa", c_uint64), ("size", c_uint64)]
 
 
 class kvm_run_fail_entry(Structure):
+    """``kvm_run.fail_entry``: a KVM_EXIT_FAIL_ENTRY's hardware reason and CPU."""
+
     _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
 
 
 class kvm_run_ex(Structure):
+    """``kvm_run.ex``: a KVM_EXIT_EXCEPTION's exception and error code."""
+
     _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
 
 
 class kvm_run_exit(Union):
+    """The exit-reason union of ``struct kvm_run``: which member is valid depends on ``exit_reason``."""
+
     _fields_ = [
         ("hw", c_uint64),
         ("fail_entry", kvm_run_fail_entry),
@@ -413,6 +453,8 @@ class kvm_run_exit(Union):
 
 
 class kvm_run(Structure):
+    """``struct kvm_run``: the mmap'ed page KVM_RUN fills with the exit and reads completions from."""
+
     _fields_ = [
         ("request_interrupt_window", c_uint8),
         ("immediate_exit", c_uint8),
