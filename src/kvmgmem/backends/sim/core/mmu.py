@@ -368,10 +368,13 @@ class Mmu:
         if ranges:
             self.notify_zap(min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
 
-    def invalidate_steps(self, ranges: list[tuple[int, int]]) -> Steps[None]:
-        """begin + range_add + zap in one mmu_lock hold, then the flush with the lock dropped. The caller
-        changes state in its own steps and ends with ``end_steps``. Nothing happens without ranges."""
-        if not ranges:
+    def invalidate_steps(
+        self, ranges: list[tuple[int, int]], force: bool = False, flush: str = "kvm_flush_remote_tlbs_range"
+    ) -> Steps[None]:
+        """begin + range_add + zap in one mmu_lock hold, then the flush (step label ``flush``) with the lock
+        dropped. The caller changes state in its own steps and ends the invalidation. Nothing happens without
+        ranges unless ``force`` (a caller that decided to begin anyway: guest_memfd's historic bug)."""
+        if not ranges and not force:
             return
         yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_mmu_unmap_gfn_range", take=(self.klock,),
                    drop=(self.klock,))  # fmt: skip

@@ -535,7 +535,7 @@ class VmCore:
         assert inv is not None
         yield Step("kvm_gmem_punch_hole: filemap_invalidate_lock", take=(inv,))
         lo, hi = self._folio_range(inode, first, last)
-        opened = yield from self._gmem_invalidate_begin(inode, lo, hi)
+        opened = yield from self._gmem_invalidate_begin(list(inode.files), lo, hi)
         if BUG_PUNCH_NO_TRUNCATE not in self.bugs:
             yield Step("truncate_inode_pages_range", guard=self.mmu.klock)
             for f in inode.files:
@@ -553,24 +553,17 @@ class VmCore:
             last = -(-last // HUGE_FOLIO_PAGES) * HUGE_FOLIO_PAGES
         return first, last
 
-    def _gmem_invalidate_begin(self, inode: GmemInode, first: int, last: int) -> Steps[list[GmemFile]]:
-        """kvm_gmem_invalidate_begin: per VM file of the inode, the first binding overlapping the range
-        takes that VM's mmu_lock and begins; every bound gfn range is added and zapped."""
+    def _gmem_invalidate_begin(self, files: list[GmemFile], first: int, last: int) -> Steps[list[GmemFile]]:
+        """kvm_gmem_invalidate_begin: per VM file (all of the inode's, or only the releasing one), the first
+        binding overlapping the range takes that VM's mmu_lock and begins; every bound gfn range is added and
+        zapped. Returns the files whose VM began."""
         opened = []
-        for f in list(inode.files):
+        for f in files:
             ranges = f.gfn_ranges(first, last)
             if not ranges and BUG_GMEM_START_UNCONDITIONAL not in self.bugs:
                 continue
-            mmu = f.vm.mmu
-            yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_mmu_unmap_gfn_range",
-                       take=(mmu.klock,), drop=(mmu.klock,))  # fmt: skip
-            mmu.invalidate_begin()
-            for lo, hi in ranges:
-                mmu.invalidate_range_add(lo, hi)
-                mmu.zap(lo, hi)
+            yield from f.vm.mmu.invalidate_steps(ranges, force=True, flush="kvm_flush_remote_tlbs")
             opened.append(f)
-            yield Step("kvm_flush_remote_tlbs")
-            mmu.notify_zaps(ranges)
         return opened
 
     def _gmem_invalidate_end(self, inode: GmemInode, first: int, last: int, opened: list[GmemFile]) -> Steps[None]:
@@ -595,7 +588,7 @@ class VmCore:
         """kvm_gmem_error_folio: begin/zap, mark the folio, end (no truncation)."""
         inode = file.inode
         lo, hi = self._folio_range(inode, pgoff, pgoff + 1)
-        opened = yield from self._gmem_invalidate_begin(inode, lo, hi)
+        opened = yield from self._gmem_invalidate_begin(list(inode.files), lo, hi)
         yield Step("folio hwpoison", guard=self.mmu.klock)
         inode.poison(pgoff)
         yield from self._gmem_invalidate_end(inode, lo, hi, opened)
@@ -641,7 +634,7 @@ class VmCore:
                 self.kasan.append(f"kvm_gmem_release: write to freed memslot {slot.id} (slot->gmem.file)")
             if slot.gmem is file:
                 slot.gmem = None
-        opened = yield from self._gmem_invalidate_begin_file(file)
+        opened = yield from self._gmem_invalidate_begin([file], 0, 1 << 64)  # only this VM's view
         yield from self._gmem_invalidate_end(inode, 0, 1 << 64, opened)
         yield Step("list_del(&f->entry); free the bindings", guard=self.mmu.klock)
         file.bindings.set(0, 1 << 64, None)
@@ -657,22 +650,6 @@ class VmCore:
         if file in self.gmem_files:
             self.gmem_files.remove(file)
         yield Step("filemap_invalidate_unlock; mutex_unlock(slots_lock)", drop=(inv, self.slots_klock))
-
-    def _gmem_invalidate_begin_file(self, file: GmemFile) -> Steps[list[GmemFile]]:
-        """kvm_gmem_invalidate_begin over one file (release zaps only the releasing VM's view)."""
-        ranges = file.gfn_ranges(0, 1 << 64)
-        if not ranges and BUG_GMEM_START_UNCONDITIONAL not in self.bugs:
-            return []
-        mmu = file.vm.mmu
-        yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_begin; kvm_mmu_unmap_gfn_range", take=(mmu.klock,),
-                   drop=(mmu.klock,))  # fmt: skip
-        mmu.invalidate_begin()
-        for lo, hi in ranges:
-            mmu.invalidate_range_add(lo, hi)
-            mmu.zap(lo, hi)
-        yield Step("kvm_flush_remote_tlbs")
-        mmu.notify_zaps(ranges)
-        return [file]
 
     # --- the fault path ------------------------------------------------------------------------------------
 
