@@ -155,12 +155,6 @@ class GmemInode:
         self.pages.set(pgoff, pgoff + 1, PAGE_HWPOISON)
         self.backing.poison(pgoff)
 
-    def first_poisoned(self, first: int, last: int) -> int | None:
-        for start, _end, state in self.pages.pieces(first, last):
-            if state == PAGE_HWPOISON:
-                return start
-        return None
-
     def destroy(self) -> None:
         """Last reference gone: free every page and release the storage."""
         if not self.alive:

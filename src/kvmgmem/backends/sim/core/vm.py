@@ -593,27 +593,6 @@ class VmCore:
         inode.poison(pgoff)
         yield from self._gmem_invalidate_end(inode, lo, hi, opened)
 
-    def gmem_host_fault(self, file: GmemFile, first: int, last: int) -> tuple[int, str | None]:
-        """Host accesses pages ``[first, last)`` through an mmap (``kvm_gmem_fault_user_mapping``): materialise what
-        may be touched.
-
-        Returns ``(stop, reason)``: pages before ``stop`` are accessible; the access to page ``stop`` raises
-        SIGBUS for ``reason`` ("private", "beyond EOF", "hwpoison"), or ``reason`` is None when all are fine.
-        """
-        inode = file.inode
-        with self.mmu.lock:
-            if not inode.init_shared:
-                return first, "private (guest_memfd not INIT_SHARED)"
-            stop, reason = last, None
-            if stop > inode.npages:
-                stop, reason = max(inode.npages, first), "beyond EOF"
-            poisoned = inode.first_poisoned(first, stop)
-            if poisoned is not None:
-                stop, reason = poisoned, "hwpoison"
-            if stop > first:
-                inode.materialise(first, stop)
-            return stop, reason
-
     def release_gmem_file(self, file: GmemFile) -> None:
         """Last reference to a guest_memfd file dropped (``kvm_gmem_release``). Caller holds ``slots_lock``."""
         with self.slots_lock:
