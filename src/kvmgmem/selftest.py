@@ -139,6 +139,10 @@ class Collector:
             self.results[report.nodeid].detail = "teardown: " + str(report.longrepr)[-200:]
 
 
+#: Modules whose code runs as weakref callbacks and finalizers, where an exception cannot propagate.
+_CALLBACK_MODULES = ("/weakref.py", "/_weakrefset.py")
+
+
 def run(
     backends: Sequence[str] | None = None, pattern: str | None = None, verbose: bool = False
 ) -> tuple[int, list[CaseResult]]:
@@ -160,6 +164,13 @@ def run(
 
     def on_sigint(signum: int, frame: Any) -> None:
         collector.sigint = True
+        if frame is not None and frame.f_code.co_filename.endswith(_CALLBACK_MODULES):
+            # Raised here, the interrupt would be printed as an ignored exception (with its traceback) and
+            # dropped: deliver it again in 10 ms, when the callback is over.
+            redeliver = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT))
+            redeliver.daemon = True
+            redeliver.start()
+            return
         raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()
