@@ -1,0 +1,132 @@
+"""The preload library (``kvmgmem/run/_preload.c``) against a fake server that records what reaches it.
+
+``c/preload_probe.c`` calls every wrapped function on ``/dev/kvm``, on dups of it, on ordinary fds, from eight
+threads at once and from a forked child, and checks the answers; the fake server's log then shows that only
+the program's calls arrived (not the interpreter's own opens, not a Python thread's munmap) and on which
+thread. Other tests: the start failing, a program that never opens ``/dev/kvm``, LD_PRELOAD's other entries.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmgmem.run import launcher
+
+from .preload_helpers import C_DIR, build_c, fake_server_env, kvmgmem_run, require_preload_library
+
+NTHREADS, OPENS_PER_THREAD = 8, 6  # as in preload_probe.c
+PROGRAM_OPENS = 4 + NTHREADS * OPENS_PER_THREAD + 1  # main thread (2 kvm, 2 sysfs), workers, forked child
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """preload_probe.c built once for the module."""
+    require_preload_library()
+    return build_c(C_DIR / "preload_probe.c", tmp_path_factory.mktemp("probe"), "preload_probe")
+
+
+def _log_lines(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_every_wrapper_routes_to_the_server(probe: Path, tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    result = kvmgmem_run(["--profile", "7.2", str(probe)], env=fake_server_env(log))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.endswith("all ok\n")
+    assert "FAIL" not in result.stdout
+    assert "child-env-clean" in result.stdout  # system()'s shell saw no LD_PRELOAD
+    # the one non-OSError exception: its traceback on stderr, EIO to the program
+    assert "RuntimeError: the fake server's deliberate bug" in result.stderr
+
+    lines = _log_lines(log)
+    start = next(fields for fields in lines if fields[1] == "start")
+    main_thread, profile, python_thread = start[0], start[2], start[3]
+    assert profile == "7.2"
+    # nothing from the server's own Python thread (its mmap.mmap/close churn stayed in the real libc)
+    assert [fields for fields in lines if fields[0] == python_thread] == []
+    # exactly the program's opens: the interpreter's own (it opened /sys/kernel/mm/transparent_hugepage/enabled
+    # and /proc/self/status in start()) never came back
+    opens = [fields for fields in lines if fields[1] == "open_path"]
+    assert len(opens) == PROGRAM_OPENS
+    assert all(fields[2] in ("/dev/kvm", "/sys/module/kvm/parameters/fake_param",
+                             "/sys/module/kvm/parameters/denied") for fields in opens)  # fmt: skip
+    # calls arrive on the thread that made them: eight workers besides main, and the forked child
+    threads = {fields[0] for fields in lines} - {main_thread}
+    assert len(threads) == NTHREADS + 1
+    assert lines[-1][1:] == ["stop", "worker-done"]  # server.stop() ran at exit, on the main thread
+    assert lines[-1][0] == main_thread
+
+
+def test_program_without_dev_kvm_never_starts_python(tmp_path: Path) -> None:
+    require_preload_library()
+    log = tmp_path / "calls.log"
+    result = kvmgmem_run(["sh", "-c", "cat /proc/self/maps >/dev/null; exit 7"], env=fake_server_env(log))
+    assert result.returncode == 7
+    assert not log.exists()
+    assert result.stderr == ""
+
+
+_NO_SIM = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+int main(void)
+{
+    for (int i = 0; i < 3; i++) {
+        errno = 0;
+        int fd = open("/dev/kvm", O_RDWR);
+        printf("open %d %s\n", fd, strerror(errno));
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("server", "reason"),
+    [
+        ("no_such_server_module", "ModuleNotFoundError: No module named 'no_such_server_module'"),
+        ("preload_helpers", "preload_helpers has no open_path()"),
+    ],
+)
+def test_failed_start_is_one_line_and_enoent(tmp_path: Path, server: str, reason: str) -> None:
+    require_preload_library()
+    exe = build_c(_NO_SIM, tmp_path, "no_sim")
+    env = fake_server_env(tmp_path / "calls.log", **{launcher.ENV_SERVER: server})
+    result = kvmgmem_run([str(exe)], env=env)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == ["open -1 No such file or directory"] * 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kvmgmem run: the sim could not start (")
+    assert reason in lines[0]
+    assert "ENOENT" in lines[0]
+
+
+def test_without_the_launcher_environment(tmp_path: Path) -> None:
+    """LD_PRELOAD set by hand, without KVMGMEM_RUN_PYTHON: one line saying how to start it, ENOENT."""
+    library = require_preload_library()
+    exe = build_c(_NO_SIM, tmp_path, "no_sim")
+    env = {"PATH": "/usr/bin:/bin", "LD_PRELOAD": str(library)}
+    result = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == ["open -1 No such file or directory"] * 3
+    assert re.fullmatch(r"kvmgmem run: the sim could not start \(KVMGMEM_RUN_PYTHON is not set.*\n", result.stderr)
+
+
+def test_other_ld_preload_entries_are_kept(tmp_path: Path) -> None:
+    require_preload_library()
+    other = "/usr/lib/x86_64-linux-gnu/libdl.so.2"
+    if not Path(other).exists():
+        pytest.skip(f"{other} is not on this host")
+    env = fake_server_env(tmp_path / "calls.log", LD_PRELOAD=other)
+    result = kvmgmem_run(["sh", "-c", 'echo "[$LD_PRELOAD]"'], env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"[{other}]\n"
