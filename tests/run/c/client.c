@@ -1,7 +1,7 @@
 /* A small VMM of the project's own, in C over <linux/kvm.h>: the calls a real VMM makes for guest_memfd.
  *
  * Run directly it uses the host's KVM; under `kvmgmem run` the sim. Part 1 (every host with guest_memfd): a
- * default VM whose real-mode guest does OUT, IN, an MMIO write and read, reads guest_memfd-backed memory
+ * default VM whose 64-bit guest does OUT, IN, an MMIO write and read, reads guest_memfd-backed memory
  * through a slot bound to a dup of the guest_memfd fd, and HLTs; guest_memfd file operations (fstat, read,
  * pread, pwrite, lseek, fallocate, mmap). Part 2 (when KVM_CAP_VM_TYPES has KVM_X86_SW_PROTECTED_VM): private
  * memory, a private access to a slot without guest_memfd (-1/EFAULT with KVM_EXIT_MEMORY_FAULT filled), its
@@ -137,7 +137,19 @@ static int create_gmem(int vm, __u64 size, __u64 flags)
     return fd;
 }
 
-/* a vCPU in real mode at CODE_GPA with all segments at base 0 */
+/* Identity-map the first 2 MiB with one large page: PML4 at 0x4000, PDPT at 0x5000, PD at 0x6000 (shared
+ * pages of slot 0). Covers the code, the MMIO gap and slot 1. */
+#define PML4_GPA 0x4000UL
+static void write_page_tables(__u8 *mem)
+{
+    __u64 *pml4 = (__u64 *)(mem + PML4_GPA), *pdpt = (__u64 *)(mem + PML4_GPA + PAGE),
+          *pd = (__u64 *)(mem + PML4_GPA + 2 * PAGE);
+    pml4[0] = (PML4_GPA + PAGE) | 3;      /* present, writable */
+    pdpt[0] = (PML4_GPA + 2 * PAGE) | 3;
+    pd[0] = 0x83;                         /* present, writable, 2 MiB page at 0 */
+}
+
+/* a vCPU in 64-bit mode at CODE_GPA, flat segments, the page tables above */
 static int create_vcpu(int vm, struct kvm_run **run)
 {
     int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
@@ -146,11 +158,16 @@ static int create_vcpu(int vm, struct kvm_run **run)
     CHECK("mmap kvm_run", *run != MAP_FAILED, "size %ld", run_size);
     struct kvm_sregs sregs;
     CHECK("KVM_GET_SREGS", ioctl(vcpu, KVM_GET_SREGS, &sregs) == 0, "-");
-    struct kvm_segment *segs[] = {&sregs.cs, &sregs.ds, &sregs.es, &sregs.fs, &sregs.gs, &sregs.ss};
-    for (size_t i = 0; i < sizeof segs / sizeof segs[0]; i++) {
-        segs[i]->base = 0;
-        segs[i]->selector = 0;
-    }
+    struct kvm_segment code = {.base = 0, .limit = 0xffffffff, .selector = 8, .type = 11, .present = 1, .s = 1,
+                               .l = 1, .g = 1};
+    struct kvm_segment data = {.base = 0, .limit = 0xffffffff, .selector = 16, .type = 3, .present = 1, .s = 1,
+                               .db = 1, .g = 1};
+    sregs.cs = code;
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
+    sregs.cr3 = PML4_GPA;
+    sregs.cr4 = 1 << 5;                            /* PAE */
+    sregs.cr0 = (1U << 31) | (1 << 5) | 1;         /* PG, NE, PE */
+    sregs.efer = (1 << 8) | (1 << 10);             /* LME, LMA */
     CHECK("KVM_SET_SREGS", ioctl(vcpu, KVM_SET_SREGS, &sregs) == 0, "-");
     struct kvm_regs regs = {.rip = CODE_GPA, .rflags = 2};
     CHECK("KVM_SET_REGS", ioctl(vcpu, KVM_SET_REGS, &regs) == 0, "-");
@@ -161,6 +178,18 @@ static void vcpu_run(int vcpu)
 {
     int r = ioctl(vcpu, KVM_RUN, 0);
     CHECK("KVM_RUN", r == 0, "r=%d", r);
+}
+
+/* the exit in words, for failure messages */
+static const char *exit_text(struct kvm_run *run)
+{
+    static char text[256];
+    if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR)
+        snprintf(text, sizeof text, "internal error suberror %u ndata %u data[0..1] 0x%llx 0x%llx",
+                 run->internal.suberror, run->internal.ndata, run->internal.data[0], run->internal.data[1]);
+    else
+        snprintf(text, sizeof text, "exit %u", run->exit_reason);
+    return text;
 }
 
 static __u8 *io_data(struct kvm_run *run)
@@ -174,7 +203,7 @@ static void expect_out(int vcpu, struct kvm_run *run, __u8 value, const char *wh
     vcpu_run(vcpu);
     CHECK(what, run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT && run->io.port == PORT &&
           run->io.size == 1 && run->io.count == 1 && *io_data(run) == value,
-          "exit %u dir %u port 0x%x data 0x%x, wanted OUT 0x%x", run->exit_reason, run->io.direction,
+          "%s dir %u port 0x%x data 0x%x, wanted OUT 0x%x", exit_text(run), run->io.direction,
           run->io.port, *io_data(run), value);
 }
 
@@ -187,21 +216,17 @@ static void expect_hlt(int vcpu, struct kvm_run *run)
 /* --- part 1: a default VM ------------------------------------------------------------------------------------ */
 
 static const __u8 default_guest[] = {
-    0xba, 0xf8, 0x03,       /* mov dx, 0x3f8 */
-    0xb0, 0x41,             /* mov al, 'A' */
-    0xee,                   /* out dx, al */
-    0xec,                   /* in al, dx */
-    0xb9, 0x00, 0x10,       /* mov cx, 0x1000 */
-    0x8e, 0xd9,             /* mov ds, cx: data at 0x10000, no memslot */
-    0xa2, 0x00, 0x00,       /* mov [0], al: MMIO write */
-    0x8a, 0x1e, 0x04, 0x00, /* mov bl, [4]: MMIO read */
-    0x88, 0xd8,             /* mov al, bl */
-    0xee,                   /* out dx, al */
-    0xb9, 0x00, 0x20,       /* mov cx, 0x2000 */
-    0x8e, 0xd9,             /* mov ds, cx: slot 1, guest_memfd */
-    0xa0, 0x10, 0x00,       /* mov al, [0x10] */
-    0xee,                   /* out dx, al */
-    0xf4,                   /* hlt */
+    0x66, 0xba, 0xf8, 0x03,                   /* mov dx, 0x3f8 */
+    0xb0, 0x41,                               /* mov al, 'A' */
+    0xee,                                     /* out dx, al */
+    0xec,                                     /* in al, dx */
+    0x88, 0x04, 0x25, 0x00, 0x00, 0x01, 0x00, /* mov [0x10000], al: MMIO write (no memslot there) */
+    0x8a, 0x1c, 0x25, 0x04, 0x00, 0x01, 0x00, /* mov bl, [0x10004]: MMIO read */
+    0x88, 0xd8,                               /* mov al, bl */
+    0xee,                                     /* out dx, al */
+    0x8a, 0x04, 0x25, 0x10, 0x00, 0x02, 0x00, /* mov al, [0x20010]: slot 1, guest_memfd */
+    0xee,                                     /* out dx, al */
+    0xf4,                                     /* hlt */
 };
 
 static void gmem_file_ops(int gmem, __u64 size, int mappable)
@@ -242,6 +267,7 @@ static void part_default_vm(void)
     CHECK("KVM_CREATE_VM type 0", vm >= 0, "-");
     __u8 *mem = guest_memory(MEM_SIZE);
     memcpy(mem + CODE_GPA, default_guest, sizeof default_guest);
+    write_page_tables(mem);
     set_region(vm, 0, 0, 0, MEM_SIZE, mem, 0, 0);
 
     int flags = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_GUEST_MEMFD_FLAGS);
@@ -280,12 +306,12 @@ static void part_default_vm(void)
     vcpu_run(vcpu);
     CHECK("MMIO write", run->exit_reason == KVM_EXIT_MMIO && run->mmio.is_write && run->mmio.phys_addr == MMIO_GPA &&
           run->mmio.len == 1 && run->mmio.data[0] == 0x5a,
-          "exit %u write %u gpa 0x%llx data 0x%x", run->exit_reason, run->mmio.is_write, run->mmio.phys_addr,
+          "%s write %u gpa 0x%llx data 0x%x", exit_text(run), run->mmio.is_write, run->mmio.phys_addr,
           run->mmio.data[0]);
     vcpu_run(vcpu);
     CHECK("MMIO read", run->exit_reason == KVM_EXIT_MMIO && !run->mmio.is_write &&
           run->mmio.phys_addr == MMIO_GPA + 4 && run->mmio.len == 1,
-          "exit %u gpa 0x%llx", run->exit_reason, run->mmio.phys_addr);
+          "%s gpa 0x%llx", exit_text(run), run->mmio.phys_addr);
     run->mmio.data[0] = 0x77;
     expect_out(vcpu, run, 0x77, "MMIO read completed");
     if (gmem >= 0) {
@@ -311,19 +337,17 @@ static void part_default_vm(void)
 /* --- part 2: private memory on a KVM_X86_SW_PROTECTED_VM ---------------------------------------------------- */
 
 static const __u8 protected_guest[] = {
-    0xba, 0xf8, 0x03,             /* mov dx, 0x3f8 */
-    0xb0, 0x50,                   /* mov al, 'P' */
-    0xee,                         /* out dx, al */
-    0xa0, 0x00, 0x20,             /* mov al, [0x2000]: private, in guest_memfd (fresh: 0) */
-    0xee,                         /* out dx, al */
-    0xc6, 0x06, 0x00, 0x20, 0x99, /* mov byte [0x2000], 0x99 */
-    0xa0, 0x00, 0x20,             /* mov al, [0x2000] */
-    0xee,                         /* out dx, al */
-    0xb9, 0x00, 0x20,             /* mov cx, 0x2000 */
-    0x8e, 0xd9,                   /* mov ds, cx */
-    0xa0, 0x00, 0x00,             /* mov al, [0]: gpa 0x20000, private in a slot without guest_memfd */
-    0xee,                         /* out dx, al */
-    0xf4,                         /* hlt */
+    0x66, 0xba, 0xf8, 0x03,                         /* mov dx, 0x3f8 */
+    0xb0, 0x50,                                     /* mov al, 'P' */
+    0xee,                                           /* out dx, al */
+    0x8a, 0x04, 0x25, 0x00, 0x20, 0x00, 0x00,       /* mov al, [0x2000]: private, in guest_memfd (fresh: 0) */
+    0xee,                                           /* out dx, al */
+    0xc6, 0x04, 0x25, 0x00, 0x20, 0x00, 0x00, 0x99, /* mov byte [0x2000], 0x99 */
+    0x8a, 0x04, 0x25, 0x00, 0x20, 0x00, 0x00,       /* mov al, [0x2000] */
+    0xee,                                           /* out dx, al */
+    0x8a, 0x04, 0x25, 0x00, 0x00, 0x02, 0x00,       /* mov al, [0x20000]: private in a slot without guest_memfd */
+    0xee,                                           /* out dx, al */
+    0xf4,                                           /* hlt */
 };
 
 static void part_protected_vm(void)
@@ -339,6 +363,7 @@ static void part_protected_vm(void)
     CHECK("dup guest_memfd", gmem_dup >= 0, "-");
     __u8 *mem = guest_memory(MEM_SIZE);
     memcpy(mem + CODE_GPA, protected_guest, sizeof protected_guest);
+    write_page_tables(mem);
     set_region(vm, 0, KVM_MEM_GUEST_MEMFD, 0, MEM_SIZE, mem, gmem_dup, 0);
     __u8 *plain = guest_memory(PAGE);
     plain[0] = 0x42;
