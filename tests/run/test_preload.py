@@ -19,14 +19,19 @@ from kvmgmem.run import launcher
 from .preload_helpers import C_DIR, build_c, fake_server_env, kvmgmem_run, require_preload_library
 
 NTHREADS, OPENS_PER_THREAD = 8, 6  # as in preload_probe.c
-PROGRAM_OPENS = 4 + NTHREADS * OPENS_PER_THREAD + 1  # main thread (2 kvm, 2 sysfs), workers, forked child
+PROGRAM_OPENS = 5 + NTHREADS * OPENS_PER_THREAD + 1  # main thread (3 kvm, 2 sysfs), workers, forked child
+
+#: The probe's builds: plain; fortified (__open_2, __read_chk, __pread_chk); large-file (open64, pread64, mmap64,
+#: fstat64, fcntl64, ...): each reaches different symbols of the library.
+BUILDS = {"plain": (), "fortify": ("-D_FORTIFY_SOURCE=2",), "lfs": ("-D_FILE_OFFSET_BITS=64",)}
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """preload_probe.c built once for the module."""
+@pytest.fixture(scope="module", params=list(BUILDS))
+def probe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """preload_probe.c built once per variant."""
     require_preload_library()
-    return build_c(C_DIR / "preload_probe.c", tmp_path_factory.mktemp("probe"), "preload_probe")
+    name = f"preload_probe_{request.param}"
+    return build_c(C_DIR / "preload_probe.c", tmp_path_factory.mktemp("probe"), name, *BUILDS[request.param])
 
 
 def _log_lines(log: Path) -> list[list[str]]:
