@@ -135,3 +135,47 @@ def test_other_ld_preload_entries_are_kept(tmp_path: Path) -> None:
     result = kvmgmem_run(["sh", "-c", 'echo "[$LD_PRELOAD]"'], env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"[{other}]\n"
+
+
+_RACE = r"""
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+#define N 8
+static pthread_barrier_t barrier;
+static int fds[N];
+static void *first_open(void *arg)
+{
+    int i = (int)(long)arg;
+    pthread_barrier_wait(&barrier);
+    fds[i] = open("/dev/kvm", O_RDWR);
+    return NULL;
+}
+int main(void)
+{
+    pthread_t t[N];
+    pthread_barrier_init(&barrier, NULL, N);
+    for (long i = 0; i < N; i++)
+        pthread_create(&t[i], NULL, first_open, (void *)i);
+    int ok = 0;
+    for (int i = 0; i < N; i++) {
+        pthread_join(t[i], NULL);
+        ok += fds[i] >= 0 && ioctl(fds[i], 0xAE00, 0) == 12 && close(fds[i]) == 0;
+    }
+    printf("%d of %d\n", ok, N);
+    return ok == N ? 0 : 1;
+}
+"""
+
+
+def test_concurrent_first_opens_start_python_once(tmp_path: Path) -> None:
+    require_preload_library()
+    exe = build_c(_RACE, tmp_path, "race")
+    log = tmp_path / "calls.log"
+    result = kvmgmem_run([str(exe)], env=fake_server_env(log))
+    assert (result.returncode, result.stdout) == (0, "8 of 8\n"), result.stderr
+    lines = _log_lines(log)
+    assert [fields[1] for fields in lines].count("start") == 1
+    assert [fields[1] for fields in lines].count("open_path") == 8
