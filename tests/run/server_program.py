@@ -130,7 +130,7 @@ def program(profile: str = "7.2") -> Iterator[Program]:
 
 @contextmanager
 def guest(
-    prog: Program, image: GuestImage, vm_type: int = 0, size: int = 2 << 20
+    prog: Program, image: GuestImage, vm_type: int = 0, size: int = 4 << 20
 ) -> Iterator[tuple[int, int, uapi.kvm_run, AnonMemory]]:
     """A VM with ``image`` loaded into slot 0 (gpa 0, anonymous memory) and one vCPU set up to run it.
     Yields (vm fd, vCPU fd, kvm_run, slot 0's memory)."""
