@@ -399,7 +399,8 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--trace", metavar="FILE.json", type=_output_file,
                      help="write the program's KVM calls and exits as a Perfetto trace (default: none)")  # fmt: skip
     run.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]",
-                     help="the program and its arguments (after --, or after the options)")  # fmt: skip
+                     help="the program and its arguments, after -- or after the options "
+                     "(default: none, required)")  # fmt: skip
     run.set_defaults(func=_cmd_run)
 
 

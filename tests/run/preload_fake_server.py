@@ -7,6 +7,7 @@ the server and what did not (the interpreter's own calls, a Python thread's munm
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import mmap as mmap_module
@@ -70,6 +71,7 @@ def start() -> None:
     _worker.start()
     _python_thread_id = _worker.native_id or 0
     _record("start", os.environ.get("KVMGMEM_RUN_PROFILE"), _python_thread_id)
+    atexit.register(_record, "atexit")
 
 
 def stop() -> None:

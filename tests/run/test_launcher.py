@@ -93,3 +93,15 @@ def test_missing_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setattr(launcher, "EXTENSION_SUFFIXES", [".not-built.so"])
     assert cli.main(["run", "true"]) == 1
     assert "the preload library was not built" in capsys.readouterr().err
+
+
+def test_script_is_refused(tmp_path: Path) -> None:
+    """A script's children would not load the sim (the library leaves LD_PRELOAD): run the VMM itself."""
+    require_preload_library()
+    script = tmp_path / "wrapper.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    assert launcher.is_script(str(script))
+    result = kvmgmem_run([str(script)])
+    assert result.returncode == 1
+    assert "is a script" in result.stderr

@@ -176,8 +176,9 @@ int kg_call(enum kg_op op, const char *fmt, const long long *args, const char *p
 
 /* --- exit and fork ----------------------------------------------------------------------------------------- */
 
-/* At exit: let the server finish (server.stop(), e.g. write the trace) and flush Python's stdout/stderr.
- * Python itself is not finalized: other program threads may still be inside it. */
+/* At exit: let the server finish (server.stop() if it has one, then the functions registered with Python's
+ * atexit, e.g. writing the trace) and flush Python's stdout/stderr. Python itself is not finalized: other
+ * program threads may still be inside it. */
 static void kg_at_exit(void)
 {
     if (__atomic_load_n(&kg_state, __ATOMIC_ACQUIRE) != KG_RUNNING || kg_in_python || !kg_program_thread())
@@ -193,6 +194,13 @@ static void kg_at_exit(void)
         Py_XDECREF(r);
         Py_DECREF(stop);
     }
+    /* the interpreter is not finalized, so run what Python code registered with atexit here */
+    PyObject *atexit_module = PyImport_ImportModule("atexit");
+    PyObject *ran = atexit_module ? PyObject_CallMethod(atexit_module, "_run_exitfuncs", NULL) : NULL;
+    if (!ran)
+        kg_exception_errno();
+    Py_XDECREF(ran);
+    Py_XDECREF(atexit_module);
     const char *streams[] = {"stdout", "stderr"};
     for (int i = 0; i < 2; i++) {
         PyObject *s = PySys_GetObject(streams[i]); /* borrowed */

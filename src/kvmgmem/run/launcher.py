@@ -92,6 +92,16 @@ def is_static_elf(path: str) -> bool:
     return _PT_INTERP not in types
 
 
+def is_script(path: str) -> bool:
+    """True for a ``#!`` script: the library would load into its interpreter, which removes it from LD_PRELOAD
+    before the script starts anything, so the programs the script runs would use the host's /dev/kvm."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
 def run_environment(
     base: Mapping[str, str], library: Path, profile: str = DEFAULT_PROFILE, trace: str | None = None
 ) -> dict[str, str]:
@@ -133,6 +143,9 @@ def run(
     if is_static_elf(program):
         raise RunError(f"{argv[0]} is statically linked: a preloaded library cannot reach it (it would use the "
                        "host's /dev/kvm); link it dynamically")  # fmt: skip
+    if is_script(program):
+        raise RunError(f"{argv[0]} is a script: the programs it starts would not load the sim (the library leaves "
+                       "LD_PRELOAD at load time) and would use the host's /dev/kvm; run the VMM itself")  # fmt: skip
     child_env = run_environment(base, preload_library(), profile, trace)
     try:
         child = subprocess.Popen([program, *argv[1:]], env=child_env, executable=program)
