@@ -65,6 +65,7 @@ def test_every_wrapper_routes_to_the_server(probe: Path, tmp_path: Path) -> None
     assert len(threads) == NTHREADS + 1
     # at exit, on the main thread: server.stop(), then what the server registered with Python's atexit
     assert [fields[1:] for fields in lines[-2:]] == [["stop", "worker-done"], ["atexit"]]
+    assert [fields[1] for fields in lines].count("stop") == 1  # not in the forked child that called exit()
     assert lines[-1][0] == lines[-2][0] == main_thread
 
 

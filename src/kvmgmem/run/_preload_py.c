@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "_preload.h"
 
@@ -36,6 +37,7 @@ static PyObject *kg_server;
 static PyInterpreterState *kg_interp;
 
 static pthread_mutex_t kg_start_lock = PTHREAD_MUTEX_INITIALIZER;
+static pid_t kg_start_pid; /* the process that started Python (a forked child inherits it running) */
 static pthread_key_t kg_thread_key;
 
 /* per thread: 0 not yet known, 1 a program thread, 2 a thread Python created */
@@ -177,12 +179,14 @@ int kg_call(enum kg_op op, const char *fmt, const long long *args, const char *p
 /* --- exit and fork ----------------------------------------------------------------------------------------- */
 
 /* At exit: let the server finish (server.stop() if it has one, then the functions registered with Python's
- * atexit, e.g. writing the trace) and flush Python's stdout/stderr. Python itself is not finalized: other
- * program threads may still be inside it. */
+ * atexit, e.g. writing the trace) and flush Python's stdout/stderr; only in the process that started it.
+ * Python itself is not finalized: other program threads may still be inside it. */
 static void kg_at_exit(void)
 {
     if (__atomic_load_n(&kg_state, __ATOMIC_ACQUIRE) != KG_RUNNING || kg_in_python || !kg_program_thread())
         return;
+    if (getpid() != kg_start_pid)
+        return; /* a forked child leaving by exit(): the parent finishes the server (one trace, not one per child) */
     kg_enter();
     PyObject *stop = PyObject_GetAttrString(kg_server, "stop");
     if (!stop) {
@@ -368,6 +372,7 @@ static int kg_start_locked(void)
         goto out;
     }
     Py_DECREF(r);
+    kg_start_pid = getpid();
     pthread_key_create(&kg_thread_key, kg_thread_exit);
     pthread_setspecific(kg_thread_key, NULL); /* the main thread state is never deleted */
     pthread_atfork(kg_before_fork, kg_after_fork_parent, kg_after_fork_child);
