@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -46,11 +47,19 @@ def build_c(source: Path | str, out_dir: Path, name: str, *flags: str) -> Path:
 def kvmgmem_run(
     args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """``kvmgmem run ARGS`` in a child process of this interpreter, output captured."""
+    """``kvmgmem run ARGS`` in a child process of this interpreter, output captured. On a timeout (a hang is a
+    failure) the launcher and the program are both killed: they run in a session of their own."""
     code = "import sys; from kvmgmem.cli import main; sys.exit(main(sys.argv[1:]))"
     full_env = dict(os.environ if env is None else env)
-    return subprocess.run([sys.executable, "-c", code, "run", *args], env=full_env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    with subprocess.Popen([sys.executable, "-c", code, "run", *args], env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as launcher_process:  # fmt: skip
+        try:
+            out, err = launcher_process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher_process.pid, signal.SIGKILL)
+            out, err = launcher_process.communicate()
+            pytest.fail(f"kvmgmem run {' '.join(args)} hung for {timeout} s:\n{out[-2000:]}{err[-2000:]}")
+    return subprocess.CompletedProcess(launcher_process.args, launcher_process.returncode, out, err)
 
 
 def fake_server_env(log: Path, **extra: str) -> dict[str, str]:

@@ -45,14 +45,26 @@ static __thread int kg_thread_kind __attribute__((tls_model("initial-exec")));
 /* the program thread's own Python thread state */
 static __thread PyThreadState *kg_tstate __attribute__((tls_model("initial-exec")));
 
+/* This thread holds the GIL: whatever it calls is the interpreter's own, whichever thread it is. The case the
+ * thread kind misses: a thread of Python's whose thread state is already detached, tearing down with the GIL
+ * held (CPython frees its frame stack with munmap after clearing the thread's state); routing that call would
+ * wait for the GIL the thread holds. */
+static int kg_holds_gil(void)
+{
+    PyThreadState *current = _PyThreadState_UncheckedGet();
+    return current && current->thread_id == PyThread_get_thread_ident();
+}
+
 int kg_program_thread(void)
 {
     if (kg_thread_kind == 0) {
         if (__atomic_load_n(&kg_state, __ATOMIC_ACQUIRE) != KG_RUNNING)
             return 1; /* Python does not exist yet: every thread is the program's */
+        if (kg_holds_gil())
+            return 0; /* a Python thread tearing down: do not remember it as the program's */
         kg_thread_kind = PyGILState_GetThisThreadState() ? 2 : 1;
     }
-    return kg_thread_kind == 1;
+    return kg_thread_kind == 1 && !kg_holds_gil();
 }
 
 int kg_has(enum kg_op op)
