@@ -114,6 +114,7 @@ def create_irqchip(srv: Server, ref: VmRef, arg: int) -> int:
     method = _api(ref.vm, "create_irqchip")
     if method is not None:
         method()
+        ref.extra["irqchip"] = True  # the LAPIC ioctls below check it
         return 0
     op = "KVM_CREATE_IRQCHIP"
     if ref.extra.get("irqchip"):
@@ -295,7 +296,7 @@ def _fpu_reset() -> abi.kvm_fpu:
 def _lapic_get(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_GET_LAPIC: EINVAL without an in-kernel LAPIC, else the register page last set."""
     op = "KVM_GET_LAPIC"
-    if not state.vm.extra.get("irqchip") and _api(state.vm.vm, "create_irqchip") is None:
+    if not state.vm.extra.get("irqchip"):
         raise KvmError(errno.EINVAL, op, "no in-kernel LAPIC (KVM_CREATE_IRQCHIP first)")
     copy_to_user(arg, state.extra.get("lapic") or abi.kvm_lapic_state(), op)
     return 0

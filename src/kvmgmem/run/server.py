@@ -25,11 +25,12 @@ import weakref
 from typing import Any
 
 from kvmgmem.errors import KvmError
-from kvmgmem.libc import MAP_FIXED, c_mmap
+from kvmgmem.libc import MADV_COLLAPSE, MAP_FIXED, MREMAP_FIXED, MREMAP_MAYMOVE, c_mmap, failed, mremap
+from kvmgmem.libc import munmap as _munmap
 
 from . import abi, ioctls, sysfs
 from .fds import FdTable, FileKind, KvmFile, placeholder
-from .guest_memory import MemoryMap
+from .guest_memory import MemoryMap, ProgramMapping
 from .objects import GmemState, VmRef
 
 #: ``madvise`` returns this for "not mine: do the real call" (contract with the preload library).
@@ -41,6 +42,7 @@ MADV_DONTNEED_LOCKED = 24
 #: Advice that drops the pages of a range (the mmu notifier runs for them, ``zap_page_range_single``).
 DISCARDING_ADVICE = frozenset({MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MADV_DONTNEED_LOCKED})
 MAP_SHARED_VALIDATE = 0x03
+MAP_FIXED_NOREPLACE = 0x100000
 MAP_TYPE = 0x0F
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -226,37 +228,44 @@ class Server:
             return c_mmap(addr or None, length, prot, flags, fd, offset)
         if file.kind is not FileKind.GMEM:
             raise KvmError(errno.ENODEV, "mmap", f"a {file.kind.value} fd cannot be mapped")
-        if flags & MAP_FIXED and addr:
-            raise KvmError(errno.EINVAL, "mmap", "MAP_FIXED of a guest_memfd is not supported by kvmgmem run")
+        fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
         shared = flags & MAP_TYPE in (_mmap.MAP_SHARED, MAP_SHARED_VALIDATE)
-        mapping = file.obj.gmem.mmap(length, offset, shared)
-        if prot != _mmap.PROT_READ | _mmap.PROT_WRITE and _mprotect(mapping.address, mapping.size, prot):
-            err = ctypes.get_errno()
-            mapping.close()
-            raise KvmError(err, "mmap", "mprotect")
-        self.memory.add(mapping)
-        return int(mapping.address)
+        owner = file.obj.gmem.mmap(length, offset, shared)
+        address = owner.address
+        try:
+            if fixed:  # the program's address: a duplicate of the owner's pages there
+                moved = mremap(owner.address, 0, owner.size, MREMAP_MAYMOVE | MREMAP_FIXED, addr)
+                if failed(moved):
+                    raise KvmError(ctypes.get_errno(), "mmap", f"MAP_FIXED at {addr:#x}")
+                address = addr
+            if prot != _mmap.PROT_READ | _mmap.PROT_WRITE and _mprotect(address, owner.size, prot):
+                raise KvmError(ctypes.get_errno(), "mmap", "mprotect")
+        except BaseException:
+            owner.close()
+            raise
+        self.memory.add(ProgramMapping(address, owner.size, owner))
+        return int(address)
 
     def munmap(self, addr: int, length: int) -> int:
-        """``munmap`` (before the real one): the mmu notifier for the range, then 1 if it was a guest_memfd
-        mapping the server released itself, else 0 (the preload library unmaps)."""
+        """``munmap`` (before the real one): the mmu notifier for the range; guest_memfd mappings inside it
+        are released. 1 when the range was exactly one server-owned mapping (the server unmapped it), else 0:
+        the preload library unmaps (aliases and anything else in the range)."""
         self.memory.invalidate(addr, length, unmap=True)
-        mapping = self.memory.mapping_at(addr)
-        if mapping is None or length < mapping.size - (_mmap.PAGESIZE - 1):
-            return 0
-        self.memory.pop(addr)
-        if mapping.pinned_by:
-            mapping.__exit__(None, None, None)  # unmapped when the last memslot using it goes
-        else:
-            mapping.close()
-        return 1
+        end = addr + -(-length // _mmap.PAGESIZE) * _mmap.PAGESIZE
+        inside = self.memory.take_within(addr, end)
+        for mapping in inside:
+            mapping.release()
+        exact = len(inside) == 1 and not inside[0].alias and (inside[0].address, inside[0].size) == (addr, end - addr)
+        return 1 if exact else 0
 
     def madvise(self, addr: int, length: int, advice: int) -> int:
         """``madvise``: guest_memfd's rules inside its mappings (MADV_REMOVE punches, MADV_COLLAPSE EINVAL);
         elsewhere the mmu notifier for discarding advice, then -2 (the real call)."""
         mapping = self.memory.mapping_containing(addr)
         if mapping is not None:
-            mapping.madvise(advice, addr - mapping.address, length)
+            if mapping.alias and advice not in (MADV_REMOVE, MADV_COLLAPSE):
+                return NOT_MINE  # plain advice acts on the program's own range
+            mapping.owner.madvise(advice, addr - mapping.address, length)
             return 0
         if advice in DISCARDING_ADVICE:
             self.memory.invalidate(addr, length, unmap=False)
@@ -275,10 +284,9 @@ class Server:
             except OSError:
                 pass
         for mapping in self.memory.drain():
-            if mapping.pinned_by:
-                mapping.__exit__(None, None, None)
-            else:
-                mapping.close()
+            if mapping.alias:
+                _munmap(mapping.address, mapping.size)
+            mapping.release()
         self.write_trace()
         self.system.close()
 
@@ -327,6 +335,12 @@ def start() -> None:
             profile = os.environ.get("KVMGMEM_RUN_PROFILE") or "6.18"
             _server = Server(profile, os.environ.get("KVMGMEM_RUN_TRACE") or None)
             atexit.register(_server.shutdown)
+
+
+def stop() -> None:
+    """At the program's exit (the preload library's atexit): write the trace."""
+    if _server is not None:
+        _server.shutdown()
 
 
 def _srv() -> Server:
@@ -429,5 +443,6 @@ __all__ = [
     "pwrite",
     "read",
     "start",
+    "stop",
     "write",
 ]
