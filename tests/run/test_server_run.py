@@ -217,3 +217,14 @@ def test_run_arg_and_bad_fd_errors() -> None:
         with pytest.raises(OSError) as info:
             prog.srv.ioctl(vcpu, uapi.KVM_GET_REGS, 16)
         assert info.value.errno == errno.EFAULT
+
+
+def test_kvm_run_after_the_vm_fd_closed() -> None:
+    """A vCPU holds its VM: after the program closed the VM fd, KVM_RUN still runs the guest."""
+    a = Asm().out(0x10, al).hlt()
+    with program() as prog, guest(prog, GuestImage(a)) as (vm, vcpu, run, _mem):
+        prog.srv.close(vm)
+        prog.run(vcpu)
+        assert (run.exit_reason, run.exit.io.port) == (uapi.KVM_EXIT_IO, 0x10)
+        prog.run(vcpu)
+        assert run.exit_reason == uapi.KVM_EXIT_HLT
