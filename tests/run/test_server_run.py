@@ -228,3 +228,32 @@ def test_kvm_run_after_the_vm_fd_closed() -> None:
         assert (run.exit_reason, run.exit.io.port) == (uapi.KVM_EXIT_IO, 0x10)
         prog.run(vcpu)
         assert run.exit_reason == uapi.KVM_EXIT_HLT
+
+
+def test_close_of_a_running_vcpu_fd_waits_for_the_run() -> None:
+    """The program closes a vCPU fd while another thread is in KVM_RUN on it: the run finishes normally
+    (the call holds the file, as fdget does) and the vCPU is released after it."""
+    import threading
+
+    a = Asm()
+    top = a.new_label("top")
+    a.mov(eax, 0).label(top).add(eax, 1).cmp(eax, 3_000_000).jne(top).out(0x10, eax).hlt()
+    with program() as prog, guest(prog, GuestImage(a)) as (_vm, vcpu, run, _mem):
+        started = threading.Event()
+        result: list[object] = []
+
+        def runner() -> None:
+            started.set()
+            try:
+                result.append(prog.run(vcpu))
+            except OSError as e:
+                result.append(e)
+
+        thread = threading.Thread(target=runner)
+        thread.start()
+        started.wait()
+        file = prog.srv.table.lookup(vcpu)
+        prog.srv.close(vcpu)
+        thread.join(60)
+        assert result == [0] and run.exit.io.port == 0x10
+        assert file is not None and file.released

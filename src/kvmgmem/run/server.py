@@ -127,7 +127,10 @@ class Server:
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         """``ioctl``: dispatch by fd kind and request number (``ioctls.TABLES``)."""
-        file = self._file(fd, "ioctl")
+        with self.table.use(fd, "ioctl") as file:
+            return self._dispatch(file, fd, request, arg)
+
+    def _dispatch(self, file: KvmFile, fd: int, request: int, arg: int) -> int:
         request &= 0xFFFFFFFF  # the kernel's ioctl command is an unsigned int
         handler = ioctls.TABLES[file.kind].get(request)
         name = abi.ioctl_name(request)
