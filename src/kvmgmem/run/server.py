@@ -51,6 +51,34 @@ _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _mprotect.restype = ctypes.c_int
 
 
+def _fioclex(fd: int, arg: int) -> int:
+    os.set_inheritable(fd, False)
+    return 0
+
+
+def _fionclex(fd: int, arg: int) -> int:
+    os.set_inheritable(fd, True)
+    return 0
+
+
+def _fionbio(fd: int, arg: int) -> int:
+    from .user import read_u32
+
+    os.set_blocking(fd, not read_u32(arg, "FIONBIO"))
+    return 0
+
+
+def _fioasync(fd: int, arg: int) -> int:
+    from .user import read_u32
+
+    read_u32(arg, "FIOASYNC")  # KVM files have no fasync: the flag changes nothing they do
+    return 0
+
+
+#: ioctls ``do_vfs_ioctl`` handles for every file before the driver sees the request.
+VFS_IOCTLS = {0x5451: _fioclex, 0x5450: _fionclex, 0x5421: _fionbio, 0x5452: _fioasync}
+
+
 class Server:
     """The state behind the program's KVM fds: the sim, the fd table, its guest_memfd mappings, the trace."""
 
@@ -132,6 +160,9 @@ class Server:
 
     def _dispatch(self, file: KvmFile, fd: int, request: int, arg: int) -> int:
         request &= 0xFFFFFFFF  # the kernel's ioctl command is an unsigned int
+        generic = VFS_IOCTLS.get(request)
+        if generic is not None:  # do_vfs_ioctl answers these before the file's own ioctl
+            return generic(fd, arg)
         handler = ioctls.TABLES[file.kind].get(request)
         name = abi.ioctl_name(request)
         if handler is None:
