@@ -279,3 +279,34 @@ def test_pre_fault_memory() -> None:
         with pytest.raises(OSError) as info:
             prog.ioctl(vcpu, uapi.KVM_PRE_FAULT_MEMORY, r)
         assert info.value.errno == errno.ENOENT and (r.gpa, r.size) == (1 << 40, 0x1000)
+
+
+def test_immediate_exit_set_during_a_run_ends_it() -> None:
+    """A VMM's kick: another thread (a signal handler, in a real VMM) sets immediate_exit while the guest
+    spins; KVM_RUN returns EINTR with KVM_EXIT_INTR soon after, and the vCPU resumes where it was."""
+    import threading
+    import time
+
+    a = Asm()
+    top = a.new_label("top")
+    a.label(top).jmp(top)
+    with program() as prog, guest(prog, GuestImage(a)) as (_vm, vcpu, run, _mem):
+        errors: list[int] = []
+
+        def runner() -> None:
+            try:
+                prog.run(vcpu)
+            except OSError as e:
+                errors.append(e.errno or 0)
+
+        thread = threading.Thread(target=runner)
+        thread.start()
+        time.sleep(0.05)
+        run.immediate_exit = 1
+        thread.join(30)
+        assert not thread.is_alive() and errors == [errno.EINTR]
+        assert run.exit_reason == uapi.KVM_EXIT_INTR
+        run.immediate_exit = 0
+        regs = uapi.kvm_regs()
+        prog.ioctl(vcpu, uapi.KVM_GET_REGS, regs)
+        assert regs.rip >= 0x10000  # still in the image's code, in the loop

@@ -191,6 +191,7 @@ def run(srv: Server, state: VcpuState, arg: int) -> int:
         raise KvmError(errno.EINTR, op, "immediate_exit")
     state.extra["ran"] = True
     start = srv.trace_now()
+    srv.kicks.enter(state)
     try:
         exit = vcpu.run()
     except KvmError as e:
@@ -198,6 +199,8 @@ def run(srv: Server, state: VcpuState, arg: int) -> int:
             area.write_intr()
         srv.trace_exit(vcpu.vcpu_id, start, {"error": errno.errorcode.get(e.errno or 0, e.errno)})
         raise
+    finally:
+        srv.kicks.leave(state)
     srv.trace_exit(vcpu.vcpu_id, start, _exit_args(exit))
     area.write_exit(exit)
     if isinstance(exit, MemoryFaultExit):

@@ -31,6 +31,7 @@ from kvmgmem.libc import munmap as _munmap
 from . import abi, ioctls, sysfs
 from .fds import FdTable, FileKind, KvmFile, placeholder
 from .guest_memory import MemoryMap, ProgramMapping
+from .kicks import KickWatcher
 from .objects import GmemState, VmRef
 
 #: ``madvise`` returns this for "not mine: do the real call" (contract with the preload library).
@@ -90,6 +91,7 @@ class Server:
         self._vms: weakref.WeakSet[Any] = weakref.WeakSet()
         self._vms_lock = threading.Lock()
         self.memory = MemoryMap(self._live_vms)
+        self.kicks = KickWatcher()
         self.trace_path = trace_path
         self.tracer: Any = None
         self._trace_dirty = False
