@@ -7,6 +7,10 @@ the sim sees the signal; what it *can* see is the flag the handler wrote. So whi
 ``KVM_RUN``, one thread polls the ``immediate_exit`` byte of the running vCPUs' ``kvm_run`` areas and kicks
 a vCPU whose flag is set (``Vcpu.kick``: the run returns EINTR), a few milliseconds after the signal.
 A signal whose handler does not set the flag still does not end the run.
+
+The thread never ends (it sleeps while no vCPU runs) and there is one per process (``watcher()``): a
+thread that ends frees its stacks with ``munmap`` during interpreter teardown, and those calls must not have
+to go through the preload library's server routing while the thread holds the interpreter's lock.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from typing import Any
 
 #: How often the watcher looks at the flags while vCPUs run (seconds).
 POLL_INTERVAL = 0.002
-#: The watcher ends after this long without a running vCPU (seconds).
-IDLE_EXIT = 1.0
 
 
 class KickWatcher:
@@ -46,9 +48,7 @@ class KickWatcher:
         while True:
             with self._cond:
                 while not self._running:
-                    if not self._cond.wait(IDLE_EXIT):  # no vCPU ran for a while: end (enter restarts it)
-                        self._thread = None
-                        return
+                    self._cond.wait()
                 # Read under the lock: ``leave`` (which comes before the area can be unmapped) waits for it.
                 flagged = [s for s in self._running.values() if s.area.run.immediate_exit]
                 for state in flagged:
@@ -57,3 +57,16 @@ class KickWatcher:
                 state.vcpu.kick()
             with self._cond:
                 self._cond.wait(POLL_INTERVAL)
+
+
+_watcher: KickWatcher | None = None
+_watcher_lock = threading.Lock()
+
+
+def watcher() -> KickWatcher:
+    """The process's one ``KickWatcher`` (every ``Server`` shares it)."""
+    global _watcher
+    with _watcher_lock:
+        if _watcher is None:
+            _watcher = KickWatcher()
+        return _watcher

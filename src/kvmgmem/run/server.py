@@ -28,10 +28,9 @@ from kvmgmem.errors import KvmError
 from kvmgmem.libc import MADV_COLLAPSE, MAP_FIXED, MREMAP_FIXED, MREMAP_MAYMOVE, c_mmap, failed, mremap
 from kvmgmem.libc import munmap as _munmap
 
-from . import abi, ioctls, sysfs
+from . import abi, ioctls, kicks, sysfs
 from .fds import FdTable, FileKind, KvmFile, placeholder
 from .guest_memory import MemoryMap, ProgramMapping
-from .kicks import KickWatcher
 from .objects import GmemState, VmRef
 
 #: ``madvise`` returns this for "not mine: do the real call" (contract with the preload library).
@@ -91,7 +90,7 @@ class Server:
         self._vms: weakref.WeakSet[Any] = weakref.WeakSet()
         self._vms_lock = threading.Lock()
         self.memory = MemoryMap(self._live_vms)
-        self.kicks = KickWatcher()
+        self.kicks = kicks.watcher()
         self.trace_path = trace_path
         self.tracer: Any = None
         self._trace_dirty = False
