@@ -310,3 +310,62 @@ def test_immediate_exit_set_during_a_run_ends_it() -> None:
         regs = uapi.kvm_regs()
         prog.ioctl(vcpu, uapi.KVM_GET_REGS, regs)
         assert regs.rip >= 0x10000  # still in the image's code, in the loop
+
+
+def test_kvm_run_encoding_of_every_exit_kind() -> None:
+    """KvmRunArea writes each typed exit as KVM leaves kvm_run: internal error (suberror, ndata, data),
+    shutdown, system event, memory fault, an exit reason kvmgmem has no type for."""
+    import os
+
+    from kvmgmem.exits import InternalErrorExit, MemoryFaultExit, ShutdownExit, SystemEventExit, UnknownExit
+    from kvmgmem.run.kvm_run_area import VCPU_MMAP_SIZE, KvmRunArea
+
+    fd = os.memfd_create("kvm-vcpu:0")
+    try:
+        os.ftruncate(fd, VCPU_MMAP_SIZE)
+        area = KvmRunArea(fd)
+        run = area.run
+        area.write_exit(InternalErrorExit(suberror=3, data=(0x80000B0D, 0x30, 0x181, 0xC00000D0, 0)))
+        internal = run.exit.internal
+        assert (run.exit_reason, internal.suberror, internal.ndata) == (uapi.KVM_EXIT_INTERNAL_ERROR, 3, 5)
+        assert internal.data[3] == 0xC00000D0
+        area.write_exit(ShutdownExit())
+        assert run.exit_reason == uapi.KVM_EXIT_SHUTDOWN
+        area.write_exit(SystemEventExit(type=1, data=(7,)))
+        event = run.exit.system_event
+        assert (run.exit_reason, event.type, event.ndata, event.data[0]) == (uapi.KVM_EXIT_SYSTEM_EVENT, 1, 1, 7)
+        area.write_exit(MemoryFaultExit(flags=8, gpa=0x1000, size=4096, errno=uapi.EHWPOISON))
+        fault = run.exit.memory_fault
+        assert (run.exit_reason, fault.flags, fault.gpa, fault.size) == (uapi.KVM_EXIT_MEMORY_FAULT, 8, 0x1000, 4096)
+        area.write_exit(UnknownExit(reason=99))
+        assert run.exit_reason == 99
+        del run, internal, event, fault
+        area.close()
+    finally:
+        os.close(fd)
+
+
+def test_hwpoisoned_private_page_is_ehwpoison() -> None:
+    """A private page whose guest_memfd page is poisoned: KVM_RUN fails with EHWPOISON and the exit is
+    KVM_EXIT_MEMORY_FAULT for that page (the sim's inject_poison stands in for a memory failure)."""
+    gpa = 1 << 30
+    a = Asm()
+    a.mov(rsi, gpa).mov(rax, qword[rsi]).out(0x10, eax).hlt()
+    with program() as prog, guest(prog, GuestImage(a), uapi.KVM_X86_SW_PROTECTED_VM) as (vm, vcpu, run, _mem):
+        srv = prog.srv
+        data = AnonMemory(2 << 20)
+        try:
+            gmem = prog.create_gmem(vm, 2 << 20)
+            prog.set_region(vm, 1, gpa, data.size, data.address, uapi.KVM_MEM_GUEST_MEMFD, gmem, 0)
+            prog.set_attributes(vm, gpa, 4096, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            srv.table.get(gmem, "test").obj.gmem.inject_poison(0)
+            with pytest.raises(OSError) as info:
+                prog.run(vcpu)
+            fault = run.exit.memory_fault
+            assert info.value.errno == uapi.EHWPOISON and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT
+            assert (fault.gpa, fault.size, fault.flags) == (gpa, 4096, uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+            prog.set_region(vm, 1, gpa, 0, 0)
+            srv.close(gmem)
+        finally:
+            srv.munmap(data.address, data.size)
+            data.unmap()
