@@ -343,3 +343,17 @@ def test_guest_memfd_map_fixed_over_a_reservation() -> None:
         assert touch_dies_of_sigbus(reserved, 1, write=False) == signal.SIGBUS
         assert srv.munmap(reserved, 1 << 20) == 0
         munmap(reserved, 1 << 20)
+
+
+def test_tsc_khz_set_then_get() -> None:
+    """KVM_SET_TSC_KHZ on the VM sets the default its vCPUs report; on a vCPU, that vCPU's; 0 is EINVAL."""
+    with program() as prog:
+        srv = prog.srv
+        vm = prog.create_vm(prog.kvm)
+        assert srv.ioctl(vm, abi.KVM_SET_TSC_KHZ, 1_500_000) == 0
+        assert srv.ioctl(vm, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        vcpu, _run = prog.create_vcpu(vm)
+        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        assert srv.ioctl(vcpu, abi.KVM_SET_TSC_KHZ, 1_000_000) == 0
+        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) == 1_000_000
+        assert errno_of(srv.ioctl, vcpu, abi.KVM_SET_TSC_KHZ, 0) == errno.EINVAL

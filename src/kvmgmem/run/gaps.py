@@ -126,11 +126,11 @@ def create_irqchip(srv: Server, ref: VmRef, arg: int) -> int:
 
 
 def vm_get_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
-    """KVM_GET_TSC_KHZ on the VM fd: the default frequency of new vCPUs."""
+    """KVM_GET_TSC_KHZ on the VM fd: the default frequency of new vCPUs (as last set, else the sim's)."""
+    if "tsc_khz" in ref.extra:
+        return int(ref.extra["tsc_khz"])
     method = _api(ref.vm, "get_tsc_khz")
-    if method is not None:
-        return int(method())
-    return int(ref.extra.get("tsc_khz", SIM_TSC_KHZ))
+    return int(method()) if method is not None else SIM_TSC_KHZ
 
 
 def vm_set_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
@@ -199,11 +199,13 @@ def set_mp_state(srv: Server, state: VcpuState, arg: int) -> int:
 
 
 def vcpu_get_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_GET_TSC_KHZ on a vCPU: its frequency (the VM's default at creation)."""
+    """KVM_GET_TSC_KHZ on a vCPU: its frequency (as last set, else the VM's default)."""
+    if "tsc_khz" in state.extra:
+        return int(state.extra["tsc_khz"])
+    if "tsc_khz" in state.vm.extra:
+        return int(state.vm.extra["tsc_khz"])
     method = _api(state.vcpu, "get_tsc_khz")
-    if method is not None:
-        return int(method())
-    return int(state.extra.get("tsc_khz", state.vm.extra.get("tsc_khz", SIM_TSC_KHZ)))
+    return int(method()) if method is not None else SIM_TSC_KHZ
 
 
 def vcpu_set_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
