@@ -129,15 +129,22 @@ def vm_get_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
     """KVM_GET_TSC_KHZ on the VM fd: the default frequency of new vCPUs (as last set, else the sim's)."""
     if "tsc_khz" in ref.extra:
         return int(ref.extra["tsc_khz"])
-    method = _api(ref.vm, "get_tsc_khz")
+    return _default_tsc_khz(ref.vm)
+
+
+def _default_tsc_khz(obj: Any) -> int:
+    """The frequency the model gives new vCPUs (the kernel's ``tsc_khz``, what 0 asks for)."""
+    method = _api(obj, "get_tsc_khz")
     return int(method()) if method is not None else SIM_TSC_KHZ
 
 
 def vm_set_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
-    """KVM_SET_TSC_KHZ on the VM fd: EINVAL for 0 (no scaling range modelled beyond that)."""
-    if not arg or arg > 0xFFFFFFFF:
-        raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", f"tsc_khz {arg}")
-    ref.extra["tsc_khz"] = arg
+    """KVM_SET_TSC_KHZ on the VM fd: the default of vCPUs created later; the u32 argument, 0 meaning the
+    host's frequency; EINVAL once a vCPU exists (``kvm_arch_vm_ioctl``). TSC scaling has no upper limit here."""
+    khz = arg & 0xFFFFFFFF
+    if getattr(ref.vm, "_vcpus", None):
+        raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", "vCPUs already created")
+    ref.extra["tsc_khz"] = khz or _default_tsc_khz(ref.vm)
     return 0
 
 
@@ -199,20 +206,15 @@ def set_mp_state(srv: Server, state: VcpuState, arg: int) -> int:
 
 
 def vcpu_get_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_GET_TSC_KHZ on a vCPU: its frequency (as last set, else the VM's default)."""
+    """KVM_GET_TSC_KHZ on a vCPU: its frequency (as last set, else the VM's default when it was created)."""
     if "tsc_khz" in state.extra:
         return int(state.extra["tsc_khz"])
-    if "tsc_khz" in state.vm.extra:
-        return int(state.vm.extra["tsc_khz"])
-    method = _api(state.vcpu, "get_tsc_khz")
-    return int(method()) if method is not None else SIM_TSC_KHZ
+    return _default_tsc_khz(state.vcpu)
 
 
 def vcpu_set_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_SET_TSC_KHZ on a vCPU: EINVAL for 0."""
-    if not arg or arg > 0xFFFFFFFF:
-        raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", f"tsc_khz {arg}")
-    state.extra["tsc_khz"] = arg
+    """KVM_SET_TSC_KHZ on a vCPU: the u32 argument, 0 meaning the host's frequency."""
+    state.extra["tsc_khz"] = (arg & 0xFFFFFFFF) or _default_tsc_khz(state.vcpu)
     return 0
 
 

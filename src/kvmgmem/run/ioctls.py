@@ -158,6 +158,8 @@ def create_vcpu(srv: Server, ref: VmRef, arg: int) -> int:
         raise
     ref.get()
     state = VcpuState(vcpu, ref, area)
+    if "tsc_khz" in ref.extra:  # kvm_arch_vcpu_create: the VM's default frequency at creation
+        state.extra["tsc_khz"] = ref.extra["tsc_khz"]
     srv.table.install(fd, FileKind.VCPU, state, state.release)
     return fd
 
