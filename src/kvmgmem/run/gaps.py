@@ -306,16 +306,40 @@ def _lapic_get(srv: Server, state: VcpuState, arg: int) -> int:
     return 0
 
 
+XFEATURE_MASK_FP = 1
+
+
+def _has_xsave(srv: Server) -> bool:
+    """``boot_cpu_has(X86_FEATURE_XSAVE)`` for the sim: CPUID.1:ECX bit 26 of its supported table."""
+    return any(e.function == 1 and e.ecx >> 26 & 1 for e in srv.system.get_supported_cpuid())
+
+
 def get_xcrs(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_GET_XCRS: the sim's CPUID has no XSAVE, so ``nr_xcrs`` is 0 (``kvm_vcpu_ioctl_x86_get_xcrs``)."""
-    copy_to_user(arg, abi.kvm_xcrs(), "KVM_GET_XCRS")
+    """KVM_GET_XCRS (``kvm_vcpu_ioctl_x86_get_xcrs``): no XCRs without XSAVE, else XCR0."""
+    xcrs = abi.kvm_xcrs()
+    if _has_xsave(srv):
+        xcrs.nr_xcrs = 1
+        xcrs.xcrs[0].value = state.extra.get("xcr0", XFEATURE_MASK_FP)
+    copy_to_user(arg, xcrs, "KVM_GET_XCRS")
     return 0
 
 
 def set_xcrs(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_SET_XCRS: EINVAL, the sim's CPUID has no XSAVE (``kvm_vcpu_ioctl_x86_set_xcrs``)."""
-    copy_from_user(abi.kvm_xcrs, arg, "KVM_SET_XCRS")
-    raise KvmError(errno.EINVAL, "KVM_SET_XCRS", "no XSAVE in the sim's CPUID")
+    """KVM_SET_XCRS (``kvm_vcpu_ioctl_x86_set_xcrs``): EINVAL without XSAVE, for more than 16 XCRs or
+    flags, and for an XCR0 without x87 (``__kvm_set_xcr``); XCR0 is stored, not given to the sim's CPU."""
+    op = "KVM_SET_XCRS"
+    xcrs = copy_from_user(abi.kvm_xcrs, arg, op)
+    if not _has_xsave(srv):
+        raise KvmError(errno.EINVAL, op, "no XSAVE in the sim's CPUID")
+    if xcrs.nr_xcrs > 16 or xcrs.flags:
+        raise KvmError(errno.EINVAL, op, f"nr_xcrs {xcrs.nr_xcrs}, flags {xcrs.flags:#x}")
+    for i in range(xcrs.nr_xcrs):
+        if xcrs.xcrs[i].xcr == 0:
+            if not xcrs.xcrs[i].value & XFEATURE_MASK_FP:
+                raise KvmError(errno.EINVAL, op, "XCR0 without x87")
+            state.extra["xcr0"] = xcrs.xcrs[i].value
+            break
+    return 0
 
 
 def enable_cap_vcpu(srv: Server, state: VcpuState, arg: int) -> int:
