@@ -259,19 +259,13 @@ class SimVm(Vm):
             cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
 
     def _create_vcpu(self, vcpu_id: int) -> SimVcpu:
-        op = "KVM_CREATE_VCPU"
-        profile = self.core.profile
-        # Closed vCPUs count too: closing a vCPU fd does not destroy the kernel's vCPU, which lives until the
-        # VM is destroyed (kvm_vm_ioctl_create_vcpu checks created_vcpus and the id against every vCPU the VM
-        # ever created), so a second vCPU 0 is EEXIST even after the first one's fd was closed.
         with self._vcpu_lock:
-            if vcpu_id >= profile.max_vcpu_id:
-                raise KvmError(errno.EINVAL, op, f"vcpu_id {vcpu_id} >= KVM_CAP_MAX_VCPU_ID {profile.max_vcpu_id}")
-            if len(self._vcpus) >= profile.max_vcpus:
-                raise KvmError(errno.EINVAL, op, f"already {len(self._vcpus)} vCPUs (KVM_CAP_MAX_VCPUS)")
-            if any(v.vcpu_id == vcpu_id for v in self._vcpus):
-                raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists (closing its fd does not free the id)")
-            vcpu = SimVcpu(self, vcpu_id, self._cpuset())
+            self.core.create_vcpu(vcpu_id)  # the limits, and EEXIST for an id already used
+            try:
+                vcpu = SimVcpu(self, vcpu_id, self._cpuset())
+            except BaseException:
+                self.core.create_vcpu_failed(vcpu_id)
+                raise
             self._vcpus.append(vcpu)
             return vcpu
 

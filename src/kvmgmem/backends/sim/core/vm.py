@@ -108,6 +108,9 @@ class VmCore:
         self.hypercall_exit_mask = 0
         self.refs = 1  # the VM fd; vCPU fds and every guest_memfd file add one
         self.gmem_files: list[GmemFile] = []
+        #: Ids of every vCPU the VM ever created (kvm->created_vcpus and the vCPU array): closing a vCPU fd frees
+        #: neither, the vCPU lives until the VM is destroyed.
+        self.vcpu_ids: set[int] = set()
         self.destroyed = False
         self.destroy_listeners: list[Callable[[], None]] = []
         self.gmem_release_listeners: list[Callable[[GmemInode], None]] = []
@@ -173,6 +176,29 @@ class VmCore:
             raise KvmError(errno.EINVAL, op, f"args[0] {args[0]:#x} has bits outside {allowed:#x}")
         with self.slots_lock:
             self.hypercall_exit_mask = args[0]
+
+    # --- KVM_CREATE_VCPU (kvm_vm_ioctl_create_vcpu) -----------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> None:
+        """Admit vCPU ``vcpu_id``: an id at or above KVM_CAP_MAX_VCPU_ID → EINVAL; KVM_CAP_MAX_VCPUS vCPUs
+        already created → EINVAL; an id already used (even by a vCPU whose fd was closed) → EEXIST. The caller
+        builds the vCPU and calls :meth:`create_vcpu_failed` if that fails, as the kernel unwinds
+        ``created_vcpus``."""
+        op = "KVM_CREATE_VCPU"
+        profile = self.profile
+        with self.slots_lock:
+            if vcpu_id >= profile.max_vcpu_id:
+                raise KvmError(errno.EINVAL, op, f"vcpu_id {vcpu_id} >= KVM_CAP_MAX_VCPU_ID {profile.max_vcpu_id}")
+            if len(self.vcpu_ids) >= profile.max_vcpus:
+                raise KvmError(errno.EINVAL, op, f"already {len(self.vcpu_ids)} vCPUs (KVM_CAP_MAX_VCPUS)")
+            if vcpu_id in self.vcpu_ids:
+                raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists (closing its fd does not free the id)")
+            self.vcpu_ids.add(vcpu_id)
+
+    def create_vcpu_failed(self, vcpu_id: int) -> None:
+        """The vCPU admitted by :meth:`create_vcpu` could not be built: its id and its count are free again."""
+        with self.slots_lock:
+            self.vcpu_ids.discard(vcpu_id)
 
     # --- KVM_CREATE_GUEST_MEMFD (kvm_gmem_create) ---------------------------------------------------------------------
 
