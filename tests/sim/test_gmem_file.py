@@ -14,7 +14,7 @@ import pytest
 
 from kvmgmem import KvmError, uapi
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm
-from kvmgmem.backends.sim.core.mmu import FaultMapped
+from kvmgmem.backends.sim.fault import Mapped
 from kvmgmem.conformance._sigbus import touch_dies_of_sigbus
 
 from .conftest import INIT_SHARED, M2, MMAP, P
@@ -166,7 +166,7 @@ def test_host_writes_alias_guest_pages_and_count_as_allocated(dvm: SimVm) -> Non
         m[2 * P : 2 * P + 4] = b"host"
         assert g.allocated_bytes() == P
         r = dvm.sim.handle_fault((1 << 32) + 2 * P, False, False, None)
-        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 4) == b"host"
+        assert isinstance(r, Mapped) and ctypes.string_at(r.host_ptr, 4) == b"host"
         dvm.set_user_memory_region2(1, 1 << 32, 0)
 
 
@@ -178,8 +178,8 @@ def test_guest_fault_in_file_above_32tib(dvm: SimVm) -> None:
         dvm.set_user_memory_region2(1, 1 << 32, P, None, GMEM, g, size - P)
         m[:4] = b"last"
         r = dvm.sim.handle_fault(1 << 32, True, False, None)
-        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 4) == b"last"
-        ctypes.memmove(r.host_address + 4, b"!", 1)
+        assert isinstance(r, Mapped) and ctypes.string_at(r.host_ptr, 4) == b"last"
+        ctypes.memmove(r.host_ptr + 4, b"!", 1)
         assert m[:5] == b"last!"
         dvm.set_user_memory_region2(1, 1 << 32, 0)
 

@@ -16,9 +16,9 @@ from typing import Any
 from kvmgmem import uapi
 from kvmgmem.backends.sim.core.gmem import GmemFile, GmemInode
 from kvmgmem.backends.sim.core.memslots import Memslot
-from kvmgmem.backends.sim.core.mmu import FaultMemoryExit, FaultResult, FaultRetry
 from kvmgmem.backends.sim.core.steps import Step, Steps
 from kvmgmem.backends.sim.core.vm import VmCore
+from kvmgmem.backends.sim.fault import FaultResult, MemoryFault, Retry
 
 
 class ContentBacking:
@@ -70,11 +70,11 @@ def fault_op(vm: VmCore, gfn: int, write: bool = False) -> Steps[FaultResult]:
     while True:
         res = yield from vm.mmu.fault_steps(gfn << uapi.PAGE_SHIFT, write)
         benign = (
-            isinstance(res, FaultMemoryExit)
+            isinstance(res, MemoryFault)
             and res.errno == errno.EFAULT
             and bool(res.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE) != vm.attributes.is_private(gfn)
         )
-        if not (isinstance(res, FaultRetry) or benign):
+        if not (isinstance(res, Retry) or benign):
             return res
         yield Step("RET_PF_RETRY: re-enter the guest", retry=True)
 
