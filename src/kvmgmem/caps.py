@@ -17,6 +17,7 @@ from kvmgmem.errors import KvmError
 @dataclass
 class CapsReport:
     """What ``kvmgmem caps`` reports: every capability on the system and per VM type, and a verdict in words."""
+
     backend: str
     selection_reason: str
     system_caps: dict[str, int]
