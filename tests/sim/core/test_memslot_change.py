@@ -14,6 +14,7 @@ from kvmgmem import uapi
 from kvmgmem.backends.sim.core import NullBacking, create_vm, get_profile
 from kvmgmem.backends.sim.core.memslots import MemslotChange
 from kvmgmem.backends.sim.core.vm import VmCore
+from kvmgmem.backends.sim.fault import Mapped, Retry
 from kvmgmem.errors import KvmError
 
 P = uapi.PAGE_SIZE
@@ -111,3 +112,14 @@ def test_fallocate_dispatches_to_allocate_and_punch(vm: VmCore) -> None:
         assert e.value.errno == errno.EINVAL and file.inode.nr_present == 2
     finally:
         file.put()
+
+
+def test_a_fault_on_a_slot_being_deleted_or_moved_retries_and_says_so(vm: VmCore) -> None:
+    """``kvm_invalidate_memslot``'s window: a fault on the INVALID slot retries (a prefault would give EAGAIN)."""
+    _region(vm, 1 << 30, 4 * P)
+    slot = vm.memslots[0].get(1)
+    assert slot is not None
+    slot.invalid = True  # what the delete publishes before it drains SRCU and zaps
+    assert vm.handle_fault(1 << 30) == Retry("memslot is being deleted or moved", invalid_slot=True)
+    slot.invalid = False
+    assert isinstance(vm.handle_fault(1 << 30), Mapped)

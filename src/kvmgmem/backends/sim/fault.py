@@ -70,6 +70,9 @@ class Retry:
     (TLB flushes) and retries the access; ``reason`` says which case, for tests and traces."""
 
     reason: str = ""
+    #: The gfn hit a memslot being deleted or moved (KVM_MEMSLOT_INVALID): KVM_RUN retries, a prefault
+    #: fails with EAGAIN instead (``kvm_mmu_faultin_pfn``).
+    invalid_slot: bool = False
 
 
 FaultResult = Mapped | MemoryFault | Mmio | Retry

@@ -416,7 +416,7 @@ class Mmu:
             # F6 slot being deleted or moved
             if slot is not None and slot.invalid:
                 if BUG_INVALID_SLOT_AS_NO_SLOT not in vm.bugs:
-                    return self._done(self._retry("memslot is being deleted or moved"))
+                    return self._done(self._retry("memslot is being deleted or moved", invalid_slot=True))
                 slot = None
             # F5 access type vs the attribute, re-read after the snapshot
             # (run straight through under mmu_lock nothing can have changed since F1, so no second lookup)
@@ -464,9 +464,9 @@ class Mmu:
             spurious=spurious,
         )
 
-    def _retry(self, why: str) -> Retry:
+    def _retry(self, why: str, invalid_slot: bool = False) -> Retry:
         self.counters.retries += 1
-        return Retry(why)
+        return Retry(why, invalid_slot)
 
     def _exit(self, gfn: int, private: bool, err: int) -> MemoryFault:
         self.counters.memory_fault_exits += 1
