@@ -558,6 +558,47 @@ class Vcpu(Resource, abc.ABC):
     def _set_cpuid2(self, cpuid: Any) -> None:
         """``KVM_SET_CPUID2`` with a ``struct kvm_cpuid2`` of ``cpuid.nent`` entries (``uapi.cpuid2_type``)."""
 
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
+        """``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa + size)`` ahead of the guest; returns the leftover range.
+
+        Each page is faulted in as a guest read would be (private pages from the guest_memfd, shared ones from
+        the memslot's memory), so the guest later runs without those faults. The kernel stops early — on a
+        signal, a huge mapping's end, an error after some progress — and writes the range not yet done back:
+        the returned ``(gpa, size)``, which a caller passes again until ``size`` is 0. It fails only when no
+        page was mapped, and then the range is unchanged. Errors, in ``kvm_vcpu_pre_fault_memory`` and
+        ``kvm_arch_vcpu_pre_fault_memory``'s order: EINVAL for flags ≠ 0, an unaligned gpa or size, size 0
+        or a wrapping range (and on kernels before 6.10, which lack the ioctl); EINTR when a signal (a
+        :meth:`kick`) is pending; EOPNOTSUPP without two-dimensional paging (``KVM_CAP_PRE_FAULT_MEMORY``
+        0, as on this host's shadow-paging KVM); ENOENT when the gpa is in no memslot (the access would be
+        emulated MMIO); EAGAIN when its memslot is being deleted or moved; EFAULT, EHWPOISON... when the
+        fault needs the VMM (a private page without a guest_memfd behind it, a poisoned page).
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(2 << 20) as mem:
+        ...     vm.set_user_memory_region(0, 0, 2 << 20, mem)
+        ...     with vm.create_vcpu() as vcpu:
+        ...         vcpu.pre_fault_memory(0x1000, 0x2000)             # all mapped: nothing left
+        ...         try:
+        ...             vcpu.pre_fault_memory(4 << 20, 0x1000)        # no memslot there
+        ...         except kvmgmem.KvmError as e:
+        ...             print(errno.errorcode[e.errno])
+        ...     vm.set_user_memory_region(0, 0, 0)
+        (12288, 0)
+        ENOENT
+        """
+        op = "KVM_PRE_FAULT_MEMORY"
+        self._check_open(op)
+        rng = uapi.kvm_pre_fault_memory(
+            gpa=u64(gpa, "gpa", op), size=u64(size, "size", op), flags=u64(flags, "flags", op)
+        )
+        self._pre_fault_memory(rng)
+        return rng.gpa, rng.size
+
+    @abc.abstractmethod
+    def _pre_fault_memory(self, rng: uapi.kvm_pre_fault_memory) -> None:
+        """``KVM_PRE_FAULT_MEMORY`` with ``rng``, which the call advances in place (``gpa`` up, ``size`` down);
+        raises ``KvmError`` (with ``rng`` unchanged) when no page was mapped."""
+
     # The exit waiting for its reply. KVM_RUN's caller answers an IN, an MMIO read or a hypercall exit by
     # writing kvm_run before the next KVM_RUN, which completes the instruction with it
     # (``complete_userspace_io``); anything else in between is meaningless. The kernel keeps no such

@@ -184,6 +184,9 @@ class KvmVcpu(Vcpu):
     def _set_cpuid2(self, cpuid: Any) -> None:
         ioctl_ptr(self.fd, uapi.KVM_SET_CPUID2, cpuid, op="KVM_SET_CPUID2")
 
+    def _pre_fault_memory(self, rng: uapi.kvm_pre_fault_memory) -> None:
+        ioctl_ptr(self.fd, uapi.KVM_PRE_FAULT_MEMORY, rng)
+
     # --- running ---------------------------------------------------------------------------------------
 
     def run(self) -> Exit:

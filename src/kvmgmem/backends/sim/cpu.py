@@ -113,12 +113,14 @@ Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbe
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import re
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
@@ -442,6 +444,8 @@ class SimCpu:
         self._flush_all = False
         self._flush_ranges: list[tuple[int, int]] = []
         self._kick = False
+        # The signal half of a kick (KVM_RUN takes both halves; KVM_PRE_FAULT_MEMORY only sees this one)
+        self._signal = False
         self._closed = False
 
         # per-vCPU caches, valid until the next flush (vCPU thread only)
@@ -472,6 +476,15 @@ class SimCpu:
         self._pending_event: Event | None = None
         self.cr8 = 0
         self.apic_base = 0xFEE00000 | 0x800 | (0x100 if vcpu_id == 0 else 0)
+
+    @contextlib.contextmanager
+    def loaded(self, op: str) -> Iterator[None]:
+        """``vcpu_load`` for a vCPU ioctl other than KVM_RUN: holds the vCPU mutex (a KVM_RUN on another
+        thread finishes first, as ``kvm_vcpu_ioctl`` waits on ``vcpu->mutex``); EBADF once closed."""
+        with self._mutex:
+            if self._closed:
+                raise KvmError(errno.EBADF, op, "vCPU is closed")
+            yield
 
     # --- registers (KVM_GET/SET_REGS, KVM_GET/SET_SREGS) ---------------------------------------------------
 
@@ -529,7 +542,7 @@ class SimCpu:
     def kick(self) -> None:
         """Make the running (or next) ``run()`` raise ``KvmError(EINTR)``; waits until it left the guest."""
         with self._cond:
-            self._kick = True
+            self._kick = self._signal = True
             while self._kick and self._must_wait_locked():
                 if self._in_guest:
                     self._uc.emu_stop()
@@ -542,8 +555,19 @@ class SimCpu:
         with self._cond:
             kicked, self._kick = self._kick, False
             if kicked:
+                self._signal = False  # delivered on the way out of KVM_RUN
                 self._cond.notify_all()
             return kicked
+
+    def take_signal(self) -> bool:
+        """Consume the signal a kick sent (``signal_pending(current)`` for an ioctl other than KVM_RUN, e.g.
+        KVM_PRE_FAULT_MEMORY): the ioctl fails with EINTR and the signal is delivered on its way out, while
+        ``immediate_exit`` stays set for the next ``run()``, as a VMM's kick leaves both."""
+        if not self._signal:
+            return False
+        with self._cond:
+            signalled, self._signal = self._signal, False
+            return signalled
 
     def _stop_if_in_guest(self) -> None:
         with self._cond:
@@ -711,7 +735,7 @@ class SimCpu:
                 self._owner = threading.get_ident()
                 self._service_locked()
                 if self._kick:
-                    self._kick = False
+                    self._kick = self._signal = False
                     self._owner = None
                     self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
@@ -758,7 +782,7 @@ class SimCpu:
             with self._cond:
                 self._service_locked()
                 if self._kick:
-                    self._kick = False
+                    self._kick = self._signal = False
                     self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
             try:

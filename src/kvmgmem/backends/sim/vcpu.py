@@ -18,6 +18,7 @@ from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit
 
 from . import fdtable
+from .core.prefault import pre_fault_memory
 from .core.vm import VmCore
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class SimVcpu(Vcpu):
         self._sregs: uapi.kvm_sregs | None = reset_sregs()
         self._cpuid: list[uapi.kvm_cpuid_entry2] = []
         self._cpu = cpus.create_cpu(vcpu_id)
-        core = vm.core
+        core = self._core = vm.core
         core.get()
         self._fd = fdtable.placeholder_fd()
         self._finalizer = weakref.finalize(self, _close_vcpu, self._fd, core)
@@ -101,6 +102,10 @@ class SimVcpu(Vcpu):
     @property
     def cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         return list(self._cpuid)
+
+    def _pre_fault_memory(self, rng: uapi.kvm_pre_fault_memory) -> None:
+        with self._cpu.loaded("KVM_PRE_FAULT_MEMORY"):  # vcpu_load: waits for a KVM_RUN on another thread
+            rng.gpa, rng.size = pre_fault_memory(self._core, rng.gpa, rng.size, rng.flags, self._cpu.take_signal)
 
     def _run(self) -> Exit:
         if self._cpu.take_kick():  # immediate_exit wins over every state check, as in KVM

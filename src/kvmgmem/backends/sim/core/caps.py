@@ -53,6 +53,8 @@ def check_extension(profile: Profile, cap: int, vm: VmCore | None = None) -> int
         return profile.vm_types_mask
     if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
         return profile.gmem_valid_flags(private)
+    if cap == uapi.KVM_CAP_PRE_FAULT_MEMORY:
+        return int(profile.pre_fault_memory and profile.tdp)  # x86: r = tdp_enabled
     return 0
 
 

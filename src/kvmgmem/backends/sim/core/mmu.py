@@ -141,6 +141,9 @@ class FaultMmio:
 @dataclass(frozen=True)
 class FaultRetry:
     reason: str
+    #: The gfn hit a memslot being deleted or moved (KVM_MEMSLOT_INVALID): KVM_RUN retries, a prefault
+    #: fails with EAGAIN instead (``kvm_mmu_faultin_pfn``).
+    invalid_slot: bool = False
 
 
 FaultResult = FaultMapped | FaultMemoryExit | FaultMmio | FaultRetry
@@ -450,7 +453,7 @@ class Mmu:
             # F6 slot being deleted or moved
             if slot is not None and slot.invalid:
                 if BUG_INVALID_SLOT_AS_NO_SLOT not in vm.bugs:
-                    return self._done(self._retry("memslot is being deleted or moved"))
+                    return self._done(self._retry("memslot is being deleted or moved", invalid_slot=True))
                 slot = None
             # F5 access type vs the attribute, re-read after the snapshot
             # (run straight through under mmu_lock nothing can have changed since F1, so no second lookup)
@@ -498,9 +501,9 @@ class Mmu:
             spurious=spurious,
         )
 
-    def _retry(self, why: str) -> FaultRetry:
+    def _retry(self, why: str, invalid_slot: bool = False) -> FaultRetry:
         self.counters.retries += 1
-        return FaultRetry(why)
+        return FaultRetry(why, invalid_slot)
 
     def _exit(self, gfn: int, private: bool, err: int) -> FaultMemoryExit:
         self.counters.memory_fault_exits += 1

@@ -76,11 +76,17 @@ class Profile:
     unsigned_bind_offsets: bool
     #: KVM_CAP_GUEST_MEMFD answers 1 on every VM (6.18+) instead of only system/private-memory VMs.
     gmem_cap_everywhere: bool
+    #: The KVM_PRE_FAULT_MEMORY vCPU ioctl exists (6.10+, CONFIG_KVM_GENERIC_PRE_FAULT_MEMORY); before that
+    #: x86's ``kvm_arch_vcpu_ioctl`` answers the unknown ioctl with EINVAL.
+    pre_fault_memory: bool = True
     # --- host configuration ---------------------------------------------------------------------------
     #: CONFIG_KVM_SW_PROTECTED_VM (+ generic memory attributes) compiled in. The real host lacks it; the sim
     #: has it by default because it is the oracle for private memory. False (part of profile "host"): VM_TYPES 1,
     #: MEMORY_ATTRIBUTES 0 and KVM_SET_MEMORY_ATTRIBUTES → ENOTTY.
     sw_protected: bool = True
+    #: Two-dimensional paging (EPT/NPT, ``tdp_enabled``). False = shadow paging, as on this project's host:
+    #: KVM_CAP_PRE_FAULT_MEMORY answers 0 and ``kvm_tdp_page_prefault`` refuses with EOPNOTSUPP.
+    tdp: bool = True
     #: Memslot address spaces of a VM without private memory (x86: 2 with SMM). Private VMs always have 1.
     #: 1 = a kernel built without SMM, where KVM_CAP_MULTI_ADDRESS_SPACE is compiled out and answers 0.
     address_spaces: int = 2
@@ -196,11 +202,13 @@ PROFILES: dict[str, Profile] = {
         gmem_only_slots=False,
         reject_gmem_flag_toggle=False,  # before the Dec 2025 fix
         gmem_cap_everywhere=False,
+        pre_fault_memory=False,  # KVM_PRE_FAULT_MEMORY came in 6.10
     ),
     "6.18": _V6_18,
     #: This project's host: 6.18 built without KVM_X86_SW_PROTECTED_VM and without SMM (as measured there: VM_TYPES 1,
-    #: MEMORY_ATTRIBUTES 0, MULTI_ADDRESS_SPACE 0). What still differs is listed in HOST_DEVIATIONS.
-    "host": replace(_V6_18, name="host", sw_protected=False, address_spaces=1),
+    #: MEMORY_ATTRIBUTES 0, MULTI_ADDRESS_SPACE 0), on shadow paging (PRE_FAULT_MEMORY 0). What still differs is
+    #: listed in HOST_DEVIATIONS.
+    "host": replace(_V6_18, name="host", sw_protected=False, address_spaces=1, tdp=False),
     "7.2": replace(
         _V6_18,
         name="7.2",
