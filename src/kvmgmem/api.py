@@ -599,6 +599,92 @@ class Vcpu(Resource, abc.ABC):
         """``KVM_PRE_FAULT_MEMORY`` with ``rng``, which the call advances in place (``gpa`` up, ``size`` down);
         raises ``KvmError`` (with ``rng`` unchanged) when no page was mapped."""
 
+    def get_cpuid(self, max_entries: int | None = None) -> list[uapi.kvm_cpuid_entry2]:
+        """``KVM_GET_CPUID2``: the table the last :meth:`set_cpuid` loaded (empty before one), as copies.
+
+        ``max_entries`` is the ``nent`` a C caller passes (the room in its buffer; None: the kernel's maximum,
+        256). Errors: E2BIG when it is smaller than the table (``kvm_vcpu_ioctl_get_cpuid2``; ``nent`` is then
+        not written back).
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     vcpu.set_cpuid()
+        ...     len(vcpu.get_cpuid()) == len(kvm.get_supported_cpuid())
+        ...     try:
+        ...         vcpu.get_cpuid(1)
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno])
+        True
+        E2BIG
+        """
+        op = "KVM_GET_CPUID2"
+        self._check_open(op)
+        nent = uapi.KVM_MAX_CPUID_ENTRIES if max_entries is None else u32(max_entries, "max_entries", op)
+        cpuid = uapi.cpuid2_type(min(nent, uapi.KVM_MAX_CPUID_ENTRIES))()
+        cpuid.nent = nent
+        self._get_cpuid2(cpuid)
+        return [uapi.kvm_cpuid_entry2.from_buffer_copy(cpuid.entries[i]) for i in range(cpuid.nent)]
+
+    @abc.abstractmethod
+    def _get_cpuid2(self, cpuid: Any) -> None:
+        """``KVM_GET_CPUID2`` into ``cpuid`` (a ``uapi.cpuid2_type`` with room for ``min(cpuid.nent, 256)``
+        entries): fills the entries and sets ``nent``, or raises E2BIG leaving it alone."""
+
+    def get_mp_state(self) -> int:
+        """``KVM_GET_MP_STATE``: the vCPU's multiprocessing state (``uapi.KVM_MP_STATE_*``; RUNNABLE at creation).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     vcpu.get_mp_state() == kvmgmem.uapi.KVM_MP_STATE_RUNNABLE
+        True
+        """
+        op = "KVM_GET_MP_STATE"
+        self._check_open(op)
+        return int(self._get_mp_state().mp_state)
+
+    @abc.abstractmethod
+    def _get_mp_state(self) -> uapi.kvm_mp_state:
+        """``KVM_GET_MP_STATE`` into a new ``kvm_mp_state``."""
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """``KVM_SET_MP_STATE``: RUNNABLE always; UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED (stored
+        as INIT_RECEIVED) and AP_RESET_HOLD only with an in-kernel local APIC (:meth:`Vm.create_irqchip`
+        before the vCPU); anything else is EINVAL (``kvm_arch_vcpu_ioctl_set_mpstate``).
+
+        >>> import errno, kvmgmem
+        >>> from kvmgmem import uapi
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+        ...     try:
+        ...         vcpu.set_mp_state(uapi.KVM_MP_STATE_HALTED)     # no in-kernel LAPIC
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno])
+        EINVAL
+        """
+        op = "KVM_SET_MP_STATE"
+        self._check_open(op)
+        self._set_mp_state(uapi.kvm_mp_state(mp_state=u32(mp_state, "mp_state", op)))
+
+    @abc.abstractmethod
+    def _set_mp_state(self, state: uapi.kvm_mp_state) -> None:
+        """``KVM_SET_MP_STATE`` from ``state``."""
+
+    def get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ`` on the vCPU: its virtual TSC frequency in kHz (the VM's default at creation).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     vcpu.get_tsc_khz() == vm.get_tsc_khz() > 0
+        True
+        """
+        op = "KVM_GET_TSC_KHZ"
+        self._check_open(op)
+        return self._get_tsc_khz()
+
+    @abc.abstractmethod
+    def _get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ`` on the vCPU fd (the ioctl's return value)."""
+
     # The exit waiting for its reply. KVM_RUN's caller answers an IN, an MMIO read or a hypercall exit by
     # writing kvm_run before the next KVM_RUN, which completes the instruction with it
     # (``complete_userspace_io``); anything else in between is meaningless. The kernel keeps no such
@@ -906,6 +992,75 @@ class Vm(Resource, abc.ABC):
     @abc.abstractmethod
     def _enable_cap(self, cap: uapi.kvm_enable_cap) -> None:
         """``KVM_ENABLE_CAP`` on the VM fd with ``cap``."""
+
+    def create_irqchip(self) -> None:
+        """``KVM_CREATE_IRQCHIP``: the in-kernel PIC, IOAPIC and (for vCPUs created later) local APICs.
+
+        Errors (x86 ``kvm_arch_vm_ioctl``): EEXIST when the VM already has one, EINVAL once a vCPU was created.
+        On the sim the irqchip is a recorded mode and nothing more: no interrupt controller is modelled, so
+        nothing ever injects an interrupt. What it changes is what the kernel gates on it — the
+        ``KVM_SET_MP_STATE`` states that need a local APIC — and a vCPU whose state is not RUNNABLE then
+        waits in ``KVM_RUN`` for a wakeup that only a kick (EINTR) provides. HLT still exits to the VMM.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     vm.create_irqchip()
+        ...     try:
+        ...         vm.create_irqchip()
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno])
+        EEXIST
+        """
+        op = "KVM_CREATE_IRQCHIP"
+        self._check_open(op)
+        self._create_irqchip()
+
+    @abc.abstractmethod
+    def _create_irqchip(self) -> None:
+        """``KVM_CREATE_IRQCHIP`` on the VM fd."""
+
+    def get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ`` on the VM (``KVM_CAP_GET_TSC_KHZ``): the TSC frequency new vCPUs get, in kHz.
+
+        On the sim a fixed nominal frequency (profile field ``tsc_khz``): the guest's TSC is the CPU
+        emulator's own counter, which KVM_GET_TSC_KHZ does not describe.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     vm.get_tsc_khz() > 0
+        True
+        """
+        op = "KVM_GET_TSC_KHZ"
+        self._check_open(op)
+        return self._get_tsc_khz()
+
+    @abc.abstractmethod
+    def _get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ`` on the VM fd (the ioctl's return value)."""
+
+    def set_nr_mmu_pages(self, pages: int) -> None:
+        """``KVM_SET_NR_MMU_PAGES``: cap the shadow MMU's page-table pages (EINVAL below 64).
+
+        Only shadow paging allocates from this pool; with two-dimensional paging (the sim) the value is
+        recorded and changes nothing (``kvm_vm_ioctl_set_nr_mmu_pages``). ``pages`` is the ioctl's
+        ``unsigned long`` argument.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     vm.set_nr_mmu_pages(64)
+        ...     try:
+        ...         vm.set_nr_mmu_pages(63)
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno])
+        EINVAL
+        """
+        op = "KVM_SET_NR_MMU_PAGES"
+        self._check_open(op)
+        self._set_nr_mmu_pages(ulong(pages, "pages", op))
+
+    @abc.abstractmethod
+    def _set_nr_mmu_pages(self, pages: int) -> None:
+        """``KVM_SET_NR_MMU_PAGES`` with the 64-bit ioctl argument ``pages``."""
 
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a vCPU with this id (EEXIST if the id is taken, EINVAL past the limit).

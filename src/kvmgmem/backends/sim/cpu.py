@@ -122,6 +122,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
 from unicorn.unicorn_const import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_MEM_FETCH, UC_MEM_WRITE
@@ -543,6 +544,7 @@ class SimCpu:
         """Make the running (or next) ``run()`` raise ``KvmError(EINTR)``; waits until it left the guest."""
         with self._cond:
             self._kick = self._signal = True
+            self._cond.notify_all()  # a vCPU blocked in block() wakes now
             while self._kick and self._must_wait_locked():
                 if self._in_guest:
                     self._uc.emu_stop()
@@ -558,6 +560,22 @@ class SimCpu:
                 self._signal = False  # delivered on the way out of KVM_RUN
                 self._cond.notify_all()
             return kicked
+
+    def block(self, op: str) -> NoReturn:
+        """``kvm_vcpu_block`` when nothing can wake the vCPU but a signal (no interrupt controller is modelled):
+        wait for a kick, consume it and fail ``op`` with EINTR. A kicker waits for this, as for a running vCPU."""
+        with self._mutex, self._cond:
+            self._owner = threading.get_ident()
+            try:
+                while not self._kick:
+                    if self._closed:
+                        raise KvmError(errno.EBADF, op, "vCPU is closed")
+                    self._cond.wait(SIGNAL_TICK_S)  # wakes for a kick, and lets the main thread see Ctrl-C
+                self._kick = self._signal = False
+            finally:
+                self._owner = None
+                self._cond.notify_all()
+        raise KvmError(errno.EINTR, op, "blocked vCPU woken by a signal")
 
     def take_signal(self) -> bool:
         """Consume the signal a kick sent (``signal_pending(current)`` for an ioctl other than KVM_RUN, e.g.

@@ -105,6 +105,9 @@ class Profile:
     #: Enable the v12 RFC's huge-page guest_memfd (SIM_GUEST_MEMFD_FLAG_HUGEPAGE, modelled on
     #: KVM_GUEST_MEMFD_ALLOW_HUGEPAGE). Sim-only.
     hugepage: bool = False
+    #: KVM_GET_TSC_KHZ's answer (the host's ``tsc_khz``): a nominal value, the guest's TSC being the CPU
+    #: emulator's counter.
+    tsc_khz: int = 2_000_000
     nr_vcpus: int = 2
     max_vcpus: int = 1024
     max_vcpu_id: int = 4096
@@ -139,6 +142,7 @@ class Profile:
             raise ValueError(f"user_addr_limit must be page aligned, not {self.user_addr_limit:#x}")
         _check_range("host_mapping_level", self.host_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
         _check_range("max_mapping_level", self.max_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
+        _check_range("tsc_khz", self.tsc_khz, 1, (1 << 31) - 1)  # KVM_GET_TSC_KHZ returns it as an int
         _check_range("nr_vcpus", self.nr_vcpus, 1, 1 << 32)
         _check_range("max_vcpus", self.max_vcpus, 1, 1 << 32)
         _check_range("max_vcpu_id", self.max_vcpu_id, 1, 1 << 32)
