@@ -997,10 +997,11 @@ class Vm(Resource, abc.ABC):
         """``KVM_CREATE_IRQCHIP``: the in-kernel PIC, IOAPIC and (for vCPUs created later) local APICs.
 
         Errors (x86 ``kvm_arch_vm_ioctl``): EEXIST when the VM already has one, EINVAL once a vCPU was created.
-        On the sim the irqchip is a recorded mode and nothing more: no interrupt controller is modelled, so
-        nothing ever injects an interrupt. What it changes is what the kernel gates on it — the
-        ``KVM_SET_MP_STATE`` states that need a local APIC — and a vCPU whose state is not RUNNABLE then
-        waits in ``KVM_RUN`` for a wakeup that only a kick (EINTR) provides. HLT still exits to the VMM.
+        On the sim the irqchip is a recorded mode and nothing more: no PIC, IOAPIC or APIC is modelled, so
+        nothing ever injects an interrupt. What it changes is what the kernel gates on it: vCPUs created later
+        have a local APIC (APs start UNINITIALIZED, the ``KVM_SET_MP_STATE`` states that need one are
+        accepted) and HLT halts in the kernel instead of exiting; a vCPU that is not RUNNABLE then waits in
+        ``KVM_RUN`` for a wakeup that only a kick (EINTR) provides.
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
