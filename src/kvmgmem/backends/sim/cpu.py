@@ -147,6 +147,7 @@ from kvmgmem.backends.sim.cpu_exc import (
     Event,
     ExceptionDelivery,
     GuestException,
+    MmioDuringAccess,
     NeedRetry,
     VmExitSignal,
 )
@@ -1197,6 +1198,8 @@ class SimCpu:
         if not isinstance(res, Translation):
             raise self._outcome_signal(res, va & PAGE_MASK)
         page = self._resolve_page(res.gpa & PAGE_MASK, acc == ACCESS_WRITE, acc == ACCESS_FETCH, res.private)
+        if isinstance(page, Mmio):  # the exact gpa matters to event delivery (cpu_exc.ExceptionDelivery)
+            raise MmioDuringAccess(_emulation_failure(res.gpa & PAGE_MASK).exit, res.gpa, acc == ACCESS_WRITE)
         if not isinstance(page, tuple):
             raise self._outcome_signal(page, res.gpa & PAGE_MASK)
         return page[0] + (res.gpa & 0xFFF)

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
 from kvmgmem.api import Vcpu
 from kvmgmem.errors import KvmError
-from kvmgmem.exits import Exit, HltExit
+from kvmgmem.exits import Exit, HltExit, MemoryFaultExit
 
 from . import fdtable
+from .core.mmu import FaultMemoryExit, FaultMmio, FaultRetry
 from .core.prefault import pre_fault_memory
 from .core.vm import VmCore
+from .exit_info import EXIT_REASON_EPT_VIOLATION, emulation_failure, ept_violation_qualification
 
 if TYPE_CHECKING:
     from .cpu import CpuSet
@@ -180,10 +183,11 @@ class SimVcpu(Vcpu):
             # kvm_vcpu_block: halted, or an AP waiting for INIT/SIPI; no interrupt controller is modelled, so
             # only a signal (a kick) ends the wait, with EINTR.
             self._cpu.block("KVM_RUN")
-        if self._regs is not None or self._sregs is not None:
-            # Never loaded: unicorn cannot start from real-mode RESET state (it runs long-mode engines).
-            raise KvmError(errno.EINVAL, "KVM_RUN", "the sim starts vCPUs only from a loaded long-mode state "
-                           "(KVM_SET_REGS and KVM_SET_SREGS first)")  # fmt: skip
+        if self._sregs is not None:  # never loaded: real mode, as after RESET
+            return self._run_real_mode()
+        if self._regs is not None:  # segments and control registers loaded, GPRs still RESET's
+            self._cpu.set_regs(self._regs)
+            self._regs = None
         exit = self._cpu.run()
         if self._lapic and isinstance(exit, HltExit):
             # __kvm_emulate_halt with an in-kernel local APIC: the vCPU halts in the kernel (RIP after the HLT)
@@ -191,6 +195,36 @@ class SimVcpu(Vcpu):
             self._mp_state = uapi.KVM_MP_STATE_HALTED
             self._cpu.block("KVM_RUN")
         return exit
+
+    def _run_real_mode(self) -> Exit:
+        """KVM_RUN in the RESET state's real mode, as far as the sim can follow it.
+
+        The CPU emulator runs only loaded long-mode state, but the first thing a real-mode vCPU does is fetch
+        at CS.base + IP (0xfffffff0 after RESET) and the kernel decides that fetch: with no memslot there it
+        is MMIO, and the emulator cannot fetch an instruction from MMIO, so KVM_RUN exits with
+        KVM_INTERNAL_ERROR_EMULATION (``handle_emulation_failure`` at CPL0; set_memory_region_test's
+        zero-memory-regions case). The exit's data is what VMX reports for that fetch (an EPT violation,
+        ``exit_info``); RIP stays at the instruction. Code that really is in memory cannot run: EINVAL.
+        """
+        op = "KVM_RUN"
+        with self._cpu.loaded(op):
+            regs, sregs = self._get_regs(), self._get_sregs()
+            if sregs.cr0 & 1:  # protected mode without paging structures the sim was given: not followable
+                raise KvmError(errno.EINVAL, op, "the sim runs loaded long-mode state only (KVM_SET_SREGS first)")
+            gpa = (sregs.cs.base + (regs.rip & 0xFFFF)) & 0xFFFFFFFF
+            while True:
+                result = self._core.handle_fault(gpa, write=False, fetch=True)
+                if isinstance(result, FaultMmio):
+                    return emulation_failure(EXIT_REASON_EPT_VIOLATION, ept_violation_qualification(fetch=True))
+                if isinstance(result, FaultMemoryExit):
+                    return MemoryFaultExit(result.flags, result.gpa, result.size, result.errno)
+                if isinstance(result, FaultRetry):
+                    if self._cpu.take_kick():
+                        raise KvmError(errno.EINTR, op)
+                    time.sleep(0)
+                    continue
+                raise KvmError(errno.EINVAL, op, f"the sim cannot execute real-mode code (fetch at gpa {gpa:#x}); "
+                               "load a long-mode state with KVM_SET_SREGS and KVM_SET_REGS first")  # fmt: skip
 
     def _complete_io(self, data: bytes) -> None:
         self._cpu.complete_io(data)

@@ -238,6 +238,10 @@ HOST_DEVIATIONS: dict[str, str] = {
         "VMCALL at CPL0 never reaches kvm_emulate_hypercall: KVM_RUN spins until a signal, so neither "
         "KVM_EXIT_HYPERCALL nor an error return in RAX is ever produced"
     ),
+    "vectoring_mmio_shutdown": (
+        "an exception whose IDT gate lies in MMIO (no memslot) shuts the guest down (KVM_EXIT_SHUTDOWN) instead "
+        "of KVM_EXIT_INTERNAL_ERROR with suberror KVM_INTERNAL_ERROR_DELIVERY_EV (kvm_prepare_event_vectoring_exit)"
+    ),
     "vmcall_at_cpl3_gp": (
         "a VMCALL from CPL3 (guest code runs natively there) is delivered to the guest as #GP(0) instead of "
         "returning -KVM_EPERM in RAX (kvm_emulate_hypercall's CPL check)"
