@@ -152,6 +152,9 @@ KVM_MP_STATE_HALTED = 3
 KVM_MP_STATE_SIPI_RECEIVED = 4
 KVM_MP_STATE_AP_RESET_HOLD = 9
 
+#: kvm_cpuid_entry2.flags: the entry applies only to its ``index`` (the kernel's spelling, sic).
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+
 #: Entries a KVM_SET_CPUID2 / KVM_GET_SUPPORTED_CPUID table may have (arch/x86/include/asm/kvm_host.h).
 KVM_MAX_CPUID_ENTRIES = 256
 #: KVM_SET_NR_MMU_PAGES' minimum (KVM_MIN_ALLOC_MMU_PAGES, arch/x86/include/asm/kvm_host.h).

@@ -127,8 +127,10 @@ from typing import NoReturn
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
 from unicorn.unicorn_const import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_MEM_FETCH, UC_MEM_WRITE
 from unicorn.x86_const import (
+    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
+    UC_X86_REG_CR4,
     UC_X86_REG_RAX,
     UC_X86_REG_RBX,
     UC_X86_REG_RCX,
@@ -138,7 +140,7 @@ from unicorn.x86_const import (
 
 from kvmgmem import uapi
 from kvmgmem.api import Pending
-from kvmgmem.backends.sim import cpu_regs
+from kvmgmem.backends.sim import cpu_regs, cpuid
 from kvmgmem.backends.sim.cpu_emul import MmioAccess, decode, decode_mmio, memory_operands
 from kvmgmem.backends.sim.cpu_exc import (
     VEC_GP,
@@ -431,6 +433,8 @@ class SimCpu:
         self._uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
         self._uc.hook_add(UC_HOOK_INTR, self._hook_intr)
         self._uc.hook_add(UC_HOOK_INSN_INVALID, self._hook_insn_invalid)
+        self._uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, UC_X86_INS_CPUID)
+        self._cpuid: list[uapi.kvm_cpuid_entry2] = []  # KVM_SET_CPUID2's table (empty: every leaf reads 0)
         self._delivery = ExceptionDelivery(self._uc, self._state, self)
 
         # KVM's vcpu->mutex: held by run() and by register access, never by requesters
@@ -893,6 +897,25 @@ class SimCpu:
         if self._intr is None:
             self._intr = (intno, uc.reg_read(UC_X86_REG_RIP))
         uc.emu_stop()
+
+    def _hook_cpuid(self, uc: Engine, _ud: object) -> int:
+        """CPUID exits on KVM: ``kvm_emulate_cpuid`` answers from the KVM_SET_CPUID2 table (``cpuid.py``) and
+        writes the four results zero-extended. Returning 1 skips the emulator's own CPUID model."""
+        rax, rcx, cr4 = uc.reg_read_batch([UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_CR4])
+        table = cpuid.runtime_entries(self._cpuid, cr4, self.apic_base)
+        eax, ebx, ecx, edx = cpuid.kvm_cpuid(table, rax & 0xFFFFFFFF, rcx & 0xFFFFFFFF)
+        uc.reg_write_batch([(UC_X86_REG_RAX, eax), (UC_X86_REG_RBX, ebx), (UC_X86_REG_RCX, ecx), (UC_X86_REG_RDX, edx)])
+        return 1
+
+    def set_cpuid(self, entries: list[uapi.kvm_cpuid_entry2]) -> None:
+        """Load the KVM_SET_CPUID2 table the guest's CPUID answers from."""
+        with self._mutex:
+            self._cpuid = list(entries)
+
+    def cpuid_entries(self) -> list[uapi.kvm_cpuid_entry2]:
+        """The table with KVM's runtime bits refreshed from the current CR4 and APIC base (KVM_GET_CPUID2)."""
+        with self._mutex:
+            return cpuid.runtime_entries(self._cpuid, self._uc.reg_read(UC_X86_REG_CR4), self.apic_base)
 
     def _hook_insn_invalid(self, uc: Engine, _ud: object) -> bool:
         self._invalid_insn = True

@@ -18,7 +18,7 @@ from kvmgmem.api import Vcpu
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit, HltExit, MemoryFaultExit
 
-from . import fdtable
+from . import cpuid, fdtable
 from .core.mmu import FaultMemoryExit, FaultMmio, FaultRetry
 from .core.prefault import pre_fault_memory
 from .core.vm import VmCore
@@ -72,6 +72,7 @@ class SimVcpu(Vcpu):
         self._lapic = vm.irqchip
         runnable = not self._lapic or vcpu_id == 0
         self._mp_state = uapi.KVM_MP_STATE_RUNNABLE if runnable else uapi.KVM_MP_STATE_UNINITIALIZED
+        self._ran = False  # entered the guest once (last_vmentry_cpu != -1): the CPUID table is frozen
         self._sipi_pending = False  # KVM_APIC_SIPI in apic->pending_events (the vector is 0: none was sent)
         self._cpu = cpus.create_cpu(vcpu_id)
         core = self._core = vm.core
@@ -105,15 +106,31 @@ class SimVcpu(Vcpu):
         self._cpu.set_sregs(sregs)
         self._sregs = None
 
-    def _set_cpuid2(self, cpuid: Any) -> None:
-        self._cpuid = [uapi.kvm_cpuid_entry2.from_buffer_copy(cpuid.entries[i]) for i in range(cpuid.nent)]
+    def _set_cpuid2(self, table: Any) -> None:
+        """``kvm_vcpu_ioctl_set_cpuid2`` / ``kvm_set_cpuid``: E2BIG past 256 entries; once the vCPU has run only
+        the same table is accepted (EINVAL otherwise, ``kvm_cpuid_check_equal``, compared with the KVM-owned
+        bits refreshed); EINVAL for a table ``kvm_check_cpuid`` refuses."""
+        op = "KVM_SET_CPUID2"
+        if table.nent > uapi.KVM_MAX_CPUID_ENTRIES:
+            raise KvmError(errno.E2BIG, op, f"{table.nent} entries > KVM_MAX_CPUID_ENTRIES (256)")
+        entries = [uapi.kvm_cpuid_entry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
+        with self._cpu.loaded(op):
+            if self._ran:
+                if not cpuid.same_table(entries, self._cpu.cpuid_entries()):
+                    raise KvmError(errno.EINVAL, op, "the vCPU has run: only the same CPUID table may be set again")
+                return
+            why = cpuid.check_table(entries)
+            if why is not None:
+                raise KvmError(errno.EINVAL, op, why)
+            self._cpuid = entries
+            self._cpu.set_cpuid(entries)
 
     @property
     def cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         return list(self._cpuid)
 
     def _get_cpuid2(self, cpuid: Any) -> None:
-        entries = self._cpuid
+        entries = self._cpu.cpuid_entries()
         if cpuid.nent < len(entries):
             raise KvmError(errno.E2BIG, "KVM_GET_CPUID2", f"{len(entries)} entries, room for {cpuid.nent}")
         for i, entry in enumerate(entries):
@@ -188,6 +205,7 @@ class SimVcpu(Vcpu):
         if self._regs is not None:  # segments and control registers loaded, GPRs still RESET's
             self._cpu.set_regs(self._regs)
             self._regs = None
+        self._ran = True
         exit = self._cpu.run()
         if self._lapic and isinstance(exit, HltExit):
             # __kvm_emulate_halt with an in-kernel local APIC: the vCPU halts in the kernel (RIP after the HLT)
@@ -212,6 +230,7 @@ class SimVcpu(Vcpu):
             if sregs.cr0 & 1:  # protected mode without paging structures the sim was given: not followable
                 raise KvmError(errno.EINVAL, op, "the sim runs loaded long-mode state only (KVM_SET_SREGS first)")
             gpa = (sregs.cs.base + (regs.rip & 0xFFFF)) & 0xFFFFFFFF
+            self._ran = True
             while True:
                 result = self._core.handle_fault(gpa, write=False, fetch=True)
                 if isinstance(result, FaultMmio):

@@ -238,6 +238,11 @@ HOST_DEVIATIONS: dict[str, str] = {
         "VMCALL at CPL0 never reaches kvm_emulate_hypercall: KVM_RUN spins until a signal, so neither "
         "KVM_EXIT_HYPERCALL nor an error return in RAX is ever produced"
     ),
+    "cpuid_host_bits": (
+        "CPUID leaf 1 at guest CPL0 returns ECX/EDX feature bits the KVM_SET_CPUID2 table does not have (host bits "
+        "such as SSE3, SSE4.x, XSAVE, AVX and HTT merged in), and at CPL3, where guest code runs natively, CPUID "
+        "is the host's own; kvm_cpuid answers from the table alone"
+    ),
     "vectoring_mmio_shutdown": (
         "an exception whose IDT gate lies in MMIO (no memslot) shuts the guest down (KVM_EXIT_SHUTDOWN) instead "
         "of KVM_EXIT_INTERNAL_ERROR with suberror KVM_INTERNAL_ERROR_DELIVERY_EV (kvm_prepare_event_vectoring_exit)"
