@@ -539,7 +539,11 @@ class Vcpu(Resource, abc.ABC):
     def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
         """``KVM_SET_CPUID2``; ``None`` loads the system's supported CPUID (what VMMs do).
 
-        Errors: TypeError naming the operation for entries that are not ``uapi.kvm_cpuid_entry2``.
+        The guest's CPUID instruction then answers from this table, by KVM's lookup rules (``kvm_cpuid``); a
+        vCPU without one reads zeros. Errors: TypeError naming the operation for entries that are not
+        ``uapi.kvm_cpuid_entry2``; E2BIG for more than 256 entries; EINVAL for a table ``kvm_check_cpuid``
+        refuses (a linear-address width other than 48, 57 or 0 in leaf 0x80000008) and, once the vCPU has
+        run, for any table other than the one it has (``kvm_cpuid_check_equal``).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
