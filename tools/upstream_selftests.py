@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = "linux-source-7.2"
-MIRROR = "http://deb.debian.org/debian"
+#: The Debian mirror (``KVMGMEM_DEBIAN_MIRROR`` overrides it, e.g. a CI runner's local mirror).
+MIRROR = os.environ.get("KVMGMEM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = "unstable"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
@@ -375,8 +376,13 @@ def _jobs() -> int:
 
 
 def _last_line(done: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else f"exit {done.returncode}"
+    """apt's own diagnosis (its first ``E:`` line, else its first ``W:``), else the last line, else the exit status."""
+    lines = [ln.strip() for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    for kind in ("E:", "W:"):
+        found = [ln for ln in lines if ln.startswith(kind)]
+        if found:
+            return found[0]
+    return lines[-1] if lines else f"exit {done.returncode}"
 
 
 def main(argv: list[str]) -> int:
