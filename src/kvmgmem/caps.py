@@ -27,7 +27,7 @@ class CapsReport:
     verdict: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The report as the JSON object ``kvmgmem caps --json`` prints."""
+        """Return the report as the JSON object ``kvmgmem caps --json`` prints."""
         return {
             "backend": self.backend,
             "selection_reason": self.selection_reason,

@@ -192,3 +192,18 @@ def test_program_helper_is_clean() -> None:
     """The test harness itself leaves nothing behind (the autouse leak check covers every test)."""
     with program() as prog:
         assert isinstance(prog, Program)
+
+
+def test_vfs_ioctls_on_kvm_fds() -> None:
+    """FIOCLEX/FIONCLEX/FIONBIO are the VFS's (do_vfs_ioctl), on any KVM fd, before KVM's own table."""
+    with program() as prog:
+        srv = prog.srv
+        vm = prog.create_vm(prog.kvm)
+        assert srv.ioctl(vm, 0x5450, 0) == 0  # FIONCLEX
+        assert os.get_inheritable(vm)
+        assert srv.ioctl(vm, 0x5451, 0) == 0  # FIOCLEX
+        assert not os.get_inheritable(vm)
+        one = ctypes.c_int(1)
+        assert srv.ioctl(vm, 0x5421, ctypes.addressof(one)) == 0  # FIONBIO
+        assert not os.get_blocking(vm)
+        assert errno_of(srv.ioctl, vm, 0x5421, 8) == errno.EFAULT

@@ -315,3 +315,49 @@ def test_trace_file(tmp_path: Path) -> None:
     assert "KVM_CREATE_VM" in names and "KVM_SET_USER_MEMORY_REGION2" in names
     runs = [e for e in trace["traceEvents"] if e["name"] == "KVM_RUN"]
     assert runs and runs[0]["args"]["exit"] == "HltExit" and runs[0]["tid"] == 0
+
+
+def test_guest_memfd_map_fixed_over_a_reservation() -> None:
+    """guest_memfd_test's test_collapse: MAP_FIXED|MAP_SHARED of a guest_memfd over a PROT_NONE reservation,
+    MADV_COLLAPSE EINVAL, MADV_DONTNEED fine, then one munmap of the reservation around it; private files
+    still SIGBUS at the fixed address."""
+    from kvmgmem.libc import PROT_NONE, c_mmap, munmap
+
+    with program() as prog:
+        srv = prog.srv
+        vm = prog.create_vm(prog.kvm)
+        gmem = prog.create_gmem(vm, 2 << 20, MMAP_SHARED_FLAGS)
+        reserved = c_mmap(None, 4 << 20, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        at = (reserved + (2 << 20) - 1) & ~((2 << 20) - 1)
+        fixed = mmap.MAP_SHARED | 0x10  # MAP_FIXED
+        assert srv.mmap(at, 2 << 20, PROT_RW, fixed, gmem, 0) == at
+        ctypes.memmove(at, b"xy", 2)
+        assert errno_of(srv.madvise, at, 2 << 20, MADV_COLLAPSE) == errno.EINVAL
+        assert srv.madvise(at, 2 << 20, mmap.MADV_DONTNEED) == -2  # the real call, on the program's range
+        assert ctypes.string_at(at, 2) == b"xy"  # shared file pages survive DONTNEED
+        assert srv.munmap(reserved, 4 << 20) == 0
+        munmap(reserved, 4 << 20)
+        private = prog.create_gmem(vm, 1 << 20, uapi.GUEST_MEMFD_FLAG_MMAP)
+        reserved = c_mmap(None, 1 << 20, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        assert srv.mmap(reserved, 1 << 20, PROT_RW, fixed, private, 0) == reserved
+        assert touch_dies_of_sigbus(reserved, 1, write=False) == signal.SIGBUS
+        assert srv.munmap(reserved, 1 << 20) == 0
+        munmap(reserved, 1 << 20)
+
+
+def test_tsc_khz_set_then_get() -> None:
+    """KVM_SET_TSC_KHZ on the VM sets the default of vCPUs created later (EINVAL once one exists); on a
+    vCPU, that vCPU's; 0 means the host's frequency."""
+    with program() as prog:
+        srv = prog.srv
+        vm = prog.create_vm(prog.kvm)
+        assert srv.ioctl(vm, abi.KVM_SET_TSC_KHZ, 1_500_000) == 0
+        assert srv.ioctl(vm, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        vcpu, _run = prog.create_vcpu(vm)
+        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        assert srv.ioctl(vcpu, abi.KVM_SET_TSC_KHZ, 1_000_000) == 0
+        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) == 1_000_000
+        assert errno_of(srv.ioctl, vm, abi.KVM_SET_TSC_KHZ, 900_000) == errno.EINVAL
+        assert srv.ioctl(vm, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        assert srv.ioctl(vcpu, abi.KVM_SET_TSC_KHZ, 0) == 0
+        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) > 0

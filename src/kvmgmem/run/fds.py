@@ -16,12 +16,13 @@ the VM fd closed; a guest_memfd holds the VM too, which the API models itself (`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,9 @@ class KvmFile:
     release: Callable[[], None] | None = None
     fds: set[int] = field(default_factory=set)
     released: bool = False
+    #: Calls in progress on the file (``fdget`` references): a close during a KVM_RUN in another thread
+    #: releases the file only when that call returns, as ``fput`` after ``fdput`` does.
+    users: int = 0
 
 
 def _mark_function() -> Callable[[int, int], None] | None:
@@ -91,6 +95,31 @@ class FdTable:
             raise KvmError(errno.EBADF, op, f"fd {fd} is not a KVM fd of this process")
         return file
 
+    @contextlib.contextmanager
+    def use(self, fd: int, op: str) -> Iterator[KvmFile]:
+        """The file behind ``fd`` held for the duration of one call (``fdget``/``fdput``); EBADF if not ours."""
+        with self._lock:
+            file = self._files.get(fd)
+            if file is not None:
+                file.users += 1
+        if file is None:
+            raise KvmError(errno.EBADF, op, f"fd {fd} is not a KVM fd of this process")
+        try:
+            yield file
+        finally:
+            with self._lock:
+                file.users -= 1
+                last = self._last_reference(file)
+            if last and file.release is not None:
+                file.release()
+
+    def _last_reference(self, file: KvmFile) -> bool:
+        """Whether ``file`` just lost its last fd and call (caller holds the lock); marks it released."""
+        if file.fds or file.users or file.released:
+            return False
+        file.released = True
+        return True
+
     def lookup(self, fd: int) -> KvmFile | None:
         """The file behind ``fd``, or None."""
         with self._lock:
@@ -124,9 +153,7 @@ class FdTable:
     def _drop(self, file: KvmFile, fd: int) -> None:
         with self._lock:
             file.fds.discard(fd)
-            last = not file.fds and not file.released
-            if last:
-                file.released = True
+            last = self._last_reference(file)
         if last and file.release is not None:
             file.release()
 

@@ -114,6 +114,7 @@ def create_irqchip(srv: Server, ref: VmRef, arg: int) -> int:
     method = _api(ref.vm, "create_irqchip")
     if method is not None:
         method()
+        ref.extra["irqchip"] = True  # the LAPIC ioctls below check it
         return 0
     op = "KVM_CREATE_IRQCHIP"
     if ref.extra.get("irqchip"):
@@ -125,18 +126,25 @@ def create_irqchip(srv: Server, ref: VmRef, arg: int) -> int:
 
 
 def vm_get_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
-    """KVM_GET_TSC_KHZ on the VM fd: the default frequency of new vCPUs."""
-    method = _api(ref.vm, "get_tsc_khz")
-    if method is not None:
-        return int(method())
-    return int(ref.extra.get("tsc_khz", SIM_TSC_KHZ))
+    """KVM_GET_TSC_KHZ on the VM fd: the default frequency of new vCPUs (as last set, else the sim's)."""
+    if "tsc_khz" in ref.extra:
+        return int(ref.extra["tsc_khz"])
+    return _default_tsc_khz(ref.vm)
+
+
+def _default_tsc_khz(obj: Any) -> int:
+    """The frequency the model gives new vCPUs (the kernel's ``tsc_khz``, what 0 asks for)."""
+    method = _api(obj, "get_tsc_khz")
+    return int(method()) if method is not None else SIM_TSC_KHZ
 
 
 def vm_set_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
-    """KVM_SET_TSC_KHZ on the VM fd: EINVAL for 0 (no scaling range modelled beyond that)."""
-    if not arg or arg > 0xFFFFFFFF:
-        raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", f"tsc_khz {arg}")
-    ref.extra["tsc_khz"] = arg
+    """KVM_SET_TSC_KHZ on the VM fd: the default of vCPUs created later; the u32 argument, 0 meaning the
+    host's frequency; EINVAL once a vCPU exists (``kvm_arch_vm_ioctl``). TSC scaling has no upper limit here."""
+    khz = arg & 0xFFFFFFFF
+    if getattr(ref.vm, "_vcpus", None):
+        raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", "vCPUs already created")
+    ref.extra["tsc_khz"] = khz or _default_tsc_khz(ref.vm)
     return 0
 
 
@@ -198,18 +206,15 @@ def set_mp_state(srv: Server, state: VcpuState, arg: int) -> int:
 
 
 def vcpu_get_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_GET_TSC_KHZ on a vCPU: its frequency (the VM's default at creation)."""
-    method = _api(state.vcpu, "get_tsc_khz")
-    if method is not None:
-        return int(method())
-    return int(state.extra.get("tsc_khz", state.vm.extra.get("tsc_khz", SIM_TSC_KHZ)))
+    """KVM_GET_TSC_KHZ on a vCPU: its frequency (as last set, else the VM's default when it was created)."""
+    if "tsc_khz" in state.extra:
+        return int(state.extra["tsc_khz"])
+    return _default_tsc_khz(state.vcpu)
 
 
 def vcpu_set_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_SET_TSC_KHZ on a vCPU: EINVAL for 0."""
-    if not arg or arg > 0xFFFFFFFF:
-        raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", f"tsc_khz {arg}")
-    state.extra["tsc_khz"] = arg
+    """KVM_SET_TSC_KHZ on a vCPU: the u32 argument, 0 meaning the host's frequency."""
+    state.extra["tsc_khz"] = (arg & 0xFFFFFFFF) or _default_tsc_khz(state.vcpu)
     return 0
 
 
@@ -295,22 +300,46 @@ def _fpu_reset() -> abi.kvm_fpu:
 def _lapic_get(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_GET_LAPIC: EINVAL without an in-kernel LAPIC, else the register page last set."""
     op = "KVM_GET_LAPIC"
-    if not state.vm.extra.get("irqchip") and _api(state.vm.vm, "create_irqchip") is None:
+    if not state.vm.extra.get("irqchip"):
         raise KvmError(errno.EINVAL, op, "no in-kernel LAPIC (KVM_CREATE_IRQCHIP first)")
     copy_to_user(arg, state.extra.get("lapic") or abi.kvm_lapic_state(), op)
     return 0
 
 
+XFEATURE_MASK_FP = 1
+
+
+def _has_xsave(srv: Server) -> bool:
+    """``boot_cpu_has(X86_FEATURE_XSAVE)`` for the sim: CPUID.1:ECX bit 26 of its supported table."""
+    return any(e.function == 1 and e.ecx >> 26 & 1 for e in srv.system.get_supported_cpuid())
+
+
 def get_xcrs(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_GET_XCRS: the sim's CPUID has no XSAVE, so ``nr_xcrs`` is 0 (``kvm_vcpu_ioctl_x86_get_xcrs``)."""
-    copy_to_user(arg, abi.kvm_xcrs(), "KVM_GET_XCRS")
+    """KVM_GET_XCRS (``kvm_vcpu_ioctl_x86_get_xcrs``): no XCRs without XSAVE, else XCR0."""
+    xcrs = abi.kvm_xcrs()
+    if _has_xsave(srv):
+        xcrs.nr_xcrs = 1
+        xcrs.xcrs[0].value = state.extra.get("xcr0", XFEATURE_MASK_FP)
+    copy_to_user(arg, xcrs, "KVM_GET_XCRS")
     return 0
 
 
 def set_xcrs(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_SET_XCRS: EINVAL, the sim's CPUID has no XSAVE (``kvm_vcpu_ioctl_x86_set_xcrs``)."""
-    copy_from_user(abi.kvm_xcrs, arg, "KVM_SET_XCRS")
-    raise KvmError(errno.EINVAL, "KVM_SET_XCRS", "no XSAVE in the sim's CPUID")
+    """KVM_SET_XCRS (``kvm_vcpu_ioctl_x86_set_xcrs``): EINVAL without XSAVE, for more than 16 XCRs or
+    flags, and for an XCR0 without x87 (``__kvm_set_xcr``); XCR0 is stored, not given to the sim's CPU."""
+    op = "KVM_SET_XCRS"
+    xcrs = copy_from_user(abi.kvm_xcrs, arg, op)
+    if not _has_xsave(srv):
+        raise KvmError(errno.EINVAL, op, "no XSAVE in the sim's CPUID")
+    if xcrs.nr_xcrs > 16 or xcrs.flags:
+        raise KvmError(errno.EINVAL, op, f"nr_xcrs {xcrs.nr_xcrs}, flags {xcrs.flags:#x}")
+    for i in range(xcrs.nr_xcrs):
+        if xcrs.xcrs[i].xcr == 0:
+            if not xcrs.xcrs[i].value & XFEATURE_MASK_FP:
+                raise KvmError(errno.EINVAL, op, "XCR0 without x87")
+            state.extra["xcr0"] = xcrs.xcrs[i].value
+            break
+    return 0
 
 
 def enable_cap_vcpu(srv: Server, state: VcpuState, arg: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from kvmgmem import uapi
@@ -26,38 +27,67 @@ from kvmgmem.gmem_mapping import GmemMapping
 from .user import mapped_range
 
 
+@dataclass(eq=False)
+class ProgramMapping:
+    """A guest_memfd mapping the program holds: at ``address`` (``size`` bytes), owned by ``owner``.
+
+    ``owner`` is the sim's ``GmemMapping`` (file reference, SIGBUS rules, hwpoison re-pointing). For a
+    ``MAP_FIXED`` request the program's range is an *alias* of the owner (``mremap`` with old size 0
+    duplicates a shared mapping: the same pages, the same SIGBUS), because a ``GmemMapping`` chooses its own
+    address."""
+
+    address: int
+    size: int
+    owner: GmemMapping
+
+    @property
+    def alias(self) -> bool:
+        """Whether the program's range is a duplicate of the owner's (MAP_FIXED), not the owner itself."""
+        return self.address != self.owner.address
+
+    def release(self) -> None:
+        """The program unmapped it: drop the owner (deferred while a memslot still uses it)."""
+        if self.owner.pinned_by:
+            self.owner.__exit__(None, None, None)
+        else:
+            self.owner.close()
+
+
 class MemoryMap:
     """The guest_memfd mappings the server made for the program (by address), and the VMs to notify."""
 
     def __init__(self, vms: Callable[[], Iterable[Any]]) -> None:
         self._lock = threading.Lock()
-        self._mappings: dict[int, GmemMapping] = {}
+        self._mappings: dict[int, ProgramMapping] = {}
         self._vms = vms
 
-    def add(self, mapping: GmemMapping) -> None:
+    def add(self, mapping: ProgramMapping) -> None:
         """Record a guest_memfd mapping handed to the program (``server.mmap``)."""
         with self._lock:
             self._mappings[mapping.address] = mapping
 
-    def mapping_at(self, address: int) -> GmemMapping | None:
-        """The server's guest_memfd mapping that starts at ``address``."""
+    def mapping_at(self, address: int) -> ProgramMapping | None:
+        """The program's guest_memfd mapping that starts at ``address``."""
         with self._lock:
             return self._mappings.get(address)
 
-    def mapping_containing(self, address: int) -> GmemMapping | None:
-        """The server's guest_memfd mapping whose range contains ``address``."""
+    def mapping_containing(self, address: int) -> ProgramMapping | None:
+        """The program's guest_memfd mapping whose range contains ``address``."""
         with self._lock:
             for mapping in self._mappings.values():
                 if mapping.address <= address < mapping.address + mapping.size:
                     return mapping
         return None
 
-    def pop(self, address: int) -> GmemMapping | None:
-        """Forget the mapping at ``address`` (the program unmapped it)."""
+    def take_within(self, start: int, end: int) -> list[ProgramMapping]:
+        """Forget and return the mappings lying wholly inside ``[start, end)`` (a munmap of that range)."""
         with self._lock:
-            return self._mappings.pop(address, None)
+            inside = [m for m in self._mappings.values() if start <= m.address and m.address + m.size <= end]
+            for m in inside:
+                del self._mappings[m.address]
+        return inside
 
-    def drain(self) -> list[GmemMapping]:
+    def drain(self) -> list[ProgramMapping]:
         """Forget every mapping and return them (process exit)."""
         with self._lock:
             mappings = list(self._mappings.values())
@@ -70,10 +100,12 @@ class MemoryMap:
             return address
         mapping = self.mapping_containing(address)
         if mapping is not None:
-            # Only a slot starting at the mapping's start can be proven by the mapping itself (the API takes
-            # the mapping's address as userspace_addr); elsewhere hva accesses fail as on unmapped memory.
-            if mapping.address == address and size <= mapping.size and not mapping.closed:
-                return mapping
+            # Only a slot starting at the owner's own start can be proven by the owner (the API takes the
+            # mapping's address as userspace_addr); elsewhere (an alias, an offset) hva accesses fail as on
+            # unmapped memory, and a guest_memfd slot still reaches the file through the binding.
+            owner = mapping.owner
+            if not mapping.alias and mapping.address == address and size <= owner.size and not owner.closed:
+                return owner
             return address
         writable = not flags & uapi.KVM_MEM_READONLY
         if address % uapi.PAGE_SIZE or not mapped_range(address, address + size, writable):

@@ -158,6 +158,8 @@ def create_vcpu(srv: Server, ref: VmRef, arg: int) -> int:
         raise
     ref.get()
     state = VcpuState(vcpu, ref, area)
+    if "tsc_khz" in ref.extra:  # kvm_arch_vcpu_create: the VM's default frequency at creation
+        state.extra["tsc_khz"] = ref.extra["tsc_khz"]
     srv.table.install(fd, FileKind.VCPU, state, state.release)
     return fd
 
@@ -166,12 +168,18 @@ def create_vcpu(srv: Server, ref: VmRef, arg: int) -> int:
 
 
 def run(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_RUN: complete the reply the last exit waited for (``complete_userspace_io``), honour
-    ``immediate_exit`` (EINTR, ``KVM_EXIT_INTR``), run, and write the exit into ``kvm_run``. A memory fault
-    fails with EFAULT or EHWPOISON with the exit filled (``kvm_prepare_memory_fault_exit``)."""
+    """KVM_RUN as ``kvm_arch_vcpu_ioctl_run``: sync_regs are not modelled (EINVAL for any
+    ``kvm_valid_regs``/``kvm_dirty_regs`` bit, as for bits outside the supported set), complete the reply the
+    last exit waited for (``complete_userspace_io``), then ``immediate_exit`` fails with EINTR *without*
+    touching ``exit_reason`` (the selftests' ``vcpu_run_complete_io`` relies on it), run, and write the exit
+    into ``kvm_run``. A signal or kick during the run is EINTR with ``KVM_EXIT_INTR``
+    (``kvm_handle_signal_exit``). A memory fault fails with EFAULT or EHWPOISON with the exit filled
+    (``kvm_prepare_memory_fault_exit``)."""
     op = "KVM_RUN"
     _no_arg(arg, op)
     vcpu, area = state.vcpu, state.area
+    if area.run.kvm_valid_regs or area.run.kvm_dirty_regs:
+        raise KvmError(errno.EINVAL, op, "kvm_valid_regs/kvm_dirty_regs: sync_regs is not modelled")
     if state.pending is not None:
         kind, length = state.pending, state.pending_length
         state.pending = None
@@ -182,10 +190,10 @@ def run(srv: Server, state: VcpuState, arg: int) -> int:
         else:
             vcpu.complete_hypercall(area.hypercall_ret())
     if area.immediate_exit:
-        area.write_intr()
         raise KvmError(errno.EINTR, op, "immediate_exit")
     state.extra["ran"] = True
     start = srv.trace_now()
+    srv.kicks.enter(state)
     try:
         exit = vcpu.run()
     except KvmError as e:
@@ -193,6 +201,8 @@ def run(srv: Server, state: VcpuState, arg: int) -> int:
             area.write_intr()
         srv.trace_exit(vcpu.vcpu_id, start, {"error": errno.errorcode.get(e.errno or 0, e.errno)})
         raise
+    finally:
+        srv.kicks.leave(state)
     srv.trace_exit(vcpu.vcpu_id, start, _exit_args(exit))
     area.write_exit(exit)
     if isinstance(exit, MemoryFaultExit):

@@ -25,11 +25,12 @@ import weakref
 from typing import Any
 
 from kvmgmem.errors import KvmError
-from kvmgmem.libc import MAP_FIXED, c_mmap
+from kvmgmem.libc import MADV_COLLAPSE, MAP_FIXED, MREMAP_FIXED, MREMAP_MAYMOVE, c_mmap, failed, mremap
+from kvmgmem.libc import munmap as _munmap
 
-from . import abi, ioctls, sysfs
+from . import abi, ioctls, kicks, sysfs
 from .fds import FdTable, FileKind, KvmFile, placeholder
-from .guest_memory import MemoryMap
+from .guest_memory import MemoryMap, ProgramMapping
 from .objects import GmemState, VmRef
 
 #: ``madvise`` returns this for "not mine: do the real call" (contract with the preload library).
@@ -41,12 +42,41 @@ MADV_DONTNEED_LOCKED = 24
 #: Advice that drops the pages of a range (the mmu notifier runs for them, ``zap_page_range_single``).
 DISCARDING_ADVICE = frozenset({MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MADV_DONTNEED_LOCKED})
 MAP_SHARED_VALIDATE = 0x03
+MAP_FIXED_NOREPLACE = 0x100000
 MAP_TYPE = 0x0F
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mprotect = _libc.mprotect
 _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _mprotect.restype = ctypes.c_int
+
+
+def _fioclex(fd: int, arg: int) -> int:
+    os.set_inheritable(fd, False)
+    return 0
+
+
+def _fionclex(fd: int, arg: int) -> int:
+    os.set_inheritable(fd, True)
+    return 0
+
+
+def _fionbio(fd: int, arg: int) -> int:
+    from .user import read_u32
+
+    os.set_blocking(fd, not read_u32(arg, "FIONBIO"))
+    return 0
+
+
+def _fioasync(fd: int, arg: int) -> int:
+    from .user import read_u32
+
+    read_u32(arg, "FIOASYNC")  # KVM files have no fasync: the flag changes nothing they do
+    return 0
+
+
+#: ioctls ``do_vfs_ioctl`` handles for every file before the driver sees the request.
+VFS_IOCTLS = {0x5451: _fioclex, 0x5450: _fionclex, 0x5421: _fionbio, 0x5452: _fioasync}
 
 
 class Server:
@@ -60,6 +90,7 @@ class Server:
         self._vms: weakref.WeakSet[Any] = weakref.WeakSet()
         self._vms_lock = threading.Lock()
         self.memory = MemoryMap(self._live_vms)
+        self.kicks = kicks.watcher()
         self.trace_path = trace_path
         self.tracer: Any = None
         self._trace_dirty = False
@@ -125,8 +156,14 @@ class Server:
 
     def ioctl(self, fd: int, request: int, arg: int) -> int:
         """``ioctl``: dispatch by fd kind and request number (``ioctls.TABLES``)."""
-        file = self._file(fd, "ioctl")
+        with self.table.use(fd, "ioctl") as file:
+            return self._dispatch(file, fd, request, arg)
+
+    def _dispatch(self, file: KvmFile, fd: int, request: int, arg: int) -> int:
         request &= 0xFFFFFFFF  # the kernel's ioctl command is an unsigned int
+        generic = VFS_IOCTLS.get(request)
+        if generic is not None:  # do_vfs_ioctl answers these before the file's own ioctl
+            return generic(fd, arg)
         handler = ioctls.TABLES[file.kind].get(request)
         name = abi.ioctl_name(request)
         if handler is None:
@@ -226,37 +263,44 @@ class Server:
             return c_mmap(addr or None, length, prot, flags, fd, offset)
         if file.kind is not FileKind.GMEM:
             raise KvmError(errno.ENODEV, "mmap", f"a {file.kind.value} fd cannot be mapped")
-        if flags & MAP_FIXED and addr:
-            raise KvmError(errno.EINVAL, "mmap", "MAP_FIXED of a guest_memfd is not supported by kvmgmem run")
+        fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
         shared = flags & MAP_TYPE in (_mmap.MAP_SHARED, MAP_SHARED_VALIDATE)
-        mapping = file.obj.gmem.mmap(length, offset, shared)
-        if prot != _mmap.PROT_READ | _mmap.PROT_WRITE and _mprotect(mapping.address, mapping.size, prot):
-            err = ctypes.get_errno()
-            mapping.close()
-            raise KvmError(err, "mmap", "mprotect")
-        self.memory.add(mapping)
-        return int(mapping.address)
+        owner = file.obj.gmem.mmap(length, offset, shared)
+        address = owner.address
+        try:
+            if fixed:  # the program's address: a duplicate of the owner's pages there
+                moved = mremap(owner.address, 0, owner.size, MREMAP_MAYMOVE | MREMAP_FIXED, addr)
+                if failed(moved):
+                    raise KvmError(ctypes.get_errno(), "mmap", f"MAP_FIXED at {addr:#x}")
+                address = addr
+            if prot != _mmap.PROT_READ | _mmap.PROT_WRITE and _mprotect(address, owner.size, prot):
+                raise KvmError(ctypes.get_errno(), "mmap", "mprotect")
+        except BaseException:
+            owner.close()
+            raise
+        self.memory.add(ProgramMapping(address, owner.size, owner))
+        return int(address)
 
     def munmap(self, addr: int, length: int) -> int:
-        """``munmap`` (before the real one): the mmu notifier for the range, then 1 if it was a guest_memfd
-        mapping the server released itself, else 0 (the preload library unmaps)."""
+        """``munmap`` (before the real one): the mmu notifier for the range; guest_memfd mappings inside it
+        are released. 1 when the range was exactly one server-owned mapping (the server unmapped it), else 0:
+        the preload library unmaps (aliases and anything else in the range)."""
         self.memory.invalidate(addr, length, unmap=True)
-        mapping = self.memory.mapping_at(addr)
-        if mapping is None or length < mapping.size - (_mmap.PAGESIZE - 1):
-            return 0
-        self.memory.pop(addr)
-        if mapping.pinned_by:
-            mapping.__exit__(None, None, None)  # unmapped when the last memslot using it goes
-        else:
-            mapping.close()
-        return 1
+        end = addr + -(-length // _mmap.PAGESIZE) * _mmap.PAGESIZE
+        inside = self.memory.take_within(addr, end)
+        for mapping in inside:
+            mapping.release()
+        exact = len(inside) == 1 and not inside[0].alias and (inside[0].address, inside[0].size) == (addr, end - addr)
+        return 1 if exact else 0
 
     def madvise(self, addr: int, length: int, advice: int) -> int:
         """``madvise``: guest_memfd's rules inside its mappings (MADV_REMOVE punches, MADV_COLLAPSE EINVAL);
         elsewhere the mmu notifier for discarding advice, then -2 (the real call)."""
         mapping = self.memory.mapping_containing(addr)
         if mapping is not None:
-            mapping.madvise(advice, addr - mapping.address, length)
+            if mapping.alias and advice not in (MADV_REMOVE, MADV_COLLAPSE):
+                return NOT_MINE  # plain advice acts on the program's own range
+            mapping.owner.madvise(advice, addr - mapping.address, length)
             return 0
         if advice in DISCARDING_ADVICE:
             self.memory.invalidate(addr, length, unmap=False)
@@ -275,10 +319,9 @@ class Server:
             except OSError:
                 pass
         for mapping in self.memory.drain():
-            if mapping.pinned_by:
-                mapping.__exit__(None, None, None)
-            else:
-                mapping.close()
+            if mapping.alias:
+                _munmap(mapping.address, mapping.size)
+            mapping.release()
         self.write_trace()
         self.system.close()
 
@@ -327,6 +370,12 @@ def start() -> None:
             profile = os.environ.get("KVMGMEM_RUN_PROFILE") or "6.18"
             _server = Server(profile, os.environ.get("KVMGMEM_RUN_TRACE") or None)
             atexit.register(_server.shutdown)
+
+
+def stop() -> None:
+    """At the program's exit (the preload library's atexit): write the trace."""
+    if _server is not None:
+        _server.shutdown()
 
 
 def _srv() -> Server:
@@ -429,5 +478,6 @@ __all__ = [
     "pwrite",
     "read",
     "start",
+    "stop",
     "write",
 ]
