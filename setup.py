@@ -1,5 +1,6 @@
 """Build configuration that pyproject.toml cannot express: the C extensions (the kvm backend's exit loop, the
-sim's TLB-fill walk).
+sim's TLB-fill walk) and the library ``kvmgmem run`` preloads into C programs (``kvmgmem/run/_preload*.so``;
+the tests under ``tests/run`` fail when it was not built).
 
 ``kvmgmem.backends.kvm._run`` does KVM_RUN with the GIL released and decodes KVM_EXIT_IO in C (see its source).
 It is built by every ``pip install`` (editable or not). It is optional so that an install on a machine without
