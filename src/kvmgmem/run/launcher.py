@@ -76,13 +76,13 @@ def find_program(program: str, env: Mapping[str, str]) -> str:
 
 def is_static_elf(path: str) -> bool:
     """True for an x86-64 ELF executable without a program interpreter: LD_PRELOAD never reaches it (it would
-    open the host's /dev/kvm). Scripts and anything unreadable count as dynamic: their interpreter is."""
+    open the host's /dev/kvm). Anything else (another format, an unreadable file) is not one."""
     try:
         with open(path, "rb") as f:
             header = f.read(64)
             if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
                 return False
-            phoff, = struct.unpack_from("<Q", header, 0x20)  # fmt: skip
+            (phoff,) = struct.unpack_from("<Q", header, 0x20)
             phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
             f.seek(phoff)
             table = f.read(phentsize * phnum)
