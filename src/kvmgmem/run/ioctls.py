@@ -136,7 +136,8 @@ def set_memory_attributes(srv: Server, ref: VmRef, arg: int) -> int:
 
 
 def enable_cap_vm(srv: Server, ref: VmRef, arg: int) -> int:
-    """KVM_ENABLE_CAP on the VM fd (``KVM_CAP_EXIT_HYPERCALL`` is the one modelled; others EINVAL)."""
+    """KVM_ENABLE_CAP on the VM fd: ``KVM_CAP_EXIT_HYPERCALL`` and ``KVM_CAP_DISABLE_QUIRKS``/``DISABLE_QUIRKS2``;
+    others EINVAL."""
     cap = copy_from_user(uapi.kvm_enable_cap, arg, "KVM_ENABLE_CAP")
     ref.vm.enable_cap(cap.cap, *cap.args, flags=cap.flags)
     return 0
