@@ -37,7 +37,9 @@ RECORDED_618 = up.AssertionSite(
 )
 RECORDED_618_EXIT = 254  # lib/assert.c test_assert(): exit(254) (KSFT_SKIP when the errno says unsupported)
 
-#: Per selftest: arguments, time limit (s) and the progress lines (prefixes) it must print, in order.
+#: Per selftest: arguments, time limit (s) and the progress lines (prefixes) it must print, in order. The limits
+#: leave room for a loaded 2-core host: private_mem_conversions_test took 62 s (1 vCPU) and 284 s (-n 4 -m 4)
+#: at load 8 here, most of it spent in code hooks the sim places on IN/OUT candidate sites (Cpu._scan_code).
 CASES: dict[str, tuple[str, list[str], float, list[str]]] = {
     "guest_memfd_test": ("guest_memfd_test", [], 180, []),
     "set_memory_region_test": (
@@ -55,8 +57,8 @@ CASES: dict[str, tuple[str, list[str], float, list[str]]] = {
             "Testing DELETE of in-use region, 10 loops, slot zap quirk enabled",
         ],
     ),
-    "private_mem_conversions_test": ("private_mem_conversions_test", [], 180, []),
-    "private_mem_conversions_test -n 4 -m 4": ("private_mem_conversions_test", ["-n", "4", "-m", "4"], 300, []),
+    "private_mem_conversions_test": ("private_mem_conversions_test", [], 400, []),
+    "private_mem_conversions_test -n 4 -m 4": ("private_mem_conversions_test", ["-n", "4", "-m", "4"], 900, []),
     "private_mem_kvm_exits_test": ("private_mem_kvm_exits_test", [], 180, []),
     "pre_fault_memory_test": ("pre_fault_memory_test", [], 180, []),
 }
@@ -88,7 +90,7 @@ def _in_order(lines: list[str], prefixes: list[str]) -> list[str]:
     return missing
 
 
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(1000)
 @pytest.mark.parametrize("case", list(CASES))
 def test_passes_on_the_72_profile(selftests: dict[str, Path], case: str, tmp_path: Path) -> None:
     name, args, limit, progress = CASES[case]
