@@ -302,13 +302,15 @@ class Outcome:
 
 
 def run_selftest(binary: Path, args: Sequence[str] = (), *, profile: str | None = None, sim: bool = True,
-                 timeout: float = 300.0, cwd: Path | None = None) -> Outcome:  # fmt: skip
-    """Run ``binary args`` under ``kvmgmem run [--profile P]`` (``sim=False``: directly, on the host's /dev/kvm).
+                 timeout: float = 300.0, cwd: Path | None = None, trace: Path | None = None) -> Outcome:  # fmt: skip
+    """Run ``binary args`` under ``kvmgmem run [--profile P] [--trace FILE]`` (``sim=False``: directly, on the
+    host's /dev/kvm).
 
     A run that outlives ``timeout`` is killed and reported as exit -9 with what it printed so far."""
     argv = [str(binary), *args]
     if sim:
-        argv = [*kvmgmem_command(), "run", *(["--profile", profile] if profile else []), "--", *argv]
+        options = [*(["--profile", profile] if profile else []), *(["--trace", str(trace)] if trace else [])]
+        argv = [*kvmgmem_command(), "run", *options, "--", *argv]
     t0 = time.perf_counter()
     try:
         done = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
@@ -364,6 +366,18 @@ def skipped(output: str) -> list[str]:
     """The lines by which a selftest says it skipped something: kselftest ``# SKIP`` (a whole-test ``1..0``
     or one case) and the kvm selftests' own ``Skipping …`` notes."""
     return [ln for ln in output.splitlines() if "# SKIP" in ln or re.search(r"\bSkipping\b", ln)]
+
+
+def traced_calls(trace: Path) -> dict[str, int]:
+    """How many times each KVM call appears in a ``kvmgmem run --trace`` file (Perfetto JSON: one complete
+    event per ioctl, named after it)."""
+    data = json.loads(trace.read_text())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    counts: dict[str, int] = {}
+    for event in events:
+        if event.get("ph") == "X":
+            counts[event["name"]] = counts.get(event["name"], 0) + 1
+    return counts
 
 
 def tap_failures(output: str) -> list[str]:
