@@ -1,11 +1,12 @@
 """Fetch Debian's ``linux-source-7.2`` and build five upstream KVM selftests from it, unmodified.
 
 The tests (``tests/run/test_upstream_selftests.py``) and the benchmark (``bench/upstream.py``) run the
-kernel's own selftests under ``kvmgmem run``; this module gets the binaries. Steps, each skipped when its
-result is already there:
+kernel's own selftests under ``kvmgmem run``; this module gets the binaries (:func:`ensure`) and runs and
+reads them (:func:`run_selftest`, :func:`assertion_failure`, :func:`skipped`). A build from nothing:
 
-1. ``apt-get download linux-source-7.2`` from Debian unstable through a private apt configuration (its own
-   sources.list and lists directory under the cache, so the system's apt state is never touched). apt checks
+1. ``apt-get download linux-source-7.2`` from Debian unstable (``KVMGMEM_DEBIAN_MIRROR`` overrides the mirror)
+   through a private apt configuration (its own sources.list, lists and cache directories under the cache, so
+   the system's apt state is never touched). apt checks
    the .deb's SHA256 against the Release file signed by the Debian archive key; :func:`_verify` checks it once
    more against the index and reads the package's own control fields.
 2. ``dpkg-deb -x`` and untar the source (minus the trees the build never reads: drivers, Documentation, ...).
