@@ -30,6 +30,8 @@ DEFAULT_VM_CHECKS = [
     "ok MMIO read completed",
     "ok KVM_EXIT_HLT",
     "ok vCPU fd still works after its VM fd closed",
+    "ok successful open leaves errno alone",
+    "ok successful close leaves errno alone",
 ]
 GMEM_MMAP_CHECKS = ["ok punched page reads zero", "ok guest reads guest_memfd through a dup-bound slot"]
 

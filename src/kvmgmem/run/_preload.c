@@ -177,8 +177,11 @@ static int open_emulated(const char *path, int flags, mode_t mode, int *fd)
     if (kg_in_python || !is_emulated_path(path))
         return 0;
     int state = __atomic_load_n(&kg_state, __ATOMIC_ACQUIRE);
-    if (state == KG_NOT_STARTED)
+    if (state == KG_NOT_STARTED) {
+        int saved_errno = errno; /* starting Python makes many calls of its own; a successful open shows none */
         state = kg_start();
+        errno = saved_errno;
+    }
     if (state != KG_RUNNING) {
         if (!is_dev_kvm(path))
             return 0; /* the host's sysfs file, if any */

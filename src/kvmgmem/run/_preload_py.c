@@ -149,6 +149,9 @@ int kg_call(enum kg_op op, const char *fmt, const long long *args, const char *p
     PyObject *func = kg_funcs[op];
     if (!func)
         return ENOSYS;
+    /* A system call that succeeds leaves errno alone; the interpreter's own calls in between must not show
+     * through (a program may print errno after a successful call, as the selftests' assertion report does). */
+    int saved_errno = errno;
     kg_enter();
     PyObject *argv[KG_MAX_ARGS];
     size_t n = 0;
@@ -185,6 +188,7 @@ int kg_call(enum kg_op op, const char *fmt, const long long *args, const char *p
     for (size_t i = 0; i < n; i++)
         Py_XDECREF(argv[i]);
     kg_leave();
+    errno = saved_errno;
     return err;
 }
 

@@ -414,7 +414,9 @@ static void part_misuse(void)
     CHECK("KVM_CREATE_VCPU", vcpu >= 0, "-");
     errno = 0;
     CHECK("duplicate vCPU id: EEXIST", ioctl(vm, KVM_CREATE_VCPU, 0) == -1 && errno == EEXIST, "-");
+    errno = ERANGE;
     CHECK("close VM before its vCPU", close(vm) == 0, "-");
+    CHECK("successful close leaves errno alone", errno == ERANGE, "errno %d", errno);
     struct kvm_regs regs;
     CHECK("vCPU fd still works after its VM fd closed", ioctl(vcpu, KVM_GET_REGS, &regs) == 0, "-");
     CHECK("close vCPU", close(vcpu) == 0, "-");
@@ -423,8 +425,10 @@ static void part_misuse(void)
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    errno = ERANGE; /* a call that succeeds leaves errno alone, also the first open (which starts the sim) */
     kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     CHECK("open /dev/kvm", kvm >= 0, "-");
+    CHECK("successful open leaves errno alone", errno == ERANGE, "errno %d", errno);
     CHECK("KVM_GET_API_VERSION", ioctl(kvm, KVM_GET_API_VERSION, 0) == KVM_API_VERSION, "-");
     CHECK("KVM_CAP_USER_MEMORY2", ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_USER_MEMORY2) > 0, "-");
     CHECK("KVM_CAP_GUEST_MEMFD", ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_GUEST_MEMFD) > 0, "-");
