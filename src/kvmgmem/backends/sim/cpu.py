@@ -58,13 +58,16 @@ Mechanism
   and the architectural error code) through the guest IDT (``cpu_exc``; unicorn never delivers exceptions),
   or retries.
 * **IN/OUT** hooks record the access and stop the engine. Unicorn honours a stop only at a block boundary or
-  before an instruction a code hook covers, so every fetch TLB fill scans the code page (``_scan_code``) and
-  puts a native code hook (``cpu_uc``) on each address that follows a byte that could start IN/OUT/INS/OUTS:
-  the stop lands exactly after the instruction, and steady-state code runs with no per-instruction call.
-  (Only a fetch fill grants EXEC, so no page is translated unscanned; a stop that lands elsewhere, which
-  only code the guest rewrote after translation could cause, is an emulation-failure exit, not silent.)
-  As in KVM, the exit shows RIP *at* the IN/OUT (and RAX unchanged for IN); the next ``run()`` loads the IN
-  data into AL/AX/EAX and steps over the instruction.
+  before an instruction a code hook covers, so every fetch TLB fill scans the code page (``_scan_code``,
+  ``cpu_sites``): each byte that could start an IN/OUT/INS/OUTS (with its prefix run) gets a native hook
+  (``cpu_uc``) that stops *before* it; the first time one really runs as an instruction, the vCPU decodes
+  it (``_decide_io_site``), moves the hook to the instruction after it and drops translated code, so the
+  IN/OUT hook's stop lands exactly after the instruction. A false candidate sits inside another
+  instruction and is never called; no ordinary instruction carries a hook, so steady-state code runs with
+  no per-instruction call. (Only a fetch fill grants EXEC, so no page is translated unscanned; a stop that
+  lands elsewhere, which only code the guest rewrote after translation could cause, is an
+  emulation-failure exit, not silent.) As in KVM, the exit shows RIP *at* the IN/OUT (and RAX unchanged
+  for IN); the next ``run()`` loads the IN data into AL/AX/EAX and steps over the instruction.
 * **HLT**: ``emu_start`` returns normally; every possible HLT and INT n byte also carries a native hook that
   writes its address into a slot cleared before each ``emu_start``: HLT iff the slot is RIP-1 and that
   byte is 0xF4 (an external stop never leaves it there, as executing a HLT ends ``emu_start``). Likewise an

@@ -11,13 +11,13 @@ Three things here go below unicorn's Python API, each because the API cannot exp
 * **Precise stops.** ``emu_stop`` (from a hook or another thread) is honoured only at a translation-block
   boundary, except before an instruction that a ``UC_HOOK_CODE`` hook covers: there unicorn checks for a
   stop request right after calling the hook. The hook's range is evaluated when the block is translated, so
-  a hook bounded to one address costs nothing anywhere else. ``add_code_hook`` registers a 4-byte *native*
-  hook (``mov [rcx], rsi; ret``) that stores the address of the instruction about to execute into a
-  per-vCPU slot, bounded to one address; the CPU puts one on every address that follows a possible IN/OUT
-  (so the stop an IN/OUT hook requests lands exactly after it) and on every possible HLT/INT n (so the slot
-  says whether one of them was the last instruction). A hook covering every instruction would cost
-  three quarters of unicorn's speed (measured ~450 → ~100 M instructions/s for ``dec rcx; jnz``); a
-  Python code hook gives ~3 M.
+  a hook bounded to one address costs nothing anywhere else; but each run of a hooked instruction calls
+  ``helper_uc_tracecode``, which walks *every* code hook of the engine (~2.5 ns each here), so hooks must
+  sit only on instructions that end ``emu_start`` anyway (``cpu_sites``). ``CodeHooks`` registers 4-byte
+  *native* hooks (no Python call): each stores the address of the instruction about to run into a
+  per-vCPU slot and, when armed, calls ``uc_emu_stop`` so the engine stops before it. A hook covering every
+  instruction would cost three quarters of unicorn's speed (measured ~450 → ~100 M instructions/s for
+  ``dec rcx; jnz``); a Python code hook gives ~3 M.
 * **No ``until`` address** (``ctl_exits_enabled`` with an empty set), see ``new_engine``.
 * **TLB flush**, which the binding has no named wrapper for: ``uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)``.
 """
