@@ -16,8 +16,8 @@ import traceback
 from common import Report, Row
 
 BENCHES = ["exits", "populate", "convert", "faults", "faultpath", "execspeed", "workload", "flushscale"]
-BENCHES += ["hookcost"]  # bench 9: false IN/OUT candidates on the sim (issue 15)
 COMMAND = "python bench/run.py"
+BENCHES += ["hookcost"]  # bench 9: false IN/OUT candidates on the sim (issue 15)
 
 
 def main(argv: list[str]) -> int:
