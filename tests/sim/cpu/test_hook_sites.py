@@ -127,3 +127,18 @@ def test_rex_prefix_ending_a_page_is_decided_once(guest: Guest) -> None:
     assert cpu.get_regs().rax == 0x55
     assert CODE + 0x1FFF not in cpu._sites.live()
     assert not cpu._sites.is_pending(CODE + 0x1FFF)
+
+
+def test_prefix_before_a_page_that_cannot_be_fetched_faults_like_the_cpu(guest: Guest) -> None:
+    """The 66 of ``66 ed`` ends a page whose successor is not present: the pending site there neither hangs
+    the vCPU nor hides the instruction fetch's #PF (CR2 = the next page)."""
+    handler = CODE + 0x5000
+    guest.load(Asm().out(0x40).hlt(), handler)
+    guest.set_handler(14, handler)
+    start = CODE + 0x3000 - 9
+    guest.write(start, bytes.fromhex("4831db" "ba34120000" "66ed" "f4"))  # fmt: skip
+    guest.set_u64(guest.pte_addr(CODE + 0x3000), 0)  # not present
+    cpu = guest.cpu(rip=start)
+    ex = cpu.run()
+    assert isinstance(ex, IoExit) and ex.port == 0x40, ex
+    assert cpu.get_sregs().cr2 == CODE + 0x3000

@@ -994,7 +994,12 @@ class SimCpu:
         the instruction after it if it is one, and drop the translations made with the old hooks."""
         hflags = self._state.load().hflags
         bitness = 64 if hflags & HF_CS64_MASK else 32 if hflags & HF_CS32_MASK else 16
-        self._sites.decide(rip, io_length(self._fetch_insn(rip), bitness, rip))
+        code = self._fetch_insn(rip)
+        length = io_length(code, bitness, rip)
+        if length == 0:  # the instruction goes on into a page the fetch cannot reach: take the CPU's fault
+            self.read_virt(rip + len(code), 1, ACCESS_FETCH)
+            length = None  # pragma: no cover - the page became reachable meanwhile; a late stop stays loud
+        self._sites.decide(rip, length)
         self._uc.ctl_flush_tb()
 
     # --- translation ---------------------------------------------------------------------------------------

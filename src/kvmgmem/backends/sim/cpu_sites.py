@@ -51,8 +51,12 @@ _IO_MNEMONICS = frozenset({ix.Mnemonic.IN, ix.Mnemonic.OUT, ix.Mnemonic.INSB, ix
 
 
 def io_length(code: bytes, bitness: int, rip: int) -> int | None:
-    """Length of the instruction at the start of ``code`` if it is an IN/OUT/INS/OUTS, else None."""
-    insn = ix.Decoder(bitness, code, ip=rip).decode()
+    """Length of the instruction at the start of ``code`` if it is an IN/OUT/INS/OUTS, None if it is
+    something else, 0 if ``code`` ends before the instruction does (its next page could not be fetched)."""
+    decoder = ix.Decoder(bitness, code, ip=rip)
+    insn = decoder.decode()
+    if decoder.last_error == ix.DecoderError.NO_MORE_BYTES:
+        return 0
     return insn.len if insn.mnemonic in _IO_MNEMONICS else None
 
 
