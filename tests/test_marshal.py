@@ -135,6 +135,15 @@ INT_CALLS: list[tuple[str, Call, list[tuple[str, int]], list[int]]] = [
     ("GuestMemfd.pwrite", lambda w, a: w.gmem.pwrite(b"x", *a), [("offset", 0)], [0]),
     ("GuestMemfd.truncate", lambda w, a: w.gmem.truncate(*a), [("length", 0)], [16 * P]),
     ("Vcpu.complete_hypercall", lambda w, a: w.vcpu.complete_hypercall(*a), [("ret", 0)], [0]),
+    ("Vm.set_nr_mmu_pages", lambda w, a: w.vm.set_nr_mmu_pages(*a), [("pages", 0)], [64]),
+    (
+        "Vcpu.pre_fault_memory",
+        lambda w, a: w.vcpu.pre_fault_memory(*a),
+        [("gpa", 0), ("size", 1), ("flags", 2)],
+        [0, P, 0],
+    ),
+    ("Vcpu.set_mp_state", lambda w, a: w.vcpu.set_mp_state(*a), [("mp_state", 0)], [uapi.KVM_MP_STATE_RUNNABLE]),
+    ("Vcpu.get_cpuid", lambda w, a: len(w.vcpu.get_cpuid(*a)), [("max_entries", 0)], [0]),  # before set_cpuid
 ]
 
 #: Methods without integer parameters (or whose integers are not the kernel's), called once each.
@@ -154,12 +163,17 @@ OTHER_CALLS: list[tuple[str, Callable[[World], Any]]] = [
     ("Vcpu.complete_io(int)", lambda w: w.vcpu.complete_io(5)),  # type: ignore[arg-type]
     ("Vcpu.complete_mmio", lambda w: w.vcpu.complete_mmio(b"\0" * 4)),
     ("Vcpu.kick", lambda w: w.vcpu.kick()),
+    ("Vm.create_irqchip", lambda w: w.vm.create_irqchip()),  # EINVAL: the World's VM has vCPUs
+    ("Vm.get_tsc_khz", lambda w: w.vm.get_tsc_khz() > 0),  # the frequency itself is the host's
+    ("Vcpu.get_tsc_khz", lambda w: w.vcpu.get_tsc_khz() == w.vm.get_tsc_khz()),
+    ("Vcpu.get_mp_state", lambda w: w.vcpu.get_mp_state()),
 ]
 
 #: Public methods this test does not call, and why.
 NOT_CALLED = {
     # A fresh vCPU is in real-mode RESET state: KVM runs it (into whatever the BIOS area holds), the sim
-    # cannot start there (EINVAL by design); run() takes no arguments to marshal.
+    # follows it only to the first fetch (no memory there: the emulation-failure exit); run() takes no
+    # arguments to marshal.
     "Vcpu.run",
     "System.close",
     "Vm.close",

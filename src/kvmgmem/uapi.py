@@ -83,9 +83,11 @@ FALLOC_FL_INSERT_RANGE = 0x20
 FALLOC_FL_UNSHARE_RANGE = 0x40
 
 # capabilities (include/uapi/linux/kvm.h)
+KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_IMMEDIATE_EXIT = 136
@@ -136,7 +138,27 @@ KVM_EXIT_MEMORY_FAULT = 39
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 
+# kvm_run.internal.suberror
 KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+
+# kvm_mp_state.mp_state (x86 uses RUNNABLE..SIPI_RECEIVED and AP_RESET_HOLD)
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+KVM_MP_STATE_AP_RESET_HOLD = 9
+
+#: kvm_cpuid_entry2.flags: the entry applies only to its ``index`` (the kernel's spelling, sic).
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+
+#: Entries a KVM_SET_CPUID2 / KVM_GET_SUPPORTED_CPUID table may have (arch/x86/include/asm/kvm_host.h).
+KVM_MAX_CPUID_ENTRIES = 256
+#: KVM_SET_NR_MMU_PAGES' minimum (KVM_MIN_ALLOC_MMU_PAGES, arch/x86/include/asm/kvm_host.h).
+KVM_MIN_ALLOC_MMU_PAGES = 64
 
 # x86 VM types (arch/x86/include/uapi/asm/kvm.h)
 KVM_X86_DEFAULT_VM = 0
@@ -258,6 +280,12 @@ class kvm_pre_fault_memory(Structure):
         ("flags", c_uint64),
         ("padding", c_uint64 * 5),
     ]
+
+
+class kvm_mp_state(Structure):
+    """``struct kvm_mp_state``: KVM_GET_MP_STATE/KVM_SET_MP_STATE's one word (``KVM_MP_STATE_*``)."""
+
+    _fields_ = [("mp_state", c_uint32)]
 
 
 class kvm_regs(Structure):
@@ -480,15 +508,21 @@ KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
 KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_SET_NR_MMU_PAGES = _IO(KVMIO, 0x44)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_SET_USER_MEMORY_REGION2 = _IOW(KVMIO, 0x49, kvm_userspace_memory_region2)
+KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
 KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
+KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
+KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
+KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 KVM_SET_MEMORY_ATTRIBUTES = _IOW(KVMIO, 0xD2, kvm_memory_attributes)
 KVM_CREATE_GUEST_MEMFD = _IOWR(KVMIO, 0xD4, kvm_create_guest_memfd)
 KVM_PRE_FAULT_MEMORY = _IOWR(KVMIO, 0xD5, kvm_pre_fault_memory)
@@ -505,6 +539,7 @@ IOCTL_NAMES: dict[int, str] = {
         "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION",
         "KVM_SET_USER_MEMORY_REGION2", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS",
         "KVM_SET_SREGS", "KVM_SET_CPUID2", "KVM_ENABLE_CAP", "KVM_SET_MEMORY_ATTRIBUTES",
-        "KVM_CREATE_GUEST_MEMFD", "KVM_PRE_FAULT_MEMORY",
+        "KVM_CREATE_GUEST_MEMFD", "KVM_PRE_FAULT_MEMORY", "KVM_SET_NR_MMU_PAGES", "KVM_CREATE_IRQCHIP",
+        "KVM_GET_CPUID2", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_GET_TSC_KHZ",
     }
 }  # fmt: skip

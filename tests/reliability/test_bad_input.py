@@ -122,6 +122,14 @@ OPS: dict[tuple[str, str], tuple[str, ...]] = {
     ("Vcpu", "complete_io"): ("complete_io",),
     ("Vcpu", "complete_mmio"): ("complete_mmio",),
     ("Vcpu", "complete_hypercall"): ("complete_hypercall",),
+    ("Vcpu", "pre_fault_memory"): ("KVM_PRE_FAULT_MEMORY",),
+    ("Vcpu", "get_cpuid"): ("KVM_GET_CPUID2",),
+    ("Vcpu", "get_mp_state"): ("KVM_GET_MP_STATE",),
+    ("Vcpu", "set_mp_state"): ("KVM_SET_MP_STATE",),
+    ("Vcpu", "get_tsc_khz"): ("KVM_GET_TSC_KHZ",),
+    ("Vm", "create_irqchip"): ("KVM_CREATE_IRQCHIP",),
+    ("Vm", "get_tsc_khz"): ("KVM_GET_TSC_KHZ",),
+    ("Vm", "set_nr_mmu_pages"): ("KVM_SET_NR_MMU_PAGES",),
     ("GuestMemfd", "fallocate"): ("fallocate",),
     ("GuestMemfd", "allocate"): ("fallocate",),
     ("GuestMemfd", "punch_hole"): ("fallocate",),
@@ -198,6 +206,16 @@ INT_PARAMS: list[tuple[str, str, Callable[[World, list[Any]], Any], list[tuple[s
     ("GuestMemfd", "pwrite", lambda w, a: w.gmem.pwrite(b"x", *a), [("offset", 0, 64)], [0]),
     ("GuestMemfd", "truncate", lambda w, a: w.gmem.truncate(*a), [("length", 0, 64)], [P]),
     ("Vcpu", "complete_hypercall", lambda w, a: w.vcpu.complete_hypercall(*a), [("ret", 0, 64)], [0]),
+    (
+        "Vcpu",
+        "pre_fault_memory",
+        lambda w, a: w.vcpu.pre_fault_memory(*a),
+        [("gpa", 0, 64), ("size", 1, 64), ("flags", 2, 64)],
+        [0, P, 0],
+    ),
+    ("Vcpu", "set_mp_state", lambda w, a: w.vcpu.set_mp_state(*a), [("mp_state", 0, 32)], [0]),
+    ("Vcpu", "get_cpuid", lambda w, a: w.vcpu.get_cpuid(*a), [("max_entries", 0, 32)], [256]),
+    ("Vm", "set_nr_mmu_pages", lambda w, a: w.vm.set_nr_mmu_pages(*a), [("pages", 0, 64)], [64]),
     ("HostMemory", "HostMemory", lambda w, a: HostMemory(*a), [("size", 0, 64)], [P]),
 ]
 
@@ -210,8 +228,10 @@ def _generated() -> Iterator[Row]:
             # Expected: refused with an error naming the operation. Usually the marshalling's TypeError or
             # ValueError; a KvmError is as good where the operation fails whatever its arguments (e.g. read)
             # or the backend passes a wider field to the kernel (the sim's u64 vm_type).
-            # (``mmap(length=None)`` means "the file size": None is not a wrong type there.)
-            wrong = [(k, v) for k, v in WRONG_TYPES if not (v is None and (method, name) == ("mmap", "length"))]
+            # (``mmap(length=None)`` means "the file size", ``get_cpuid(None)`` "room for the maximum": None is
+            # not a wrong type there.)
+            none_ok = (method, name) in (("mmap", "length"), ("get_cpuid", "max_entries"))
+            wrong = [(k, v) for k, v in WRONG_TYPES if not (v is None and none_ok)]
             bad: list[tuple[str, Any, Any]] = [(f"{name}={k}", v, ANY) for k, v in wrong]
             bad.append((f"{name}=2**{bits}", 1 << bits, ANY))
             bad.append((f"{name}=-2**{bits - 1}-1", -(1 << (bits - 1)) - 1, ANY))
@@ -394,6 +414,19 @@ SEMANTIC: list[Row] = [
     Row("Vcpu", "complete_io", "data int", lambda w: w.vcpu.complete_io(5), ANY),  # type: ignore[arg-type]
     Row("Vcpu", "complete_mmio", "no pending MMIO exit", lambda w: w.vcpu.complete_mmio(b"\0" * 4), EINVAL),
     Row("Vcpu", "complete_hypercall", "no pending hypercall", lambda w: w.vcpu.complete_hypercall(0), EINVAL),
+    # Vcpu: KVM_PRE_FAULT_MEMORY, KVM_SET_MP_STATE, KVM_GET_CPUID2
+    Row("Vcpu", "pre_fault_memory", "flags 1", lambda w: w.vcpu.pre_fault_memory(0, P, 1), EINVAL),
+    Row("Vcpu", "pre_fault_memory", "gpa unaligned", lambda w: w.vcpu.pre_fault_memory(1, P), EINVAL),
+    Row("Vcpu", "pre_fault_memory", "size 0", lambda w: w.vcpu.pre_fault_memory(0, 0), EINVAL),
+    Row("Vcpu", "pre_fault_memory", "wraps", lambda w: w.vcpu.pre_fault_memory(-P, 2 * P), EINVAL),
+    Row("Vcpu", "set_mp_state", "unknown state", lambda w: w.vcpu.set_mp_state(5), EINVAL),
+    Row("Vcpu", "set_mp_state", "HALTED without LAPIC", lambda w: w.vcpu.set_mp_state(3), EINVAL),
+    Row("Vcpu", "set_mp_state", "-1", lambda w: w.vcpu.set_mp_state(-1), EINVAL),
+    Row("Vcpu", "get_cpuid", "no room", lambda w: (w.vcpu.set_cpuid(), w.vcpu.get_cpuid(0)), errno.E2BIG),
+    # Vm: set-up ioctls
+    Row("Vm", "create_irqchip", "after a vCPU", lambda w: w.vm.create_irqchip(), EINVAL),
+    Row("Vm", "set_nr_mmu_pages", "63", lambda w: w.vm.set_nr_mmu_pages(63), EINVAL),
+    Row("Vm", "set_nr_mmu_pages", "0", lambda w: w.vm.set_nr_mmu_pages(0), EINVAL),
     # HostMemory
     Row("HostMemory", "HostMemory", "size 0", lambda w: HostMemory(0), ValueError),
     Row("HostMemory", "HostMemory", "size -1", lambda w: HostMemory(-1), ValueError),
@@ -438,6 +471,14 @@ CLOSED: list[Row] = [
     Row("Vcpu", "complete_mmio", "closed", lambda w: w.cvcpu.complete_mmio(b"\0"), EBADF),
     Row("Vcpu", "complete_hypercall", "closed", lambda w: w.cvcpu.complete_hypercall(0), EBADF),
     Row("Vcpu", "kick", "closed (no-op)", lambda w: w.cvcpu.kick(), OK),
+    Row("Vcpu", "pre_fault_memory", "closed", lambda w: w.cvcpu.pre_fault_memory(0, P), EBADF),
+    Row("Vcpu", "get_cpuid", "closed", lambda w: w.cvcpu.get_cpuid(), EBADF),
+    Row("Vcpu", "get_mp_state", "closed", lambda w: w.cvcpu.get_mp_state(), EBADF),
+    Row("Vcpu", "set_mp_state", "closed", lambda w: w.cvcpu.set_mp_state(0), EBADF),
+    Row("Vcpu", "get_tsc_khz", "closed", lambda w: w.cvcpu.get_tsc_khz(), EBADF),
+    Row("Vm", "create_irqchip", "closed", lambda w: w.cvm.create_irqchip(), EBADF),
+    Row("Vm", "get_tsc_khz", "closed", lambda w: w.cvm.get_tsc_khz(), EBADF),
+    Row("Vm", "set_nr_mmu_pages", "closed", lambda w: w.cvm.set_nr_mmu_pages(64), EBADF),
     Row("Vcpu", "close", "twice", lambda w: w.cvcpu.close(), OK),
     Row("GuestMemfd", "fallocate", "closed", lambda w: w.cgmem.fallocate(KEEP, 0, P), EBADF),
     Row("GuestMemfd", "allocate", "closed", lambda w: w.cgmem.allocate(0, P), EBADF),

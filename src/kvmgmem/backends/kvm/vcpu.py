@@ -45,7 +45,7 @@ from kvmgmem.exits import (
 )
 
 from . import kick
-from .sys_calls import ioctl_ptr, kvm_run_function
+from .sys_calls import ioctl, ioctl_ptr, kvm_run_function
 
 try:
     from . import _run as _cext
@@ -183,6 +183,23 @@ class KvmVcpu(Vcpu):
 
     def _set_cpuid2(self, cpuid: Any) -> None:
         ioctl_ptr(self.fd, uapi.KVM_SET_CPUID2, cpuid, op="KVM_SET_CPUID2")
+
+    def _pre_fault_memory(self, rng: uapi.kvm_pre_fault_memory) -> None:
+        ioctl_ptr(self.fd, uapi.KVM_PRE_FAULT_MEMORY, rng)
+
+    def _get_cpuid2(self, cpuid: Any) -> None:
+        ioctl_ptr(self.fd, uapi.KVM_GET_CPUID2, cpuid)
+
+    def _get_mp_state(self) -> uapi.kvm_mp_state:
+        state = uapi.kvm_mp_state()
+        ioctl_ptr(self.fd, uapi.KVM_GET_MP_STATE, state)
+        return state
+
+    def _set_mp_state(self, state: uapi.kvm_mp_state) -> None:
+        ioctl_ptr(self.fd, uapi.KVM_SET_MP_STATE, state)
+
+    def _get_tsc_khz(self) -> int:
+        return ioctl(self.fd, uapi.KVM_GET_TSC_KHZ, 0)
 
     # --- running ---------------------------------------------------------------------------------------
 

@@ -72,6 +72,15 @@ class KvmVm(Vm):
     def _enable_cap(self, cap: uapi.kvm_enable_cap) -> None:
         ioctl_ptr(self.fd, uapi.KVM_ENABLE_CAP, cap)
 
+    def _create_irqchip(self) -> None:
+        ioctl(self.fd, uapi.KVM_CREATE_IRQCHIP, 0)
+
+    def _get_tsc_khz(self) -> int:
+        return ioctl(self.fd, uapi.KVM_GET_TSC_KHZ, 0)
+
+    def _set_nr_mmu_pages(self, pages: int) -> None:
+        ioctl(self.fd, uapi.KVM_SET_NR_MMU_PAGES, pages)
+
     def _create_vcpu(self, vcpu_id: int) -> KvmVcpu:
         fd = ioctl(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id)
         try:

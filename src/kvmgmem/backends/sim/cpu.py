@@ -116,18 +116,23 @@ Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbe
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UcError
 from unicorn.unicorn_const import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_MEM_FETCH, UC_MEM_WRITE
 from unicorn.x86_const import (
+    UC_X86_INS_CPUID,
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
+    UC_X86_REG_CR4,
     UC_X86_REG_RAX,
     UC_X86_REG_RBX,
     UC_X86_REG_RCX,
@@ -137,7 +142,7 @@ from unicorn.x86_const import (
 
 from kvmgmem import uapi
 from kvmgmem.api import Pending
-from kvmgmem.backends.sim import cpu_regs
+from kvmgmem.backends.sim import cpu_regs, cpuid
 from kvmgmem.backends.sim.cpu_emul import MmioAccess, decode, decode_mmio, memory_operands
 from kvmgmem.backends.sim.cpu_exc import (
     VEC_GP,
@@ -146,6 +151,7 @@ from kvmgmem.backends.sim.cpu_exc import (
     Event,
     ExceptionDelivery,
     GuestException,
+    MmioDuringAccess,
     NeedRetry,
     VmExitSignal,
 )
@@ -422,6 +428,8 @@ class SimCpu:
         self._uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
         self._uc.hook_add(UC_HOOK_INTR, self._hook_intr)
         self._uc.hook_add(UC_HOOK_INSN_INVALID, self._hook_insn_invalid)
+        self._uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, UC_X86_INS_CPUID)
+        self._cpuid: list[uapi.kvm_cpuid_entry2] = []  # KVM_SET_CPUID2's table (empty: every leaf reads 0)
         self._delivery = ExceptionDelivery(self._uc, self._state, self)
 
         # KVM's vcpu->mutex: held by run() and by register access, never by requesters
@@ -437,6 +445,8 @@ class SimCpu:
         self._flush_all = False
         self._flush_ranges: list[tuple[int, int]] = []
         self._kick = False
+        # The signal half of a kick (KVM_RUN takes both halves; KVM_PRE_FAULT_MEMORY only sees this one)
+        self._signal = False
         self._closed = False
 
         # per-vCPU caches, valid until the next flush (vCPU thread only)
@@ -467,6 +477,15 @@ class SimCpu:
         self._pending_event: Event | None = None
         self.cr8 = 0
         self.apic_base = 0xFEE00000 | 0x800 | (0x100 if vcpu_id == 0 else 0)
+
+    @contextlib.contextmanager
+    def loaded(self, op: str) -> Iterator[None]:
+        """``vcpu_load`` for a vCPU ioctl other than KVM_RUN: holds the vCPU mutex (a KVM_RUN on another
+        thread finishes first, as ``kvm_vcpu_ioctl`` waits on ``vcpu->mutex``); EBADF once closed."""
+        with self._mutex:
+            if self._closed:
+                raise KvmError(errno.EBADF, op, "vCPU is closed")
+            yield
 
     # --- registers (KVM_GET/SET_REGS, KVM_GET/SET_SREGS) ---------------------------------------------------
 
@@ -524,7 +543,8 @@ class SimCpu:
     def kick(self) -> None:
         """Make the running (or next) ``run()`` raise ``KvmError(EINTR)``; waits until it left the guest."""
         with self._cond:
-            self._kick = True
+            self._kick = self._signal = True
+            self._cond.notify_all()  # a vCPU blocked in block() wakes now
             while self._kick and self._must_wait_locked():
                 if self._in_guest:
                     self._uc.emu_stop()
@@ -537,8 +557,35 @@ class SimCpu:
         with self._cond:
             kicked, self._kick = self._kick, False
             if kicked:
+                self._signal = False  # delivered on the way out of KVM_RUN
                 self._cond.notify_all()
             return kicked
+
+    def block(self, op: str) -> NoReturn:
+        """``kvm_vcpu_block`` when nothing can wake the vCPU but a signal (no interrupt controller is modelled):
+        wait for a kick, consume it and fail ``op`` with EINTR. A kicker waits for this, as for a running vCPU."""
+        with self._mutex, self._cond:
+            self._owner = threading.get_ident()
+            try:
+                while not self._kick:
+                    if self._closed:
+                        raise KvmError(errno.EBADF, op, "vCPU is closed")
+                    self._cond.wait(SIGNAL_TICK_S)  # wakes for a kick, and lets the main thread see Ctrl-C
+                self._kick = self._signal = False
+            finally:
+                self._owner = None
+                self._cond.notify_all()
+        raise KvmError(errno.EINTR, op, "blocked vCPU woken by a signal")
+
+    def take_signal(self) -> bool:
+        """Consume the signal a kick sent (``signal_pending(current)`` for an ioctl other than KVM_RUN, e.g.
+        KVM_PRE_FAULT_MEMORY): the ioctl fails with EINTR and the signal is delivered on its way out, while
+        ``immediate_exit`` stays set for the next ``run()``, as a VMM's kick leaves both."""
+        if not self._signal:
+            return False
+        with self._cond:
+            signalled, self._signal = self._signal, False
+            return signalled
 
     def _stop_if_in_guest(self) -> None:
         with self._cond:
@@ -706,7 +753,7 @@ class SimCpu:
                 self._owner = threading.get_ident()
                 self._service_locked()
                 if self._kick:
-                    self._kick = False
+                    self._kick = self._signal = False
                     self._owner = None
                     self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
@@ -753,7 +800,7 @@ class SimCpu:
             with self._cond:
                 self._service_locked()
                 if self._kick:
-                    self._kick = False
+                    self._kick = self._signal = False
                     self._cond.notify_all()
                     raise KvmError(errno.EINTR, "KVM_RUN")
             try:
@@ -847,6 +894,25 @@ class SimCpu:
         if self._intr is None:
             self._intr = (intno, uc.reg_read(UC_X86_REG_RIP))
         uc.emu_stop()
+
+    def _hook_cpuid(self, uc: Engine, _ud: object) -> int:
+        """CPUID exits on KVM: ``kvm_emulate_cpuid`` answers from the KVM_SET_CPUID2 table (``cpuid.py``) and
+        writes the four results zero-extended. Returning 1 skips the emulator's own CPUID model."""
+        rax, rcx, cr4 = uc.reg_read_batch([UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_CR4])
+        table = cpuid.runtime_entries(self._cpuid, cr4, self.apic_base)
+        eax, ebx, ecx, edx = cpuid.kvm_cpuid(table, rax & 0xFFFFFFFF, rcx & 0xFFFFFFFF)
+        uc.reg_write_batch([(UC_X86_REG_RAX, eax), (UC_X86_REG_RBX, ebx), (UC_X86_REG_RCX, ecx), (UC_X86_REG_RDX, edx)])
+        return 1
+
+    def set_cpuid(self, entries: list[uapi.kvm_cpuid_entry2]) -> None:
+        """Load the KVM_SET_CPUID2 table the guest's CPUID answers from."""
+        with self._mutex:
+            self._cpuid = list(entries)
+
+    def cpuid_entries(self) -> list[uapi.kvm_cpuid_entry2]:
+        """The table with KVM's runtime bits refreshed from the current CR4 and APIC base (KVM_GET_CPUID2)."""
+        with self._mutex:
+            return cpuid.runtime_entries(self._cpuid, self._uc.reg_read(UC_X86_REG_CR4), self.apic_base)
 
     def _hook_insn_invalid(self, uc: Engine, _ud: object) -> bool:
         self._invalid_insn = True
@@ -1140,6 +1206,8 @@ class SimCpu:
         if not isinstance(res, Translation):
             raise self._outcome_signal(res, va & PAGE_MASK)
         page = self._resolve_page(res.gpa & PAGE_MASK, acc == ACCESS_WRITE, acc == ACCESS_FETCH, res.private)
+        if isinstance(page, Mmio):  # the exact gpa matters to event delivery (cpu_exc.ExceptionDelivery)
+            raise MmioDuringAccess(_emulation_failure(res.gpa & PAGE_MASK).exit, res.gpa, acc == ACCESS_WRITE)
         if not isinstance(page, tuple):
             raise self._outcome_signal(page, res.gpa & PAGE_MASK)
         return page[0] + (res.gpa & 0xFFF)

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from unicorn.x86_const import UC_X86_REG_CR2, UC_X86_REG_RFLAGS, UC_X86_REG_RIP, UC_X86_REG_RSP
 
+from kvmgmem.backends.sim import exit_info
 from kvmgmem.backends.sim.cpu_pagewalk import ACCESS_READ
 from kvmgmem.backends.sim.cpu_uc import (
     DESC_DPL_SHIFT,
@@ -75,6 +76,17 @@ class VmExitSignal(Exception):
         self.exit = exit
 
 
+class MmioDuringAccess(VmExitSignal):
+    """A Python-side guest access reached a gpa no memslot backs. Outside event delivery it is the emulation
+    failure ``exit``; while delivering an event, :meth:`ExceptionDelivery.deliver` turns it into the
+    delivery-error exit, which needs the exact ``gpa`` and the access's direction."""
+
+    def __init__(self, exit: Exit, gpa: int, write: bool) -> None:
+        super().__init__(exit)
+        self.gpa = gpa
+        self.write = write
+
+
 class GuestMemory(Protocol):
     """Linear-address access with an explicit privilege level (implicit supervisor accesses pass 0)."""
 
@@ -106,11 +118,22 @@ class ExceptionDelivery:
         self._mem = mem
 
     def deliver(self, event: Event) -> bool:
+        """Deliver ``event`` (and what delivering it raises); False on a triple fault. An access the delivery
+        makes to MMIO (an IDT, GDT, TSS or stack with no memslot behind it) cannot be emulated while an event
+        is being vectored: ``VmExitSignal`` with KVM_INTERNAL_ERROR_DELIVERY_EV (``vmx_check_emulate_instruction``
+        returns X86EMUL_UNHANDLEABLE_VECTORING, then ``kvm_prepare_event_vectoring_exit``), carrying the EPT
+        violation VMX would report for that access and the gpa."""
         current = event
         for _ in range(3):
             try:
                 self._deliver_one(current)
                 return True
+            except MmioDuringAccess as mmio:
+                qualification = exit_info.ept_violation_qualification(write=mmio.write)
+                vectoring = exit_info.vectoring_info(current.vector, current.soft)
+                raise VmExitSignal(
+                    exit_info.delivery_event(exit_info.EXIT_REASON_EPT_VIOLATION, qualification, vectoring, mmio.gpa)
+                ) from None
             except GuestException as nested:
                 if current.vector == VEC_DF:
                     return False
@@ -208,6 +231,7 @@ __all__ = [
     "ExceptionDelivery",
     "GuestException",
     "GuestMemory",
+    "MmioDuringAccess",
     "NeedRetry",
     "VmExitSignal",
 ]

@@ -121,6 +121,10 @@ class SimVm(Vm):
         self._fd = fdtable.placeholder_fd()
         stores = self._stores = _Stores()
         self._vcpu_lock = threading.Lock()
+        #: KVM_CREATE_IRQCHIP was done (``irqchip_in_kernel``); only a mode, no interrupt controller is modelled.
+        self.irqchip = False
+        #: KVM_SET_NR_MMU_PAGES' last value (0: never set); shadow paging's pool limit, unused by the sim's TDP MMU.
+        self.nr_mmu_pages = 0
         # When the VM fd closes, or the model destroys the VM (possibly long after this fd closed, once the
         # last guest_memfd is gone), the memslots' host memory is unpinned. Neither may reference ``self``.
         users, lock, key = self._slot_users, self._slot_lock, id(self)
@@ -247,6 +251,24 @@ class SimVm(Vm):
         cpus = self._stores.cpus
         if cpus is not None:
             cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
+
+    def _create_irqchip(self) -> None:
+        op = "KVM_CREATE_IRQCHIP"
+        with self._vcpu_lock:  # kvm->lock
+            if self.irqchip:
+                raise KvmError(errno.EEXIST, op, "the VM already has an in-kernel irqchip")
+            if self._vcpus:  # kvm->created_vcpus, closed vCPUs included
+                raise KvmError(errno.EINVAL, op, "vCPUs were already created")
+            self.irqchip = True
+
+    def _get_tsc_khz(self) -> int:
+        return self.core.profile.tsc_khz  # kvm->arch.default_tsc_khz (no KVM_SET_TSC_KHZ: the host's tsc_khz)
+
+    def _set_nr_mmu_pages(self, pages: int) -> None:
+        if pages < uapi.KVM_MIN_ALLOC_MMU_PAGES:
+            raise KvmError(errno.EINVAL, "KVM_SET_NR_MMU_PAGES", f"{pages} < KVM_MIN_ALLOC_MMU_PAGES (64)")
+        with self.core.slots_lock:
+            self.nr_mmu_pages = pages
 
     def _create_vcpu(self, vcpu_id: int) -> SimVcpu:
         with self._vcpu_lock:

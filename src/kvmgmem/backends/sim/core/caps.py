@@ -23,7 +23,7 @@ KVM_CAP_MAX_VCPU_ID = 128
 def check_extension(profile: Profile, cap: int, vm: VmCore | None = None) -> int:
     """The value KVM_CHECK_EXTENSION returns; unknown caps → 0."""
     private = vm.has_private_mem if vm is not None else None
-    if cap == uapi.KVM_CAP_USER_MEMORY:
+    if cap in (uapi.KVM_CAP_USER_MEMORY, uapi.KVM_CAP_IRQCHIP, uapi.KVM_CAP_GET_TSC_KHZ):
         return 1
     if cap == uapi.KVM_CAP_NR_VCPUS:
         return profile.nr_vcpus
@@ -53,6 +53,8 @@ def check_extension(profile: Profile, cap: int, vm: VmCore | None = None) -> int
         return profile.vm_types_mask
     if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
         return profile.gmem_valid_flags(private)
+    if cap == uapi.KVM_CAP_PRE_FAULT_MEMORY:
+        return int(profile.pre_fault_memory and profile.tdp)  # x86: r = tdp_enabled
     return 0
 
 

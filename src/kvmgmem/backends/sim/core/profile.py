@@ -76,11 +76,17 @@ class Profile:
     unsigned_bind_offsets: bool
     #: KVM_CAP_GUEST_MEMFD answers 1 on every VM (6.18+) instead of only system/private-memory VMs.
     gmem_cap_everywhere: bool
+    #: The KVM_PRE_FAULT_MEMORY vCPU ioctl exists (6.10+, CONFIG_KVM_GENERIC_PRE_FAULT_MEMORY); before that
+    #: x86's ``kvm_arch_vcpu_ioctl`` answers the unknown ioctl with EINVAL.
+    pre_fault_memory: bool = True
     # --- host configuration ---------------------------------------------------------------------------
     #: CONFIG_KVM_SW_PROTECTED_VM (+ generic memory attributes) compiled in. The real host lacks it; the sim
     #: has it by default because it is the oracle for private memory. False (part of profile "host"): VM_TYPES 1,
     #: MEMORY_ATTRIBUTES 0 and KVM_SET_MEMORY_ATTRIBUTES → ENOTTY.
     sw_protected: bool = True
+    #: Two-dimensional paging (EPT/NPT, ``tdp_enabled``). False = shadow paging, as on this project's host:
+    #: KVM_CAP_PRE_FAULT_MEMORY answers 0 and ``kvm_tdp_page_prefault`` refuses with EOPNOTSUPP.
+    tdp: bool = True
     #: Memslot address spaces of a VM without private memory (x86: 2 with SMM). Private VMs always have 1.
     #: 1 = a kernel built without SMM, where KVM_CAP_MULTI_ADDRESS_SPACE is compiled out and answers 0.
     address_spaces: int = 2
@@ -99,6 +105,9 @@ class Profile:
     #: Enable the v12 RFC's huge-page guest_memfd (SIM_GUEST_MEMFD_FLAG_HUGEPAGE, modelled on
     #: KVM_GUEST_MEMFD_ALLOW_HUGEPAGE). Sim-only.
     hugepage: bool = False
+    #: KVM_GET_TSC_KHZ's answer (the host's ``tsc_khz``): a nominal value, the guest's TSC being the CPU
+    #: emulator's counter.
+    tsc_khz: int = 2_000_000
     nr_vcpus: int = 2
     max_vcpus: int = 1024
     max_vcpu_id: int = 4096
@@ -133,6 +142,7 @@ class Profile:
             raise ValueError(f"user_addr_limit must be page aligned, not {self.user_addr_limit:#x}")
         _check_range("host_mapping_level", self.host_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
         _check_range("max_mapping_level", self.max_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
+        _check_range("tsc_khz", self.tsc_khz, 1, (1 << 31) - 1)  # KVM_GET_TSC_KHZ returns it as an int
         _check_range("nr_vcpus", self.nr_vcpus, 1, 1 << 32)
         _check_range("max_vcpus", self.max_vcpus, 1, 1 << 32)
         _check_range("max_vcpu_id", self.max_vcpu_id, 1, 1 << 32)
@@ -196,11 +206,13 @@ PROFILES: dict[str, Profile] = {
         gmem_only_slots=False,
         reject_gmem_flag_toggle=False,  # before the Dec 2025 fix
         gmem_cap_everywhere=False,
+        pre_fault_memory=False,  # KVM_PRE_FAULT_MEMORY came in 6.10
     ),
     "6.18": _V6_18,
     #: This project's host: 6.18 built without KVM_X86_SW_PROTECTED_VM and without SMM (as measured there: VM_TYPES 1,
-    #: MEMORY_ATTRIBUTES 0, MULTI_ADDRESS_SPACE 0). What still differs is listed in HOST_DEVIATIONS.
-    "host": replace(_V6_18, name="host", sw_protected=False, address_spaces=1),
+    #: MEMORY_ATTRIBUTES 0, MULTI_ADDRESS_SPACE 0), on shadow paging (PRE_FAULT_MEMORY 0). What still differs is
+    #: listed in HOST_DEVIATIONS.
+    "host": replace(_V6_18, name="host", sw_protected=False, address_spaces=1, tdp=False),
     "7.2": replace(
         _V6_18,
         name="7.2",
@@ -225,6 +237,15 @@ HOST_DEVIATIONS: dict[str, str] = {
         "KVM_CAP_EXIT_HYPERCALL is advertised and KVM_ENABLE_CAP accepts bit KVM_HC_MAP_GPA_RANGE, but a guest "
         "VMCALL at CPL0 never reaches kvm_emulate_hypercall: KVM_RUN spins until a signal, so neither "
         "KVM_EXIT_HYPERCALL nor an error return in RAX is ever produced"
+    ),
+    "cpuid_host_bits": (
+        "CPUID leaf 1 at guest CPL0 returns ECX/EDX feature bits the KVM_SET_CPUID2 table does not have (host bits "
+        "such as SSE3, SSE4.x, XSAVE, AVX and HTT merged in), and at CPL3, where guest code runs natively, CPUID "
+        "is the host's own; kvm_cpuid answers from the table alone"
+    ),
+    "vectoring_mmio_shutdown": (
+        "an exception whose IDT gate lies in MMIO (no memslot) shuts the guest down (KVM_EXIT_SHUTDOWN) instead "
+        "of KVM_EXIT_INTERNAL_ERROR with suberror KVM_INTERNAL_ERROR_DELIVERY_EV (kvm_prepare_event_vectoring_exit)"
     ),
     "vmcall_at_cpl3_gp": (
         "a VMCALL from CPL3 (guest code runs natively there) is delivered to the guest as #GP(0) instead of "
