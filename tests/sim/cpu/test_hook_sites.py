@@ -142,3 +142,23 @@ def test_prefix_before_a_page_that_cannot_be_fetched_faults_like_the_cpu(guest: 
     ex = cpu.run()
     assert isinstance(ex, IoExit) and ex.port == 0x40, ex
     assert cpu.get_sregs().cr2 == CODE + 0x3000
+
+
+def test_rewriting_the_next_page_reopens_a_decided_prefix(guest: Guest) -> None:
+    """``48`` ending a page was decided as ``mov rax, rbx`` with the next page's bytes; when the host rewrites
+    that next page into ``ed`` (``48 ed`` = in eax, dx) the site is pending again and the IN exits exactly."""
+    start = CODE + 0x4000 - 4
+    guest.write(start, bytes.fromhex("4831c0" "4889d8" "f4"))  # fmt: skip
+    cpu = guest.cpu(rip=start)
+    assert isinstance(cpu.run(), HltExit)
+    guest.write(CODE + 0x4000, b"\xed\xf4")
+    cpu.invalidate_code()
+    regs = cpu.get_regs()
+    regs.rip, regs.rdx = start, 0x77
+    cpu.set_regs(regs)
+    ex = cpu.run()
+    assert isinstance(ex, IoExit) and not ex.is_out and ex.port == 0x77 and ex.size == 4, ex
+    assert cpu.get_regs().rip == CODE + 0x3FFF
+    cpu.complete_io(b"\x01\x02\x03\x04")
+    assert isinstance(cpu.run(), HltExit)
+    assert cpu.get_regs().rax == 0x04030201

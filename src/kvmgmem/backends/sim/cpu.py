@@ -1038,22 +1038,25 @@ class SimCpu:
         if isinstance(outcome, tuple):
             with self._cond:
                 if self._req == self._ack:
-                    entry.paddr, entry.perms, host_page = outcome  # type: ignore[attr-defined]
-                    if acc == ACCESS_FETCH:
-                        self._scan_code(vaddr & PAGE_MASK, host_page)
-                    self._in_guest = True
-                    if self._kick:  # a kick that found us outside guest mode did not stop the engine
-                        uc.emu_stop()
-                    return True
+                    paddr, perms, host_page = outcome
+                    if acc != ACCESS_FETCH or not self._scan_code(vaddr & PAGE_MASK, host_page):
+                        entry.paddr, entry.perms = paddr, perms  # type: ignore[attr-defined]
+                        self._in_guest = True
+                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
+                            uc.emu_stop()
+                        return True
+                    # an instruction being translated may run into this page, and its site was decided on
+                    # other bytes: translate again with the site pending (cpu_sites.CodeSites.scan)
+                    self._code_stale = True
             outcome = Retry()
         self._tlb_event = (vaddr, acc, outcome)
         return False
 
-    def _scan_code(self, vpage: int, host_page: int) -> None:
+    def _scan_code(self, vpage: int, host_page: int) -> bool:
         """Hook the sites where an exit must be precise (``cpu_sites``) before unicorn translates code on
-        ``vpage``. Caller holds ``_cond`` with no request pending, so ``host_page`` is live memory of a
-        registered store."""
-        self._sites.scan(vpage, ctypes.string_at(host_page, PAGE_SIZE))
+        ``vpage``; True if translated code must go first (``CodeSites.scan``). Caller holds ``_cond`` with
+        no request pending, so ``host_page`` is live memory of a registered store."""
+        return self._sites.scan(vpage, ctypes.string_at(host_page, PAGE_SIZE))
 
     def _decide_io_site(self, rip: int) -> None:
         """The engine stopped before a possible IN/OUT (a pending site, ``cpu_sites``): decode it once, hook

@@ -20,9 +20,10 @@ opcode byte or a run of prefixes right before it. Hence three kinds of site, per
 
 So an ordinary instruction is never hooked: a hooked instruction start is a real IN/OUT (once), the
 instruction after a real IN/OUT, or a real HLT/INT. A page whose bytes changed since its last scan loses its
-old sites and decisions (the host announces rewritten code with ``invalidate_code``; the next fetch fill
-rescans). Code the guest rewrites after its page was scanned is not rescanned; an IN/OUT there ends with a
-stop elsewhere, which the vCPU refuses as an emulation failure instead of completing it silently.
+old sites and decisions, and so do the decided sites at the end of the page before it, whose instructions
+may run into it (the host announces rewritten code with ``invalidate_code``; the next fetch fill rescans).
+Code the guest rewrites after its page was scanned is not rescanned; an IN/OUT there ends with a stop
+elsewhere, which the vCPU refuses as an emulation failure instead of completing it silently.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def scan_page(vpage: int, code: bytes) -> tuple[list[int], dict[int, int]]:
 
 @dataclass
 class _Page:
+    vpage: int
     code: bytes
     pending: list[int]
     marks: dict[int, int]
@@ -106,21 +108,30 @@ class CodeSites:
     def clear_last(self) -> None:
         self.hooks.slot.value = 0
 
-    def scan(self, vpage: int, code: bytes) -> None:
-        """Sites of a code page about to be translated; nothing to do if its bytes did not change."""
+    def scan(self, vpage: int, code: bytes) -> bool:
+        """Sites of a code page about to be translated; nothing to do if its bytes did not change.
+
+        Returns True if decided sites at the end of the page before were made pending again: an instruction
+        there that runs into this page may be mid-translation (this scan comes from its fetch), its hook
+        lookup already done, so the caller has the block translated again.
+        """
         old = self._pages.get(vpage)
         if old is not None and old.code == code:
-            return
+            return False
         if old is not None:
             self._forget(old)
+        prev = self._pages.get((vpage - PAGE_SIZE) & MASK64)
+        # decisions on instructions that run into this page were made on other bytes
+        reopened = prev is not None and self._reopen(prev, (vpage - MAX_PREFIXES - 1) & MASK64)
         pending, marks = scan_page(vpage, code)
-        self._pages[vpage] = _Page(code, pending, marks)
+        self._pages[vpage] = _Page(vpage, code, pending, marks)
         touched = set(pending) | set(marks)
         self._pending.update(pending)
         self._pending_page.update(dict.fromkeys(pending, vpage))
         self._marks.update(marks)
         for address in touched:
             self._sync(address)
+        return reopened
 
     def _forget(self, page: _Page) -> None:
         touched = set(page.pending) | set(page.marks)
@@ -135,6 +146,19 @@ class CodeSites:
             self._marks.pop(address, None)
         for address in touched:
             self._sync(address)
+
+    def _reopen(self, page: _Page, first: int) -> bool:
+        """Make the decided sites of ``page`` at or after ``first`` pending again; True if there were any."""
+        reopen = [a for a in page.decided if a >= first]
+        for address in reopen:
+            after = page.decided.pop(address)
+            if after is not None:
+                self._after[after] -= 1
+                self._sync(after)
+            self._pending.add(address)
+            self._pending_page[address] = page.vpage
+            self._sync(address)
+        return bool(reopen)
 
     def is_pending(self, address: int) -> bool:
         return address in self._pending
