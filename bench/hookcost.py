@@ -1,4 +1,4 @@
-"""Bench 9: what a false IN/OUT candidate in a hot loop costs on the sim (issue 15).
+"""Bench 10: what a false IN/OUT candidate in a hot loop costs on the sim (issue 15).
 
 The sim cannot decode guest code before it runs, so it treats every byte that could be an IN/OUT opcode as a
 possible one (``backends/sim/cpu_sites.py``). Compiled code is full of such bytes inside other instructions:
@@ -64,7 +64,7 @@ def sampler(stack: ExitStack, other: object, n: int) -> Callable[[], float]:
 
 
 def run(report: Report, n: int = ITERATIONS) -> None:
-    bench = "9 false IN/OUT candidates"
+    bench = "10 false IN/OUT candidates"
     note = f"{3 * n:,} instructions after a {SLED_PAGES}-page sled of candidates, best of {REPS} interleaved, CPU time"
     with ExitStack() as stack:
         samplers = {"clean": sampler(stack, rbx, n), "hot": sampler(stack, rbp, n)}
