@@ -9,8 +9,10 @@ unchanged code adds none, and that the lazily decided IN/OUT sites still give ex
 from __future__ import annotations
 
 import iced_x86 as ix
+import pytest
 
 from kvmgmem.backends.sim.cpu import SimCpu
+from kvmgmem.backends.sim.cpu_exc import NeedRetry
 from kvmgmem.exits import HltExit, IoExit
 
 from .simcpu_guest import CODE, Asm, C, Guest, I, R
@@ -162,3 +164,17 @@ def test_rewriting_the_next_page_reopens_a_decided_prefix(guest: Guest) -> None:
     cpu.complete_io(b"\x01\x02\x03\x04")
     assert isinstance(cpu.run(), HltExit)
     assert cpu.get_regs().rax == 0x04030201
+
+
+def test_hlt_exit_reads_no_guest_memory(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HLT is told from the hook slot and the scan alone: a Python-side guest read that has to be retried
+    (a flush request pending) used to send the vCPU on past the HLT."""
+    guest.load(Asm().mov_imm(R.RBX, 1).hlt().mov_imm(R.RBX, 2).hlt())
+    cpu = guest.cpu()
+
+    def retried(*_args: object, **_kwargs: object) -> bytes:
+        raise NeedRetry()
+
+    monkeypatch.setattr(cpu, "read_virt", retried)
+    assert isinstance(cpu.run(), HltExit)
+    assert cpu.get_regs().rbx == 1

@@ -70,7 +70,8 @@ Mechanism
   for IN); the next ``run()`` loads the IN data into AL/AX/EAX and steps over the instruction.
 * **HLT**: ``emu_start`` returns normally; every possible HLT and INT n byte also carries a native hook that
   writes its address into a slot cleared before each ``emu_start``: HLT iff the slot is RIP-1 and that
-  byte is 0xF4 (an external stop never leaves it there, as executing a HLT ends ``emu_start``). Likewise an
+  byte was 0xF4 when scanned (an external stop never leaves it there, as executing a HLT ends
+  ``emu_start``). Likewise an
   interrupt is a software INT n/INT3 iff the slot names an INT whose end is the reported RIP.
 * **VMCALL/VMMCALL** reach the invalid-instruction hook and are handled as ``kvm_emulate_hypercall`` does
 (KVM_HC_MAP_GPA_RANGE); other #UD, #GP,
@@ -166,7 +167,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     Translation,
     walk,
 )
-from kvmgmem.backends.sim.cpu_sites import IO_PREFIXES, CodeSites, io_length
+from kvmgmem.backends.sim.cpu_sites import CodeSites, decode_io
 from kvmgmem.backends.sim.cpu_stores import Store, StoreMap
 from kvmgmem.backends.sim.cpu_types import (
     PAGE_SIZE,
@@ -206,7 +207,6 @@ PAGE_MASK = ~(PAGE_SIZE - 1) & MASK64
 UNTIL = 1 << 63  # non-canonical: the guest can never reach it, so emu_start never ends on "until"
 KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_HC_VAPIC_POLL_IRQ = 1
-HLT = 0xF4
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 _UC_ACCESS = {16: ACCESS_READ, 17: ACCESS_WRITE, 18: ACCESS_FETCH}  # UC_MEM_READ/WRITE/FETCH
 
@@ -864,7 +864,10 @@ class SimCpu:
                 self._pending_event = Event(vector, 0, None, soft)
                 return None
             rip = uc.reg_read(UC_X86_REG_RIP)
-            if self._sites.last == (rip - 1) & MASK64 and self.read_virt(rip - 1, 1, ACCESS_FETCH)[0] == HLT:
+            # A HLT ran iff the hooked instruction that ran last is the HLT byte right before RIP. Known from
+            # the scan, not read from guest memory: a read may have to be retried, and retrying from here
+            # would run on past the HLT.
+            if self._sites.last == (rip - 1) & MASK64 and self._sites.is_hlt(self._sites.last):
                 return HltExit()
             if self._sites.is_pending(rip):
                 self._decide_io_site(rip)
@@ -1064,11 +1067,11 @@ class SimCpu:
         hflags = self._state.load().hflags
         bitness = 64 if hflags & HF_CS64_MASK else 32 if hflags & HF_CS32_MASK else 16
         code = self._fetch_insn(rip)
-        length = io_length(code, bitness, rip)
-        if length == 0:  # the instruction goes on into a page the fetch cannot reach: take the CPU's fault
-            self.read_virt(rip + len(code), 1, ACCESS_FETCH)
-            length = None  # pragma: no cover - the page became reachable meanwhile; a late stop stays loud
-        self._sites.decide(rip, length)
+        io = decode_io(code, bitness, rip)
+        if io is not None and io.length == 0:  # the instruction runs into a page the fetch cannot reach:
+            self.read_virt(rip + len(code), 1, ACCESS_FETCH)  # take the CPU's fault
+            io = None  # pragma: no cover - the page became reachable meanwhile; a late stop stays loud
+        self._sites.decide(rip, io)
         self._uc.ctl_flush_tb()
 
     # --- translation ---------------------------------------------------------------------------------------
@@ -1265,9 +1268,7 @@ class SimCpu:
             # code unicorn translated before it was scanned, e.g. code the guest rewrote): refuse loudly
             return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip, next_rip))
         if io.direction == uapi.KVM_EXIT_IO_IN:
-            code = self._fetch_insn(io.rip)
-            opcode = next((b for b in code if b not in IO_PREFIXES), 0)
-            if opcode in (0x6C, 0x6D):  # INS: the dummy value already went to memory; not emulated
+            if self._sites.is_ins(io.rip):  # INS: the dummy value already went to memory; not emulated
                 return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip,))
             uc.reg_write(UC_X86_REG_RAX, io.rax)
             self._completion = _Completion(Pending.IO_IN, next_rip, size=io.size)

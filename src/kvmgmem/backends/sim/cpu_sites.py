@@ -47,18 +47,29 @@ _INT_LENGTHS = {0xCC: 1, 0xCD: 2, 0xCE: 1, 0xF1: 1}
 #: legacy prefixes an IN/OUT may carry (LOCK makes it #UD) and REX
 IO_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
 MAX_PREFIXES = 14  # an instruction is at most 15 bytes
-_IO_MNEMONICS = frozenset({ix.Mnemonic.IN, ix.Mnemonic.OUT, ix.Mnemonic.INSB, ix.Mnemonic.INSW, ix.Mnemonic.INSD,
-                           ix.Mnemonic.OUTSB, ix.Mnemonic.OUTSW, ix.Mnemonic.OUTSD})  # fmt: skip
+_INS_MNEMONICS = frozenset({ix.Mnemonic.INSB, ix.Mnemonic.INSW, ix.Mnemonic.INSD})
+_IO_MNEMONICS = _INS_MNEMONICS | {ix.Mnemonic.IN, ix.Mnemonic.OUT, ix.Mnemonic.OUTSB, ix.Mnemonic.OUTSW,
+                                  ix.Mnemonic.OUTSD}  # fmt: skip
 
 
-def io_length(code: bytes, bitness: int, rip: int) -> int | None:
-    """Length of the instruction at the start of ``code`` if it is an IN/OUT/INS/OUTS, None if it is
-    something else, 0 if ``code`` ends before the instruction does (its next page could not be fetched)."""
+@dataclass(frozen=True)
+class IoInsn:
+    """What decoding a pending site found: an IN/OUT/INS/OUTS of ``length`` bytes (0: the bytes ended first)."""
+
+    length: int
+    ins: bool = False
+
+
+def decode_io(code: bytes, bitness: int, rip: int) -> IoInsn | None:
+    """The IN/OUT/INS/OUTS at the start of ``code``; None if it is something else; length 0 if ``code`` ends
+    before the instruction does (its next page could not be fetched)."""
     decoder = ix.Decoder(bitness, code, ip=rip)
     insn = decoder.decode()
     if decoder.last_error == ix.DecoderError.NO_MORE_BYTES:
-        return 0
-    return insn.len if insn.mnemonic in _IO_MNEMONICS else None
+        return IoInsn(0)
+    if insn.mnemonic not in _IO_MNEMONICS:
+        return None
+    return IoInsn(insn.len, insn.mnemonic in _INS_MNEMONICS)
 
 
 def scan_page(vpage: int, code: bytes) -> tuple[list[int], dict[int, int]]:
@@ -98,6 +109,7 @@ class CodeSites:
         self._pending_page: dict[int, int] = {}  # pending site -> its vpage
         self._marks: dict[int, int] = {}
         self._after: Counter[int] = Counter()
+        self._ins: set[int] = set()  # decided sites holding an INS
         self._hook: dict[int, int] = {}  # live address -> hook id
 
     @property
@@ -138,7 +150,8 @@ class CodeSites:
         for address in page.pending:
             self._pending.discard(address)
             self._pending_page.pop(address, None)
-        for after in page.decided.values():
+        for address, after in page.decided.items():
+            self._ins.discard(address)
             if after is not None:
                 self._after[after] -= 1
                 touched.add(after)
@@ -152,6 +165,7 @@ class CodeSites:
         reopen = [a for a in page.decided if a >= first]
         for address in reopen:
             after = page.decided.pop(address)
+            self._ins.discard(address)
             if after is not None:
                 self._after[after] -= 1
                 self._sync(after)
@@ -163,13 +177,15 @@ class CodeSites:
     def is_pending(self, address: int) -> bool:
         return address in self._pending
 
-    def decide(self, address: int, length: int | None) -> None:
-        """Record what the pending site at ``address`` (an instruction start) holds: an IN/OUT of ``length``
-        bytes, or (None) something else. The caller flushes translated code."""
+    def decide(self, address: int, io: IoInsn | None) -> None:
+        """Record what the pending site at ``address`` (an instruction start) holds: an IN/OUT, or (None)
+        something else. The caller flushes translated code."""
         page = self._pages[self._pending_page.pop(address)]
         self._pending.discard(address)
-        after = None if length is None else (address + length) & MASK64
+        after = None if io is None else (address + io.length) & MASK64
         page.decided[address] = after
+        if io is not None and io.ins:
+            self._ins.add(address)
         if after is not None:
             self._after[after] += 1
             self._sync(after)
@@ -178,6 +194,14 @@ class CodeSites:
     def is_after_io(self, address: int) -> bool:
         """Whether a stop requested by an IN/OUT hook lands exactly at ``address``."""
         return self._after[address] > 0
+
+    def is_ins(self, address: int) -> bool:
+        """Whether the decided IN/OUT at ``address`` is an INS (known without reading guest memory)."""
+        return address in self._ins
+
+    def is_hlt(self, address: int) -> bool:
+        """Whether ``address`` held a HLT byte when its page was scanned (a mark of length 0)."""
+        return self._marks.get(address) == 0
 
     def int_length(self, address: int) -> int:
         """Length of the INT3/INT n/INTO/INT1 whose byte is at ``address`` (0: none there)."""
