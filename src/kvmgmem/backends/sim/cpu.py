@@ -61,6 +61,8 @@ Mechanism
   before an instruction a code hook covers, so every fetch TLB fill scans the code page (``_scan_code``) and
   puts a native code hook (``cpu_uc``) on each address that follows a byte that could start IN/OUT/INS/OUTS:
   the stop lands exactly after the instruction, and steady-state code runs with no per-instruction call.
+  (``cpu_sites``: a false candidate that turns out hot, e.g. the ModRM byte 0xED of ``cmp %rbp,%r13`` in a
+  loop, is unhooked after ``HOT`` runs, since unicorn dispatches every code hook by walking the whole list.)
   (Only a fetch fill grants EXEC, so no page is translated unscanned; a stop that lands elsewhere, which
   only code the guest rewrote after translation could cause, is an emulation-failure exit, not silent.)
   As in KVM, the exit shows RIP *at* the IN/OUT (and RAX unchanged for IN); the next ``run()`` loads the IN
@@ -116,7 +118,6 @@ import collections
 import contextlib
 import ctypes
 import errno
-import re
 import struct
 import threading
 import time
@@ -164,6 +165,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     Translation,
     walk,
 )
+from kvmgmem.backends.sim.cpu_sites import CodeSites
 from kvmgmem.backends.sim.cpu_stores import Store, StoreMap
 from kvmgmem.backends.sim.cpu_types import (
     PAGE_SIZE,
@@ -179,7 +181,6 @@ from kvmgmem.backends.sim.cpu_uc import (
     Engine,
     PagingView,
     TlbEntry,
-    add_code_hook,
     add_tlb_fill_hook,
     new_engine,
     tlb_flush,
@@ -205,10 +206,6 @@ KVM_HC_VAPIC_POLL_IRQ = 1
 HLT = 0xF4
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 _UC_ACCESS = {16: ACCESS_READ, 17: ACCESS_WRITE, 18: ACCESS_FETCH}  # UC_MEM_READ/WRITE/FETCH
-# Bytes that may start an instruction that must be seen exactly (see _scan_code): IN/OUT imm8 (E4-E7),
-# IN/OUT dx (EC-EF), INS/OUTS (6C-6F), HLT (F4), INT3/INT n/INTO/INT1 (CC CD CE F1).
-_CODE_SITES = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f\xf4\xcc-\xce\xf1]")
-_INT_LENGTHS = {0xCC: 1, 0xCD: 2, 0xCE: 1, 0xF1: 1}
 _IO_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
 
 __all__ = [
@@ -424,9 +421,7 @@ class SimCpu:
         self._state = CpuState(self._uc)
         # written by the native code hooks (cpu_uc.add_code_hook); must outlive the engine
         self._last_insn = ctypes.c_uint64(0)
-        self._hooked: set[int] = set()  # guest addresses with a code hook (never removed: TBs call them)
-        # per code page (as last scanned): hooked address whose byte is INT3/INT n/INTO/INT1 -> its length
-        self._int_sites: dict[int, dict[int, int]] = {}
+        self._sites = CodeSites(self._uc, self._last_insn)  # the hooked code sites (cpu_sites)
         self._paging_view = PagingView(self._uc)
         self._fill_cb = add_tlb_fill_hook(self._uc, self._fill)  # kept alive with the engine
         self._uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
@@ -841,6 +836,9 @@ class SimCpu:
                 with self._cond:
                     self._in_guest = False
                     self._service_locked()
+            self._sites.retire_hot()  # false landing sites that ran hot: unhook, retranslate without them
+            if self._sites.take_flush():
+                self._code_stale = True
             try:
                 result = self._after_stop(err)
             except NeedRetry:
@@ -864,7 +862,7 @@ class SimCpu:
                 # INT n/INT3/INTO/INT1 leave RIP after the instruction, and one of them ran last iff the
                 # hook slot names its address (they are all hooked); a fault leaves RIP at the instruction
                 last = self._last_insn.value
-                length = self._int_sites.get(last & PAGE_MASK, {}).get(last, 0)
+                length = self._sites.int_sites.get(last & PAGE_MASK, {}).get(last, 0)
                 soft = length > 0 and (last + length) & MASK64 == fault_rip
                 self._pending_event = Event(vector, 0, None, soft)
                 return None
@@ -1053,35 +1051,10 @@ class SimCpu:
         return False
 
     def _scan_code(self, vpage: int, host_page: int) -> None:
-        """Hook every address where an exit must be precise, before unicorn translates code on ``vpage``.
-
-        Why: unicorn honours ``emu_stop`` only at block boundaries or before a hooked instruction, and a
-        hook on every instruction costs three quarters of its speed (cpu_uc). x86 code cannot be decoded
-        without knowing where instructions start, so every byte that *could* start IN/OUT/INS/OUTS gets a
-        hook on the address just after that instruction (the IN/OUT hook's stop then lands exactly there),
-        and every possible HLT/INT n gets a hook on itself (the slot then tells whether it ran last). A false
-        candidate only costs a hook on an address that is not an instruction start (never called) or on
-        some ordinary instruction (one native call when it runs). Caller holds ``_cond`` with no request
-        pending, so ``host_page`` is live memory of a registered store.
-        """
-        code = ctypes.string_at(host_page, PAGE_SIZE)
-        hooked = self._hooked
-        ints: dict[int, int] = {}
-        for m in _CODE_SITES.finditer(code):
-            i = m.start()
-            op = code[i]
-            if 0xE4 <= op <= 0xE7:
-                site = (vpage + i + 2) & MASK64
-            elif 0xEC <= op <= 0xEF or 0x6C <= op <= 0x6F:
-                site = (vpage + i + 1) & MASK64
-            else:
-                site = vpage + i
-                if op != HLT:
-                    ints[site] = _INT_LENGTHS[op]
-            if site not in hooked:
-                hooked.add(site)
-                add_code_hook(self._uc, self._last_insn, site)
-        self._int_sites[vpage] = ints  # replaces what an older content of this page said
+        """Hook every address where an exit must be precise, before unicorn translates code on ``vpage``
+        (``cpu_sites.CodeSites.scan``: why and how). Caller holds ``_cond`` with no request pending, so
+        ``host_page`` is live memory of a registered store."""
+        self._sites.scan(vpage, ctypes.string_at(host_page, PAGE_SIZE))
 
     # --- translation ---------------------------------------------------------------------------------------
 
@@ -1272,10 +1245,17 @@ class SimCpu:
     def _io_exit(self, io: _IoEvent) -> Exit:
         uc = self._uc
         next_rip = uc.reg_read(UC_X86_REG_RIP)
-        if next_rip != io.rip and next_rip not in self._hooked:
+        sites = self._sites
+        if next_rip != io.rip and (next_rip not in sites.hooked or next_rip in sites.retired):
             # the stop did not land on a hooked address, so code after the IN/OUT ran (only possible for
             # code unicorn translated before it was scanned, e.g. code the guest rewrote): refuse loudly
+            sites.ran_past(io.rip, next_rip)
+            self._code_stale = True
             return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip, next_rip))
+        if sites.ran_past(io.rip, next_rip):  # it ended at a retired site: hooked again from now on
+            self._code_stale = True
+            return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip, next_rip))
+        sites.confirm(next_rip)
         if io.direction == uapi.KVM_EXIT_IO_IN:
             code = self._fetch_insn(io.rip)
             opcode = next((b for b in code if b not in _IO_PREFIXES), 0)

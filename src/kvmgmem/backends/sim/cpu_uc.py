@@ -11,9 +11,9 @@ Three things here go below unicorn's Python API, each because the API cannot exp
 * **Precise stops.** ``emu_stop`` (from a hook or another thread) is honoured only at a translation-block
   boundary, except before an instruction that a ``UC_HOOK_CODE`` hook covers: there unicorn checks for a
   stop request right after calling the hook. The hook's range is evaluated when the block is translated, so
-  a hook bounded to one address costs nothing anywhere else. ``add_code_hook`` registers a 4-byte *native*
-  hook (``mov [rcx], rsi; ret``) that stores the address of the instruction about to execute into a
-  per-vCPU slot, bounded to one address; the CPU puts one on every address that follows a possible IN/OUT
+  a hook bounded to one address costs nothing anywhere else. ``add_counting_code_hook`` registers a small
+  *native* hook that stores the address of the instruction about to execute into a per-vCPU slot and
+  counts its own executions, bounded to one address; the CPU puts one on every address that follows a possible IN/OUT
   (so the stop an IN/OUT hook requests lands exactly after it) and on every possible HLT/INT n (so the slot
   says whether one of them was the last instruction). A hook covering every instruction would cost
   three quarters of unicorn's speed (measured ~450 → ~100 M instructions/s for ``dec rcx; jnz``); a
@@ -233,9 +233,30 @@ def ensure_layout() -> None:
             _layout_checked = True
 
 
-# --- the native bounded code hook ------------------------------------------------------------------
+# --- the native bounded code hook ------------------------------------------------------------------------
 
-_STUB_CODE = bytes.fromhex("488931c3")  # mov [rcx], rsi ; ret   (cb(uc, address, size, user_data))
+#: ``cb(uc, address, size, user_data)`` with ``user_data`` -> ``HookCell``: store the address in ``*slot``,
+#: count, and on the count reaching ``threshold`` set ``*flag`` and tail-call ``uc_emu_stop(uc)``:
+#: ``mov rax,[rcx]; mov [rax],rsi; mov rax,[rcx+8]; inc rax; mov [rcx+8],rax; cmp rax,[rcx+16]; je 1f; ret;
+#: 1: mov rax,[rcx+24]; mov qword [rax],1; mov rax,[rcx+32]; jmp rax``.
+_STUB_CODE = bytes.fromhex("488b01488930488b410848ffc048894108483b41107401c3488b411848c70001000000488b4120ffe0")
+
+
+class HookCell(ctypes.Structure):
+    """A counting code hook's user data (``_STUB_CODE`` reads it by these offsets). Must not move or be freed
+    while the engine lives."""
+
+    _fields_ = [
+        ("slot", ctypes.c_void_p),  # u64 *: the vCPU's "last hooked address" slot
+        ("count", ctypes.c_uint64),  # executions so far
+        ("threshold", ctypes.c_uint64),  # the count that stops the engine once (2**64-1: never)
+        ("flag", ctypes.c_void_p),  # u64 *: set to 1 when the threshold is reached
+        ("stop", ctypes.c_void_p),  # uc_emu_stop
+    ]
+
+
+#: ``uc_emu_stop``'s address, for the stub's tail call.
+EMU_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
 _stub_lock = threading.Lock()
 _stub_page: mmap.mmap | None = None  # never unmapped: every engine may call into it until it is closed
 _stub_addr = 0
@@ -253,22 +274,29 @@ def _native_stub() -> int:
         return _stub_addr
 
 
-def add_code_hook(uc: Engine, slot: ctypes.c_uint64, address: int) -> int:
-    """Register the native code hook at ``address`` only; it writes that address into ``slot`` (keep the slot
-    alive as long as the engine) and makes unicorn check for a stop request before the instruction."""
+def add_counting_code_hook(uc: Engine, cell: HookCell, address: int) -> int:
+    """Register the native code hook at ``address`` only; returns its handle. Each time the instruction there
+    is about to execute, ``cell`` (kept alive as long as the engine) receives the address in ``*slot`` and
+    one more ``count`` (at ``threshold``: ``*flag`` = 1 and ``uc_emu_stop``), and unicorn checks for a stop
+    request before the instruction."""
     handle = ctypes.c_size_t()
     err = uclib.uc_hook_add(
         uc._uch,
         ctypes.byref(handle),
         UC_HOOK_CODE,
         ctypes.c_void_p(_native_stub()),
-        ctypes.cast(ctypes.byref(slot), ctypes.c_void_p),
+        ctypes.c_void_p(ctypes.addressof(cell)),
         ctypes.c_uint64(address),
         ctypes.c_uint64(address),
     )
     if err != UC_ERR_OK:  # pragma: no cover - only on a broken unicorn
         raise LayoutError(f"uc_hook_add(native code hook) failed: {err}")
     return handle.value
+
+
+def remove_hook(uc: Engine, handle: int) -> None:
+    """``uc_hook_del``: translated code still calls the hook until it is flushed (``ctl_flush_tb``)."""
+    uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
 
 
 def new_engine() -> Engine:
