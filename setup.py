@@ -3,7 +3,7 @@ sim's TLB-fill walk).
 
 ``kvmgmem.backends.kvm._run`` does KVM_RUN with the GIL released and decodes KVM_EXIT_IO in C (see its source).
 It is built by every ``pip install`` (editable or not). It is optional so that an install on a machine without
-a C compiler still works, on the pure-Python path; ``tests/test_kvm_run_paths.py`` fails when the extension
+a C compiler still works, on the pure-Python path; ``tests/kvm/test_run_paths.py`` fails when the extension
 is missing and ``KVMGMEM_NO_CEXT`` is not set, so a silently failed build does not go unnoticed.
 """
 

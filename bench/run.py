@@ -1,5 +1,5 @@
 """Run every benchmark in one go: ``python bench/run.py [exits populate convert faults execspeed workload
-flushscale faultpath]``.
+flushscale faultpath upstream]``.
 
 Writes ``bench/results/all.json`` and ``bench/results/all.md`` and prints the markdown table and the command
 that reproduces it. A benchmark that fails becomes a row saying so (with the error), not a missing row.
@@ -15,7 +15,7 @@ import traceback
 
 from common import Report, Row
 
-BENCHES = ["exits", "populate", "convert", "faults", "faultpath", "execspeed", "workload", "flushscale"]
+BENCHES = ["exits", "populate", "convert", "faults", "faultpath", "execspeed", "workload", "flushscale", "upstream"]
 COMMAND = "python bench/run.py"
 
 

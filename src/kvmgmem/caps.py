@@ -17,6 +17,7 @@ from kvmgmem.errors import KvmError
 @dataclass
 class CapsReport:
     """What ``kvmgmem caps`` reports: every capability on the system and per VM type, and a verdict in words."""
+
     backend: str
     selection_reason: str
     system_caps: dict[str, int]
@@ -26,7 +27,7 @@ class CapsReport:
     verdict: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The report as the JSON object ``kvmgmem caps --json`` prints."""
+        """Return the report as the JSON object ``kvmgmem caps --json`` prints."""
         return {
             "backend": self.backend,
             "selection_reason": self.selection_reason,

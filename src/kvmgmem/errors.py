@@ -41,5 +41,5 @@ class KvmError(OSError):
 
 
 def closed_error(op: str, what: str) -> KvmError:
-    """The error for an operation on an object whose fd is already closed (the kernel would say EBADF)."""
+    """Return the error for an operation on an object whose fd is already closed (the kernel's EBADF)."""
     return KvmError(_errno.EBADF, op, f"{what} is closed")

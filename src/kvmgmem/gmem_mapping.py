@@ -43,8 +43,11 @@ class MappingBackend(Protocol):
         """Handle ``option`` itself (True) or let the host kernel do it on the mapping (False)."""
 
     def unmap(self, mapping: GmemMapping, munmap: Callable[[], None]) -> None:
-        """Run ``munmap`` (``close()``) under the backend's lock, so no re-pointing of the mapping's pages
-        races with it; then drop what the mapping held (garbage collection is the backend's finalizer)."""
+        """Run ``munmap`` (``close()``) under the backend's lock, then drop what the mapping held.
+
+        The lock keeps any re-pointing of the mapping's pages from racing with the unmap; garbage collection
+        is the backend's finalizer.
+        """
 
 
 class GmemMapping(PinnedMapping):
@@ -62,9 +65,10 @@ class GmemMapping(PinnedMapping):
 
     @classmethod
     def reserve(cls, length: int, offset: int, fd: int, backend: MappingBackend | None = None) -> GmemMapping:
-        """A range owned by a new object, for the backend to cover entirely with ``MAP_FIXED`` mappings.
+        """Reserve a range owned by a new object, for the backend to cover entirely with ``MAP_FIXED`` mappings.
 
-        Private and ``MAP_NORESERVE``: never touched before it is replaced, so it costs no commit charge."""
+        Private and ``MAP_NORESERVE``: never touched before it is replaced, so it costs no commit charge.
+        """
         try:
             self = place_aligned_reservation(cls, length)
         except OverflowError:
@@ -79,8 +83,11 @@ class GmemMapping(PinnedMapping):
 
     @classmethod
     def of_fd(cls, fd: int, length: int, offset: int = 0, shared: bool = True) -> GmemMapping:
-        """Map a kernel guest_memfd: ``mmap(2)`` it (so every errno is the kernel's, in its order), then move
-        the mapping onto a reserved object with ``mremap(MREMAP_FIXED)``."""
+        """Map a kernel guest_memfd.
+
+        ``mmap(2)`` it (so every errno is the kernel's, in its order), then move the mapping onto a reserved
+        object with ``mremap(MREMAP_FIXED)``.
+        """
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         raw = c_mmap(None, length, PROT_RW, flags, fd, offset)
         try:
@@ -113,9 +120,11 @@ class GmemMapping(PinnedMapping):
     # --- madvise ---------------------------------------------------------------------------------------
 
     def madvise(self, option: int, start: int = 0, length: int | None = None) -> None:
-        """``madvise(2)`` on ``[start, start+length)`` (default: to the end), with guest_memfd's rules:
+        """``madvise(2)`` on ``[start, start+length)`` (default: to the end), with guest_memfd's rules.
+
         MADV_REMOVE punches the file (the data is freed), MADV_COLLAPSE is EINVAL (guest_memfd never
-        collapses into huge folios), MADV_FREE / unknown advice / an unaligned start are EINVAL."""
+        collapses into huge folios), MADV_FREE / unknown advice / an unaligned start are EINVAL.
+        """
         if self.closed:
             raise ValueError("madvise on a closed GmemMapping")
         if length is None:

@@ -101,8 +101,9 @@ _M = TypeVar("_M", bound=mmap.mmap)
 
 
 def _place_aligned(size: int, place: Callable[[], _T], address: Callable[[_T], int], drop: Callable[[_T], None]) -> _T:
-    """Run ``place`` (which maps ``size`` bytes wherever the kernel chooses) so that the mapping starts on a
-    2 MiB boundary; ``address`` reads where it landed, ``drop`` unmaps a misplaced one.
+    """Run ``place`` (which maps ``size`` bytes wherever the kernel chooses) until the mapping starts on 2 MiB.
+
+    ``address`` reads where it landed, ``drop`` unmaps a misplaced one.
 
     A mapping that lands elsewhere (another thread mapped into the hole first, or a higher gap of between
     ``size`` and ``size`` + 2 MiB existed) is kept until the end as a plug over the place the kernel preferred,
@@ -159,7 +160,8 @@ class Pins:
         A deferred close does not refuse the pin: new users were turned away when their call resolved its
         ``userspace`` (``closed`` is True from the close on), so a pin arriving now belongs to a memslot update
         that was already under way — its slot exists in the kernel and the unmap must wait for it too. Only
-        when no memslot is left (a live view blocked the unmap) is there nothing to wait for."""
+        when no memslot is left (a live view blocked the unmap) is there nothing to wait for.
+        """
         with self._lock:
             if is_closed():
                 raise KvmError(errno.EFAULT, what, "host memory is closed")
@@ -193,8 +195,11 @@ class Pins:
         return self._deferred is not None
 
     def close_if_unpinned(self, op: str, unmap: Callable[[], None]) -> None:
-        """Run ``unmap`` unless a memslot still uses the memory: then EBUSY, naming the users — or nothing if
-        the unmap is already deferred to the last of them (closing twice is not an error)."""
+        """Run ``unmap`` unless a memslot still uses the memory.
+
+        If one does: EBUSY naming the users, or nothing if the unmap is already deferred to the last of them
+        (closing twice is not an error).
+        """
         with self._lock:
             if self._pins:
                 if self._deferred is not None:
@@ -204,8 +209,10 @@ class Pins:
             self._deferred = None
 
     def run_if_unpinned(self, op: str, action: Callable[[], None]) -> None:
-        """Run ``action`` (e.g. a move) unless a memslot uses the memory (EBUSY, naming the users); the lock
-        keeps a new pin from arriving while it runs."""
+        """Run ``action`` (e.g. a move) unless a memslot uses the memory (EBUSY, naming the users).
+
+        The lock keeps a new pin from arriving while it runs.
+        """
         with self._lock:
             if self._pins:
                 raise KvmError(errno.EBUSY, op, f"still used by {', '.join(sorted(self._pins.values()))}")
@@ -271,8 +278,10 @@ class PinnedMapping(mmap.mmap):
 
     @property
     def closed(self) -> bool:  # type: ignore[override]
-        """Closed by its owner: unmapped, or left by a ``with`` block and waiting for its last memslot to let
-        go (the bytes stay mapped for that memslot; nothing new may use them)."""
+        """Closed by its owner: unmapped, or left by a ``with`` block and waiting for its last memslot.
+
+        While it waits, the bytes stay mapped for that memslot; nothing new may use them.
+        """
         return self._pins.closing or _unmapped(self)
 
     @property
@@ -286,13 +295,16 @@ class PinnedMapping(mmap.mmap):
             self._pins.close_if_unpinned(f"{type(self).__name__}.close", self._unmap)
 
     def _unmap(self) -> None:
-        """The unmap itself (a subclass may first tell its backend)."""
+        """Unmap (a subclass may first tell its backend)."""
         mmap.mmap.close(self)
 
     # ``mmap.mmap`` has a C-level __enter__/__exit__; keep enter, route exit through the deferring close.
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        """Leave the block: unmap, or defer the unmap to the last memslot still using the memory. A failure
-        to unmap (a live ``memoryview``) is raised only if the block itself did not raise: never masked."""
+        """Leave the block: unmap, or defer the unmap to the last memslot still using the memory.
+
+        A failure to unmap (a live ``memoryview``) is raised only if the block itself did not raise: never
+        masked.
+        """
         if self.closed:
             return
         try:
@@ -329,9 +341,12 @@ class HostMemory(PinnedMapping):
         return self
 
     def resize(self, newsize: int) -> None:
-        """``mmap.resize``: refused (EBUSY) while a memslot uses the memory, as ``close()`` is, since resizing
-        may move it and the slot's ``userspace_addr`` would then point at nothing (or at someone else's memory).
-        Unpinned, the mapping may move: ``address`` follows it (and may lose its 2 MiB alignment)."""
+        """``mmap.resize``, refused (EBUSY) while a memslot uses the memory, as ``close()`` is.
+
+        Resizing may move the memory, and the slot's ``userspace_addr`` would then point at nothing (or at
+        someone else's memory). Unpinned, the mapping may move: ``address`` follows it (and may lose its
+        2 MiB alignment).
+        """
         op = "HostMemory.resize"
         if not isinstance(newsize, int) or isinstance(newsize, bool):
             raise TypeError(f"{op}: newsize must be an int, not {type(newsize).__name__}")
@@ -361,10 +376,12 @@ class HostMemory(PinnedMapping):
 
 
 def place_aligned_reservation(cls: type[_M], length: int) -> _M:
-    """A new ``cls`` object owning ``length`` bytes of private, ``MAP_NORESERVE`` address space, 2 MiB-aligned
-    from 2 MiB up, for a caller that covers it with ``MAP_FIXED`` mappings (a guest_memfd mapping: huge
-    guest mappings need the hva and the gpa equally aligned). Never touched before it is covered, so it costs
-    no commit charge even at 64 GiB."""
+    """Make a ``cls`` object owning ``length`` bytes of private, ``MAP_NORESERVE`` address space.
+
+    2 MiB-aligned from 2 MiB up, for a caller that covers it with ``MAP_FIXED`` mappings (a guest_memfd
+    mapping: huge guest mappings need the hva and the gpa equally aligned). Never touched before it is
+    covered, so it costs no commit charge even at 64 GiB.
+    """
     return _place_aligned(
         length,
         lambda: mmap.mmap.__new__(

@@ -48,8 +48,11 @@ def failed(raw: int | None) -> bool:
 
 
 def c_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
-    """``mmap(2)``; returns the address or raises ``KvmError(errno, "mmap")``. ``offset`` is the u64 a C
-    caller passes (values from 2^63 up reach the kernel as the negative ``off_t`` they are)."""
+    """Call ``mmap(2)``: return the address, or raise ``KvmError(errno, "mmap")``.
+
+    ``offset`` is the u64 a C caller passes (values from 2^63 up reach the kernel as the negative ``off_t``
+    they are).
+    """
     raw = mmap_(addr, length, prot, flags, fd, offset if offset < 1 << 63 else offset - (1 << 64))
     if failed(raw):
         err = ctypes.get_errno()

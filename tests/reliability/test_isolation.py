@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from kvmgmem import HostMemory, KvmError, uapi
 from kvmgmem.backends import sim
-from kvmgmem.backends.sim.core.mmu import FaultMapped
+from kvmgmem.backends.sim.fault import Mapped
 
 from ._support import PRIVATE, P
 
@@ -53,9 +53,9 @@ class World:
 
     # --- guest side ------------------------------------------------------------------------------------------
 
-    def guest_map(self, page: int, write: bool) -> FaultMapped | None:
+    def guest_map(self, page: int, write: bool) -> Mapped | None:
         r = self.core.handle_fault(page * P, write)
-        return r if isinstance(r, FaultMapped) else None
+        return r if isinstance(r, Mapped) else None
 
     def write_private(self, page: int, token: bytes) -> None:
         self.vm.set_memory_attributes(page * P, P, PRIVATE)

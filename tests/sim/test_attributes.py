@@ -75,7 +75,7 @@ def test_2_6_step9_zap_before_store(pvm: SimVm, hostmem: Callable[[int], HostMem
     mem = hostmem(M2)
     with pvm.create_guest_memfd(M2) as g:
         pvm.set_user_memory_region2(0, GPA, M2, mem, GMEM, g, 0)
-        assert pvm.sim.handle_fault(GPA).__class__.__name__ == "FaultMapped"
+        assert pvm.sim.handle_fault(GPA).__class__.__name__ == "Mapped"
         seen: list[tuple[int, int, bool, int, str]] = []
 
         def listener(lo: int, hi: int) -> None:
@@ -93,7 +93,7 @@ def test_2_6_step9_zap_before_store(pvm: SimVm, hostmem: Callable[[int], HostMem
         pvm.add_zap_listener(listener)
         seq = pvm.sim.mmu.seq
         pvm.set_memory_attributes(GPA, P, PRIVATE)
-        assert seen == [(GPA // P, GPA // P + 1, False, 0, "FaultRetry")]
+        assert seen == [(GPA // P, GPA // P + 1, False, 0, "Retry")]
         assert pvm.sim.mmu.seq == seq + 1
         assert pvm.sim.attributes.is_private(GPA // P)
 

@@ -14,7 +14,7 @@ import pytest
 
 from kvmgmem import KvmError, uapi
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm
-from kvmgmem.backends.sim.core.mmu import FaultMapped
+from kvmgmem.backends.sim.fault import Mapped
 from kvmgmem.conformance._sigbus import touch_dies_of_sigbus
 
 from .conftest import INIT_SHARED, M2, MMAP, P
@@ -30,19 +30,6 @@ def errno_of(fn: Callable[[], object]) -> int:
     return info.value.errno
 
 
-@pytest.mark.parametrize("vm_type, valid", [(0, {0, 1}), (1, {0})])
-def test_GM_1_flags_sweep(make_vm: Callable[..., SimVm], vm_type: int, valid: set[int]) -> None:
-    """GM-1: each single flag bit is accepted iff it is in KVM_CAP_GUEST_MEMFD_FLAGS (6.18: DEFAULT {0,1},
-    SW_PROTECTED {0}); the sim-only bit 63 is refused unless the hugepage option is on."""
-    vm = make_vm(vm_type)
-    assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) == sum(1 << b for b in valid)
-    for bit in range(64):
-        if bit in valid:
-            vm.create_guest_memfd(P, 1 << bit).close()
-        else:
-            assert errno_of(lambda b=bit: vm.create_guest_memfd(P, 1 << b)) == errno.EINVAL
-
-
 def test_GM_1_6_8_profile_accepts_no_flags(open_sim: Callable[..., SimSystem]) -> None:
     """`kvm_gmem_create` (6.8–6.17): every creation flag → EINVAL; GUEST_MEMFD_FLAGS is an unknown cap (0)."""
     with open_sim("6.8").create_vm(1) as vm:
@@ -51,67 +38,24 @@ def test_GM_1_6_8_profile_accepts_no_flags(open_sim: Callable[..., SimSystem]) -
             assert errno_of(lambda b=bit: vm.create_guest_memfd(P, 1 << b)) == errno.EINVAL
 
 
-def test_GM_2_multiple_files_distinct_inodes(dvm: SimVm) -> None:
-    """GM-2: sizes reported by fstat, distinct st_ino."""
-    with dvm.create_guest_memfd(P) as a, dvm.create_guest_memfd(2 * P) as b:
-        sa, sb = a.stat(), b.stat()
-        assert (sa.st_size, sb.st_size) == (P, 2 * P)
-        assert sa.st_ino != sb.st_ino
-
-
-@pytest.mark.parametrize("size", [0, 1, P - 1, P + 1, 1 << 63, (1 << 64) - P])
-def test_GM_3_invalid_sizes(dvm: SimVm, size: int) -> None:
-    """GM-3, `kvm_gmem_create`: size ≤ 0 (as signed) or unaligned → EINVAL."""
-    assert errno_of(lambda: dvm.create_guest_memfd(size)) == errno.EINVAL
-
-
 def test_GM_3_huge_lazy_file(dvm: SimVm) -> None:
     """`kvm_gmem_create`: a 1 TiB guest_memfd is created lazily (as on this host)."""
     with dvm.create_guest_memfd(1 << 40, MMAP | INIT_SHARED) as g:
         assert g.stat().st_size == 1 << 40
 
 
-def test_GM_4_read_write_errnos(dvm: SimVm) -> None:
-    """GM-4 with the errnos measured on this host: read/write → EINVAL, pread/pwrite → ESPIPE (negative offset →
-    EINVAL)."""
+def test_GM_4_pread_negative_offset(dvm: SimVm) -> None:
+    """GM-4's pread beyond the conformance suite: a negative offset is EINVAL (`ksys_pread64`), before the
+    ESPIPE a guest_memfd gives any positioned read."""
     with dvm.create_guest_memfd(4 * P) as g:
-        assert errno_of(lambda: g.read(64)) == errno.EINVAL
-        assert errno_of(lambda: g.write(b"x" * 64)) == errno.EINVAL
-        assert errno_of(lambda: g.pread(64, 0)) == errno.ESPIPE
-        assert errno_of(lambda: g.pwrite(b"x", 0)) == errno.ESPIPE
         assert errno_of(lambda: g.pread(64, -1)) == errno.EINVAL
 
 
-def test_GM_5_mmap_punch_reads_zero(dvm: SimVm) -> None:
-    """GM-5: fill 0xaa, punch [0,p) → zeros there, rest 0xaa; refill; all 0xaa."""
-    with dvm.create_guest_memfd(4 * P, MMAP | INIT_SHARED) as g, g.mmap() as m:
-        m[:] = b"\xaa" * (4 * P)
-        assert m[:] == b"\xaa" * (4 * P)
-        g.punch_hole(0, P)
-        assert m[:P] == bytes(P) and m[P:] == b"\xaa" * (3 * P)
-        m[:P] = b"\xaa" * P
-        assert m[:] == b"\xaa" * (4 * P)
-
-
-def test_GM_6_fault_overflow_sigbus(dvm: SimVm) -> None:
-    """GM-6: a 16p mapping of a 4p file: a memset dies of a real SIGBUS after writing the first 4p (which the
-    parent then reads back); reading byte 4p dies too, reading byte 4p-1 does not."""
+def test_GM_6_last_byte_in_file_does_not_fault(dvm: SimVm) -> None:
+    """GM-6's boundary from the other side (the conformance suite checks that byte 4p dies): in a 16p mapping
+    of a 4p file, byte 4p-1 reads fine."""
     with dvm.create_guest_memfd(4 * P, MMAP | INIT_SHARED) as g, g.mmap(16 * P) as m:
-        assert touch_dies_of_sigbus(m.address, 16 * P, write=True) == signal.SIGBUS
-        assert touch_dies_of_sigbus(m.address + 4 * P, 1, write=False) == signal.SIGBUS
         assert touch_dies_of_sigbus(m.address + 4 * P - 1, 1, write=False) == 0
-        assert m[: 4 * P] == b"\xaa" * (4 * P)
-
-
-def test_GM_7b_madvise_collapse_einval(dvm: SimVm) -> None:
-    """GM-7b, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: MADV_HUGEPAGE ok, MADV_COLLAPSE → EINVAL, MADV_DONTNEED ok
-    and data stays."""
-    with dvm.create_guest_memfd(M2, MMAP | INIT_SHARED) as g, g.mmap() as m:
-        m[0] = 7
-        m.madvise(14)
-        assert errno_of(lambda: m.madvise(25)) == errno.EINVAL
-        m.madvise(4)
-        assert m[0] == 7
 
 
 def test_GM_8_private_mapping_sigbus(pvm: SimVm) -> None:
@@ -124,92 +68,39 @@ def test_GM_8_private_mapping_sigbus(pvm: SimVm) -> None:
         assert g.introspect()["pages_present"] == 0
 
 
-def test_GM_9a_map_private_einval(dvm: SimVm) -> None:
-    """GM-9a, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: MAP_PRIVATE → EINVAL."""
-    with dvm.create_guest_memfd(4 * P, MMAP) as g:
-        assert errno_of(lambda: g.mmap(shared=False)) == errno.EINVAL
-
-
-def test_GM_9c_no_mmap_enodev(dvm: SimVm, open_sim: Callable[..., SimSystem]) -> None:
-    """GM-9c, `kvm_gmem_mmap`/`kvm_gmem_fault_user_mapping`: without MMAP → ENODEV (checked before MAP_PRIVATE); 6.8 has
-    no mmap at all."""
-    for flags in (0, INIT_SHARED):
-        with dvm.create_guest_memfd(4 * P, flags) as g:
-            assert errno_of(lambda g=g: g.mmap()) == errno.ENODEV
-            assert errno_of(lambda g=g: g.mmap(shared=False)) == errno.ENODEV
+def test_GM_9c_6_8_has_no_mmap(open_sim: Callable[..., SimSystem]) -> None:
+    """GM-9c on the 6.8 profile, which has no guest_memfd mmap at all: ENODEV."""
     with open_sim("6.8").create_vm() as old, old.create_guest_memfd(4 * P) as g:
         assert errno_of(lambda: g.mmap()) == errno.ENODEV
 
 
-def test_GM_10_fstat(dvm: SimVm) -> None:
-    """GM-10, `kvm_gmem_setattr`: st_size, st_blksize 4096, mode 0600 regular file."""
-    with dvm.create_guest_memfd(4 * P) as g:
-        st = g.stat()
-        assert (st.st_size, st.st_blksize, st.st_mode) == (4 * P, P, 0o100600)
-
-
-def test_GM_11_fallocate_sequence(dvm: SimVm) -> None:
-    """GM-11, in order (errors are EINVAL per `kvm_gmem_fallocate`)."""
+def test_GM_11_page_accounting(dvm: SimVm) -> None:
+    """GM-11's successful steps, counted in the sim's page map (the conformance suite checks the errnos):
+    allocate [0,T) makes 4 pages, punching one frees it, allocating it again brings it back."""
     T = 4 * P
     with dvm.create_guest_memfd(T) as g:
         g.fallocate(KEEP, 0, T)
-        assert errno_of(lambda: g.fallocate(KEEP | PUNCH, P - 1, P)) == errno.EINVAL
-        assert errno_of(lambda: g.fallocate(KEEP, T, P)) == errno.EINVAL
-        assert errno_of(lambda: g.fallocate(KEEP, T + P, P)) == errno.EINVAL
-        g.fallocate(KEEP | PUNCH, T, P)
-        g.fallocate(KEEP | PUNCH, T + P, P)
-        assert errno_of(lambda: g.fallocate(KEEP | PUNCH, P, P - 1)) == errno.EINVAL
+        assert g.introspect()["pages_present"] == 4
         g.fallocate(KEEP | PUNCH, P, P)
+        assert g.introspect()["pages_present"] == 3
         g.fallocate(KEEP, P, P)
         assert g.introspect()["pages_present"] == 4
 
 
 @pytest.mark.parametrize(
-    "off, ln", [(0, 1), (0, P - 1), (0, P + 1), (1, 1), (1, P - 1), (1, P), (1, P + 1), (P, 1), (P, P - 1), (P, P + 1)]
-)
-def test_GM_12_invalid_punch_hole(dvm: SimVm, off: int, ln: int) -> None:
-    """GM-12: unaligned punch → EINVAL."""
-    with dvm.create_guest_memfd(4 * P) as g:
-        assert errno_of(lambda: g.punch_hole(off, ln)) == errno.EINVAL
-
-
-@pytest.mark.parametrize(
     "mode, off, ln, err",
     [
-        (0, 0, P, errno.EOPNOTSUPP),  # measured on this host: mode 0 → EOPNOTSUPP
         (0, 100, 5, errno.EOPNOTSUPP),
-        (PUNCH, 0, P, errno.EOPNOTSUPP),
-        (KEEP, P, 100, errno.EINVAL),
-        (KEEP | PUNCH, 100, P, errno.EINVAL),
-        (KEEP | PUNCH, 0, 0, errno.EINVAL),
-        (KEEP | PUNCH, -P, P, errno.EINVAL),
-        (uapi.FALLOC_FL_ZERO_RANGE, 0, P, errno.EOPNOTSUPP),
-        (uapi.FALLOC_FL_ZERO_RANGE | KEEP, 0, P, errno.EOPNOTSUPP),
-        (uapi.FALLOC_FL_COLLAPSE_RANGE, 0, P, errno.EOPNOTSUPP),
-        (uapi.FALLOC_FL_INSERT_RANGE, 0, P, errno.EOPNOTSUPP),
         (uapi.FALLOC_FL_NO_HIDE_STALE | KEEP, 0, P, errno.EOPNOTSUPP),
         (KEEP, (1 << 63) - P, 2 * P, errno.EFBIG),
         (0, (1 << 63) - P, 2 * P, errno.EFBIG),  # VFS EFBIG precedes guest_memfd's EOPNOTSUPP
     ],
 )
 def test_2_8_fallocate_errnos(dvm: SimVm, mode: int, off: int, ln: int, err: int) -> None:
-    """`vfs_fallocate`'s checks, then `kvm_gmem_fallocate`'s, with the errnos measured on this host."""
+    """`vfs_fallocate`'s checks, then `kvm_gmem_fallocate`'s, with the errnos measured on this host (the rows the
+    conformance suite's ``test_fallocate_mode_errnos`` does not have)."""
     with dvm.create_guest_memfd(4 << 20, MMAP | INIT_SHARED) as g:
         assert errno_of(lambda: g.fallocate(mode, off, ln)) == err
-
-
-def test_2_8_punch_beyond_eof_ok(dvm: SimVm) -> None:
-    """`kvm_gmem_fallocate`: punch at/after EOF (and straddling it) succeeds."""
-    with dvm.create_guest_memfd(4 << 20) as g:
-        g.punch_hole((4 << 20) - P, 2 * P)
-        g.punch_hole(4 << 20, P)
-
-
-def test_2_11_ftruncate_einval(dvm: SimVm) -> None:
-    """`kvm_gmem_setattr`: any ftruncate → EINVAL."""
-    with dvm.create_guest_memfd(4 * P) as g:
-        for n in (0, 4 * P, 8 * P):
-            assert errno_of(lambda n=n: g.truncate(n)) == errno.EINVAL
 
 
 def test_2_10_7_mmap_pins_file(dvm: SimVm) -> None:
@@ -223,14 +114,6 @@ def test_2_10_7_mmap_pins_file(dvm: SimVm) -> None:
     assert not file.released and m[0:4] == b"abcd"
     m.close()
     assert file.released and not file.inode.alive
-
-
-def test_closed_gmem_ebadf(dvm: SimVm) -> None:
-    """Operations on a closed guest_memfd fail with EBADF (the fd is gone)."""
-    g = dvm.create_guest_memfd(P)
-    g.close()
-    g.close()
-    assert errno_of(lambda: g.allocate(0, P)) == errno.EBADF
 
 
 def test_fd_is_real_and_unique(dvm: SimVm) -> None:
@@ -283,7 +166,7 @@ def test_host_writes_alias_guest_pages_and_count_as_allocated(dvm: SimVm) -> Non
         m[2 * P : 2 * P + 4] = b"host"
         assert g.allocated_bytes() == P
         r = dvm.sim.handle_fault((1 << 32) + 2 * P, False, False, None)
-        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 4) == b"host"
+        assert isinstance(r, Mapped) and ctypes.string_at(r.host_ptr, 4) == b"host"
         dvm.set_user_memory_region2(1, 1 << 32, 0)
 
 
@@ -295,8 +178,8 @@ def test_guest_fault_in_file_above_32tib(dvm: SimVm) -> None:
         dvm.set_user_memory_region2(1, 1 << 32, P, None, GMEM, g, size - P)
         m[:4] = b"last"
         r = dvm.sim.handle_fault(1 << 32, True, False, None)
-        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 4) == b"last"
-        ctypes.memmove(r.host_address + 4, b"!", 1)
+        assert isinstance(r, Mapped) and ctypes.string_at(r.host_ptr, 4) == b"last"
+        ctypes.memmove(r.host_ptr + 4, b"!", 1)
         assert m[:5] == b"last!"
         dvm.set_user_memory_region2(1, 1 << 32, 0)
 

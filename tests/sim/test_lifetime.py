@@ -13,7 +13,7 @@ import pytest
 
 from kvmgmem import HostMemory, KvmError
 from kvmgmem.backends.sim import SimSystem, SimVm
-from kvmgmem.backends.sim.core import FaultMapped
+from kvmgmem.backends.sim.fault import Mapped
 
 from .conftest import GMEM, MMAP, PRIVATE, P
 
@@ -43,7 +43,7 @@ def test_2_12_memslots_do_not_pin_gmem(pvm: SimVm, hostmem: Callable[[int], Host
     g = pvm.create_guest_memfd(4 * P)
     pvm.set_user_memory_region2(10, GPA, 4 * P, hostmem(4 * P), GMEM, g, 0)
     pvm.set_memory_attributes(GPA, 4 * P, PRIVATE)
-    assert isinstance(pvm.sim.handle_fault(GPA), FaultMapped)
+    assert isinstance(pvm.sim.handle_fault(GPA), Mapped)
     file = g.sim
     g.close()
     assert file.released and not file.inode.alive
@@ -102,8 +102,8 @@ def test_3_5_concurrent_faults_never_map_stale(pvm: SimVm, hostmem: Callable[[in
         try:
             while not stop.is_set():
                 r = core.handle_fault(GPA + (i % n) * P, write=bool(i & 1))
-                if isinstance(r, FaultMapped):
-                    ctypes.string_at(r.host_address, 1)
+                if isinstance(r, Mapped):
+                    ctypes.string_at(r.host_ptr, 1)
                 i += 1
                 faulting.set()
         except BaseException as e:  # pragma: no cover - reported below

@@ -12,7 +12,7 @@ import pytest
 
 from kvmgmem import HostMemory, uapi
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm, cpu_types
-from kvmgmem.backends.sim.core import FaultMapped, FaultMemoryExit, FaultMmio, FaultRetry
+from kvmgmem.backends.sim.fault import Mapped, MemoryFault, Mmio, Retry
 
 from .conftest import GMEM, INIT_SHARED, M2, MMAP, PRIVATE, P
 
@@ -30,7 +30,7 @@ def test_PK_2_private_access_to_non_gmem_slot(pvm: SimVm, hostmem: Callable[[int
     pvm.set_user_memory_region(10, GPA, P, hostmem(P))
     pvm.set_memory_attributes(GPA, P, PRIVATE)
     r = fault(pvm, GPA + 0x123)
-    assert r == FaultMemoryExit(flags=EXIT_PRIVATE, gpa=GPA, errno=errno.EFAULT, size=P)
+    assert r == MemoryFault(flags=EXIT_PRIVATE, gpa=GPA, errno=errno.EFAULT, size=P)
 
 
 def test_PK_1_memslot_deleted(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
@@ -38,25 +38,25 @@ def test_PK_1_memslot_deleted(pvm: SimVm, hostmem: Callable[[int], HostMemory]) 
     with pvm.create_guest_memfd(P) as g:
         pvm.set_user_memory_region2(10, GPA, P, hostmem(P), GMEM, g, 0)
         pvm.set_memory_attributes(GPA, P, PRIVATE)
-        assert isinstance(fault(pvm, GPA), FaultMapped)
+        assert isinstance(fault(pvm, GPA), Mapped)
         pvm.set_user_memory_region2(10, GPA, 0, None, GMEM)
-        assert fault(pvm, GPA) == FaultMemoryExit(EXIT_PRIVATE, GPA, errno.EFAULT)
+        assert fault(pvm, GPA) == MemoryFault(EXIT_PRIVATE, GPA, P, errno.EFAULT)
         assert pvm.introspect()["sptes"] == []
 
 
 def test_3_3_shared_no_slot_is_mmio(pvm: SimVm) -> None:
     """`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit` / `kvm_gmem_unbind`: a shared access with no memslot →
     MMIO."""
-    assert fault(pvm, 0x1234) == FaultMmio(0x1000, False)
+    assert fault(pvm, 0x1234) == Mmio(0x1000, False)
 
 
 def test_3_3_mismatch_exit(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
     """`kvm_mmu_faultin_pfn`/`kvm_mmu_prepare_memory_fault_exit`: a fault whose private bit disagrees with the attribute
     exits EFAULT (flags = fault's)."""
     pvm.set_user_memory_region(0, GPA, P, hostmem(P))
-    assert fault(pvm, GPA, private=True) == FaultMemoryExit(EXIT_PRIVATE, GPA, errno.EFAULT)
+    assert fault(pvm, GPA, private=True) == MemoryFault(EXIT_PRIVATE, GPA, P, errno.EFAULT)
     pvm.set_memory_attributes(GPA, P, PRIVATE)
-    assert fault(pvm, GPA, private=False) == FaultMemoryExit(0, GPA, errno.EFAULT)
+    assert fault(pvm, GPA, private=False) == MemoryFault(0, GPA, P, errno.EFAULT)
 
 
 def test_3_3_gmem_closed_efault(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
@@ -65,9 +65,9 @@ def test_3_3_gmem_closed_efault(pvm: SimVm, hostmem: Callable[[int], HostMemory]
     g = pvm.create_guest_memfd(P)
     pvm.set_user_memory_region2(10, GPA, P, hostmem(P), GMEM, g, 0)
     pvm.set_memory_attributes(GPA, P, PRIVATE)
-    assert isinstance(fault(pvm, GPA), FaultMapped)
+    assert isinstance(fault(pvm, GPA), Mapped)
     g.close()
-    assert fault(pvm, GPA) == FaultMemoryExit(EXIT_PRIVATE, GPA, errno.EFAULT)
+    assert fault(pvm, GPA) == MemoryFault(EXIT_PRIVATE, GPA, P, errno.EFAULT)
     pvm.set_user_memory_region2(10, GPA, 0)
 
 
@@ -77,20 +77,20 @@ def test_2_15_hwpoison(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None
     with pvm.create_guest_memfd(2 * P) as g:
         pvm.set_user_memory_region2(10, GPA, 2 * P, hostmem(2 * P), GMEM, g, 0)
         pvm.set_memory_attributes(GPA, 2 * P, PRIVATE)
-        assert isinstance(fault(pvm, GPA + P), FaultMapped)
+        assert isinstance(fault(pvm, GPA + P), Mapped)
         g.inject_poison(P + 5)
         assert pvm.introspect()["sptes"] == []
         assert g.introspect()["pages"] == [(0, 1, 0), (1, 2, 2)]
-        assert fault(pvm, GPA + P) == FaultMemoryExit(EXIT_PRIVATE, GPA + P, uapi.EHWPOISON)
-        assert isinstance(fault(pvm, GPA), FaultMapped)
+        assert fault(pvm, GPA + P) == MemoryFault(EXIT_PRIVATE, GPA + P, P, uapi.EHWPOISON)
+        assert isinstance(fault(pvm, GPA), Mapped)
         g.punch_hole(P, P)
-        assert isinstance(fault(pvm, GPA + P), FaultMapped)
+        assert isinstance(fault(pvm, GPA + P), Mapped)
 
 
 def test_3_3_bad_hva_efault(dvm: SimVm) -> None:
     """A shared access to a raw userspace_addr the sim cannot prove is mapped → EFAULT exit, flags 0."""
     dvm.set_user_memory_region(0, 0, M2, 0x10000000)
-    assert fault(dvm, 0x2000) == FaultMemoryExit(0, 0x2000, errno.EFAULT)
+    assert fault(dvm, 0x2000) == MemoryFault(0, 0x2000, P, errno.EFAULT)
 
 
 def test_3_3_readonly_write_is_mmio(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
@@ -98,8 +98,8 @@ def test_3_3_readonly_write_is_mmio(dvm: SimVm, hostmem: Callable[[int], HostMem
     mem = hostmem(P)
     dvm.set_user_memory_region(0, 0, P, mem, uapi.KVM_MEM_READONLY)
     r = fault(dvm, 0)
-    assert isinstance(r, FaultMapped) and not r.writable and r.host_address == mem.address
-    assert fault(dvm, 0, write=True) == FaultMmio(0, True)
+    assert isinstance(r, Mapped) and not r.writable and r.host_ptr == mem.address
+    assert fault(dvm, 0, write=True) == Mmio(0, True)
 
 
 def test_3_1_shared_and_private_backings_independent(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
@@ -110,19 +110,19 @@ def test_3_1_shared_and_private_backings_independent(pvm: SimVm, hostmem: Callab
         pvm.set_user_memory_region2(10, GPA, P, mem, GMEM, g, 0)
         mem[0] = 0x11
         r = fault(pvm, GPA)
-        assert isinstance(r, FaultMapped) and r.host_address == mem.address and not r.gmem
+        assert isinstance(r, Mapped) and r.host_ptr == mem.address and not r.gmem
         pvm.set_memory_attributes(GPA, P, PRIVATE)
         r = fault(pvm, GPA)
-        assert isinstance(r, FaultMapped) and r.gmem
-        ctypes.memmove(r.host_address, b"\x22", 1)
+        assert isinstance(r, Mapped) and r.gmem
+        ctypes.memmove(r.host_ptr, b"\x22", 1)
         pvm.set_memory_attributes(GPA, P, 0)
         assert mem[0] == 0x11
         pvm.set_memory_attributes(GPA, P, PRIVATE)
         r = fault(pvm, GPA)
-        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 1) == b"\x22"
+        assert isinstance(r, Mapped) and ctypes.string_at(r.host_ptr, 1) == b"\x22"
         g.punch_hole(0, P)
         r = fault(pvm, GPA)
-        assert isinstance(r, FaultMapped) and ctypes.string_at(r.host_address, 1) == b"\x00"
+        assert isinstance(r, Mapped) and ctypes.string_at(r.host_ptr, 1) == b"\x00"
 
 
 def test_3_1_gmem_only_slot(dvm: SimVm, open_sim: Callable[..., SimSystem]) -> None:
@@ -133,13 +133,13 @@ def test_3_1_gmem_only_slot(dvm: SimVm, open_sim: Callable[..., SimSystem]) -> N
         m[:] = b"\xaa" * P
         r = fault(dvm, 1 << 32)
         # the guest's page is the file's page; the host mapping is an alias of the same page
-        assert isinstance(r, FaultMapped) and r.gmem and r.host_address == g.sim.inode.backing.address(0)
-        assert ctypes.string_at(r.host_address, P) == b"\xaa" * P
-        ctypes.memset(r.host_address, 0xFF, P)
+        assert isinstance(r, Mapped) and r.gmem and r.host_ptr == g.sim.inode.backing.address(0)
+        assert ctypes.string_at(r.host_ptr, P) == b"\xaa" * P
+        ctypes.memset(r.host_ptr, 0xFF, P)
         assert m[:] == b"\xff" * P
     with open_sim("6.8").create_vm(1) as old, old.create_guest_memfd(P) as g:
         old.set_user_memory_region2(1, 1 << 32, P, None, GMEM, g, 0)
-        assert old.sim.handle_fault(1 << 32) == FaultMemoryExit(0, 1 << 32, errno.EFAULT)  # hva 0 unproven
+        assert old.sim.handle_fault(1 << 32) == MemoryFault(0, 1 << 32, P, errno.EFAULT)  # hva 0 unproven
 
 
 def test_3_5_punch_zaps_and_refaults_zero(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
@@ -168,17 +168,21 @@ def test_retry_during_invalidation(pvm: SimVm, hostmem: Callable[[int], HostMemo
     results: list[object] = []
     pvm.add_zap_listener(lambda lo, hi: results.extend([fault(pvm, GPA), fault(pvm, GPA + P)]))
     pvm.set_user_memory_region(0, GPA, 0)
-    assert isinstance(results[0], FaultRetry) and isinstance(results[1], FaultMapped)
+    assert isinstance(results[0], Retry) and isinstance(results[1], Mapped)
     assert pvm.introspect()["counters"]["retries"] == 1
 
 
-def test_cpu_types_adapter(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
-    """``SimVm.handle_fault`` speaks the CPU layer's types (``cpu_types.GpaResolver``)."""
+def test_one_result_type_for_the_model_and_the_cpu(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
+    """``SimVm.handle_fault`` (the CPU's ``cpu_types.GpaResolver``) hands the vCPU the model's own result
+    objects: the CPU layer's names are the same types (``fault.py``), nothing is translated."""
+    assert cpu_types.Mapped is Mapped and cpu_types.MemoryFault is MemoryFault
+    assert cpu_types.Mmio is Mmio and cpu_types.Retry is Retry
     mem = hostmem(P)
     dvm.set_user_memory_region(0, 0, P, mem)
     assert isinstance(dvm, cpu_types.GpaResolver)
-    assert dvm.handle_fault(0x10, False, False) == cpu_types.Mapped(host_ptr=mem.address, size=P, writable=True)
-    assert dvm.handle_fault(1 << 30, False, False) == cpu_types.Mmio()
+    assert dvm.handle_fault(0x10, False, False) == Mapped(mem.address, P, True, gpa=0, level=1)
+    assert dvm.handle_fault(0x10, False, False) == Mapped(mem.address, P, True, gpa=0, level=1, spurious=True)
+    assert dvm.handle_fault(1 << 30, True, False) == Mmio(1 << 30, write=True)
 
 
 def _aligned_mem(hostmem: Callable[[int], HostMemory], size: int) -> memoryview:
@@ -193,17 +197,17 @@ def test_3_6_shared_huge_only_where_uniform(pvm: SimVm, hostmem: Callable[[int],
     page makes that region "mixed" (4 KiB mappings); converting it back restores 2 MiB."""
     pvm.set_user_memory_region(0, GPA, 2 * M2, _aligned_mem(hostmem, 2 * M2))
     r = fault(pvm, GPA + 5 * P)
-    assert isinstance(r, FaultMapped) and r.level == 2 and r.gpa == GPA
+    assert isinstance(r, Mapped) and r.level == 2 and r.gpa == GPA
     pvm.set_memory_attributes(GPA + M2 + 7 * P, P, PRIVATE)
     assert pvm.introspect()["memslots"][0]["mixed"][2] == [(GPA // M2 + 1, GPA // M2 + 2)]
     r = fault(pvm, GPA + M2)
-    assert isinstance(r, FaultMapped) and r.level == 1
+    assert isinstance(r, Mapped) and r.level == 1
     r = fault(pvm, GPA + 3 * P)
-    assert isinstance(r, FaultMapped) and r.level == 2  # first region untouched, its SPTE survived? re-fault ok
+    assert isinstance(r, Mapped) and r.level == 2  # first region untouched, its SPTE survived? re-fault ok
     pvm.set_memory_attributes(GPA + M2 + 7 * P, P, 0)
     assert pvm.introspect()["memslots"][0]["mixed"][2] == []
     r = fault(pvm, GPA + M2 + 9 * P)
-    assert isinstance(r, FaultMapped) and r.level == 2
+    assert isinstance(r, Mapped) and r.level == 2
 
 
 def test_3_6_dirty_logging_and_misaligned_hva_4k(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
@@ -238,17 +242,17 @@ def test_5_6_hugepage_gmem(open_sim: Callable[..., SimSystem], hostmem: Callable
         region(0, GPA, 2 * M2, None, GMEM, g, 0)
         vm.set_memory_attributes(GPA, 2 * M2, PRIVATE)
         r = vm.sim.handle_fault(GPA + 3 * P)
-        assert isinstance(r, FaultMapped) and r.level == 2 and r.gpa == GPA
+        assert isinstance(r, Mapped) and r.level == 2 and r.gpa == GPA
         assert g.introspect()["pages_present"] == 512
-        ctypes.memset(r.host_address + P, 0x77, P)
+        ctypes.memset(r.host_ptr + P, 0x77, P)
         g.punch_hole(P, P)  # zaps the whole 2 MiB SPTE; the next fault re-allocates the folio
         assert vm.introspect()["sptes"] == []
         r = vm.sim.handle_fault(GPA + 3 * P)
-        assert isinstance(r, FaultMapped) and r.level == 2
-        assert ctypes.string_at(r.host_address + P, P) == bytes(P)
+        assert isinstance(r, Mapped) and r.level == 2
+        assert ctypes.string_at(r.host_ptr + P, P) == bytes(P)
         g.inject_poison(5 * P)  # a poisoned page breaks the folio's uniformity
         r = vm.sim.handle_fault(GPA + 3 * P)
-        assert isinstance(r, FaultMapped) and r.level == 1
+        assert isinstance(r, Mapped) and r.level == 1
         vm.set_memory_attributes(GPA + M2, P, 0)
         r = vm.sim.handle_fault(GPA + M2 + 8 * P)
-        assert isinstance(r, FaultMapped) and r.level == 1
+        assert isinstance(r, Mapped) and r.level == 1

@@ -35,8 +35,8 @@ from kvmgmem.backends import sim
 from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimGuestMemfd, SimSystem, SimVm
 from kvmgmem.backends.sim.core.gmem import PAGE_PRESENT
 from kvmgmem.backends.sim.core.memslots import HUGE_LEVELS
-from kvmgmem.backends.sim.core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultRetry
 from kvmgmem.backends.sim.core.profile import level_pages
+from kvmgmem.backends.sim.fault import Mapped, MemoryFault, Mmio, Retry
 from kvmgmem.conformance._sigbus import touch_dies_of_sigbus
 
 P = uapi.PAGE_SIZE
@@ -197,20 +197,20 @@ class SimModel(RuleBasedStateMachine):
         """One access: on a mapping, the byte is read or written through the returned host address."""
         gpa = gfn * P + byte
         r = self.core.handle_fault(gpa, write)
-        if isinstance(r, FaultMapped):
+        if isinstance(r, Mapped):
             addr = r.host_address_of(gpa)
             assert r.gpa <= gpa < r.gpa + r.size
             if write:
                 ctypes.memmove(addr, b"\x5a", 1)
             else:
                 ctypes.string_at(addr, 1)
-        elif isinstance(r, FaultMemoryExit):
+        elif isinstance(r, MemoryFault):
             assert r.gpa == gfn * P and r.size == P and r.errno in (errno.EFAULT, uapi.EHWPOISON, errno.EIO)
             assert bool(r.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE) == self.core.attributes.is_private(gfn)
-        elif isinstance(r, FaultMmio):
+        elif isinstance(r, Mmio):
             assert self.core.memslots[0].lookup(gfn) is None and not self.core.attributes.is_private(gfn)
         else:
-            assert not isinstance(r, FaultRetry), "nothing is being invalidated between steps"
+            assert not isinstance(r, Retry), "nothing is being invalidated between steps"
 
     @precondition(lambda self: any(not g.closed and g.flags & uapi.GUEST_MEMFD_FLAG_MMAP for g in self.gmems))
     @rule(data=st.data(), page=st.integers(0, GMEM_PAGES + 4))

@@ -29,8 +29,10 @@ KVM_OPTIONS = frozenset({"path"})
 
 
 def sim_options() -> frozenset[str]:
-    """Options only the sim takes: ``profile`` and every profile field (imported lazily: the sim needs
-    unicorn, which a kvm-only user may not have)."""
+    """Options only the sim takes: ``profile`` and every profile field.
+
+    Imported lazily: the sim needs unicorn, which a kvm-only user may not have.
+    """
     import dataclasses
 
     from kvmgmem.backends.sim.core.profile import Profile

@@ -24,9 +24,10 @@ from typing import Any
 
 from kvmgmem import uapi
 from kvmgmem.backends.sim.core.gmem import PAGE_ABSENT, PAGE_STATE_NAMES
-from kvmgmem.backends.sim.core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, Spte
+from kvmgmem.backends.sim.core.mmu import Spte
 from kvmgmem.backends.sim.core.steps import KLock, Step
 from kvmgmem.backends.sim.core.vm import VmCore
+from kvmgmem.backends.sim.fault import Mapped, MemoryFault, Mmio
 
 from .world import Punched, World
 
@@ -177,7 +178,7 @@ class Checker:
 
     def _completed(self, thread: str, result: Any) -> list[Violation]:
         out = []
-        if isinstance(result, FaultMmio):
+        if isinstance(result, Mmio):
             gfn = result.gpa >> 12
             for vm in self.world.vms:
                 slot = vm.memslots[0].lookup(gfn)
@@ -326,11 +327,11 @@ def _hull(vm: VmCore) -> str:
 
 
 def _result(r: Any) -> Any:
-    if isinstance(r, FaultMapped):
+    if isinstance(r, Mapped):
         return ("mapped", r.level, r.gmem)
-    if isinstance(r, FaultMemoryExit):
+    if isinstance(r, MemoryFault):
         return ("exit", r.errno, r.flags)
-    if isinstance(r, FaultMmio):
+    if isinstance(r, Mmio):
         return ("mmio",)
     if isinstance(r, Punched):
         return ("punched", r.first, r.last)

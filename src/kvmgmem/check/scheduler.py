@@ -116,14 +116,7 @@ def execute(
         if pos < len(prefix) and prefix[pos] not in enabled:
             # replaying a schedule that no longer applies (e.g. recorded with a bug switch on): go on freely
             diverged, prefix = pos + 1, prefix[:pos]
-        if pos < len(prefix):
-            chosen = prefix[pos]
-        elif priority is not None:
-            chosen = next(i for i in priority if i in enabled)
-        elif current is not None and current in enabled:
-            chosen = current
-        else:
-            chosen = enabled[0]
+        chosen = _choose(prefix[pos] if pos < len(prefix) else None, enabled, priority, current)
         choices.append((enabled, chosen, current))
         schedule.append(chosen)
         t = threads[chosen]
@@ -149,12 +142,7 @@ def execute(
         current = chosen
         found = order + checker.after_step(t.name, step, t.done, t.result, locks_free=_mmu_free(locks, threads))
         if record:
-            held = ", ".join(str(lock) + (" (read)" if step.read else "") for lock in step.take)
-            dropped = ", ".join(str(lock) for lock in step.drop)
-            lock_text = "+" + held if held else ""
-            if dropped:
-                lock_text += (" " if lock_text else "") + "-" + dropped
-            events.append(Event(steps, t.name, step.label, lock_text, checker.diff(before, checker.summary())))
+            events.append(Event(steps, t.name, step.label, _lock_text(step), checker.diff(before, checker.summary())))
         if found:
             violations.extend(found)
             if stop_on_violation:
@@ -163,6 +151,28 @@ def execute(
         violations.extend(checker.at_quiescence())
     fingerprint = checker.fingerprint([t.result for t in threads])
     return Run(schedule, choices, violations, events, fingerprint, deadlock, diverged)
+
+
+def _choose(replayed: int | None, enabled: list[int], priority: list[int] | None, current: int | None) -> int:
+    """The thread to step: the replayed schedule's choice, else the first enabled one in ``priority``, else
+    the current thread while it stays enabled, else the lowest-numbered enabled one."""
+    if replayed is not None:
+        return replayed
+    if priority is not None:
+        return next(i for i in priority if i in enabled)
+    if current is not None and current in enabled:
+        return current
+    return enabled[0]
+
+
+def _lock_text(step: Step) -> str:
+    """A recorded event's lock column: ``+taken (read) -dropped``."""
+    held = ", ".join(str(lock) + (" (read)" if step.read else "") for lock in step.take)
+    dropped = ", ".join(str(lock) for lock in step.drop)
+    text = "+" + held if held else ""
+    if dropped:
+        text += (" " if text else "") + "-" + dropped
+    return text
 
 
 def _enabled(t: Thread, locks: LockState, progress: int) -> bool:

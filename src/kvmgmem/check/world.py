@@ -15,10 +15,10 @@ from typing import Any
 
 from kvmgmem import uapi
 from kvmgmem.backends.sim.core.gmem import GmemFile, GmemInode
-from kvmgmem.backends.sim.core.memslots import Memslot
-from kvmgmem.backends.sim.core.mmu import FaultMemoryExit, FaultResult, FaultRetry
+from kvmgmem.backends.sim.core.memslots import Memslot, MemslotChange
 from kvmgmem.backends.sim.core.steps import Step, Steps
 from kvmgmem.backends.sim.core.vm import VmCore
+from kvmgmem.backends.sim.fault import FaultResult, MemoryFault, Retry
 
 
 class ContentBacking:
@@ -70,11 +70,11 @@ def fault_op(vm: VmCore, gfn: int, write: bool = False) -> Steps[FaultResult]:
     while True:
         res = yield from vm.mmu.fault_steps(gfn << uapi.PAGE_SHIFT, write)
         benign = (
-            isinstance(res, FaultMemoryExit)
+            isinstance(res, MemoryFault)
             and res.errno == errno.EFAULT
             and bool(res.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE) != vm.attributes.is_private(gfn)
         )
-        if not (isinstance(res, FaultRetry) or benign):
+        if not (isinstance(res, Retry) or benign):
             return res
         yield Step("RET_PF_RETRY: re-enter the guest", retry=True)
 
@@ -115,7 +115,7 @@ def delete_slot_op(vm: VmCore, slot_id: int) -> Steps[None]:
     space = vm.memslots[0]
     old = space.get(slot_id)
     if old is not None:
-        yield from vm.replace_steps(space, old, None)
+        yield from vm.set_memslot_steps(space, old, None, MemslotChange.DELETE)
     yield Step("mutex_unlock(slots_lock)", drop=(vm.slots_klock,))
 
 
@@ -123,7 +123,7 @@ def create_slot_op(vm: VmCore, slot_id: int, gfn: int, npages: int, hva: int) ->
     """KVM_SET_USER_MEMORY_REGION2 creating a plain (shared-only) memslot over host memory at ``hva``."""
     yield Step("kvm_set_memory_region: mutex_lock(slots_lock)", take=(vm.slots_klock,))
     new = Memslot(slot_id, 0, gfn, npages, 0, hva, (hva, hva + npages * uapi.PAGE_SIZE))
-    yield from vm.replace_steps(vm.memslots[0], None, new)
+    yield from vm.set_memslot_steps(vm.memslots[0], None, new, MemslotChange.CREATE)
     yield Step("mutex_unlock(slots_lock)", drop=(vm.slots_klock,))
 
 
@@ -134,7 +134,7 @@ def move_slot_op(vm: VmCore, slot_id: int, gfn: int) -> Steps[None]:
     old = space.get(slot_id)
     assert old is not None
     new = Memslot(slot_id, 0, gfn, old.npages, old.flags, old.userspace_addr, old.hva_live)
-    yield from vm.replace_steps(space, old, new)
+    yield from vm.set_memslot_steps(space, old, new, MemslotChange.MOVE)
     yield Step("mutex_unlock(slots_lock)", drop=(vm.slots_klock,))
 
 

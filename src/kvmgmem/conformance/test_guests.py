@@ -42,6 +42,7 @@ GIB, MIB = 1 << 30, 1 << 20
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 HC_BIT = 1 << uapi.KVM_HC_MAP_GPA_RANGE
 
+
 def run(v: GuestVcpu, backend: str, timeout: float = 30.0) -> Any:
     return v.run(timeout)
 
@@ -84,9 +85,10 @@ def test_gm13_guest_round_trip(system: kvmgmem.System, backend: str, make_guest:
 # --- PK-1, PK-2 (private_mem_kvm_exits_test.c) -----------------------------------------------------------------
 
 PK_GPA, PK_SLOT = 0xC0000000, 10
-#: Found by PK-1 (reported to the sim's owner): deleting a memslot while a vCPU thread runs deadlocks —
-#: ``SimCpu._service_locked`` holds ``_cond`` (a plain Lock) and calls ``uc.mem_unmap``, which re-enters
-#: ``_hook_tlb_fill``, which takes ``_cond`` again (backends/sim/cpu.py _sync_stores / _hook_tlb_fill).
+
+
+# PK-1 deletes a memslot while a vCPU thread runs: on the sim that once deadlocked (unicorn's ``mem_unmap``
+# re-entered the TLB-fill hook while the vCPU's lock was held), so the case stays as its regression test.
 def _read_loop_guest() -> GuestImage:
     a = Asm()
     R.read_loop(a, PK_GPA)  # gva == gpa through the identity map

@@ -363,54 +363,8 @@ class Asm:
                 raise AsmError(f"label {lb.name} is used but never defined")
             return labels[lb.id]
 
-        for _ in range(64):
-            labels.clear()
-            addr = base
-            for it in items:
-                it.addr = addr
-                if it.label is not None:
-                    if it.label.id in labels:
-                        raise AsmError(f"label {it.label.name} defined twice")
-                    labels[it.label.id] = addr
-                if it.data:
-                    it.size = len(it.data)
-                addr += it.length(addr)
-            changed = False
-            for it in items:
-                if not it.is_branch:
-                    continue
-                ins = self._build(it, resolve)  # an undefined label raises here, not as "out of range"
-                try:
-                    size = _encoded_size(ins, it.addr)
-                except ValueError:
-                    if it.choice + 1 >= len(it.codes):
-                        raise AsmError(f"branch out of range: `{it.text}`") from None
-                    it.choice += 1  # short -> near; never shrinks back, so the loop terminates
-                    changed = True
-                    continue
-                if size != it.size:
-                    it.size, changed = size, True
-            if not changed:
-                break
-        else:
-            raise AsmError("branch layout did not converge")
-        out = []
-        data_ranges = []
-        for it in items:
-            if it.label is not None or (it.align == 0 and not it.data and not it.codes and it.raw is None):
-                continue
-            if it.align or it.data:
-                blob = it.data if it.data else bytes(it.length(it.addr))
-                if it.data:
-                    data_ranges.append((it.addr, it.addr + len(blob)))
-                for off in range(0, len(blob), 16):
-                    piece = Instruction.create_declare_byte(blob[off : off + 16])
-                    piece.ip = it.addr + off
-                    out.append(piece)
-                continue
-            ins = self._build(it, resolve)
-            ins.ip = it.addr
-            out.append(ins)
+        self._relax(items, base, labels, resolve)
+        out, data_ranges = self._instructions(items, resolve)
         if not out:
             return Program(
                 code=b"", base=base, labels={lb.name: labels[lb.id] for lb in self._named.values() if lb.id in labels}
@@ -437,6 +391,64 @@ class Asm:
             labels={k: v for k, v in names.items() if k not in dupes},
             data_ranges=tuple(data_ranges),
         )
+
+    def _relax(self, items: list[_Item], base: int, labels: dict[int, int], resolve: Callable[[Label], int]) -> None:
+        """Lay ``items`` out from ``base`` (filling ``labels``), growing short branches that do not reach into
+        near ones until nothing changes: a branch never shrinks back, so the loop terminates."""
+        for _ in range(64):
+            labels.clear()
+            addr = base
+            for it in items:
+                it.addr = addr
+                if it.label is not None:
+                    if it.label.id in labels:
+                        raise AsmError(f"label {it.label.name} defined twice")
+                    labels[it.label.id] = addr
+                if it.data:
+                    it.size = len(it.data)
+                addr += it.length(addr)
+            changed = False
+            for it in items:
+                if not it.is_branch:
+                    continue
+                ins = self._build(it, resolve)  # an undefined label raises here, not as "out of range"
+                try:
+                    size = _encoded_size(ins, it.addr)
+                except ValueError:
+                    if it.choice + 1 >= len(it.codes):
+                        raise AsmError(f"branch out of range: `{it.text}`") from None
+                    it.choice += 1  # short -> near
+                    changed = True
+                    continue
+                if size != it.size:
+                    it.size, changed = size, True
+            if not changed:
+                return
+        raise AsmError("branch layout did not converge")
+
+    def _instructions(
+        self, items: list[_Item], resolve: Callable[[Label], int]
+    ) -> tuple[list[Instruction], list[tuple[int, int]]]:
+        """The laid-out items as iced instructions (data and alignment as declare-byte pieces of 16), and the
+        address ranges that hold data."""
+        out = []
+        data_ranges = []
+        for it in items:
+            if it.label is not None or (it.align == 0 and not it.data and not it.codes and it.raw is None):
+                continue
+            if it.align or it.data:
+                blob = it.data if it.data else bytes(it.length(it.addr))
+                if it.data:
+                    data_ranges.append((it.addr, it.addr + len(blob)))
+                for off in range(0, len(blob), 16):
+                    piece = Instruction.create_declare_byte(blob[off : off + 16])
+                    piece.ip = it.addr + off
+                    out.append(piece)
+                continue
+            ins = self._build(it, resolve)
+            ins.ip = it.addr
+            out.append(ins)
+        return out, data_ranges
 
     @staticmethod
     def _build(it: _Item, resolve: Callable[[Label], int]) -> Instruction:

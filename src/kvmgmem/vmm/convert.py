@@ -125,9 +125,7 @@ class ConversionService:
             else:
                 stats.to_shared += 1
                 stats.bytes_to_shared += size
-            self.tracer.emit(
-                "convert", start=start, vcpu=vcpu, gpa=gpa, size=size, private=private, source=source
-            )
+            self.tracer.emit("convert", start=start, vcpu=vcpu, gpa=gpa, size=size, private=private, source=source)
 
     def _discard(self, region: Region, offset: int, length: int, private: bool, vcpu: int | None) -> None:
         if private and self.policy.discards_shared:

@@ -341,13 +341,9 @@ def _run_demo(
     progress: Callable[[Progress], None] | None,
 ) -> DemoReport:
     bit: int | None = getattr(system, "private_access_bit", None)
-    expect = Expectations.for_policy(discard)
     if bit is None:
         implicit_size = 0
-        image = GuestImage(conversion_workload(expect), nvcpus=vcpus)
-    else:
-        payload = mixed_conversion_workload(expect, PRIVATE_ALIAS_BASE)
-        image = GuestImage(payload, nvcpus=vcpus, private_alias=bit, private_alias_base=PRIVATE_ALIAS_BASE)
+    image = _demo_image(discard, vcpus, bit)
     explicit_size = chunk - implicit_size
     slices_per_round = -(-explicit_size // SLICE_BYTES)
 
@@ -360,16 +356,7 @@ def _run_demo(
     tracer = Tracer()
     log = IsolationLog()
     failures: list[str] = []
-
-    def on_sync(m: Machine, gv: GuestVcpu, args: tuple[int, ...]) -> None:
-        code, gpa, size, byte = args[:4]
-        if code == SYNC_CHECK_SHARED:
-            view = m.read_shared(gpa, size)
-            if view.count(bytes([byte])) != size:
-                failures.append(f"vCPU {gv.index}: host view of [{gpa:#x}, +{size:#x}) is not all {byte:#x}")
-        elif code == SYNC_CHECK_HIDDEN:
-            _check_hidden(log, m, m.regions[0], gpa, size)
-
+    on_sync = _isolation_checks(log, failures)
     start = time.perf_counter()
     with Machine(
         image,
@@ -387,66 +374,21 @@ def _run_demo(
             machine.write_u64(machine.image.area(i).data + SLICE, SLICE_BYTES)
         bands = demo_bands(vcpus, chunk, implicit_size, memory)
         sampler = _Sampler(machine, [r for band in bands for r in band.row_ranges()])
-        time_up = threading.Event()
-        run_start = time.perf_counter()
-        setup = run_start - start
-
-        def stop_gently() -> None:
-            time_up.set()
-            _stop_all(machine)
-
-        timers = [threading.Timer(seconds, stop_gently), threading.Timer(seconds + STOP_GRACE, machine.stop)]
-        watcher = _progress_thread(machine, sampler, progress, run_start, seconds, slices_per_round, time_up)
-        sampler.start()
-        for timer in timers:
-            timer.daemon = True
-            timer.start()
-        try:
-            machine.run(timeout=None)
-        finally:
-            for timer in timers:
-                timer.cancel()
-            sampler.stop_event.set()
-            sampler.join()
-            if watcher is not None:  # joined: no refresh may land after the caller clears its line
-                watcher[0].set()
-                watcher[1].join()
-        elapsed = time.perf_counter() - run_start
-        stats = machine.conversions.stats
-        conversions = stats.to_private + stats.to_shared
-        # Only a kick leaves a vCPU outside its final "done" step; what it did before was checked.
-        kicked = [i for i, p in enumerate(sampler.read(PHASE)) if PHASES.get(p) != "done"] if machine.stopped else []
+        setup = time.perf_counter() - start
+        elapsed = _run_for(machine, sampler, progress, seconds, slices_per_round)
+        measured = _measured(machine, sampler, tracer, log, failures, elapsed, bit)
         report = DemoReport(
-            backend=machine.backend,
-            selection_reason=machine.system.selection_reason,
             vcpus=vcpus,
             memory=memory,
             policy=discard.value,
             seconds=seconds,
-            rounds=sampler.rounds(),
-            conversions=conversions,
-            conversions_per_second=conversions / elapsed if elapsed else 0.0,
-            conversions_by_source=dict(stats.by_source),
-            exits=dict(machine.exits.counts),
-            sim_counters=_sim_counters(machine),
-            stores=[asdict(u) for u in machine.usage()],
-            punched_bytes=stats.punched_bytes,
-            discarded_shared_bytes=stats.discarded_shared_bytes,
-            isolation_attempts=log.attempts,
-            isolation_refused=log.refused,
-            leaks=log.leaks + failures,
-            verified=log.ok and not failures,
-            wall_seconds=elapsed,
             private_access_bit=bit,
             implicit_bytes_per_vcpu=implicit_size,
             slices_per_round=slices_per_round,
-            slices=sampler.read(SLICES),
-            implicit_rounds=sampler.read(IMPLICIT_ROUNDS) if bit is not None else [],
-            kicked=kicked,
-            punches=tracer.counts.get("punch", 0),
-            discards=tracer.counts.get("discard", 0),
             setup_seconds=setup,
+            **measured,
         )
+        kicked = report.kicked
         if kicked:
             report.notes.append(f"vCPUs {kicked} were still in a slice {STOP_GRACE:g} s after the time was up "
                                 "and were kicked out of it; that slice is not counted")  # fmt: skip
@@ -457,6 +399,107 @@ def _run_demo(
 
             plot_map(plot, tracer, sampler.samples, machine.regions[0], bands=bands, report=report)
     return report
+
+
+def _demo_image(discard: DiscardPolicy, vcpus: int, bit: int | None) -> GuestImage:
+    """The guest: explicit conversions only, or (with a private access bit) explicit and implicit ones."""
+    expect = Expectations.for_policy(discard)
+    if bit is None:
+        return GuestImage(conversion_workload(expect), nvcpus=vcpus)
+    payload = mixed_conversion_workload(expect, PRIVATE_ALIAS_BASE)
+    return GuestImage(payload, nvcpus=vcpus, private_alias=bit, private_alias_base=PRIVATE_ALIAS_BASE)
+
+
+def _isolation_checks(log: IsolationLog, failures: list[str]) -> Callable[[Machine, GuestVcpu, tuple[int, ...]], None]:
+    """The SYNC handler that checks isolation when the guest asks: the host's view of memory the guest made
+    shared holds the guest's byte (else a line in ``failures``); memory it made private is out of reach
+    (``log``)."""
+
+    def on_sync(m: Machine, gv: GuestVcpu, args: tuple[int, ...]) -> None:
+        code, gpa, size, byte = args[:4]
+        if code == SYNC_CHECK_SHARED:
+            view = m.read_shared(gpa, size)
+            if view.count(bytes([byte])) != size:
+                failures.append(f"vCPU {gv.index}: host view of [{gpa:#x}, +{size:#x}) is not all {byte:#x}")
+        elif code == SYNC_CHECK_HIDDEN:
+            _check_hidden(log, m, m.regions[0], gpa, size)
+
+    return on_sync
+
+
+def _measured(
+    machine: Machine,
+    sampler: _Sampler,
+    tracer: Tracer,
+    log: IsolationLog,
+    failures: list[str],
+    elapsed: float,
+    bit: int | None,
+) -> dict[str, Any]:
+    """The ``DemoReport`` fields a finished run measured: conversions, exits, memory use, isolation checks,
+    per-vCPU progress (and which vCPUs had to be kicked)."""
+    stats = machine.conversions.stats
+    conversions = stats.to_private + stats.to_shared
+    # Only a kick leaves a vCPU outside its final "done" step; what it did before was checked.
+    kicked = [i for i, p in enumerate(sampler.read(PHASE)) if PHASES.get(p) != "done"] if machine.stopped else []
+    return {
+        "backend": machine.backend,
+        "selection_reason": machine.system.selection_reason,
+        "rounds": sampler.rounds(),
+        "conversions": conversions,
+        "conversions_per_second": conversions / elapsed if elapsed else 0.0,
+        "conversions_by_source": dict(stats.by_source),
+        "exits": dict(machine.exits.counts),
+        "sim_counters": _sim_counters(machine),
+        "stores": [asdict(u) for u in machine.usage()],
+        "punched_bytes": stats.punched_bytes,
+        "discarded_shared_bytes": stats.discarded_shared_bytes,
+        "isolation_attempts": log.attempts,
+        "isolation_refused": log.refused,
+        "leaks": log.leaks + failures,
+        "verified": log.ok and not failures,
+        "wall_seconds": elapsed,
+        "slices": sampler.read(SLICES),
+        "implicit_rounds": sampler.read(IMPLICIT_ROUNDS) if bit is not None else [],
+        "kicked": kicked,
+        "punches": tracer.counts.get("punch", 0),
+        "discards": tracer.counts.get("discard", 0),
+    }
+
+
+def _run_for(
+    machine: Machine,
+    sampler: _Sampler,
+    progress: Callable[[Progress], None] | None,
+    seconds: float,
+    slices_per_round: int,
+) -> float:
+    """Run the vCPUs for ``seconds``, sampling the memory map: then every vCPU is asked to stop at the end of
+    its slice, and whoever is still in one ``STOP_GRACE`` later is kicked. Returns the wall seconds run."""
+    time_up = threading.Event()
+    run_start = time.perf_counter()
+
+    def stop_gently() -> None:
+        time_up.set()
+        _stop_all(machine)
+
+    timers = [threading.Timer(seconds, stop_gently), threading.Timer(seconds + STOP_GRACE, machine.stop)]
+    watcher = _progress_thread(machine, sampler, progress, run_start, seconds, slices_per_round, time_up)
+    sampler.start()
+    for timer in timers:
+        timer.daemon = True
+        timer.start()
+    try:
+        machine.run(timeout=None)
+    finally:
+        for timer in timers:
+            timer.cancel()
+        sampler.stop_event.set()
+        sampler.join()
+        if watcher is not None:  # joined: no refresh may land after the caller clears its line
+            watcher[0].set()
+            watcher[1].join()
+    return time.perf_counter() - run_start
 
 
 def _stop_all(machine: Machine) -> None:

@@ -317,4 +317,3 @@ class Machine:
 
 
 __all__ = ["DiscardPolicy", "Machine", "MachineError", "StoreUsage"]
-

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .vm import SimVm
 
 # The adapters are imported on first use, not with the package: they pull in the CPU (unicorn), and the
-# kernel model in ``core/`` must import without it (its tests need no CPU; tests/sim/test_core_layering.py).
+# kernel model in ``core/`` must import without it (its tests need no CPU; tests/sim/core/test_layering.py).
 _LAZY = {"SimGuestMemfd": ".gmem", "SimSystem": ".system", "SimVcpu": ".vcpu", "SimVm": ".vm"}
 
 

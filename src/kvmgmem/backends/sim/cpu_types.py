@@ -4,63 +4,17 @@ The CPU layer (``cpu.py``) is unicorn plus a software page walker; it knows noth
 attributes or guest_memfd. Every guest-physical access it cannot satisfy from unicorn's TLB goes through one
 call, ``GpaResolver.handle_fault``, which is the sim VM's equivalent of KVM's TDP page fault
 (``kvm_mmu_faultin_pfn``). The
-VM answers with one of the four results below. They are plain dataclasses (treated as immutable) so the VM side can
-import them without pulling in unicorn.
+VM answers with one of the four results of ``fault`` (``Mapped``, ``MemoryFault``, ``Mmio``, ``Retry``, re-exported
+here): the same objects the kernel model builds, since both layers import that leaf module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-PAGE_SIZE = 4096
+from kvmgmem.backends.sim.fault import PAGE_SIZE, FaultResult, Mapped, MemoryFault, Mmio, Retry
+
 HUGE_PAGE_SIZE = 2 << 20
-
-
-@dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen __init__ costs ~5× (per fault)
-class Mapped:
-    """The gpa is backed by host memory.
-
-    ``host_ptr`` is the process address of the *start* of the backing mapping (``size`` bytes: 4 KiB, 2 MiB or
-    any power of two, naturally aligned in gpa space; the CPU maps 4 KiB of it per TLB entry), inside a store
-    registered with ``CpuSet.add_store``. ``writable`` says
-    whether the mapping may be written (False for a read-only memslot, for example); a write through a
-    non-writable mapping faults again with ``write=True``.
-    """
-
-    host_ptr: int
-    size: int = PAGE_SIZE
-    writable: bool = True
-
-
-@dataclass(frozen=True)
-class MemoryFault:
-    """KVM_EXIT_MEMORY_FAULT: ``run()`` returns ``exits.MemoryFaultExit`` with these fields
-    (``kvm_mmu_prepare_memory_fault_exit``).
-
-    ``errno`` is EFAULT or EHWPOISON (what KVM_RUN fails with). The faulting instruction has not executed;
-    running again after the VMM fixed the cause re-executes it.
-    """
-
-    flags: int
-    gpa: int
-    size: int
-    errno: int
-
-
-@dataclass(frozen=True)
-class Mmio:
-    """No memslot covers the gpa (or a write hit a read-only slot): the access becomes KVM_EXIT_MMIO."""
-
-
-@dataclass(frozen=True)
-class Retry:
-    """An invalidation covering the gpa is in progress (``kvm_mmu_invalidate_begin``/``_end``): the vCPU leaves the
-    guest, services
-    pending requests (TLB flushes) and retries the access."""
-
-
-FaultResult = Mapped | MemoryFault | Mmio | Retry
 
 
 @runtime_checkable

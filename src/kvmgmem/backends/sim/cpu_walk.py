@@ -1,7 +1,7 @@
 """The TLB-fill fast path's page walk: the plain case of ``cpu_pagewalk.walk``, in Python and (when built) C.
 
 Why two: a warm TLB refill is the sim's most frequent fill and the walk is half of it in Python. The C
-extension ``_walk`` (``_walk.c``, built by setup.py, optional) does the same walk; ``tests/sim_cpu`` checks
+extension ``_walk`` (``_walk.c``, built by setup.py, optional) does the same walk; ``tests/sim/cpu`` checks
 that both agree. Set ``KVMGMEM_NO_CEXT=1`` to use the Python path. Either answers only when every entry is
 present and cached, without reserved bits, and the access is allowed; otherwise None, and the caller takes
 the full walk, which decides #PF, exits and caching.

@@ -87,31 +87,26 @@ class SimGuestMemfd(GuestMemfd):
     def _mmap(self, length: int, offset: int, shared: bool) -> GmemMapping:
         """6.18+ ``kvm_gmem_mmap``: a real ``GmemMapping`` (the same type as on kvm). The generic mmap(2)
         errnos first (EINVAL, ENOMEM, EOVERFLOW), then no GUEST_MEMFD_FLAG_MMAP → ENODEV, MAP_PRIVATE →
-        EINVAL. The mapping may extend past EOF; see ``mapping.py`` for where accesses SIGBUS."""
-        inode = self._file.inode
-        allowed = bool(self._file.vm.profile.gmem_flags and inode.mmap_allowed)
-        return map_gmem(self._file, self._fd, length, offset, shared, allowed)
+        EINVAL (``GmemFile.mmap``). The mapping may extend past EOF; see ``mapping.py`` for where accesses
+        SIGBUS."""
+        return map_gmem(self._file, self._fd, length, offset, shared)
 
-    # --- file operations guest_memfd does not have (kvm_gmem_fops, kvm_gmem_setattr; errnos measured on 6.18) ---
+    # --- file operations guest_memfd does not have (the core's ``GmemFile`` decides the errnos) ---------------
 
     def _read(self, n: int) -> bytes:
-        raise KvmError(errno.EINVAL, "read", "guest_memfd has no read operation")
+        self._file.read()
 
     def _write(self, data: bytes) -> int:
-        raise KvmError(errno.EINVAL, "write", "guest_memfd has no write operation")
+        self._file.write()
 
     def _pread(self, n: int, offset: int) -> bytes:
-        if uapi.signed64(offset) < 0:
-            raise KvmError(errno.EINVAL, "pread", "negative offset")
-        raise KvmError(errno.ESPIPE, "pread", "guest_memfd is not seekable")
+        self._file.pread(offset)
 
     def _pwrite(self, data: bytes, offset: int) -> int:
-        if uapi.signed64(offset) < 0:
-            raise KvmError(errno.EINVAL, "pwrite", "negative offset")
-        raise KvmError(errno.ESPIPE, "pwrite", "guest_memfd is not seekable")
+        self._file.pwrite(offset)
 
     def _truncate(self, length: int) -> None:
-        raise KvmError(errno.EINVAL, "ftruncate", "guest_memfd is not resizable")
+        self._file.setattr_size(length)
 
     def _stat(self) -> os.stat_result:
         st = os.fstat(self._fd)

@@ -45,7 +45,7 @@ class SimMapper:
 
     def madvise(self, mapping: GmemMapping, option: int, start: int, length: int) -> bool:
         if option == MADV_COLLAPSE:
-            raise KvmError(errno.EINVAL, "madvise", "guest_memfd never collapses into huge folios")
+            self.file.madvise_collapse()
         if option != MADV_REMOVE:
             return False
         if not 0 <= start < len(mapping):
@@ -73,31 +73,28 @@ class SimMapper:
         return max(0, min(len(mapping), self.storage.size - mapping.offset))
 
 
-def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool, mmap_allowed: bool) -> GmemMapping:
+def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool) -> GmemMapping:
     """mmap(2) of a sim guest_memfd, with the kernel's errnos in its order.
 
     The generic checks of ``do_mmap`` (unaligned offset, length 0 → EINVAL; length above TASK_SIZE →
     ENOMEM; offset past the maximum file size → EOVERFLOW) come from the host kernel itself, by mapping
     the storage memfd (a regular shmem file, so the same limits); then ``kvm_gmem_mmap``'s own: no
-    GUEST_MEMFD_FLAG_MMAP → ENODEV, not MAP_SHARED → EINVAL."""
+    GUEST_MEMFD_FLAG_MMAP → ENODEV, not MAP_SHARED → EINVAL (decided by the core, ``GmemFile.mmap``)."""
     storage: GmemStorage = file.inode.backing  # type: ignore[assignment]
     if storage.fd < 0:
         raise KvmError(errno.ENOMEM, "mmap", "guest_memfd storage could not be created")
     with contextlib.ExitStack() as stack:
         source = storage.fd if file.inode.init_shared else stack.enter_context(empty_fd())
-        mapping = _map(file, storage, source, fd, length, offset, shared, mmap_allowed)
+        mapping = _map(file, storage, source, fd, length, offset, shared)
     return mapping
 
 
 def _map(
-    file: GmemFile, storage: GmemStorage, source: int, fd: int, length: int, offset: int, shared: bool, allowed: bool
+    file: GmemFile, storage: GmemStorage, source: int, fd: int, length: int, offset: int, shared: bool
 ) -> GmemMapping:
     raw = c_mmap(None, length, PROT_RW, mmap.MAP_SHARED | MAP_NORESERVE, source, offset)  # the generic checks
     try:
-        if not allowed:
-            raise KvmError(errno.ENODEV, "mmap", "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
-        if not shared:
-            raise KvmError(errno.EINVAL, "mmap", "guest_memfd can only be mapped MAP_SHARED")
+        file.mmap(shared)
         mapper = SimMapper(file, storage)
         mapping = GmemMapping.reserve(length, offset, fd, mapper)
     finally:

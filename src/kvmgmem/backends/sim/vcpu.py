@@ -19,10 +19,10 @@ from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit, HltExit, MemoryFaultExit
 
 from . import cpuid, fdtable
-from .core.mmu import FaultMemoryExit, FaultMmio, FaultRetry
 from .core.prefault import pre_fault_memory
 from .core.vm import VmCore
 from .exit_info import EXIT_REASON_EPT_VIOLATION, emulation_failure, ept_violation_qualification
+from .fault import MemoryFault, Mmio, Retry
 
 if TYPE_CHECKING:
     from .cpu import CpuSet
@@ -233,11 +233,11 @@ class SimVcpu(Vcpu):
             self._ran = True
             while True:
                 result = self._core.handle_fault(gpa, write=False, fetch=True)
-                if isinstance(result, FaultMmio):
+                if isinstance(result, Mmio):
                     return emulation_failure(EXIT_REASON_EPT_VIOLATION, ept_violation_qualification(fetch=True))
-                if isinstance(result, FaultMemoryExit):
+                if isinstance(result, MemoryFault):
                     return MemoryFaultExit(result.flags, result.gpa, result.size, result.errno)
-                if isinstance(result, FaultRetry):
+                if isinstance(result, Retry):
                     if self._cpu.take_kick():
                         raise KvmError(errno.EINTR, op)
                     time.sleep(0)

@@ -18,11 +18,12 @@ from kvmgmem.api import Userspace, Vm
 from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 
-from . import cpu_types, fdtable
+from . import fdtable
 from .core.gmem import GmemFile, GmemInode
-from .core.mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, ZapListener
+from .core.mmu import ZapListener
 from .core.vm import VmCore
 from .cpu import CpuSet
+from .fault import FaultResult
 from .gmem import SimGuestMemfd
 from .mapping import SimMapper
 from .storage import GmemStorage
@@ -61,17 +62,6 @@ def _live_range(user: Userspace) -> tuple[int, int] | None:
         return user.address, user.address + owner.size
     with memoryview(owner) as view:
         return user.address, user.address + view.nbytes
-
-
-def to_cpu_result(result: FaultResult) -> cpu_types.FaultResult:
-    """The model's fault outcome in the CPU layer's vocabulary (``cpu_types``)."""
-    if isinstance(result, FaultMapped):
-        return cpu_types.Mapped(host_ptr=result.host_address, size=result.size, writable=result.writable)
-    if isinstance(result, FaultMemoryExit):
-        return cpu_types.MemoryFault(flags=result.flags, gpa=result.gpa, size=result.size, errno=result.errno)
-    if isinstance(result, FaultMmio):
-        return cpu_types.Mmio()
-    return cpu_types.Retry()
 
 
 class _Stores:
@@ -281,19 +271,13 @@ class SimVm(Vm):
             self.nr_mmu_pages = pages
 
     def _create_vcpu(self, vcpu_id: int) -> SimVcpu:
-        op = "KVM_CREATE_VCPU"
-        profile = self.core.profile
-        # Closed vCPUs count too: closing a vCPU fd does not destroy the kernel's vCPU, which lives until the
-        # VM is destroyed (kvm_vm_ioctl_create_vcpu checks created_vcpus and the id against every vCPU the VM
-        # ever created), so a second vCPU 0 is EEXIST even after the first one's fd was closed.
         with self._vcpu_lock:
-            if vcpu_id >= profile.max_vcpu_id:
-                raise KvmError(errno.EINVAL, op, f"vcpu_id {vcpu_id} >= KVM_CAP_MAX_VCPU_ID {profile.max_vcpu_id}")
-            if len(self._vcpus) >= profile.max_vcpus:
-                raise KvmError(errno.EINVAL, op, f"already {len(self._vcpus)} vCPUs (KVM_CAP_MAX_VCPUS)")
-            if any(v.vcpu_id == vcpu_id for v in self._vcpus):
-                raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists (closing its fd does not free the id)")
-            vcpu = SimVcpu(self, vcpu_id, self._cpuset())
+            self.core.create_vcpu(vcpu_id)  # the limits, and EEXIST for an id already used
+            try:
+                vcpu = SimVcpu(self, vcpu_id, self._cpuset())
+            except BaseException:
+                self.core.create_vcpu_failed(vcpu_id)
+                raise
             self._vcpus.append(vcpu)
             return vcpu
 
@@ -312,12 +296,11 @@ class SimVm(Vm):
 
     def handle_fault(
         self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None
-    ) -> cpu_types.FaultResult:
-        """The CPU's fault entry point (``cpu_types.GpaResolver``; contract in ``core/mmu.py``), answering
-        with the CPU layer's result types. ``core.handle_fault`` gives the model's richer results.
-        ``private`` None derives the access type from the attribute; True/False is what the vCPU's private
-        access bit reported (a mismatch is a memory-fault exit)."""
-        return to_cpu_result(self.core.handle_fault(gpa, write, fetch, private))
+    ) -> FaultResult:
+        """The CPU's fault entry point (``cpu_types.GpaResolver``; contract in ``core/mmu.py``): the model's
+        result, as it made it (``fault.py``). ``private`` None derives the access type from the attribute;
+        True/False is what the vCPU's private access bit reported (a mismatch is a memory-fault exit)."""
+        return self.core.mmu.fault(gpa, write, fetch, private)
 
     @property
     def private_access_bit(self) -> int | None:

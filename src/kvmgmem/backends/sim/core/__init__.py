@@ -3,24 +3,20 @@
 Modules, one job each: ``rangemap`` (runs of per-index values), ``profile`` (kernel version + host config),
 ``caps`` (KVM_CHECK_EXTENSION), ``attributes`` (gfn → attributes), ``gmem`` (guest_memfd inode and file),
 ``memslots`` (memslot tables and REGION checks), ``mmu`` (SPTEs, faults, invalidation; the CPU contract),
-``vm`` (the ioctl-level operations in the kernel's order).
+``vm`` (the ioctl-level operations in the kernel's order). A fault's result types live one level up, in
+``backends/sim/fault.py``, because the CPU layer (which may not import the core) consumes them too.
 """
 
 from __future__ import annotations
 
 from .gmem import GmemFile, GmemInode, NullBacking
-from .mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultResult, FaultRetry, Spte
+from .mmu import Spte
 from .profile import PROFILES, SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, get_profile
 from .vm import Fd, VmCore, create_vm
 
 __all__ = [
     "PROFILES",
     "SIM_GUEST_MEMFD_FLAG_HUGEPAGE",
-    "FaultMapped",
-    "FaultMemoryExit",
-    "FaultMmio",
-    "FaultResult",
-    "FaultRetry",
     "Fd",
     "GmemFile",
     "GmemInode",

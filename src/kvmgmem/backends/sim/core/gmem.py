@@ -16,11 +16,13 @@ because vCPU threads read them in the fault path.
 
 from __future__ import annotations
 
+import errno
 import itertools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from kvmgmem import uapi
+from kvmgmem.errors import KvmError
 
 from .profile import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, level_pages
 from .rangemap import RangeMap
@@ -209,3 +211,49 @@ class GmemFile:
         for start, end, slot in self.bound_pieces(first, last):
             out.append((slot.base_gfn + start - slot.pgoff, slot.base_gfn + end - slot.pgoff))
         return out
+
+    # --- kvm_gmem_fops and the VFS around it: what a guest_memfd file does and does not do -----------------------
+    # The adapter owns the fd and the host mapping; every errno a file operation gives is decided here. Errnos
+    # are those measured on 6.18.
+
+    def read(self) -> NoReturn:
+        """read(2): ``kvm_gmem_fops`` has no read operation, so ``vfs_read`` refuses with EINVAL."""
+        raise KvmError(errno.EINVAL, "read", "guest_memfd has no read operation")
+
+    def write(self) -> NoReturn:
+        """write(2): no write operation either (``vfs_write``: EINVAL)."""
+        raise KvmError(errno.EINVAL, "write", "guest_memfd has no write operation")
+
+    def pread(self, offset: int) -> NoReturn:
+        """pread64(2) at ``offset`` (the u64 a caller passes): ``ksys_pread64`` refuses a negative offset with
+        EINVAL before it finds the file is not positionable (no FMODE_PREAD: ESPIPE)."""
+        _positioned("pread", offset)
+
+    def pwrite(self, offset: int) -> NoReturn:
+        """pwrite64(2): the same checks as :meth:`pread` (``ksys_pwrite64``)."""
+        _positioned("pwrite", offset)
+
+    def setattr_size(self, length: int) -> NoReturn:
+        """ftruncate(2) to any ``length``: ``kvm_gmem_setattr`` refuses every size change (EINVAL); the size
+        is fixed at creation."""
+        raise KvmError(errno.EINVAL, "ftruncate", "guest_memfd is not resizable")
+
+    def mmap(self, shared: bool) -> None:
+        """mmap(2), after the generic ``do_mmap`` checks (which the adapter gets from the host): ``kvm_gmem_mmap``
+        refuses a file without GUEST_MEMFD_FLAG_MMAP (and every file of a kernel without guest_memfd mmap)
+        with ENODEV, then a private (copy-on-write) mapping with EINVAL."""
+        if not (self.vm.profile.gmem_flags and self.inode.mmap_allowed):
+            raise KvmError(errno.ENODEV, "mmap", "guest_memfd was not created with GUEST_MEMFD_FLAG_MMAP")
+        if not shared:
+            raise KvmError(errno.EINVAL, "mmap", "guest_memfd can only be mapped MAP_SHARED")
+
+    def madvise_collapse(self) -> NoReturn:
+        """MADV_COLLAPSE on a mapping of the file: guest_memfd folios are never collapsed into huge pages
+        (``madvise_collapse`` finds the mapping not eligible: EINVAL)."""
+        raise KvmError(errno.EINVAL, "madvise", "guest_memfd never collapses into huge folios")
+
+
+def _positioned(op: str, offset: int) -> NoReturn:
+    if uapi.signed64(offset) < 0:
+        raise KvmError(errno.EINVAL, op, "negative offset")
+    raise KvmError(errno.ESPIPE, op, "guest_memfd is not seekable")

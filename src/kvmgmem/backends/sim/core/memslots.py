@@ -8,6 +8,7 @@ depend only on the request, the VM type and the profile, so they are a pure func
 
 from __future__ import annotations
 
+import enum
 import errno
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -29,6 +30,16 @@ OP_V2 = "KVM_SET_USER_MEMORY_REGION2"
 
 #: Levels at which "mixed attributes" are tracked (``hugepage_has_attrs``).
 HUGE_LEVELS = (PG_LEVEL_2M, PG_LEVEL_1G)
+
+
+class MemslotChange(enum.Enum):
+    """What one KVM_SET_USER_MEMORY_REGION(2) does to a memslot (``enum kvm_mr_change``): computed once by
+    ``__kvm_set_memory_region``, then ``kvm_set_memslot`` runs the one sequence that kind needs."""
+
+    CREATE = "create"
+    DELETE = "delete"
+    MOVE = "move"
+    FLAGS_ONLY = "flags_only"
 
 
 @dataclass(eq=False)

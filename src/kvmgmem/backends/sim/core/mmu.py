@@ -12,19 +12,20 @@ Contract for the CPU layer (``backends/sim/cpu*``, part 2)
 
 **Fault entry point.** ``VmCore.handle_fault(gpa, write=False, fetch=False, private=None)`` (same as
 ``Mmu.fault``) is called by a vCPU thread whenever it has no cached translation for ``gpa`` (TLB fill =
-EPT walk). It is thread-safe (takes ``mmu.lock`` only, never the ioctl lock) and returns one of:
+EPT walk). It is thread-safe (takes ``mmu.lock`` only, never the ioctl lock) and returns one of the results
+of ``backends/sim/fault.py`` (the same objects reach the CPU):
 
-- ``FaultMapped`` — an SPTE now maps ``[gpa_base, gpa_base + size)`` (4 KiB, 2 MiB or 1 GiB, ``level``
-  1/2/3) to process memory starting at ``host_address`` (a real address: the guest_memfd storage base +
+- ``Mapped`` — an SPTE now maps ``[gpa, gpa + size)`` (4 KiB, 2 MiB or 1 GiB, ``level``
+  1/2/3) to process memory starting at ``host_ptr`` (a real address: the guest_memfd storage base +
   offset, or the memslot's ``userspace_addr`` + offset). ``host_address_of(gpa)`` gives the byte for any gpa
   inside. ``writable`` False means a write must not be served from this translation (READONLY slot): call
-  ``handle_fault(gpa, write=True)`` which returns ``FaultMmio`` for it. ``spurious`` means the SPTE
+  ``handle_fault(gpa, write=True)`` which returns ``Mmio`` for it. ``spurious`` means the SPTE
   already existed.
-- ``FaultMemoryExit`` — KVM_RUN must fail with ``errno`` (EFAULT, EHWPOISON, EIO, ENOMEM) and
-  ``exit_reason`` 39; the adapter builds the ``MemoryFaultExit`` from it (gpa page aligned, size 4096,
+- ``MemoryFault`` — KVM_RUN must fail with ``errno`` (EFAULT, EHWPOISON, EIO, ENOMEM) and
+  ``exit_reason`` 39; the vCPU builds the ``MemoryFaultExit`` from it (gpa page aligned, size 4096,
   flags PRIVATE iff the access was private). The instruction has not executed; re-running retries it.
-- ``FaultMmio`` — no memslot (or a write to a READONLY slot): emulate as KVM_EXIT_MMIO.
-- ``FaultRetry`` — an invalidation covering the gfn is in progress (or the slot is being deleted/moved):
+- ``Mmio`` — no memslot (or a write to a READONLY slot): emulate as KVM_EXIT_MMIO.
+- ``Retry`` — an invalidation covering the gfn is in progress (or the slot is being deleted/moved):
   nothing was installed; retry the access (yield the GIL first, the invalidating thread needs it).
   A shared access whose userspace_addr is not host memory the sim can prove is mapped is also a
   memory-fault exit (EFAULT, flags 0), as KVM reports a failed hva → pfn translation.
@@ -37,7 +38,7 @@ the private/shared mismatch exit of ``kvm_mmu_faultin_pfn``).
 **Zap notification.** ``VmCore.add_zap_listener(callback)`` registers ``callback(gfn_start, gfn_end)``. It is
 called for every zap (attribute change, punch hole, hwpoison, gmem release, memslot delete/move/flags change,
 VM destruction) after the SPTEs are gone and **before the state change becomes visible**; the invalidation
-stays "in progress" (faults in the range return FaultRetry) until the callback returns, so a CPU must drop
+stays "in progress" (faults in the range return Retry) until the callback returns, so a CPU must drop
 every cached translation in ``[gfn_start, gfn_end)`` — kicking and waiting for running vCPUs if needed —
 before returning. The callback runs on the ioctl's thread with ``mmu.lock`` released (a vCPU blocked in
 ``handle_fault`` can make progress), but with the VM's ioctl lock held: it must not issue VM ioctls.
@@ -63,6 +64,7 @@ from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
 
+from ..fault import FaultResult, Mapped, MemoryFault, Mmio, Retry
 from .gmem import PAGE_HWPOISON, PAGE_PRESENT, GmemInode
 from .memslots import Memslot
 from .profile import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, level_pages
@@ -108,45 +110,6 @@ class Spte:
     @property
     def backing(self) -> str:
         return "gmem" if self.gmem is not None else "hva"
-
-
-@dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen __init__ costs ~5× (per fault)
-class FaultMapped:
-    gpa: int  # first byte of the mapping (aligned to size)
-    size: int
-    level: int
-    host_address: int
-    writable: bool
-    gmem: bool
-    spurious: bool = False
-
-    def host_address_of(self, gpa: int) -> int:
-        return self.host_address + (gpa - self.gpa)
-
-
-@dataclass(frozen=True)
-class FaultMemoryExit:
-    flags: int
-    gpa: int
-    errno: int
-    size: int = uapi.PAGE_SIZE
-
-
-@dataclass(frozen=True)
-class FaultMmio:
-    gpa: int
-    write: bool
-
-
-@dataclass(frozen=True)
-class FaultRetry:
-    reason: str
-    #: The gfn hit a memslot being deleted or moved (KVM_MEMSLOT_INVALID): KVM_RUN retries, a prefault
-    #: fails with EAGAIN instead (``kvm_mmu_faultin_pfn``).
-    invalid_slot: bool = False
-
-
-FaultResult = FaultMapped | FaultMemoryExit | FaultMmio | FaultRetry
 
 
 @dataclass
@@ -490,25 +453,25 @@ class Mmu:
             if stepping:
                 vm.srcu_readers -= 1
 
-    def _mapped(self, s: Spte, spurious: bool = False) -> FaultMapped:
-        return FaultMapped(
-            gpa=s.gfn << uapi.PAGE_SHIFT,
+    def _mapped(self, s: Spte, spurious: bool = False) -> Mapped:
+        return Mapped(
+            host_ptr=s.host_address,
             size=s.npages * uapi.PAGE_SIZE,
-            level=s.level,
-            host_address=s.host_address,
             writable=s.writable,
+            gpa=s.gfn << uapi.PAGE_SHIFT,
+            level=s.level,
             gmem=s.gmem is not None,
             spurious=spurious,
         )
 
-    def _retry(self, why: str, invalid_slot: bool = False) -> FaultRetry:
+    def _retry(self, why: str, invalid_slot: bool = False) -> Retry:
         self.counters.retries += 1
-        return FaultRetry(why, invalid_slot)
+        return Retry(why, invalid_slot)
 
-    def _exit(self, gfn: int, private: bool, err: int) -> FaultMemoryExit:
+    def _exit(self, gfn: int, private: bool, err: int) -> MemoryFault:
         self.counters.memory_fault_exits += 1
         flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
-        return FaultMemoryExit(flags=flags, gpa=gfn << uapi.PAGE_SHIFT, errno=err)
+        return MemoryFault(flags=flags, gpa=gfn << uapi.PAGE_SHIFT, size=uapi.PAGE_SIZE, errno=err)
 
     def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> GmemInode | FaultResult:
         """F8 kvm_gmem_get_pfn: file, binding, folio (allocated and zeroed on first use), poison."""
@@ -564,7 +527,7 @@ class Mmu:
         """F8 __kvm_faultin_pfn: the no-slot (MMIO) path, or the hva behind the slot."""
         if slot is None or (write and slot.readonly):
             self.counters.mmio_exits += 1
-            return FaultMmio(gfn << uapi.PAGE_SHIFT, write)
+            return Mmio(gfn << uapi.PAGE_SHIFT, write)
         if not slot.hva_ok(slot.hva(gfn)):  # no provably mapped host memory behind the hva
             self.counters.errors += 1
             return self._exit(gfn, False, errno.EFAULT)

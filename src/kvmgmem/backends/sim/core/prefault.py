@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError
 
-from .mmu import FaultMapped, FaultMemoryExit, FaultMmio, FaultRetry
+from ..fault import Mapped, MemoryFault, Mmio, Retry
 
 if TYPE_CHECKING:
     from .vm import VmCore
@@ -85,14 +85,14 @@ def _arch_pre_fault(vm: VmCore, gpa: int, size: int, interrupted: Callable[[], b
         if interrupted():
             raise KvmError(errno.EINTR, OP, "signal pending")
         result = vm.mmu.fault(gpa, write=False, fetch=False, private=private)
-        if isinstance(result, FaultMapped):
+        if isinstance(result, Mapped):
             end = result.gpa + result.size  # a huge mapping may end past the page asked for
             return min(size, end - gpa)
-        if isinstance(result, FaultMmio):  # RET_PF_EMULATE: no memslot, the access would be emulated MMIO
+        if isinstance(result, Mmio):  # RET_PF_EMULATE: no memslot, the access would be emulated MMIO
             raise KvmError(errno.ENOENT, OP, f"gpa {gpa:#x} is not in a memslot")
-        if isinstance(result, FaultMemoryExit):  # kvm_mmu_prepare_memory_fault_exit; the errno comes back
+        if isinstance(result, MemoryFault):  # kvm_mmu_prepare_memory_fault_exit; the errno comes back
             raise KvmError(result.errno, OP, f"gpa {gpa:#x}: the fault needs the VMM (memory fault exit)")
-        assert isinstance(result, FaultRetry)
+        assert isinstance(result, Retry)
         if result.invalid_slot:  # KVM_MEMSLOT_INVALID on a prefetch fault
             raise KvmError(errno.EAGAIN, OP, f"the memslot of gpa {gpa:#x} is being deleted or moved")
         time.sleep(0)  # an invalidation is in progress on another thread: let it finish (cond_resched)

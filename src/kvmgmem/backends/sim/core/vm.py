@@ -28,7 +28,7 @@ from . import attributes as attrs
 from .attributes import AttributeMap
 from .caps import check_extension, supported_attributes
 from .gmem import HUGE_FOLIO_PAGES, PAGE_STATE_NAMES, Backing, GmemFile, GmemInode
-from .memslots import HUGE_LEVELS, OP_V1, OP_V2, AddressSpace, Memslot, check_region
+from .memslots import HUGE_LEVELS, OP_V1, OP_V2, AddressSpace, Memslot, MemslotChange, check_region
 from .mmu import FaultResult, Mmu, ZapListener
 from .profile import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, level_pages
 from .steps import (
@@ -74,6 +74,31 @@ class Fd(enum.Enum):
 FdLookup = Callable[[int], "GmemFile | Fd"]
 
 
+def _vfs_fallocate(mode: int, offset: int, length: int) -> tuple[int, int]:
+    """``vfs_fallocate``'s checks, before the file's own (the u64 arguments as loff_t): returns (offset, len)."""
+    op = "fallocate"
+    off, ln = uapi.signed64(offset), uapi.signed64(length)
+    if off < 0 or ln <= 0:
+        raise KvmError(errno.EINVAL, op, "offset < 0 or len <= 0")
+    if mode & ~(_FALLOC_MODE_MASK | uapi.FALLOC_FL_KEEP_SIZE):
+        raise KvmError(errno.EOPNOTSUPP, op, f"unknown mode bits in {mode:#x}")
+    keep = bool(mode & uapi.FALLOC_FL_KEEP_SIZE)
+    kind = mode & _FALLOC_MODE_MASK
+    if kind in (0, uapi.FALLOC_FL_UNSHARE_RANGE, uapi.FALLOC_FL_ZERO_RANGE):
+        pass
+    elif kind == uapi.FALLOC_FL_PUNCH_HOLE:
+        if not keep:
+            raise KvmError(errno.EOPNOTSUPP, op, "PUNCH_HOLE needs KEEP_SIZE")
+    elif kind in (uapi.FALLOC_FL_COLLAPSE_RANGE, uapi.FALLOC_FL_INSERT_RANGE, 0x80):
+        if keep:
+            raise KvmError(errno.EOPNOTSUPP, op, "mode incompatible with KEEP_SIZE")
+    else:
+        raise KvmError(errno.EOPNOTSUPP, op, f"mode combination {mode:#x}")
+    if off + ln > MAX_LFS_FILESIZE:
+        raise KvmError(errno.EFBIG, op, "offset + len beyond the maximum file size")
+    return off, ln
+
+
 def create_vm(profile: Profile, vm_type: int) -> VmCore:
     """KVM_CREATE_VM (``kvm_dev_ioctl_create_vm``, x86 ``kvm_arch_init_vm``): the type must be < 32 and in the
     supported bitmap."""
@@ -108,6 +133,9 @@ class VmCore:
         self.hypercall_exit_mask = 0
         self.refs = 1  # the VM fd; vCPU fds and every guest_memfd file add one
         self.gmem_files: list[GmemFile] = []
+        #: Ids of every vCPU the VM ever created (kvm->created_vcpus and the vCPU array): closing a vCPU fd frees
+        #: neither, the vCPU lives until the VM is destroyed.
+        self.vcpu_ids: set[int] = set()
         self.destroyed = False
         self.destroy_listeners: list[Callable[[], None]] = []
         self.gmem_release_listeners: list[Callable[[GmemInode], None]] = []
@@ -174,6 +202,29 @@ class VmCore:
         with self.slots_lock:
             self.hypercall_exit_mask = args[0]
 
+    # --- KVM_CREATE_VCPU (kvm_vm_ioctl_create_vcpu) -----------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> None:
+        """Admit vCPU ``vcpu_id``: an id at or above KVM_CAP_MAX_VCPU_ID → EINVAL; KVM_CAP_MAX_VCPUS vCPUs
+        already created → EINVAL; an id already used (even by a vCPU whose fd was closed) → EEXIST. The caller
+        builds the vCPU and calls :meth:`create_vcpu_failed` if that fails, as the kernel unwinds
+        ``created_vcpus``."""
+        op = "KVM_CREATE_VCPU"
+        profile = self.profile
+        with self.slots_lock:
+            if vcpu_id >= profile.max_vcpu_id:
+                raise KvmError(errno.EINVAL, op, f"vcpu_id {vcpu_id} >= KVM_CAP_MAX_VCPU_ID {profile.max_vcpu_id}")
+            if len(self.vcpu_ids) >= profile.max_vcpus:
+                raise KvmError(errno.EINVAL, op, f"already {len(self.vcpu_ids)} vCPUs (KVM_CAP_MAX_VCPUS)")
+            if vcpu_id in self.vcpu_ids:
+                raise KvmError(errno.EEXIST, op, f"vCPU {vcpu_id} already exists (closing its fd does not free the id)")
+            self.vcpu_ids.add(vcpu_id)
+
+    def create_vcpu_failed(self, vcpu_id: int) -> None:
+        """The vCPU admitted by :meth:`create_vcpu` could not be built: its id and its count are free again."""
+        with self.slots_lock:
+            self.vcpu_ids.discard(vcpu_id)
+
     # --- KVM_CREATE_GUEST_MEMFD (kvm_gmem_create) ---------------------------------------------------------------------
 
     def create_guest_memfd(self, size: int, flags: int, backing: Callable[[int], Backing]) -> GmemFile:
@@ -223,26 +274,17 @@ class VmCore:
         base_gfn, npages = guest_phys_addr >> uapi.PAGE_SHIFT, memory_size >> uapi.PAGE_SHIFT
         with self.slots_lock:
             old = space.get(slot_id)
-            # I. delete
-            if npages == 0:
-                if old is None:
-                    raise KvmError(errno.EINVAL, op, f"slot {as_id}:{slot_id} does not exist")
-                self._replace(space, old, None)
+            change = self._memslot_change(op, f"{as_id}:{slot_id}", old, base_gfn, npages, flags, userspace_addr)
+            if change is None:
+                assert old is not None
+                old.hva_live = hva_live  # no-op for KVM; the adapter re-pinned the same memory
                 return
-            # J. create or modify
-            if old is not None:
-                if flags & uapi.KVM_MEM_GUEST_MEMFD:
-                    raise KvmError(errno.EINVAL, op, "guest_memfd memslots are immutable (delete instead)")
-                toggle = uapi.KVM_MEM_READONLY
-                if self.profile.reject_gmem_flag_toggle:
-                    toggle |= uapi.KVM_MEM_GUEST_MEMFD
-                if userspace_addr != old.userspace_addr or npages != old.npages or (flags ^ old.flags) & toggle:
-                    raise KvmError(errno.EINVAL, op, "userspace_addr, size or READONLY/GUEST_MEMFD changed")
-                if base_gfn == old.base_gfn and flags == old.flags:
-                    old.hva_live = hva_live  # no-op for KVM; the adapter re-pinned the same memory
-                    return
+            if change is MemslotChange.DELETE:
+                self._set_memslot(space, old, None, change)
+                return
             # K. GPA overlap (CREATE or MOVE)
-            if old is None or base_gfn != old.base_gfn:
+            new_range = change in (MemslotChange.CREATE, MemslotChange.MOVE)
+            if new_range:
                 clash = space.overlapping(base_gfn, base_gfn + npages, exclude=old)
                 if clash:
                     raise KvmError(errno.EEXIST, op, f"gpa range overlaps {clash[0]!r}")
@@ -253,13 +295,39 @@ class VmCore:
             if flags & uapi.KVM_MEM_GUEST_MEMFD:
                 file = self._bind_check(op, new, guest_memfd, guest_memfd_offset, fd_lookup)
             # N. arch commit: the slot must end below the maximum guest physical address
-            if (old is None or base_gfn != old.base_gfn) and base_gfn + npages - 1 > self.profile.max_gfn:
+            if new_range and base_gfn + npages - 1 > self.profile.max_gfn:
                 raise KvmError(errno.EINVAL, op, f"slot ends above the {self.profile.max_gpa_bits}-bit GPA limit")
             self._init_mixed(new)
             if file is not None:
                 new.gmem, new.pgoff = file, guest_memfd_offset >> uapi.PAGE_SHIFT
                 new.gmem_only = self.profile.gmem_only_slots and file.inode.mmap_allowed
-            self._replace(space, old, new)
+            self._set_memslot(space, old, new, change)
+
+    def _memslot_change(
+        self, op: str, name: str, old: Memslot | None, base_gfn: int, npages: int, flags: int, userspace_addr: int
+    ) -> MemslotChange | None:
+        """``__kvm_set_memory_region``'s decision of what kind of change this is (None: nothing changes), with
+        the checks that belong to it: deleting a slot that does not exist, and modifying what may not change."""
+        # I. delete
+        if npages == 0:
+            if old is None:
+                raise KvmError(errno.EINVAL, op, f"slot {name} does not exist")
+            return MemslotChange.DELETE
+        if old is None:
+            return MemslotChange.CREATE
+        # J. modify
+        if flags & uapi.KVM_MEM_GUEST_MEMFD:
+            raise KvmError(errno.EINVAL, op, "guest_memfd memslots are immutable (delete instead)")
+        toggle = uapi.KVM_MEM_READONLY
+        if self.profile.reject_gmem_flag_toggle:
+            toggle |= uapi.KVM_MEM_GUEST_MEMFD
+        if userspace_addr != old.userspace_addr or npages != old.npages or (flags ^ old.flags) & toggle:
+            raise KvmError(errno.EINVAL, op, "userspace_addr, size or READONLY/GUEST_MEMFD changed")
+        if base_gfn != old.base_gfn:
+            return MemslotChange.MOVE
+        if flags != old.flags:
+            return MemslotChange.FLAGS_ONLY
+        return None
 
     def _bind_check(self, op: str, slot: Memslot, fd: int, offset: int, fd_lookup: FdLookup | None) -> GmemFile:
         """``kvm_gmem_bind``'s checks, without committing."""
@@ -289,42 +357,95 @@ class VmCore:
             raise KvmError(self.profile.bind_overlap_errno, op, f"file range already bound to {other!r}")
         return file
 
-    def _replace(self, space: AddressSpace, old: Memslot | None, new: Memslot | None) -> None:
-        """Commit a create/delete/move/flags change (caller holds ``slots_lock``)."""
-        run_steps(self.replace_steps(space, old, new))
+    def _set_memslot(
+        self, space: AddressSpace, old: Memslot | None, new: Memslot | None, change: MemslotChange
+    ) -> None:
+        """Commit a memslot change (caller holds ``slots_lock``)."""
+        run_steps(self.set_memslot_steps(space, old, new, change))
 
-    def replace_steps(self, space: AddressSpace, old: Memslot | None, new: Memslot | None) -> Steps[None]:
-        """kvm_set_memslot: delete/move do not use the invalidation sequence. The old slot is published
-        INVALID (faults on it retry), SRCU readers drain, the slot is zapped, the new memslots are published,
-        SRCU drains again, and only then is the old slot freed (kvm_gmem_unbind). Caller holds slots_lock."""
-        if old is not None:
-            yield Step("kvm_invalidate_memslot: publish the INVALID slot", guard=self.mmu.klock)
-            old.invalid = True  # concurrent faults on it retry
-            yield Step("kvm_swap_active_memslots: synchronize_srcu_expedited", wait=self._srcu_idle)
-            if space.as_id == 0:
-                yield Step("kvm_arch_flush_shadow_memslot: write_lock(mmu_lock); zap the slot",
-                           take=(self.mmu.klock,), drop=(self.mmu.klock,))  # fmt: skip
-                self.mmu.zap(old.base_gfn, old.end_gfn)
-                yield Step("kvm_flush_remote_tlbs")
-                self.mmu.notify_zap(old.base_gfn, old.end_gfn)
+    def set_memslot_steps(
+        self, space: AddressSpace, old: Memslot | None, new: Memslot | None, change: MemslotChange
+    ) -> Steps[None]:
+        """``kvm_set_memslot``: one sequence per kind of change. Delete and move do not use the invalidation
+        sequence: the old slot is published INVALID (faults on it retry), SRCU readers drain, the slot is
+        zapped, the new memslots are published, SRCU drains again, and only then is the old slot freed
+        (``kvm_gmem_unbind``). Caller holds slots_lock."""
+        if change is MemslotChange.CREATE:
+            assert old is None and new is not None
+            yield from self._create_memslot(space, new)
+        elif change is MemslotChange.DELETE:
+            assert old is not None and new is None
+            yield from self._delete_memslot(space, old)
+        elif change is MemslotChange.MOVE:
+            assert old is not None and new is not None
+            yield from self._move_memslot(space, old, new)
+        else:
+            assert old is not None and new is not None
+            yield from self._update_flags_memslot(space, old, new)
+
+    def _create_memslot(self, space: AddressSpace, new: Memslot) -> Steps[None]:
+        """``kvm_create_memslot``: nothing maps the range yet, so only the publish."""
+        yield from self._swap_memslots()
+        self._install_memslot(space, new)
+
+    def _delete_memslot(self, space: AddressSpace, old: Memslot) -> Steps[None]:
+        """``kvm_delete_memslot``, after ``kvm_invalidate_memslot``."""
+        yield from self._invalidate_memslot(space, old)
+        yield from self._swap_memslots()
+        self._remove_memslot(space, old)
+        yield from self._free_memslot(old)
+
+    def _move_memslot(self, space: AddressSpace, old: Memslot, new: Memslot) -> Steps[None]:
+        """``kvm_move_memslot``, after ``kvm_invalidate_memslot``: the new slot replaces the old one."""
+        yield from self._invalidate_memslot(space, old)
+        yield from self._swap_memslots()
+        self._remove_memslot(space, old)
+        self._install_memslot(space, new)
+        yield from self._free_memslot(old)
+
+    def _update_flags_memslot(self, space: AddressSpace, old: Memslot, new: Memslot) -> Steps[None]:
+        """``kvm_update_flags_memslot`` with the arch commit's zap. The kernel swaps the slot in place and
+        ``kvm_mmu_slot_apply_flags`` zaps or write-protects what dirty logging needs; the sim zaps the whole
+        slot through the same INVALID-slot sequence as a move, which is never less safe."""
+        yield from self._move_memslot(space, old, new)
+
+    def _invalidate_memslot(self, space: AddressSpace, old: Memslot) -> Steps[None]:
+        """``kvm_invalidate_memslot``: publish the INVALID slot, drain SRCU, zap it (address space 0 only)."""
+        yield Step("kvm_invalidate_memslot: publish the INVALID slot", guard=self.mmu.klock)
+        old.invalid = True  # concurrent faults on it retry
+        yield Step("kvm_swap_active_memslots: synchronize_srcu_expedited", wait=self._srcu_idle)
+        if space.as_id == 0:
+            yield Step("kvm_arch_flush_shadow_memslot: write_lock(mmu_lock); zap the slot",
+                       take=(self.mmu.klock,), drop=(self.mmu.klock,))  # fmt: skip
+            self.mmu.zap(old.base_gfn, old.end_gfn)
+            yield Step("kvm_flush_remote_tlbs")
+            self.mmu.notify_zap(old.base_gfn, old.end_gfn)
+
+    def _swap_memslots(self) -> Steps[None]:
+        """``kvm_swap_active_memslots``: wait until no mm-notifier invalidation is between start and end."""
         if BUG_NOTIFIER_IGNORES_MEMSLOT_SWAP in self.bugs:
             yield Step("kvm_swap_active_memslots: publish the new memslots (no wait)", guard=self.mmu.klock)
         else:
             yield Step("kvm_swap_active_memslots: wait for mn_active_invalidate_count == 0; publish the new memslots",
                        guard=self.mmu.klock, wait=self._mn_idle)  # fmt: skip
-        if old is not None:
-            self._mutating("memslot", old.base_gfn, old.end_gfn)
-            space.remove(old)
-        if new is not None:
-            if new.gmem is not None:
-                new.gmem.bindings.set(new.pgoff, new.pgoff + new.npages, new)
-            space.install(new)
-        if old is not None:
-            inv = old.gmem.inode.invalidate_lock if old.gmem is not None else None
-            yield Step("synchronize_srcu; kvm_free_memslot: kvm_gmem_unbind", wait=self._srcu_idle,
-                       take=(inv,) if inv else (), drop=(inv,) if inv else (), guard=self.mmu.klock)  # fmt: skip
-            self._unbind(old)
-            old.freed = True
+
+    def _remove_memslot(self, space: AddressSpace, old: Memslot) -> None:
+        self._mutating("memslot", old.base_gfn, old.end_gfn)
+        space.remove(old)
+
+    @staticmethod
+    def _install_memslot(space: AddressSpace, new: Memslot) -> None:
+        if new.gmem is not None:
+            new.gmem.bindings.set(new.pgoff, new.pgoff + new.npages, new)
+        space.install(new)
+
+    def _free_memslot(self, old: Memslot) -> Steps[None]:
+        """``kvm_free_memslot`` after the second SRCU drain: unbind the guest_memfd (``kvm_gmem_unbind``)."""
+        inv = old.gmem.inode.invalidate_lock if old.gmem is not None else None
+        yield Step("synchronize_srcu; kvm_free_memslot: kvm_gmem_unbind", wait=self._srcu_idle,
+                   take=(inv,) if inv else (), drop=(inv,) if inv else (), guard=self.mmu.klock)  # fmt: skip
+        self._unbind(old)
+        old.freed = True
 
     def _srcu_idle(self) -> bool:
         return self.srcu_readers == 0
@@ -475,40 +596,29 @@ class VmCore:
     # --- guest_memfd file operations (kvm_gmem_fallocate, kvm_gmem_release, kvm_gmem_error_folio) ---------------------
 
     def gmem_fallocate(self, file: GmemFile, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a guest_memfd: ``vfs_fallocate``'s checks, then ``kvm_gmem_fallocate``'s, which
+        dispatches to :meth:`gmem_punch` or :meth:`gmem_allocate`."""
         op = "fallocate"
-        off, ln = uapi.signed64(offset), uapi.signed64(length)
-        # generic vfs_fallocate checks
-        if off < 0 or ln <= 0:
-            raise KvmError(errno.EINVAL, op, "offset < 0 or len <= 0")
-        if mode & ~(_FALLOC_MODE_MASK | uapi.FALLOC_FL_KEEP_SIZE):
-            raise KvmError(errno.EOPNOTSUPP, op, f"unknown mode bits in {mode:#x}")
-        keep = bool(mode & uapi.FALLOC_FL_KEEP_SIZE)
-        kind = mode & _FALLOC_MODE_MASK
-        if kind in (0, uapi.FALLOC_FL_UNSHARE_RANGE, uapi.FALLOC_FL_ZERO_RANGE):
-            pass
-        elif kind == uapi.FALLOC_FL_PUNCH_HOLE:
-            if not keep:
-                raise KvmError(errno.EOPNOTSUPP, op, "PUNCH_HOLE needs KEEP_SIZE")
-        elif kind in (uapi.FALLOC_FL_COLLAPSE_RANGE, uapi.FALLOC_FL_INSERT_RANGE, 0x80):
-            if keep:
-                raise KvmError(errno.EOPNOTSUPP, op, "mode incompatible with KEEP_SIZE")
-        else:
-            raise KvmError(errno.EOPNOTSUPP, op, f"mode combination {mode:#x}")
-        if off + ln > MAX_LFS_FILESIZE:
-            raise KvmError(errno.EFBIG, op, "offset + len beyond the maximum file size")
+        off, ln = _vfs_fallocate(mode, offset, length)
         # kvm_gmem_fallocate
-        if not keep:
+        if not mode & uapi.FALLOC_FL_KEEP_SIZE:
             raise KvmError(errno.EOPNOTSUPP, op, "guest_memfd requires KEEP_SIZE")
         if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):
             raise KvmError(errno.EOPNOTSUPP, op, "guest_memfd supports only allocate and punch hole")
         if off % uapi.PAGE_SIZE or ln % uapi.PAGE_SIZE:
             raise KvmError(errno.EINVAL, op, "offset or len not page aligned")
-        inode = file.inode
-        first, last = off >> uapi.PAGE_SHIFT, (off + ln) >> uapi.PAGE_SHIFT
         if mode & uapi.FALLOC_FL_PUNCH_HOLE:
-            self.gmem_punch(file, first, last)
-            return
-        if off + ln > inode.size:
+            self.gmem_punch(file, off >> uapi.PAGE_SHIFT, (off + ln) >> uapi.PAGE_SHIFT)
+        else:
+            self.gmem_allocate(file, off, ln)
+
+    def gmem_allocate(self, file: GmemFile, offset: int, length: int) -> None:
+        """``kvm_gmem_allocate``: a range reaching past EOF is EINVAL (the file never grows); then every missing
+        page of ``[offset, offset + length)`` is allocated, zeroed."""
+        op = "fallocate"
+        inode = file.inode
+        first, last = offset >> uapi.PAGE_SHIFT, (offset + length) >> uapi.PAGE_SHIFT
+        if offset + length > inode.size:
             raise KvmError(errno.EINVAL, op, "allocation range beyond the end of the file")
         if inode.backing.address(first) is None:
             raise KvmError(errno.ENOMEM, op, "guest_memfd storage could not be mapped")

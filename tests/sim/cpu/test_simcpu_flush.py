@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import struct
 
-from simcpu_guest import CODE, DATA, Asm, C, Guest, I, R, mem_op
-
 from kvmgmem.backends.sim.cpu import MAX_PENDING_RANGES
 from kvmgmem.backends.sim.cpu_types import Mapped
 from kvmgmem.exits import IoExit
 from kvmgmem.hostmem import HostMemory
+
+from .simcpu_guest import CODE, DATA, Asm, C, Guest, I, R, mem_op
 
 
 def _cached_gfns(cpu: object) -> set[int]:

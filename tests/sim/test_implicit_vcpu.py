@@ -59,7 +59,7 @@ class Env:
     def private_u64(self, gpa: int) -> int:
         """The u64 in guest_memfd behind ``gpa`` (read through the model's private fault, as a CPU would)."""
         r = self.vm.sim.handle_fault(gpa, False, False, True)  # type: ignore[attr-defined]
-        assert type(r).__name__ == "FaultMapped", r
+        assert type(r).__name__ == "Mapped", r
         return int.from_bytes(ctypes.string_at(r.host_address_of(gpa), 8), "little")
 
 

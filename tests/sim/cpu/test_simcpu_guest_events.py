@@ -4,10 +4,11 @@ fault → shutdown."""
 from __future__ import annotations
 
 import iced_x86 as ix
-from simcpu_guest import CODE, DATA, IDT, Asm, C, Guest, I, R, mem_op
 
 from kvmgmem import uapi
 from kvmgmem.exits import HltExit, HypercallExit, IoExit, ShutdownExit
+
+from .simcpu_guest import CODE, DATA, IDT, Asm, C, Guest, I, R, mem_op
 
 MASK64 = (1 << 64) - 1
 

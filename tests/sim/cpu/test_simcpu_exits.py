@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import errno
 
-from simcpu_guest import CODE, DATA, MMIO_BASE, Asm, C, Guest, I, R, mem_op
-
 from kvmgmem import uapi
 from kvmgmem.exits import HltExit, InternalErrorExit, IoExit, MemoryFaultExit, MmioExit
+
+from .simcpu_guest import CODE, DATA, MMIO_BASE, Asm, C, Guest, I, R, mem_op
 
 
 def test_regs_roundtrip(guest: Guest) -> None:
@@ -20,7 +20,7 @@ def test_regs_roundtrip(guest: Guest) -> None:
     back = cpu.get_regs()
     assert [getattr(back, n) for n, _ in regs._fields_] == [getattr(regs, n) for n, _ in regs._fields_]
 
-    from simcpu_guest import long_mode_sregs
+    from .simcpu_guest import long_mode_sregs
 
     want = long_mode_sregs()
     got = cpu.get_sregs()

@@ -11,12 +11,13 @@ import threading
 import time
 
 import pytest
-from simcpu_guest import CODE, DATA, Asm, C, Guest, I, R, mem_op
 
 from kvmgmem.backends.sim.cpu import SimCpu
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit, HltExit, IoExit
 from kvmgmem.hostmem import HostMemory
+
+from .simcpu_guest import CODE, DATA, Asm, C, Guest, I, R, mem_op
 
 
 class Runner(threading.Thread):
