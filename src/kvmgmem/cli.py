@@ -181,8 +181,12 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument("--seconds", type=_seconds, default=5.0, metavar="S",
                       help="run the workload this long after setup, then let each vCPU finish its slice "
                       "(default: %(default)s)")  # fmt: skip
-    demo.add_argument("--plot", metavar="FILE.png", type=_output_file,
-                      help="also draw the guest-physical map over time into this PNG (default: no plot)")
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=_output_file,
+        help="also draw the guest-physical map over time into this PNG (default: no plot)",
+    )
     demo.add_argument("--trace", metavar="FILE.json", type=_output_file,
                       help="also write a Chrome/Perfetto trace of conversions, punches and discards "
                       "(default: none)")  # fmt: skip
