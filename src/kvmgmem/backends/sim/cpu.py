@@ -1094,6 +1094,8 @@ class SimCpu:
         cached = self._data_cache.get((gpa_page, private))
         if cached is not None and (cached[1] or not write):
             return cached
+        if not self._huge_cache:  # the common case: no huge mapping cached at all
+            return None
         for size in _HUGE_SIZES:
             huge = self._huge_cache.get((gpa_page & ~(size - 1), private))
             if huge is not None and huge[2] == size and (huge[1] or not write):
@@ -1129,26 +1131,28 @@ class SimCpu:
             with self._cond:
                 self._in_resolver = False
             return res
-        size = res.size
+        size, host, writable = res.size, res.host_ptr, res.writable
         base = gpa_page & ~(size - 1)
-        usable = not (size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1)) and (
-            res.writable or not write
-        )
-        result = (res.host_ptr + (gpa_page & (size - 1)), res.writable)
-        with self._cond:
+        bad = size < PAGE_SIZE or size & (size - 1) or host & (PAGE_SIZE - 1)
+        usable = not bad and (writable or not write)
+        result = (host + (gpa_page & (size - 1)), writable)
+        cpuset = self.cpuset
+        with self._lock:  # _cond's lock, taken directly (once per fault)
             self._in_resolver = False
             # A flusher that skipped this vCPU (nothing cached in its range) relies on this check: a result
-            # resolved before a zap of its gfns is never cached nor installed.
-            stale = usable and self.cpuset.stale_since(seq, base >> 12, (base + size) >> 12)
+            # resolved before a zap of its gfns is never cached nor installed. With no flush numbered since
+            # ``seq`` (read unlocked: a flush numbered after this read sees what we cache under this lock, as
+            # _post_flush takes it) nothing can be stale.
+            stale = usable and cpuset.flush_seq != seq and cpuset.stale_since(seq, base >> 12, (base + size) >> 12)
             if usable and not stale:
                 if size > PAGE_SIZE:
-                    self._huge_cache[(base, private)] = (res.host_ptr, res.writable, size)
+                    self._huge_cache[(base, private)] = (host, writable, size)
                 else:
                     self._data_cache[(gpa_page, private)] = result
                     self._note_cached_locked(gpa_page)
-        if size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1):
+        if bad:
             raise _emulation_failure(gpa_page)  # a resolver bug; refusing beats dereferencing garbage
-        if write and not res.writable:
+        if write and not writable:
             return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
         if stale:
             return Retry()

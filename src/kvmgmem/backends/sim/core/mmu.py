@@ -454,15 +454,10 @@ class Mmu:
                 vm.srcu_readers -= 1
 
     def _mapped(self, s: Spte, spurious: bool = False) -> Mapped:
-        return Mapped(
-            host_ptr=s.host_address,
-            size=s.npages * uapi.PAGE_SIZE,
-            writable=s.writable,
-            gpa=s.gfn << uapi.PAGE_SHIFT,
-            level=s.level,
-            gmem=s.gmem is not None,
-            spurious=spurious,
-        )
+        # positional, in Mapped's field order (host_ptr, size, writable, gpa, level, gmem, spurious): once per fault
+        level = s.level
+        size = uapi.PAGE_SIZE << (9 * (level - 1))
+        return Mapped(s.host_address, size, s.writable, s.gfn << uapi.PAGE_SHIFT, level, s.gmem is not None, spurious)
 
     def _retry(self, why: str, invalid_slot: bool = False) -> Retry:
         self.counters.retries += 1
@@ -488,17 +483,19 @@ class Mmu:
         inode = file.inode
         if inode.backing.address(index) is None:
             return self._exit(gfn, private, errno.ENOMEM)
-        inode.materialise(index, index + 1)
-        if inode.state(index) == PAGE_HWPOISON:
+        if inode.get_folio(index) == PAGE_HWPOISON:
             return self._exit(gfn, private, uapi.EHWPOISON)
         if write and slot.readonly:
             return self._exit(gfn, private, errno.EFAULT)
         return inode
 
     def _gmem_install(self, gfn: int, slot: Memslot, inode: GmemInode) -> _Install:
-        level = self._gmem_level(gfn, slot, inode)
-        n = level_pages(level)
-        base_index = slot.gmem_index(gfn - gfn % n)
+        if inode.hugepage:
+            level = self._gmem_level(gfn, slot, inode)
+            n = level_pages(level)
+            base_index = slot.gmem_index(gfn - gfn % n)
+        else:  # upstream: order-0 folios only (kvm_gmem_get_pfn reports max_order 0)
+            level, base_index = PG_LEVEL_4K, slot.gmem_index(gfn)
         address = inode.backing.address(base_index)
         assert address is not None
         return _Install(level, inode, base_index, address, not slot.readonly)
