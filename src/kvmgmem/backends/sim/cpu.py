@@ -993,7 +993,18 @@ class SimCpu:
         outcome: object
         page: tuple[int, bool] | FaultResult | VmExitSignal
         try:
-            page = self._resolve_page(gpa_page, write, False, private, seq)
+            if seq is None:
+                page = self._resolve_page(gpa_page, write, False, private, seq)
+            else:
+                res = self._call_resolver(gpa_page, write, False, private)
+                if (  # the common case: one 4 KiB mapping the access may use
+                    type(res) is Mapped
+                    and res.size == PAGE_SIZE
+                    and not res.host_ptr & (PAGE_SIZE - 1)
+                    and (res.writable or not write)
+                ):
+                    return self._fill_install(vaddr, access, entry, walked, res.host_ptr, res.writable, seq)
+                page = self._resolved(gpa_page, write, private, seq, res)
         except VmExitSignal as sig:
             page = sig
         if isinstance(page, tuple):
@@ -1015,6 +1026,44 @@ class SimCpu:
             outcome = page
         else:
             outcome = _DataOutcome(gpa_page, page)
+        self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
+        return False
+
+    def _fill_install(
+        self,
+        vaddr: int,
+        access: int,
+        entry: int,
+        walked: tuple[int, bool, bool | None],
+        host_page: int,
+        host_writable: bool,
+        seq: int,
+    ) -> bool:
+        """A 4 KiB mapping the fault path just made: cached (``_resolved``) and installed in the TLB entry
+        (``_fill_resolve_unlocked``) in one hold of ``_lock`` instead of two, with the same checks: not stale
+        since ``seq``, no request pending, a store holding the page."""
+        gpa_page, writable, private = walked
+        outcome: object
+        cpuset = self.cpuset
+        with self._lock:
+            self._in_resolver = False
+            if cpuset.flush_seq != seq and cpuset.stale_since(seq, gpa_page >> 12, (gpa_page >> 12) + 1):
+                outcome = _DataOutcome(gpa_page, Retry())
+            else:
+                self._data_cache[(gpa_page, private)] = (host_page, host_writable)
+                self._note_cached_locked(gpa_page)
+                if self._req != self._ack:
+                    outcome = Retry()
+                else:
+                    hit = self._window(host_page, writable and host_writable)
+                    if hit is not None:
+                        e = TlbEntry.from_address(entry)
+                        e.paddr, e.perms = hit
+                        self._in_guest = True
+                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
+                            self._uc.emu_stop()
+                        return True
+                    outcome = _emulation_failure(host_page)
         self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
         return False
 
@@ -1118,15 +1167,24 @@ class SimCpu:
                 self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
         else:
             seq = entered
+        return self._resolved(gpa_page, write, private, seq, self._call_resolver(gpa_page, write, fetch, private))
+
+    def _call_resolver(self, gpa_page: int, write: bool, fetch: bool, private: bool | None) -> FaultResult:
+        """The VM's fault handler, entered with ``_in_resolver`` set (cleared here if it raises)."""
         try:
             if private is None:  # the three-argument form every GpaResolver understands
-                res = self._resolver.handle_fault(gpa_page, write, fetch)
-            else:
-                res = self._resolver.handle_fault(gpa_page, write, fetch, private=private)
+                return self._resolver.handle_fault(gpa_page, write, fetch)
+            return self._resolver.handle_fault(gpa_page, write, fetch, private=private)
         except BaseException:
             with self._cond:
                 self._in_resolver = False
             raise
+
+    def _resolved(
+        self, gpa_page: int, write: bool, private: bool | None, seq: int, res: FaultResult
+    ) -> tuple[int, bool] | FaultResult:
+        """What ``_resolve_page`` makes of the resolver's answer: cache it unless a flush since ``seq`` made it
+        stale, and clear ``_in_resolver``."""
         if not isinstance(res, Mapped):
             with self._cond:
                 self._in_resolver = False

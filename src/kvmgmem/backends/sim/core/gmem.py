@@ -147,8 +147,9 @@ class GmemInode:
             self.materialise(pgoff, pgoff + 1)
             return self.pages.get(pgoff)
         state = self.pages.get(pgoff)
-        if state == PAGE_ABSENT:
-            self.materialise(pgoff, pgoff + 1)
+        if state == PAGE_ABSENT:  # what materialise does for one order-0 page
+            self.pages.set(pgoff, pgoff + 1, PAGE_PRESENT)
+            self.pages_allocated += 1
             return PAGE_PRESENT
         return state
 
