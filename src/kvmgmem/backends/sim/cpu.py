@@ -326,7 +326,8 @@ class CpuSet:
         self.private_access_bit = private_access_bit
         self.stores = StoreMap()
         self.exit_hypercall_mask = 0
-        self._cpus: list[SimCpu] = []
+        # replaced, never mutated (under _lock): a flush iterates a snapshot without taking the lock
+        self._cpus: tuple[SimCpu, ...] = ()
         self._lock = threading.Lock()
         # Every flush gets a sequence number, logged with its gfn range (None: everything). A vCPU that did
         # not cache any translation in a range is not interrupted by its flush; a translation it resolves
@@ -343,13 +344,12 @@ class CpuSet:
     def create_cpu(self, vcpu_id: int = 0) -> SimCpu:
         cpu = SimCpu(self, vcpu_id)
         with self._lock:
-            self._cpus.append(cpu)
+            self._cpus = (*self._cpus, cpu)
         return cpu
 
     def _forget(self, cpu: SimCpu) -> None:
         with self._lock:
-            if cpu in self._cpus:
-                self._cpus.remove(cpu)
+            self._cpus = tuple(c for c in self._cpus if c is not cpu)
 
     def add_store(self, host_ptr: int, size: int) -> int:
         """Register a store; returns its window (unicorn physical address of ``host_ptr``)."""
@@ -373,7 +373,7 @@ class CpuSet:
             self.flush_seq += 1
             self._flush_log.append((self.flush_seq, rng))
         tickets = []
-        for cpu in self.cpus:
+        for cpu in self._cpus:
             ticket = cpu._post_flush(rng)
             if ticket is not None:
                 tickets.append((cpu, ticket))
@@ -615,7 +615,7 @@ class SimCpu:
 
     def _post_flush(self, rng: tuple[int, int] | None) -> int | None:
         """A CpuSet flush: request it only if this vCPU cached something in ``rng``; returns the ticket."""
-        with self._cond:
+        with self._lock:  # _cond's lock, taken directly: once per vCPU per flush
             if rng is None:
                 self._flush_all = True
             elif self._flush_all:
@@ -650,6 +650,17 @@ class SimCpu:
             first = gpa >> 12
             if first < end and start < first + (size >> 12):
                 return True
+        touched = self._touched
+        if not touched:
+            return False
+        region = start >> REGION_SHIFT
+        if region == (end - 1) >> REGION_SHIFT:  # the common case: a range inside one 2 MiB region
+            gfns = touched.get(region)
+            if not gfns:
+                return False
+            if end - start < len(gfns):
+                return any(g in gfns for g in range(start, end))
+            return any(start <= g < end for g in gfns)
         for gfns in self._regions_in(start, end):
             if any(start <= g < end for g in gfns):
                 return True
