@@ -18,7 +18,9 @@ translations in the range at its next safe point. Tables, each growing one dimen
   threads and never touch that page. No flush reaches them (they cached nothing there) and none of them
   enters Python, so what is left is the host scheduler: N busy threads and the converting one share the
   host's cores. The **bare busy thread** rows measure that share alone (hookless unicorn engines spinning,
-  no VM vCPU at all): the spinning-vCPU rows fall the same way.
+  no VM vCPU at all). Interleaved on the loaded 2-core host, 4 bare threads left 0.34-0.46 of the
+  1-thread rate and 4 spinning vCPUs 0.32-0.45; what is left per vCPU is the flush's check of each vCPU
+  (``_post_flush``, about 1-2 µs).
 * **implicit conversions vs vCPUs** (the target of issue 15: 4 vCPUs convert at least as many 4 KiB pages
   per second as 1): 1, 2 or 4 vCPUs each convert their own page back and forth by touching it through the
   private alias and the shared mapping, the VMM answering each memory-fault exit on that vCPU's thread;
