@@ -17,6 +17,7 @@ from common import Report, Row
 
 BENCHES = ["exits", "populate", "convert", "faults", "faultpath", "execspeed", "workload", "flushscale", "upstream"]
 COMMAND = "python bench/run.py"
+BENCHES += ["hookcost"]  # bench 10: false IN/OUT candidates on the sim (issue 15)
 
 
 def main(argv: list[str]) -> int:

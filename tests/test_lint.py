@@ -21,7 +21,9 @@ def _tool(name: str) -> str:
 
 
 def test_ruff_clean() -> None:
-    result = subprocess.run([_tool("ruff"), "check", "src", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [_tool("ruff"), "check", "src", "tests", "bench", "tools"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -101,7 +103,7 @@ def test_no_citations_outside_the_repository() -> None:
     git = shutil.which("git")
     if not git or not (ROOT / ".git").exists():
         pytest.skip("needs a git checkout (the check runs over tracked files)")
-    listed = subprocess.run([git, "ls-files", "-z", "src", "tests", "bench", "docs", "README.md"], cwd=ROOT,
+    listed = subprocess.run([git, "ls-files", "-z", "src", "tests", "bench", "tools", "docs", "README.md"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split("\0")  # fmt: skip
     bad, clean_allowed = [], []
     for rel in filter(None, listed):

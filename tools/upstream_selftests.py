@@ -1,11 +1,12 @@
 """Fetch Debian's ``linux-source-7.2`` and build five upstream KVM selftests from it, unmodified.
 
 The tests (``tests/run/test_upstream_selftests.py``) and the benchmark (``bench/upstream.py``) run the
-kernel's own selftests under ``kvmgmem run``; this module gets the binaries. Steps, each skipped when its
-result is already there:
+kernel's own selftests under ``kvmgmem run``; this module gets the binaries (:func:`ensure`) and runs and
+reads them (:func:`run_selftest`, :func:`assertion_failure`, :func:`skipped`). A build from nothing:
 
-1. ``apt-get download linux-source-7.2`` from Debian unstable through a private apt configuration (its own
-   sources.list and lists directory under the cache, so the system's apt state is never touched). apt checks
+1. ``apt-get download linux-source-7.2`` from Debian unstable (``KVMGMEM_DEBIAN_MIRROR`` overrides the mirror)
+   through a private apt configuration (its own sources.list, lists and cache directories under the cache, so
+   the system's apt state is never touched). apt checks
    the .deb's SHA256 against the Release file signed by the Debian archive key; :func:`_verify` checks it once
    more against the index and reads the package's own control fields.
 2. ``dpkg-deb -x`` and untar the source (minus the trees the build never reads: drivers, Documentation, ...).
@@ -274,8 +275,8 @@ def kvmgmem_run_missing() -> str | None:
     """Why ``kvmgmem run`` cannot be used from this interpreter (None when it can)."""
     if importlib.util.find_spec("kvmgmem") is None:
         return "kvmgmem is not installed in this interpreter"
-    if importlib.util.find_spec("kvmgmem.run") is None:
-        return "kvmgmem run not built (no kvmgmem.run package in this install)"
+    if importlib.util.find_spec("kvmgmem.run") is None or importlib.util.find_spec("kvmgmem.run.launcher") is None:
+        return "kvmgmem run not built (no kvmgmem.run.launcher in this install)"
     return None
 
 
@@ -302,13 +303,15 @@ class Outcome:
 
 
 def run_selftest(binary: Path, args: Sequence[str] = (), *, profile: str | None = None, sim: bool = True,
-                 timeout: float = 300.0, cwd: Path | None = None) -> Outcome:  # fmt: skip
-    """Run ``binary args`` under ``kvmgmem run [--profile P]`` (``sim=False``: directly, on the host's /dev/kvm).
+                 timeout: float = 300.0, cwd: Path | None = None, trace: Path | None = None) -> Outcome:  # fmt: skip
+    """Run ``binary args`` under ``kvmgmem run [--profile P] [--trace FILE]`` (``sim=False``: directly, on the
+    host's /dev/kvm).
 
     A run that outlives ``timeout`` is killed and reported as exit -9 with what it printed so far."""
     argv = [str(binary), *args]
     if sim:
-        argv = [*kvmgmem_command(), "run", *(["--profile", profile] if profile else []), "--", *argv]
+        options = [*(["--profile", profile] if profile else []), *(["--trace", str(trace)] if trace else [])]
+        argv = [*kvmgmem_command(), "run", *options, "--", *argv]
     t0 = time.perf_counter()
     try:
         done = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
@@ -364,6 +367,18 @@ def skipped(output: str) -> list[str]:
     """The lines by which a selftest says it skipped something: kselftest ``# SKIP`` (a whole-test ``1..0``
     or one case) and the kvm selftests' own ``Skipping …`` notes."""
     return [ln for ln in output.splitlines() if "# SKIP" in ln or re.search(r"\bSkipping\b", ln)]
+
+
+def traced_calls(trace: Path) -> dict[str, int]:
+    """How many times each KVM call appears in a ``kvmgmem run --trace`` file (Perfetto JSON: one complete
+    event per ioctl, named after it)."""
+    data = json.loads(trace.read_text())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    counts: dict[str, int] = {}
+    for event in events:
+        if event.get("ph") == "X":
+            counts[event["name"]] = counts.get(event["name"], 0) + 1
+    return counts
 
 
 def tap_failures(output: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The ``kvmgmem`` command line: ``caps``, ``demo``, ``selftest``, ``bench`` and ``check``.
+"""The ``kvmgmem`` command line: ``caps``, ``demo``, ``selftest``, ``bench``, ``check`` and ``run``.
 
 One ``_cmd_<name>(args) -> exit code`` per subcommand and one ``_add_<name>(sub)`` that declares its options;
 ``build_parser`` lists them. Arguments are checked by argparse types, so a bad value is a one-line usage error
@@ -181,8 +181,12 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument("--seconds", type=_seconds, default=5.0, metavar="S",
                       help="run the workload this long after setup, then let each vCPU finish its slice "
                       "(default: %(default)s)")  # fmt: skip
-    demo.add_argument("--plot", metavar="FILE.png", type=_output_file,
-                      help="also draw the guest-physical map over time into this PNG (default: no plot)")
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=_output_file,
+        help="also draw the guest-physical map over time into this PNG (default: no plot)",
+    )
     demo.add_argument("--trace", metavar="FILE.json", type=_output_file,
                       help="also write a Chrome/Perfetto trace of conversions, punches and discards "
                       "(default: none)")  # fmt: skip
@@ -377,9 +381,50 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --- run ---------------------------------------------------------------------------------------------------
+
+
+def _profile(text: str) -> str:
+    from kvmgmem.backends.sim.core.profile import PROFILES
+
+    if text not in PROFILES:
+        raise argparse.ArgumentTypeError(f"unknown profile {text!r} (choose {', '.join(PROFILES)})")
+    return text
+
+
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser("run", help="run an unmodified C program with the sim serving its /dev/kvm",
+                         usage="kvmgmem run [-h] [--profile VERSION] [--trace FILE] [--] PROGRAM [ARGS...]",
+                         description="Run PROGRAM (a KVM selftest, your own VMM) with the sim serving /dev/kvm "
+                         "inside the program's own process, through a preloaded library; exit with the "
+                         "program's status (128+N when signal N ended it). See docs/run.md.")  # fmt: skip
+    run.add_argument("--profile", type=_profile, default="6.18", metavar="VERSION",
+                     help="the kernel the sim models: 6.8, 6.18, 7.2 or host (default: %(default)s)")  # fmt: skip
+    run.add_argument("--trace", metavar="FILE.json", type=_output_file,
+                     help="write the program's KVM calls and exits as a Perfetto trace (default: none)")  # fmt: skip
+    run.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]",
+                     help="the program and its arguments, after -- or after the options "
+                     "(default: none, required)")  # fmt: skip
+    run.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Run the program under the sim and return its exit status."""
+    from kvmgmem.run import launcher
+
+    argv = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not argv:
+        args.parser.error("the program to run is missing: kvmgmem run [OPTIONS] [--] PROGRAM [ARGS...]")
+    try:
+        return launcher.run(argv, profile=args.profile, trace=args.trace)
+    except launcher.RunError as e:
+        print(f"kvmgmem run: {e}", file=sys.stderr)
+        return e.status
+
+
 # --- the parser and main ---------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_caps, _add_selftest, _add_bench, _add_check]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_demo, _add_caps, _add_selftest, _add_bench, _add_check, _add_run]
 
 
 def build_parser() -> argparse.ArgumentParser:

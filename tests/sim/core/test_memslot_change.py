@@ -63,6 +63,7 @@ def test_each_kind_runs_its_own_sequence(vm: VmCore) -> None:
 
 
 def test_move_and_flags_only_zap_the_old_slot_create_zaps_nothing(vm: VmCore) -> None:
+    vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, 0, (uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL, 0, 0, 0))  # else: zap all
     zaps: list[tuple[int, int]] = []
     vm.add_zap_listener(lambda a, b: zaps.append((a, b)))
     gfn = (1 << 30) >> uapi.PAGE_SHIFT

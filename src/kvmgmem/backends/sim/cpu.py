@@ -58,16 +58,20 @@ Mechanism
   and the architectural error code) through the guest IDT (``cpu_exc``; unicorn never delivers exceptions),
   or retries.
 * **IN/OUT** hooks record the access and stop the engine. Unicorn honours a stop only at a block boundary or
-  before an instruction a code hook covers, so every fetch TLB fill scans the code page (``_scan_code``) and
-  puts a native code hook (``cpu_uc``) on each address that follows a byte that could start IN/OUT/INS/OUTS:
-  the stop lands exactly after the instruction, and steady-state code runs with no per-instruction call.
-  (Only a fetch fill grants EXEC, so no page is translated unscanned; a stop that lands elsewhere, which
-  only code the guest rewrote after translation could cause, is an emulation-failure exit, not silent.)
-  As in KVM, the exit shows RIP *at* the IN/OUT (and RAX unchanged for IN); the next ``run()`` loads the IN
-  data into AL/AX/EAX and steps over the instruction.
+  before an instruction a code hook covers, so every fetch TLB fill scans the code page (``_scan_code``,
+  ``cpu_sites``): each byte that could start an IN/OUT/INS/OUTS (with its prefix run) gets a native hook
+  (``cpu_uc``) that stops *before* it; the first time one really runs as an instruction, the vCPU decodes
+  it (``_decide_io_site``), moves the hook to the instruction after it and drops translated code, so the
+  IN/OUT hook's stop lands exactly after the instruction. A false candidate sits inside another
+  instruction and is never called; no ordinary instruction carries a hook, so steady-state code runs with
+  no per-instruction call. (Only a fetch fill grants EXEC, so no page is translated unscanned; a stop that
+  lands elsewhere, which only code the guest rewrote after translation could cause, is an
+  emulation-failure exit, not silent.) As in KVM, the exit shows RIP *at* the IN/OUT (and RAX unchanged
+  for IN); the next ``run()`` loads the IN data into AL/AX/EAX and steps over the instruction.
 * **HLT**: ``emu_start`` returns normally; every possible HLT and INT n byte also carries a native hook that
   writes its address into a slot cleared before each ``emu_start``: HLT iff the slot is RIP-1 and that
-  byte is 0xF4 (an external stop never leaves it there, as executing a HLT ends ``emu_start``). Likewise an
+  byte was 0xF4 when scanned (an external stop never leaves it there, as executing a HLT ends
+  ``emu_start``). Likewise an
   interrupt is a software INT n/INT3 iff the slot names an INT whose end is the reported RIP.
 * **VMCALL/VMMCALL** reach the invalid-instruction hook and are handled as ``kvm_emulate_hypercall`` does
 (KVM_HC_MAP_GPA_RANGE); other #UD, #GP,
@@ -116,7 +120,6 @@ import collections
 import contextlib
 import ctypes
 import errno
-import re
 import struct
 import threading
 import time
@@ -164,6 +167,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     Translation,
     walk,
 )
+from kvmgmem.backends.sim.cpu_sites import CodeSites, decode_io
 from kvmgmem.backends.sim.cpu_stores import Store, StoreMap
 from kvmgmem.backends.sim.cpu_types import (
     PAGE_SIZE,
@@ -175,11 +179,12 @@ from kvmgmem.backends.sim.cpu_types import (
     Retry,
 )
 from kvmgmem.backends.sim.cpu_uc import (
+    HF_CS32_MASK,
+    HF_CS64_MASK,
     CpuState,
     Engine,
     PagingView,
     TlbEntry,
-    add_code_hook,
     add_tlb_fill_hook,
     new_engine,
     tlb_flush,
@@ -202,14 +207,8 @@ PAGE_MASK = ~(PAGE_SIZE - 1) & MASK64
 UNTIL = 1 << 63  # non-canonical: the guest can never reach it, so emu_start never ends on "until"
 KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_HC_VAPIC_POLL_IRQ = 1
-HLT = 0xF4
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 _UC_ACCESS = {16: ACCESS_READ, 17: ACCESS_WRITE, 18: ACCESS_FETCH}  # UC_MEM_READ/WRITE/FETCH
-# Bytes that may start an instruction that must be seen exactly (see _scan_code): IN/OUT imm8 (E4-E7),
-# IN/OUT dx (EC-EF), INS/OUTS (6C-6F), HLT (F4), INT3/INT n/INTO/INT1 (CC CD CE F1).
-_CODE_SITES = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f\xf4\xcc-\xce\xf1]")
-_INT_LENGTHS = {0xCC: 1, 0xCD: 2, 0xCE: 1, 0xF1: 1}
-_IO_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, *range(0x40, 0x50)})
 
 __all__ = [
     "CpuSet",
@@ -422,11 +421,7 @@ class SimCpu:
         self._stores: StoreMap = cpuset.stores
         self._uc: Engine = new_engine()
         self._state = CpuState(self._uc)
-        # written by the native code hooks (cpu_uc.add_code_hook); must outlive the engine
-        self._last_insn = ctypes.c_uint64(0)
-        self._hooked: set[int] = set()  # guest addresses with a code hook (never removed: TBs call them)
-        # per code page (as last scanned): hooked address whose byte is INT3/INT n/INTO/INT1 -> its length
-        self._int_sites: dict[int, dict[int, int]] = {}
+        self._sites = CodeSites(self._uc)  # where exits must be precise (cpu_sites); outlives the engine
         self._paging_view = PagingView(self._uc)
         self._fill_cb = add_tlb_fill_hook(self._uc, self._fill)  # kept alive with the engine
         self._uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
@@ -837,7 +832,7 @@ class SimCpu:
                 self._code_stale = False
             self._io = self._intr = self._tlb_event = None
             self._invalid_insn = False
-            self._last_insn.value = 0
+            self._sites.clear_last()
             rip = uc.reg_read(UC_X86_REG_RIP)
             with self._cond:
                 if self._req != self._ack:
@@ -874,14 +869,19 @@ class SimCpu:
                 vector, fault_rip = self._intr
                 # INT n/INT3/INTO/INT1 leave RIP after the instruction, and one of them ran last iff the
                 # hook slot names its address (they are all hooked); a fault leaves RIP at the instruction
-                last = self._last_insn.value
-                length = self._int_sites.get(last & PAGE_MASK, {}).get(last, 0)
+                last = self._sites.last
+                length = self._sites.int_length(last)
                 soft = length > 0 and (last + length) & MASK64 == fault_rip
                 self._pending_event = Event(vector, 0, None, soft)
                 return None
             rip = uc.reg_read(UC_X86_REG_RIP)
-            if self._last_insn.value == (rip - 1) & MASK64 and self.read_virt(rip - 1, 1, ACCESS_FETCH)[0] == HLT:
+            # A HLT ran iff the hooked instruction that ran last is the HLT byte right before RIP. Known from
+            # the scan, not read from guest memory: a read may have to be retried, and retrying from here
+            # would run on past the HLT.
+            if self._sites.last == (rip - 1) & MASK64 and self._sites.is_hlt(self._sites.last):
                 return HltExit()
+            if self._sites.is_pending(rip):
+                self._decide_io_site(rip)
             return None  # stopped for a request or a kick: serviced at the top of the loop
         if self._invalid_insn:
             return self._invalid_opcode()
@@ -1101,47 +1101,38 @@ class SimCpu:
         if isinstance(outcome, tuple):
             with self._cond:
                 if self._req == self._ack:
-                    entry.paddr, entry.perms, host_page = outcome  # type: ignore[attr-defined]
-                    if acc == ACCESS_FETCH:
-                        self._scan_code(vaddr & PAGE_MASK, host_page)
-                    self._in_guest = True
-                    if self._kick:  # a kick that found us outside guest mode did not stop the engine
-                        uc.emu_stop()
-                    return True
+                    paddr, perms, host_page = outcome
+                    if acc != ACCESS_FETCH or not self._scan_code(vaddr & PAGE_MASK, host_page):
+                        entry.paddr, entry.perms = paddr, perms  # type: ignore[attr-defined]
+                        self._in_guest = True
+                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
+                            uc.emu_stop()
+                        return True
+                    # an instruction being translated may run into this page, and its site was decided on
+                    # other bytes: translate again with the site pending (cpu_sites.CodeSites.scan)
+                    self._code_stale = True
             outcome = Retry()
         self._tlb_event = (vaddr, acc, outcome)
         return False
 
-    def _scan_code(self, vpage: int, host_page: int) -> None:
-        """Hook every address where an exit must be precise, before unicorn translates code on ``vpage``.
+    def _scan_code(self, vpage: int, host_page: int) -> bool:
+        """Hook the sites where an exit must be precise (``cpu_sites``) before unicorn translates code on
+        ``vpage``; True if translated code must go first (``CodeSites.scan``). Caller holds ``_cond`` with
+        no request pending, so ``host_page`` is live memory of a registered store."""
+        return self._sites.scan(vpage, ctypes.string_at(host_page, PAGE_SIZE))
 
-        Why: unicorn honours ``emu_stop`` only at block boundaries or before a hooked instruction, and a
-        hook on every instruction costs three quarters of its speed (cpu_uc). x86 code cannot be decoded
-        without knowing where instructions start, so every byte that *could* start IN/OUT/INS/OUTS gets a
-        hook on the address just after that instruction (the IN/OUT hook's stop then lands exactly there),
-        and every possible HLT/INT n gets a hook on itself (the slot then tells whether it ran last). A false
-        candidate only costs a hook on an address that is not an instruction start (never called) or on
-        some ordinary instruction (one native call when it runs). Caller holds ``_cond`` with no request
-        pending, so ``host_page`` is live memory of a registered store.
-        """
-        code = ctypes.string_at(host_page, PAGE_SIZE)
-        hooked = self._hooked
-        ints: dict[int, int] = {}
-        for m in _CODE_SITES.finditer(code):
-            i = m.start()
-            op = code[i]
-            if 0xE4 <= op <= 0xE7:
-                site = (vpage + i + 2) & MASK64
-            elif 0xEC <= op <= 0xEF or 0x6C <= op <= 0x6F:
-                site = (vpage + i + 1) & MASK64
-            else:
-                site = vpage + i
-                if op != HLT:
-                    ints[site] = _INT_LENGTHS[op]
-            if site not in hooked:
-                hooked.add(site)
-                add_code_hook(self._uc, self._last_insn, site)
-        self._int_sites[vpage] = ints  # replaces what an older content of this page said
+    def _decide_io_site(self, rip: int) -> None:
+        """The engine stopped before a possible IN/OUT (a pending site, ``cpu_sites``): decode it once, hook
+        the instruction after it if it is one, and drop the translations made with the old hooks."""
+        hflags = self._state.load().hflags
+        bitness = 64 if hflags & HF_CS64_MASK else 32 if hflags & HF_CS32_MASK else 16
+        code = self._fetch_insn(rip)
+        io = decode_io(code, bitness, rip)
+        if io is not None and io.length == 0:  # the instruction runs into a page the fetch cannot reach:
+            self.read_virt(rip + len(code), 1, ACCESS_FETCH)  # take the CPU's fault
+            io = None  # pragma: no cover - the page became reachable meanwhile; a late stop stays loud
+        self._sites.decide(rip, io)
+        self._uc.ctl_flush_tb()
 
     # --- translation ---------------------------------------------------------------------------------------
 
@@ -1345,14 +1336,12 @@ class SimCpu:
     def _io_exit(self, io: _IoEvent) -> Exit:
         uc = self._uc
         next_rip = uc.reg_read(UC_X86_REG_RIP)
-        if next_rip != io.rip and next_rip not in self._hooked:
+        if next_rip != io.rip and not self._sites.is_after_io(next_rip):
             # the stop did not land on a hooked address, so code after the IN/OUT ran (only possible for
             # code unicorn translated before it was scanned, e.g. code the guest rewrote): refuse loudly
             return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip, next_rip))
         if io.direction == uapi.KVM_EXIT_IO_IN:
-            code = self._fetch_insn(io.rip)
-            opcode = next((b for b in code if b not in _IO_PREFIXES), 0)
-            if opcode in (0x6C, 0x6D):  # INS: the dummy value already went to memory; not emulated
+            if self._sites.is_ins(io.rip):  # INS: the dummy value already went to memory; not emulated
                 return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (io.rip,))
             uc.reg_write(UC_X86_REG_RAX, io.rax)
             self._completion = _Completion(Pending.IO_IN, next_rip, size=io.size)

@@ -11,13 +11,13 @@ Three things here go below unicorn's Python API, each because the API cannot exp
 * **Precise stops.** ``emu_stop`` (from a hook or another thread) is honoured only at a translation-block
   boundary, except before an instruction that a ``UC_HOOK_CODE`` hook covers: there unicorn checks for a
   stop request right after calling the hook. The hook's range is evaluated when the block is translated, so
-  a hook bounded to one address costs nothing anywhere else. ``add_code_hook`` registers a 4-byte *native*
-  hook (``mov [rcx], rsi; ret``) that stores the address of the instruction about to execute into a
-  per-vCPU slot, bounded to one address; the CPU puts one on every address that follows a possible IN/OUT
-  (so the stop an IN/OUT hook requests lands exactly after it) and on every possible HLT/INT n (so the slot
-  says whether one of them was the last instruction). A hook covering every instruction would cost
-  three quarters of unicorn's speed (measured ~450 → ~100 M instructions/s for ``dec rcx; jnz``); a
-  Python code hook gives ~3 M.
+  a hook bounded to one address costs nothing anywhere else; but each run of a hooked instruction calls
+  ``helper_uc_tracecode``, which walks *every* code hook of the engine (~2.5 ns each here), so hooks must
+  sit only on instructions that end ``emu_start`` anyway (``cpu_sites``). ``CodeHooks`` registers 4-byte
+  *native* hooks (no Python call): each stores the address of the instruction about to run into a
+  per-vCPU slot and, when armed, calls ``uc_emu_stop`` so the engine stops before it. A hook covering every
+  instruction would cost three quarters of unicorn's speed (measured ~450 → ~100 M instructions/s for
+  ``dec rcx; jnz``); a Python code hook gives ~3 M.
 * **No ``until`` address** (``ctl_exits_enabled`` with an empty set), see ``new_engine``.
 * **TLB flush**, which the binding has no named wrapper for: ``uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)``.
 """
@@ -233,9 +233,11 @@ def ensure_layout() -> None:
             _layout_checked = True
 
 
-# --- the native bounded code hook ------------------------------------------------------------------
+# --- the native bounded code hooks --------------------------------------------------------------------------
 
-_STUB_CODE = bytes.fromhex("488931c3")  # mov [rcx], rsi ; ret   (cb(uc, address, size, user_data))
+# cb(uc, address, size, user_data) with user_data -> HookRecord {u64 *slot; u64 stop}:
+#   mov rax, [rcx]; mov [rax], rsi; cmp qword [rcx+8], 0; jne 1f; ret; 1: jmp [rip+0] -> uc_emu_stop(uc)
+_STUB_HEAD = bytes.fromhex("488b01" "488930" "4883790800" "7501" "c3" "ff2500000000")  # fmt: skip
 _stub_lock = threading.Lock()
 _stub_page: mmap.mmap | None = None  # never unmapped: every engine may call into it until it is closed
 _stub_addr = 0
@@ -247,28 +249,109 @@ def _native_stub() -> int:
         if _stub_page is None:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
             page = mmap.mmap(-1, mmap.PAGESIZE, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-            page[: len(_STUB_CODE)] = _STUB_CODE
+            emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+            code = _STUB_HEAD + struct.pack("<Q", emu_stop or 0)
+            page[: len(code)] = code
             _stub_addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
             _stub_page = page
         return _stub_addr
 
 
-def add_code_hook(uc: Engine, slot: ctypes.c_uint64, address: int) -> int:
-    """Register the native code hook at ``address`` only; it writes that address into ``slot`` (keep the slot
-    alive as long as the engine) and makes unicorn check for a stop request before the instruction."""
-    handle = ctypes.c_size_t()
-    err = uclib.uc_hook_add(
-        uc._uch,
-        ctypes.byref(handle),
-        UC_HOOK_CODE,
-        ctypes.c_void_p(_native_stub()),
-        ctypes.cast(ctypes.byref(slot), ctypes.c_void_p),
-        ctypes.c_uint64(address),
-        ctypes.c_uint64(address),
-    )
-    if err != UC_ERR_OK:  # pragma: no cover - only on a broken unicorn
-        raise LayoutError(f"uc_hook_add(native code hook) failed: {err}")
-    return handle.value
+# unicorn 2.1.x ``struct hook``: int type, insn, refs, op, op_flags; bool to_delete; uint64_t begin, end;
+# void *callback, *user_data (the handle uc_hook_add returns is its address); checked by CodeHooks._verify.
+HOOK_BEGIN, HOOK_END, HOOK_CALLBACK, HOOK_USER_DATA = 24, 32, 40, 48
+#: where a retired hook points: non-canonical, so no instruction ever starts there
+RETIRED = 0xDEAD_0000_0000_0000
+_RECORDS_PER_CHUNK = 256
+
+
+class CodeHooks:
+    """The native code hooks of one engine, each bounded to one address, reused instead of deleted.
+
+    Every hook runs the same 4-instruction stub: it stores the address into the shared ``slot`` and, if its
+    record's ``stop`` word is set, tail-calls ``uc_emu_stop`` so the engine stops *before* the instruction.
+    Why a pool: unicorn's ``helper_uc_tracecode`` walks the whole UC_HOOK_CODE list on every hooked
+    instruction it runs, and ``uc_hook_del`` invalidates the hook's translated blocks through a fetch TLB
+    fill outside the CPU loop (which our fill hook may refuse: a longjmp into a dead frame). So a hook is
+    never deleted; ``retire`` moves its bounds to a non-canonical address (the next translation of the
+    old address no longer calls it) and ``place`` reuses retired hooks, which keeps the list as short as the
+    set of live addresses. Moving bounds writes unicorn's ``struct hook`` in place; its layout is checked
+    on the first hook, and without it hooks are only disarmed (``stop`` cleared), never moved.
+    """
+
+    def __init__(self, uc: Engine) -> None:
+        self._uc = uc
+        self.slot = ctypes.c_uint64(0)
+        self._chunks: list[Any] = []  # ctypes arrays of records: referenced by the engine, never freed
+        self._records: list[int] = []  # hook id -> address of its (slot, stop) record
+        self._handles: list[int] = []  # hook id -> struct hook address
+        self._free: list[int] = []
+        self.movable: bool | None = None  # None until the first hook has been checked
+
+    def __len__(self) -> int:
+        """Hooks in the engine's code-hook list (live and retired)."""
+        return len(self._handles)
+
+    def place(self, address: int, stop: bool) -> int:
+        """A hook on ``address`` (a retired one moved there if possible); returns its id."""
+        if self._free:
+            hid = self._free.pop()
+            self._set_stop(hid, stop)
+            self._bounds(hid, address)
+            return hid
+        return self._add(address, stop)
+
+    def set_stop(self, hid: int, stop: bool) -> None:
+        self._set_stop(hid, stop)
+
+    def retire(self, hid: int) -> None:
+        """Stop calling hook ``hid`` from newly translated code (and reuse it later, if hooks can move)."""
+        self._set_stop(hid, False)
+        if self.movable:
+            self._bounds(hid, RETIRED)
+            self._free.append(hid)
+
+    def bounds(self, hid: int) -> tuple[int, int]:
+        h = self._handles[hid]
+        return _u64(h + HOOK_BEGIN), _u64(h + HOOK_END)
+
+    def _set_stop(self, hid: int, stop: bool) -> None:
+        ctypes.c_uint64.from_address(self._records[hid] + 8).value = int(stop)
+
+    def _bounds(self, hid: int, address: int) -> None:
+        h = self._handles[hid]
+        ctypes.c_uint64.from_address(h + HOOK_BEGIN).value = address
+        ctypes.c_uint64.from_address(h + HOOK_END).value = address
+
+    def _add(self, address: int, stop: bool) -> int:
+        hid = len(self._handles)
+        if hid % _RECORDS_PER_CHUNK == 0:
+            self._chunks.append((ctypes.c_uint64 * (2 * _RECORDS_PER_CHUNK))())
+        record = ctypes.addressof(self._chunks[-1]) + 16 * (hid % _RECORDS_PER_CHUNK)
+        ctypes.c_uint64.from_address(record).value = ctypes.addressof(self.slot)
+        ctypes.c_uint64.from_address(record + 8).value = int(stop)
+        handle = ctypes.c_size_t()
+        stub, bound = ctypes.c_void_p(_native_stub()), ctypes.c_uint64(address)
+        err = uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), UC_HOOK_CODE, stub, ctypes.c_void_p(record),
+                                bound, bound)  # fmt: skip
+        if err != UC_ERR_OK:  # pragma: no cover - only on a broken unicorn
+            raise LayoutError(f"uc_hook_add(native code hook) failed: {err}")
+        self._records.append(record)
+        self._handles.append(handle.value)
+        if self.movable is None:
+            self.movable = self._verify(handle.value, address, record)
+        return hid
+
+    @staticmethod
+    def _verify(handle: int, address: int, record: int) -> bool:
+        """Whether ``struct hook`` has the fields we move where we expect them (else hooks stay put)."""
+        seen = (_u64(handle + HOOK_BEGIN), _u64(handle + HOOK_END), _u64(handle + HOOK_CALLBACK),
+                _u64(handle + HOOK_USER_DATA))  # fmt: skip
+        return seen == (address, address, _native_stub(), record)
+
+
+def _u64(address: int) -> int:
+    return int(ctypes.c_uint64.from_address(address).value)
 
 
 def new_engine() -> Engine:

@@ -21,6 +21,7 @@ from kvmgmem.gmem_mapping import GmemMapping
 from . import fdtable
 from .core.gmem import GmemFile, GmemInode
 from .core.mmu import ZapListener
+from .core.steps import Steps, run_steps
 from .core.vm import VmCore
 from .cpu import CpuSet
 from .fault import FaultResult
@@ -320,6 +321,31 @@ class SimVm(Vm):
         if self.vm_type != uapi.KVM_X86_SW_PROTECTED_VM:
             return None
         return self.core.profile.private_access_bit
+
+    def mmu_notifier_invalidate(self, hva_start: int, hva_end: int, unmap: bool) -> None:
+        """The host is about to discard (``unmap=False``, ``MADV_DONTNEED``) or unmap (``munmap``) the pages of
+        ``[hva_start, hva_end)``: ``kvm_mmu_notifier_invalidate_range_start``/``_end`` zap the memslots' SPTEs
+        there, and an unmap also takes the range out of what the slots may reach, so a later guest access
+        fails as the kernel's hva fault does (EFAULT) instead of touching unmapped memory. A hole in the
+        middle of a slot's live range keeps only the part below it (the sim tracks one range per slot)."""
+
+        def trim() -> None:
+            for space in self.core.memslots:
+                for slot in space:
+                    live = slot.hva_live
+                    if live is None or live[1] <= hva_start or hva_end <= live[0]:
+                        continue
+                    below = (live[0], hva_start) if live[0] < hva_start else None
+                    above = (hva_end, live[1]) if hva_end < live[1] and below is None else None
+                    slot.hva_live = below or above
+
+        def steps() -> Steps[None]:
+            for step in self.core.mmu_notifier_invalidate_steps(hva_start, hva_end):
+                yield step
+                if unmap and step.label.startswith("the host changes"):
+                    trim()
+
+        run_steps(steps())
 
     def add_zap_listener(self, callback: ZapListener) -> None:
         self.core.add_zap_listener(callback)

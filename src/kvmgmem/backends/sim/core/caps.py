@@ -53,6 +53,10 @@ def check_extension(profile: Profile, cap: int, vm: VmCore | None = None) -> int
         return profile.vm_types_mask
     if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
         return profile.gmem_valid_flags(private)
+    if cap == uapi.KVM_CAP_DISABLE_QUIRKS:  # x86 kvm_vm_ioctl_check_extension: a plain 1
+        return 1
+    if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
+        return profile.supported_quirks
     if cap == uapi.KVM_CAP_PRE_FAULT_MEMORY:
         return int(profile.pre_fault_memory and profile.tdp)  # x86: r = tdp_enabled
     return 0

@@ -79,6 +79,15 @@ class Profile:
     #: The KVM_PRE_FAULT_MEMORY vCPU ioctl exists (6.10+, CONFIG_KVM_GENERIC_PRE_FAULT_MEMORY); before that
     #: x86's ``kvm_arch_vcpu_ioctl`` answers the unknown ioctl with EINVAL.
     pre_fault_memory: bool = True
+    #: KVM_X86_VALID_QUIRKS (arch/x86/include/asm/kvm_host.h), the quirks this version knows. Bits 0–6 predate
+    #: 6.8; SLOT_ZAP_ALL (7) and STUFF_FEATURE_MSRS (8) came in 6.12, IGNORE_GUEST_PAT (9) in 6.16,
+    #: VMCS12_ALLOW_FREEZE_IN_SMM (10) in 7.0, tagged for stable (this host's 6.18.44 reports it, as measured),
+    #: NESTED_SVM_SHARED_PAT (11) by 7.2. What each one changes, and which the sim models: ``core/quirks.py``.
+    valid_quirks: int = 0x7FF
+    #: KVM_ENABLE_CAP(DISABLE_QUIRKS/DISABLE_QUIRKS2) only ever adds supported bits to ``disabled_quirks``
+    #: (6.16: "do not allow re-enabling quirks" with ``kvm_caps.supported_quirks``). Before, both assign
+    #: args[0], so a later call re-enables what an earlier one disabled (DISABLE_QUIRKS unchecked).
+    quirks_stay_disabled: bool = True
     # --- host configuration ---------------------------------------------------------------------------
     #: CONFIG_KVM_SW_PROTECTED_VM (+ generic memory attributes) compiled in. The real host lacks it; the sim
     #: has it by default because it is the oracle for private memory. False (part of profile "host"): VM_TYPES 1,
@@ -143,6 +152,7 @@ class Profile:
         _check_range("host_mapping_level", self.host_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
         _check_range("max_mapping_level", self.max_mapping_level, PG_LEVEL_4K, PG_LEVEL_1G)
         _check_range("tsc_khz", self.tsc_khz, 1, (1 << 31) - 1)  # KVM_GET_TSC_KHZ returns it as an int
+        _check_range("valid_quirks", self.valid_quirks, 0, (1 << 64) - 1)  # a u64 mask, KVM_ENABLE_CAP's args[0]
         _check_range("nr_vcpus", self.nr_vcpus, 1, 1 << 32)
         _check_range("max_vcpus", self.max_vcpus, 1, 1 << 32)
         _check_range("max_vcpu_id", self.max_vcpu_id, 1, 1 << 32)
@@ -178,6 +188,15 @@ class Profile:
         return flags
 
     @property
+    def supported_quirks(self) -> int:
+        """``kvm_caps.supported_quirks``, KVM_CAP_DISABLE_QUIRKS2's answer: the valid quirks, less IGNORE_GUEST_PAT
+        without TDP (``kvm_x86_vendor_init``: shadow paging always ignores guest PAT). VMX also drops it on a CPU
+        without self-snoop; the sim assumes one with it."""
+        if self.tdp:
+            return self.valid_quirks
+        return self.valid_quirks & ~uapi.KVM_X86_QUIRK_IGNORE_GUEST_PAT
+
+    @property
     def max_gfn(self) -> int:
         return (1 << (self.max_gpa_bits - uapi.PAGE_SHIFT)) - 1
 
@@ -207,6 +226,8 @@ PROFILES: dict[str, Profile] = {
         reject_gmem_flag_toggle=False,  # before the Dec 2025 fix
         gmem_cap_everywhere=False,
         pre_fault_memory=False,  # KVM_PRE_FAULT_MEMORY came in 6.10
+        valid_quirks=0x7F,  # no SLOT_ZAP_ALL yet: deleting or moving a memslot always zaps everything
+        quirks_stay_disabled=False,
     ),
     "6.18": _V6_18,
     #: This project's host: 6.18 built without KVM_X86_SW_PROTECTED_VM and without SMM (as measured there: VM_TYPES 1,
@@ -219,6 +240,7 @@ PROFILES: dict[str, Profile] = {
         version=(7, 2),
         bind_overlap_errno=errno.EEXIST,  # commit 7ea987a905855
         unsigned_bind_offsets=True,
+        valid_quirks=0xFFF,  # + NESTED_SVM_SHARED_PAT
     ),
 }
 

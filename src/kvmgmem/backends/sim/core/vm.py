@@ -31,6 +31,7 @@ from .gmem import HUGE_FOLIO_PAGES, PAGE_STATE_NAMES, Backing, GmemFile, GmemIno
 from .memslots import HUGE_LEVELS, OP_V1, OP_V2, AddressSpace, Memslot, MemslotChange, check_region
 from .mmu import FaultResult, Mmu, ZapListener
 from .profile import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, level_pages
+from .quirks import disable_quirks, flush_zaps_all
 from .steps import (
     BUG_ATTR_NO_RANGE_ADD,
     BUG_GMEM_START_UNCONDITIONAL,
@@ -131,6 +132,9 @@ class VmCore:
         self.memslots = [AddressSpace(i) for i in range(self.nr_address_spaces)]
         self.attributes = AttributeMap()
         self.hypercall_exit_mask = 0
+        #: kvm->arch.disabled_quirks. The kernel starts it at the vendor's inapplicable quirks (CD_NW_CLEARED on VMX,
+        #: IGNORE_GUEST_PAT on SVM), none of which the sim models; the sim has no vendor and starts at 0.
+        self.disabled_quirks = 0
         self.refs = 1  # the VM fd; vCPU fds and every guest_memfd file add one
         self.gmem_files: list[GmemFile] = []
         #: Ids of every vCPU the VM ever created (kvm->created_vcpus and the vCPU array): closing a vCPU fd frees
@@ -190,13 +194,18 @@ class VmCore:
         return check_extension(self.profile, cap, self)
 
     def enable_cap(self, cap: int, flags: int, args: tuple[int, ...]) -> None:
-        """KVM_ENABLE_CAP on the VM (x86 ``kvm_vm_ioctl_enable_cap``); only KVM_CAP_EXIT_HYPERCALL is modelled."""
+        """KVM_ENABLE_CAP on the VM (x86 ``kvm_vm_ioctl_enable_cap``): KVM_CAP_EXIT_HYPERCALL and
+        KVM_CAP_DISABLE_QUIRKS/DISABLE_QUIRKS2 (``core/quirks.py``) are modelled, any other cap is EINVAL."""
         op = "KVM_ENABLE_CAP"
-        if cap != uapi.KVM_CAP_EXIT_HYPERCALL:
+        if cap not in (uapi.KVM_CAP_EXIT_HYPERCALL, uapi.KVM_CAP_DISABLE_QUIRKS, uapi.KVM_CAP_DISABLE_QUIRKS2):
             raise KvmError(errno.EINVAL, op, f"capability {cap} cannot be enabled on this VM")
         allowed = 1 << uapi.KVM_HC_MAP_GPA_RANGE
         if flags != 0:
             raise KvmError(errno.EINVAL, op, f"flags {flags:#x} must be 0")
+        if cap != uapi.KVM_CAP_EXIT_HYPERCALL:
+            with self.slots_lock:  # the kernel takes kvm->lock
+                self.disabled_quirks = disable_quirks(self.profile, self.disabled_quirks, cap, args[0])
+            return
         if args[0] & ~allowed:
             raise KvmError(errno.EINVAL, op, f"args[0] {args[0]:#x} has bits outside {allowed:#x}")
         with self.slots_lock:
@@ -395,9 +404,9 @@ class VmCore:
         self._remove_memslot(space, old)
         yield from self._free_memslot(old)
 
-    def _move_memslot(self, space: AddressSpace, old: Memslot, new: Memslot) -> Steps[None]:
+    def _move_memslot(self, space: AddressSpace, old: Memslot, new: Memslot, flags_only: bool = False) -> Steps[None]:
         """``kvm_move_memslot``, after ``kvm_invalidate_memslot``: the new slot replaces the old one."""
-        yield from self._invalidate_memslot(space, old)
+        yield from self._invalidate_memslot(space, old, flags_only)
         yield from self._swap_memslots()
         self._remove_memslot(space, old)
         self._install_memslot(space, new)
@@ -406,20 +415,26 @@ class VmCore:
     def _update_flags_memslot(self, space: AddressSpace, old: Memslot, new: Memslot) -> Steps[None]:
         """``kvm_update_flags_memslot`` with the arch commit's zap. The kernel swaps the slot in place and
         ``kvm_mmu_slot_apply_flags`` zaps or write-protects what dirty logging needs; the sim zaps the whole
-        slot through the same INVALID-slot sequence as a move, which is never less safe."""
-        yield from self._move_memslot(space, old, new)
+        slot through the same INVALID-slot sequence as a move, which is never less safe; only the slot, as
+        ``kvm_mmu_slot_apply_flags`` touches no other (no ``kvm_arch_flush_shadow_memslot``, no zap-all quirk)."""
+        yield from self._move_memslot(space, old, new, flags_only=True)
 
-    def _invalidate_memslot(self, space: AddressSpace, old: Memslot) -> Steps[None]:
-        """``kvm_invalidate_memslot``: publish the INVALID slot, drain SRCU, zap it (address space 0 only)."""
+    def _invalidate_memslot(self, space: AddressSpace, old: Memslot, flags_only: bool = False) -> Steps[None]:
+        """``kvm_invalidate_memslot``: publish the INVALID slot, drain SRCU, then ``kvm_arch_flush_shadow_memslot``:
+        zap every SPTE of the VM (KVM_X86_QUIRK_SLOT_ZAP_ALL, ``flush_zaps_all``) or only the slot's (the sim's
+        SPTEs are all address space 0's, so an SMM slot has none)."""
         yield Step("kvm_invalidate_memslot: publish the INVALID slot", guard=self.mmu.klock)
         old.invalid = True  # concurrent faults on it retry
         yield Step("kvm_swap_active_memslots: synchronize_srcu_expedited", wait=self._srcu_idle)
-        if space.as_id == 0:
-            yield Step("kvm_arch_flush_shadow_memslot: write_lock(mmu_lock); zap the slot",
+        zap_all = not flags_only and flush_zaps_all(self.profile, self.vm_type, self.disabled_quirks)
+        if zap_all or space.as_id == 0:
+            how = "kvm_mmu_zap_all_fast" if zap_all else "kvm_mmu_zap_memslot"
+            yield Step(f"kvm_arch_flush_shadow_memslot: write_lock(mmu_lock); {how}",
                        take=(self.mmu.klock,), drop=(self.mmu.klock,))  # fmt: skip
-            self.mmu.zap(old.base_gfn, old.end_gfn)
+            lo, hi = (0, self.profile.max_gfn + 1) if zap_all else (old.base_gfn, old.end_gfn)
+            self.mmu.zap(lo, hi)
             yield Step("kvm_flush_remote_tlbs")
-            self.mmu.notify_zap(old.base_gfn, old.end_gfn)
+            self.mmu.notify_zap(lo, hi)
 
     def _swap_memslots(self) -> Steps[None]:
         """``kvm_swap_active_memslots``: wait until no mm-notifier invalidation is between start and end."""
@@ -806,6 +821,7 @@ class VmCore:
                 "mmu_seq": self.mmu.seq,
                 "refs": self.refs,
                 "hypercall_exit_mask": self.hypercall_exit_mask,
+                "disabled_quirks": self.disabled_quirks,
             }
 
 
