@@ -325,7 +325,8 @@ class CpuSet:
         self.private_access_bit = private_access_bit
         self.stores = StoreMap()
         self.exit_hypercall_mask = 0
-        self._cpus: list[SimCpu] = []
+        # replaced, never mutated (under _lock): a flush iterates a snapshot without taking the lock
+        self._cpus: tuple[SimCpu, ...] = ()
         self._lock = threading.Lock()
         # Every flush gets a sequence number, logged with its gfn range (None: everything). A vCPU that did
         # not cache any translation in a range is not interrupted by its flush; a translation it resolves
@@ -342,13 +343,12 @@ class CpuSet:
     def create_cpu(self, vcpu_id: int = 0) -> SimCpu:
         cpu = SimCpu(self, vcpu_id)
         with self._lock:
-            self._cpus.append(cpu)
+            self._cpus = (*self._cpus, cpu)
         return cpu
 
     def _forget(self, cpu: SimCpu) -> None:
         with self._lock:
-            if cpu in self._cpus:
-                self._cpus.remove(cpu)
+            self._cpus = tuple(c for c in self._cpus if c is not cpu)
 
     def add_store(self, host_ptr: int, size: int) -> int:
         """Register a store; returns its window (unicorn physical address of ``host_ptr``)."""
@@ -372,7 +372,7 @@ class CpuSet:
             self.flush_seq += 1
             self._flush_log.append((self.flush_seq, rng))
         tickets = []
-        for cpu in self.cpus:
+        for cpu in self._cpus:
             ticket = cpu._post_flush(rng)
             if ticket is not None:
                 tickets.append((cpu, ticket))
@@ -610,7 +610,7 @@ class SimCpu:
 
     def _post_flush(self, rng: tuple[int, int] | None) -> int | None:
         """A CpuSet flush: request it only if this vCPU cached something in ``rng``; returns the ticket."""
-        with self._cond:
+        with self._lock:  # _cond's lock, taken directly: once per vCPU per flush
             if rng is None:
                 self._flush_all = True
             elif self._flush_all:
@@ -645,6 +645,17 @@ class SimCpu:
             first = gpa >> 12
             if first < end and start < first + (size >> 12):
                 return True
+        touched = self._touched
+        if not touched:
+            return False
+        region = start >> REGION_SHIFT
+        if region == (end - 1) >> REGION_SHIFT:  # the common case: a range inside one 2 MiB region
+            gfns = touched.get(region)
+            if not gfns:
+                return False
+            if end - start < len(gfns):
+                return any(g in gfns for g in range(start, end))
+            return any(start <= g < end for g in gfns)
         for gfns in self._regions_in(start, end):
             if any(start <= g < end for g in gfns):
                 return True
@@ -993,7 +1004,18 @@ class SimCpu:
         outcome: object
         page: tuple[int, bool] | FaultResult | VmExitSignal
         try:
-            page = self._resolve_page(gpa_page, write, False, private, seq)
+            if seq is None:
+                page = self._resolve_page(gpa_page, write, False, private, seq)
+            else:
+                res = self._call_resolver(gpa_page, write, False, private)
+                if (  # the common case: one 4 KiB mapping the access may use
+                    type(res) is Mapped
+                    and res.size == PAGE_SIZE
+                    and not res.host_ptr & (PAGE_SIZE - 1)
+                    and (res.writable or not write)
+                ):
+                    return self._fill_install(vaddr, access, entry, walked, res.host_ptr, res.writable, seq)
+                page = self._resolved(gpa_page, write, private, seq, res)
         except VmExitSignal as sig:
             page = sig
         if isinstance(page, tuple):
@@ -1015,6 +1037,44 @@ class SimCpu:
             outcome = page
         else:
             outcome = _DataOutcome(gpa_page, page)
+        self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
+        return False
+
+    def _fill_install(
+        self,
+        vaddr: int,
+        access: int,
+        entry: int,
+        walked: tuple[int, bool, bool | None],
+        host_page: int,
+        host_writable: bool,
+        seq: int,
+    ) -> bool:
+        """A 4 KiB mapping the fault path just made: cached (``_resolved``) and installed in the TLB entry
+        (``_fill_resolve_unlocked``) in one hold of ``_lock`` instead of two, with the same checks: not stale
+        since ``seq``, no request pending, a store holding the page."""
+        gpa_page, writable, private = walked
+        outcome: object
+        cpuset = self.cpuset
+        with self._lock:
+            self._in_resolver = False
+            if cpuset.flush_seq != seq and cpuset.stale_since(seq, gpa_page >> 12, (gpa_page >> 12) + 1):
+                outcome = _DataOutcome(gpa_page, Retry())
+            else:
+                self._data_cache[(gpa_page, private)] = (host_page, host_writable)
+                self._note_cached_locked(gpa_page)
+                if self._req != self._ack:
+                    outcome = Retry()
+                else:
+                    hit = self._window(host_page, writable and host_writable)
+                    if hit is not None:
+                        e = TlbEntry.from_address(entry)
+                        e.paddr, e.perms = hit
+                        self._in_guest = True
+                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
+                            self._uc.emu_stop()
+                        return True
+                    outcome = _emulation_failure(host_page)
         self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
         return False
 
@@ -1085,6 +1145,8 @@ class SimCpu:
         cached = self._data_cache.get((gpa_page, private))
         if cached is not None and (cached[1] or not write):
             return cached
+        if not self._huge_cache:  # the common case: no huge mapping cached at all
+            return None
         for size in _HUGE_SIZES:
             huge = self._huge_cache.get((gpa_page & ~(size - 1), private))
             if huge is not None and huge[2] == size and (huge[1] or not write):
@@ -1107,39 +1169,50 @@ class SimCpu:
                 self._in_resolver = True  # may block on VM locks a flusher holds: flushers must not wait for us
         else:
             seq = entered
+        return self._resolved(gpa_page, write, private, seq, self._call_resolver(gpa_page, write, fetch, private))
+
+    def _call_resolver(self, gpa_page: int, write: bool, fetch: bool, private: bool | None) -> FaultResult:
+        """The VM's fault handler, entered with ``_in_resolver`` set (cleared here if it raises)."""
         try:
             if private is None:  # the three-argument form every GpaResolver understands
-                res = self._resolver.handle_fault(gpa_page, write, fetch)
-            else:
-                res = self._resolver.handle_fault(gpa_page, write, fetch, private=private)
+                return self._resolver.handle_fault(gpa_page, write, fetch)
+            return self._resolver.handle_fault(gpa_page, write, fetch, private=private)
         except BaseException:
             with self._cond:
                 self._in_resolver = False
             raise
+
+    def _resolved(
+        self, gpa_page: int, write: bool, private: bool | None, seq: int, res: FaultResult
+    ) -> tuple[int, bool] | FaultResult:
+        """What ``_resolve_page`` makes of the resolver's answer: cache it unless a flush since ``seq`` made it
+        stale, and clear ``_in_resolver``."""
         if not isinstance(res, Mapped):
             with self._cond:
                 self._in_resolver = False
             return res
-        size = res.size
+        size, host, writable = res.size, res.host_ptr, res.writable
         base = gpa_page & ~(size - 1)
-        usable = not (size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1)) and (
-            res.writable or not write
-        )
-        result = (res.host_ptr + (gpa_page & (size - 1)), res.writable)
-        with self._cond:
+        bad = size < PAGE_SIZE or size & (size - 1) or host & (PAGE_SIZE - 1)
+        usable = not bad and (writable or not write)
+        result = (host + (gpa_page & (size - 1)), writable)
+        cpuset = self.cpuset
+        with self._lock:  # _cond's lock, taken directly (once per fault)
             self._in_resolver = False
             # A flusher that skipped this vCPU (nothing cached in its range) relies on this check: a result
-            # resolved before a zap of its gfns is never cached nor installed.
-            stale = usable and self.cpuset.stale_since(seq, base >> 12, (base + size) >> 12)
+            # resolved before a zap of its gfns is never cached nor installed. With no flush numbered since
+            # ``seq`` (read unlocked: a flush numbered after this read sees what we cache under this lock, as
+            # _post_flush takes it) nothing can be stale.
+            stale = usable and cpuset.flush_seq != seq and cpuset.stale_since(seq, base >> 12, (base + size) >> 12)
             if usable and not stale:
                 if size > PAGE_SIZE:
-                    self._huge_cache[(base, private)] = (res.host_ptr, res.writable, size)
+                    self._huge_cache[(base, private)] = (host, writable, size)
                 else:
                     self._data_cache[(gpa_page, private)] = result
                     self._note_cached_locked(gpa_page)
-        if size < PAGE_SIZE or size & (size - 1) or res.host_ptr & (PAGE_SIZE - 1):
+        if bad:
             raise _emulation_failure(gpa_page)  # a resolver bug; refusing beats dereferencing garbage
-        if write and not res.writable:
+        if write and not writable:
             return Mmio()  # a write the backing refuses is an MMIO write (read-only memslot)
         if stale:
             return Retry()

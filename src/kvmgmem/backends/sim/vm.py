@@ -113,6 +113,17 @@ class _Stores:
             return cpus
 
 
+class _Resolver:
+    """The CpuSet's ``GpaResolver``: ``handle_fault`` is the model's own ``Mmu.fault`` (what
+    ``SimVm.handle_fault`` calls), stored as an instance attribute so that a TLB fill reaches the fault with
+    no SimVm frame or weak proxy in between (each was a call per fault)."""
+
+    __slots__ = ("handle_fault",)
+
+    def __init__(self, core: VmCore) -> None:
+        self.handle_fault = core.mmu.fault
+
+
 class SimVm(Vm):
     def __init__(self, system: SimSystem, core: VmCore) -> None:
         super().__init__()
@@ -286,9 +297,10 @@ class SimVm(Vm):
         """The VM's CpuSet, created with the first vCPU (caller holds ``_vcpu_lock``)."""
         cpus = self._stores.cpus
         if cpus is None:
-            # A weak proxy: the core's zap listener reaches the CpuSet, which must not keep this VM alive
-            # (a VM dropped without close() is then collected, and its finalizer closes the CpuSet).
-            cpus = CpuSet(weakref.proxy(self), self.private_access_bit)
+            # The resolver holds the model, not this VM: the core's zap listener reaches the CpuSet, which must
+            # not keep this VM alive (a VM dropped without close() is then collected, and its finalizer closes
+            # the CpuSet).
+            cpus = CpuSet(_Resolver(self.core), self.private_access_bit)
             cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
             self._stores.attach(cpus)
         return cpus

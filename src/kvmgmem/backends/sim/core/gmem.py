@@ -139,6 +139,20 @@ class GmemInode:
         self.pages_allocated += added
         return added
 
+    def get_folio(self, pgoff: int) -> int:
+        """``kvm_gmem_get_folio`` for one page: allocate it if absent (a huge-page file allocates its whole
+        folio, absent pages around a present one included) and return its state, PRESENT or HWPOISON. Order-0
+        files, the fault path's common case, take one range-map lookup."""
+        if self.hugepage:
+            self.materialise(pgoff, pgoff + 1)
+            return self.pages.get(pgoff)
+        state = self.pages.get(pgoff)
+        if state == PAGE_ABSENT:  # what materialise does for one order-0 page
+            self.pages.set(pgoff, pgoff + 1, PAGE_PRESENT)
+            self.pages_allocated += 1
+            return PAGE_PRESENT
+        return state
+
     def free(self, first: int, last: int) -> int:
         """Truncate ``[first, last)``: pages (and their poison marks) go, bytes read zero again.
         Returns the number of pages freed."""

@@ -127,15 +127,6 @@ class MmuCounters:
     sptes_zapped: int = 0
 
 
-@dataclass(slots=True)
-class _Install:
-    level: int
-    gmem: GmemInode | None
-    pgoff: int
-    host_address: int
-    writable: bool
-
-
 class Mmu:
     """SPTEs of one VM (address space 0) plus the invalidation state that fault handling checks."""
 
@@ -260,20 +251,18 @@ class Mmu:
         self.counters.sptes_zapped += len(victims)
         return len(victims)
 
-    def _install(self, gfn: int, slot: Memslot, inst: _Install, private: bool, old: Spte | _Unknown | None) -> Spte:
-        """kvm_tdp_mmu_map's SPTE write. ``old``: the SPTE covering ``gfn`` when the caller knows it is still
-        the current one (looked up under this same hold of ``lock``), else ``UNKNOWN``."""
-        n = level_pages(inst.level)
-        base = gfn - gfn % n
-        if n == 1:  # a 4 KiB install replaces at most the one SPTE covering the gfn (cheaper than a scan)
+    def _install(self, spte: Spte, old: Spte | _Unknown | None) -> Spte:
+        """kvm_tdp_mmu_map's SPTE write of ``spte`` (built by ``_gmem_spte``/``_hva_spte``). ``old``: the SPTE
+        covering its gfn when the caller knows it is still the current one (looked up under this same hold of
+        ``lock``), else ``UNKNOWN``."""
+        if spte.level == PG_LEVEL_4K:  # replaces at most the one SPTE covering the gfn (cheaper than a scan)
             if isinstance(old, _Unknown):
-                old = self.lookup(gfn)
+                old = self.lookup(spte.gfn)
             if old is not None:
                 self._remove(old)
         else:
-            for s in self.overlapping(base, base + n):  # smaller SPTEs replaced by a huge one
+            for s in self.overlapping(spte.gfn, spte.end_gfn):  # smaller SPTEs replaced by a huge one
                 self._remove(s)
-        spte = Spte(base, inst.level, slot, inst.gmem, inst.pgoff, inst.host_address, inst.writable, private)
         self._add(spte)
         return spte
 
@@ -442,9 +431,12 @@ class Mmu:
             if self.seq != mmu_seq or (self.in_progress and self.retry_gfn(mmu_seq, gfn)):
                 return self._done(self._retry("invalidation in progress"))
             # F12 kvm_tdp_mmu_map: the level is decided under the lock (lpage_info "mixed")
-            inst = self._gmem_install(gfn, slot, pfn) if isinstance(pfn, GmemInode) else self._hva_install(gfn, slot)
+            if isinstance(pfn, GmemInode):
+                spte = self._gmem_spte(gfn, slot, pfn, is_private)
+            else:
+                spte = self._hva_spte(gfn, slot, is_private)
             # Straight through, mmu_lock was held since F3, so its lookup still holds; stepping, it may not.
-            spte = self._install(gfn, slot, inst, is_private, _UNKNOWN if stepping else existing)
+            self._install(spte, _UNKNOWN if stepping else existing)
             c.mapped += 1
             if spte.level > PG_LEVEL_4K:
                 c.huge_mappings += 1
@@ -454,15 +446,10 @@ class Mmu:
                 vm.srcu_readers -= 1
 
     def _mapped(self, s: Spte, spurious: bool = False) -> Mapped:
-        return Mapped(
-            host_ptr=s.host_address,
-            size=s.npages * uapi.PAGE_SIZE,
-            writable=s.writable,
-            gpa=s.gfn << uapi.PAGE_SHIFT,
-            level=s.level,
-            gmem=s.gmem is not None,
-            spurious=spurious,
-        )
+        # positional, in Mapped's field order (host_ptr, size, writable, gpa, level, gmem, spurious): once per fault
+        level = s.level
+        size = uapi.PAGE_SIZE << (9 * (level - 1))
+        return Mapped(s.host_address, size, s.writable, s.gfn << uapi.PAGE_SHIFT, level, s.gmem is not None, spurious)
 
     def _retry(self, why: str, invalid_slot: bool = False) -> Retry:
         self.counters.retries += 1
@@ -488,20 +475,23 @@ class Mmu:
         inode = file.inode
         if inode.backing.address(index) is None:
             return self._exit(gfn, private, errno.ENOMEM)
-        inode.materialise(index, index + 1)
-        if inode.state(index) == PAGE_HWPOISON:
+        if inode.get_folio(index) == PAGE_HWPOISON:
             return self._exit(gfn, private, uapi.EHWPOISON)
         if write and slot.readonly:
             return self._exit(gfn, private, errno.EFAULT)
         return inode
 
-    def _gmem_install(self, gfn: int, slot: Memslot, inode: GmemInode) -> _Install:
-        level = self._gmem_level(gfn, slot, inode)
-        n = level_pages(level)
-        base_index = slot.gmem_index(gfn - gfn % n)
+    def _gmem_spte(self, gfn: int, slot: Memslot, inode: GmemInode, private: bool) -> Spte:
+        """The SPTE a guest_memfd fault maps (its level decided under mmu_lock)."""
+        if inode.hugepage:
+            level = self._gmem_level(gfn, slot, inode)
+            n = level_pages(level)
+            base_index = slot.gmem_index(gfn - gfn % n)
+        else:  # upstream: order-0 folios only (kvm_gmem_get_pfn reports max_order 0)
+            level, base_index, n = PG_LEVEL_4K, slot.gmem_index(gfn), 1
         address = inode.backing.address(base_index)
         assert address is not None
-        return _Install(level, inode, base_index, address, not slot.readonly)
+        return Spte(gfn - gfn % n, level, slot, inode, base_index, address, not slot.readonly, private)
 
     def _gmem_level(self, gfn: int, slot: Memslot, inode: GmemInode) -> int:
         """4 KiB upstream (gmem reports order 0); 2 MiB for a sim huge-page file where the whole folio is
@@ -533,10 +523,12 @@ class Mmu:
             return self._exit(gfn, False, errno.EFAULT)
         return _HVA
 
-    def _hva_install(self, gfn: int, slot: Memslot) -> _Install:
+    def _hva_spte(self, gfn: int, slot: Memslot, private: bool) -> Spte:
+        """The SPTE a fault served from the memslot's hva maps (its level decided under mmu_lock)."""
         level = self._hva_level(gfn, slot)
         n = level_pages(level)
-        return _Install(level, None, 0, slot.hva(gfn - gfn % n), not slot.readonly)
+        base = gfn - gfn % n
+        return Spte(base, level, slot, None, 0, slot.hva(base), not slot.readonly, private)
 
     def _hva_level(self, gfn: int, slot: Memslot) -> int:
         """Largest level whose aligned region is inside the slot, hva-compatible, backed by a large enough
