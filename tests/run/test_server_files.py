@@ -171,15 +171,15 @@ def test_unmodelled_vm_ioctls() -> None:
     with program() as prog:
         srv = prog.srv
         vm = prog.create_vm(prog.kvm)
-        assert srv.ioctl(vm, abi.KVM_CREATE_IRQCHIP, 0) == 0
-        assert errno_of(srv.ioctl, vm, abi.KVM_CREATE_IRQCHIP, 0) == errno.EEXIST
-        assert srv.ioctl(vm, abi.KVM_GET_TSC_KHZ, 0) > 0
-        assert srv.ioctl(vm, abi.KVM_SET_NR_MMU_PAGES, 1000) == 0
-        assert errno_of(srv.ioctl, vm, abi.KVM_SET_NR_MMU_PAGES, 10) == errno.EINVAL
+        assert srv.ioctl(vm, uapi.KVM_CREATE_IRQCHIP, 0) == 0
+        assert errno_of(srv.ioctl, vm, uapi.KVM_CREATE_IRQCHIP, 0) == errno.EEXIST
+        assert srv.ioctl(vm, uapi.KVM_GET_TSC_KHZ, 0) > 0
+        assert srv.ioctl(vm, uapi.KVM_SET_NR_MMU_PAGES, 1000) == 0
+        assert errno_of(srv.ioctl, vm, uapi.KVM_SET_NR_MMU_PAGES, 10) == errno.EINVAL
         assert srv.ioctl(vm, abi.KVM_SET_TSS_ADDR, 0xFFFBD000) == 0
         vm2 = prog.create_vm(prog.kvm)
         prog.create_vcpu(vm2)
-        assert errno_of(srv.ioctl, vm2, abi.KVM_CREATE_IRQCHIP, 0) == errno.EINVAL
+        assert errno_of(srv.ioctl, vm2, uapi.KVM_CREATE_IRQCHIP, 0) == errno.EINVAL
 
 
 def test_unmodelled_vcpu_ioctls() -> None:
@@ -187,14 +187,14 @@ def test_unmodelled_vcpu_ioctls() -> None:
     with program() as prog:
         srv = prog.srv
         vm = prog.create_vm(prog.kvm)
-        srv.ioctl(vm, abi.KVM_CREATE_IRQCHIP, 0)
+        srv.ioctl(vm, uapi.KVM_CREATE_IRQCHIP, 0)
         vcpu, _run = prog.create_vcpu(vm)
-        mp = abi.kvm_mp_state(abi.KVM_MP_STATE_HALTED)
-        assert prog.ioctl(vcpu, abi.KVM_SET_MP_STATE, mp) == 0
+        mp = uapi.kvm_mp_state(uapi.KVM_MP_STATE_HALTED)
+        assert prog.ioctl(vcpu, uapi.KVM_SET_MP_STATE, mp) == 0
         mp.mp_state = 0
-        prog.ioctl(vcpu, abi.KVM_GET_MP_STATE, mp)
-        assert mp.mp_state == abi.KVM_MP_STATE_HALTED
-        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) == srv.ioctl(vm, abi.KVM_GET_TSC_KHZ, 0)
+        prog.ioctl(vcpu, uapi.KVM_GET_MP_STATE, mp)
+        assert mp.mp_state == uapi.KVM_MP_STATE_HALTED
+        assert srv.ioctl(vcpu, uapi.KVM_GET_TSC_KHZ, 0) == srv.ioctl(vm, uapi.KVM_GET_TSC_KHZ, 0)
 
         class Msrs(ctypes.Structure):
             _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("entries", abi.kvm_msr_entry * 3)]
@@ -231,10 +231,10 @@ def test_unmodelled_vcpu_ioctls() -> None:
         prog.ioctl(vcpu, uapi.KVM_SET_CPUID2, cpuid)
         back = uapi.cpuid2_type(64)()
         back.nent = 64
-        prog.ioctl(vcpu, abi.KVM_GET_CPUID2, back)
+        prog.ioctl(vcpu, uapi.KVM_GET_CPUID2, back)
         assert back.nent == n and bytes(back.entries[0]) == bytes(cpuid.entries[0])
         back.nent = 1
-        assert errno_of(prog.ioctl, vcpu, abi.KVM_GET_CPUID2, back) == errno.E2BIG
+        assert errno_of(prog.ioctl, vcpu, uapi.KVM_GET_CPUID2, back) == errno.E2BIG
         big = uapi.cpuid2_type(1)()
         big.nent = 257
         assert errno_of(prog.ioctl, vcpu, uapi.KVM_SET_CPUID2, big) == errno.E2BIG
@@ -245,8 +245,8 @@ def test_mp_state_without_irqchip() -> None:
     with program() as prog:
         vm = prog.create_vm(prog.kvm)
         vcpu, _run = prog.create_vcpu(vm)
-        assert prog.ioctl(vcpu, abi.KVM_SET_MP_STATE, abi.kvm_mp_state(0)) == 0
-        assert errno_of(prog.ioctl, vcpu, abi.KVM_SET_MP_STATE, abi.kvm_mp_state(3)) == errno.EINVAL
+        assert prog.ioctl(vcpu, uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(0)) == 0
+        assert errno_of(prog.ioctl, vcpu, uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(3)) == errno.EINVAL
         assert errno_of(prog.ioctl, vcpu, abi.KVM_GET_LAPIC, abi.kvm_lapic_state()) == errno.EINVAL
 
 
@@ -352,12 +352,12 @@ def test_tsc_khz_set_then_get() -> None:
         srv = prog.srv
         vm = prog.create_vm(prog.kvm)
         assert srv.ioctl(vm, abi.KVM_SET_TSC_KHZ, 1_500_000) == 0
-        assert srv.ioctl(vm, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        assert srv.ioctl(vm, uapi.KVM_GET_TSC_KHZ, 0) == 1_500_000
         vcpu, _run = prog.create_vcpu(vm)
-        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        assert srv.ioctl(vcpu, uapi.KVM_GET_TSC_KHZ, 0) == 1_500_000
         assert srv.ioctl(vcpu, abi.KVM_SET_TSC_KHZ, 1_000_000) == 0
-        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) == 1_000_000
+        assert srv.ioctl(vcpu, uapi.KVM_GET_TSC_KHZ, 0) == 1_000_000
         assert errno_of(srv.ioctl, vm, abi.KVM_SET_TSC_KHZ, 900_000) == errno.EINVAL
-        assert srv.ioctl(vm, abi.KVM_GET_TSC_KHZ, 0) == 1_500_000
+        assert srv.ioctl(vm, uapi.KVM_GET_TSC_KHZ, 0) == 1_500_000
         assert srv.ioctl(vcpu, abi.KVM_SET_TSC_KHZ, 0) == 0
-        assert srv.ioctl(vcpu, abi.KVM_GET_TSC_KHZ, 0) > 0
+        assert srv.ioctl(vcpu, uapi.KVM_GET_TSC_KHZ, 0) > 0

@@ -31,12 +31,6 @@ class kvm_msrs(Structure):
     _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
 
 
-class kvm_mp_state(Structure):
-    """``struct kvm_mp_state``: KVM_MP_STATE_RUNNABLE (0), UNINITIALIZED (1), INIT_RECEIVED (2), HALTED (3)..."""
-
-    _fields_ = [("mp_state", c_uint32)]
-
-
 class kvm_fpu(Structure):
     """``struct kvm_fpu`` (416 bytes): x87/SSE state for KVM_GET_FPU/KVM_SET_FPU."""
 
@@ -101,49 +95,35 @@ assert sizeof(kvm_fpu) == 416 and sizeof(kvm_xcrs) == 392 and sizeof(kvm_vcpu_ev
 
 KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, kvm_msr_list)
 KVM_GET_MSR_FEATURE_INDEX_LIST = _IOWR(KVMIO, 0x0A, kvm_msr_list)
-KVM_SET_NR_MMU_PAGES = _IO(KVMIO, 0x44)
 KVM_GET_NR_MMU_PAGES = _IO(KVMIO, 0x45)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
-KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_GET_MSRS = _IOWR(KVMIO, 0x88, kvm_msrs)
 KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
 KVM_GET_FPU = _IOR(KVMIO, 0x8C, kvm_fpu)
 KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, kvm_lapic_state)
 KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, kvm_lapic_state)
-KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, uapi.kvm_cpuid2)
-KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
-KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
 KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
 KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
 KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
-KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
 KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
 KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
 KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
 KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
 
-KVM_MAX_CPUID_ENTRIES = 256
 KVM_MAX_MSR_ENTRIES = 255  # MAX_IO_MSRS: msr_io refuses more with E2BIG
-KVM_MIN_ALLOC_MMU_PAGES = 64
-KVM_MP_STATE_RUNNABLE = 0
-KVM_MP_STATE_UNINITIALIZED = 1
-KVM_MP_STATE_INIT_RECEIVED = 2
-KVM_MP_STATE_HALTED = 3
-KVM_MP_STATE_SIPI_RECEIVED = 4
 
 #: Names of every ioctl the server knows, for traces and messages.
 NAMES: dict[int, str] = dict(uapi.IOCTL_NAMES)
 NAMES.update({value: name for name, value in dict(globals()).items() if name.startswith("KVM_") and name.isupper()
               and isinstance(value, int) and value > 0xFFFF})  # fmt: skip
 NAMES.update({
-    KVM_SET_NR_MMU_PAGES: "KVM_SET_NR_MMU_PAGES", KVM_GET_NR_MMU_PAGES: "KVM_GET_NR_MMU_PAGES",
-    KVM_SET_TSS_ADDR: "KVM_SET_TSS_ADDR", KVM_CREATE_IRQCHIP: "KVM_CREATE_IRQCHIP",
-    KVM_SET_TSC_KHZ: "KVM_SET_TSC_KHZ", KVM_GET_TSC_KHZ: "KVM_GET_TSC_KHZ",
+    KVM_GET_NR_MMU_PAGES: "KVM_GET_NR_MMU_PAGES", KVM_SET_TSS_ADDR: "KVM_SET_TSS_ADDR",
+    KVM_SET_TSC_KHZ: "KVM_SET_TSC_KHZ",
 })  # fmt: skip
 
 

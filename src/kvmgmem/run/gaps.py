@@ -1,11 +1,11 @@
-"""ioctls the Python API does not model yet, answered at the ABI with the kernel's semantics.
+"""ioctls the Python API does not model, answered at the ABI with the kernel's semantics.
 
-Why a separate table: these are kernel features the sim has no model of (in-kernel irqchip, TSC frequency,
-MSR/FPU/XCR/LAPIC state the sim's CPU does not take from the VMM). A C program's library (the KVM
-selftests' ``kvm_util``) sends them while setting a vCPU up, so they must answer as the kernel does: state a
-VMM sets is stored and read back, values the kernel would refuse get its errno. Each handler first uses the
-API's own method when the API has one (``Vm.create_irqchip``, ``Vcpu.get_mp_state``, ...), so what the sim
-models wins as soon as it exists; ``ioctls.py`` merges this table under its own.
+Why a separate table: these are kernel features the sim has no model of (setting the TSC frequency,
+MSR/FPU/XCR/LAPIC state the sim's CPU does not take from the VMM, the real-mode TSS). A C program's library
+(the KVM selftests' ``kvm_util``) sends them while setting a vCPU up, so they must answer as the kernel does:
+state a VMM sets is kept here, in the server's ``VmRef``/``VcpuState``, and read back; values the kernel
+would refuse get its errno. ioctls the API has (``KVM_CREATE_IRQCHIP``, ``KVM_GET_MP_STATE``, ...) are plain
+translations in ``ioctls.py``, which merges this table into its own.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 Handler = Callable[["Server", Any, int], int]
-
-#: TSC frequency the sim reports (kHz): KVM_GET_TSC_KHZ's default is the host's, which the sim does not use.
-SIM_TSC_KHZ = 2_000_000
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_APICBASE = 0x1B
@@ -70,10 +67,6 @@ MSR_RESET: dict[int, int] = {
 _SREGS_MSRS = {MSR_EFER: ("efer", None), MSR_FS_BASE: ("fs", "base"), MSR_GS_BASE: ("gs", "base")}
 
 
-def _api(obj: Any, name: str) -> Callable[..., Any] | None:
-    return getattr(obj, name, None)
-
-
 # --- /dev/kvm -------------------------------------------------------------------------------------------
 
 
@@ -109,54 +102,20 @@ def get_feature_msrs(srv: Server, system: Any, arg: int) -> int:
 # --- VM fd ----------------------------------------------------------------------------------------------
 
 
-def create_irqchip(srv: Server, ref: VmRef, arg: int) -> int:
-    """KVM_CREATE_IRQCHIP: EEXIST the second time, EINVAL once a vCPU exists (``kvm_arch_vm_ioctl``)."""
-    method = _api(ref.vm, "create_irqchip")
-    if method is not None:
-        method()
-        ref.extra["irqchip"] = True  # the LAPIC ioctls below check it
-        return 0
-    op = "KVM_CREATE_IRQCHIP"
-    if ref.extra.get("irqchip"):
-        raise KvmError(errno.EEXIST, op, "the VM already has an irqchip")
-    if getattr(ref.vm, "_vcpus", None):
-        raise KvmError(errno.EINVAL, op, "vCPUs already created")
-    ref.extra["irqchip"] = True
-    return 0
-
-
 def vm_get_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
     """KVM_GET_TSC_KHZ on the VM fd: the default frequency of new vCPUs (as last set, else the sim's)."""
     if "tsc_khz" in ref.extra:
         return int(ref.extra["tsc_khz"])
-    return _default_tsc_khz(ref.vm)
-
-
-def _default_tsc_khz(obj: Any) -> int:
-    """The frequency the model gives new vCPUs (the kernel's ``tsc_khz``, what 0 asks for)."""
-    method = _api(obj, "get_tsc_khz")
-    return int(method()) if method is not None else SIM_TSC_KHZ
+    return ref.vm.get_tsc_khz()
 
 
 def vm_set_tsc_khz(srv: Server, ref: VmRef, arg: int) -> int:
     """KVM_SET_TSC_KHZ on the VM fd: the default of vCPUs created later; the u32 argument, 0 meaning the
     host's frequency; EINVAL once a vCPU exists (``kvm_arch_vm_ioctl``). TSC scaling has no upper limit here."""
     khz = arg & 0xFFFFFFFF
-    if getattr(ref.vm, "_vcpus", None):
+    if ref.created_vcpus:
         raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", "vCPUs already created")
-    ref.extra["tsc_khz"] = khz or _default_tsc_khz(ref.vm)
-    return 0
-
-
-def set_nr_mmu_pages(srv: Server, ref: VmRef, arg: int) -> int:
-    """KVM_SET_NR_MMU_PAGES: EINVAL below KVM_MIN_ALLOC_MMU_PAGES (``kvm_vm_ioctl_set_nr_mmu_pages``)."""
-    method = _api(ref.vm, "set_nr_mmu_pages")
-    if method is not None:
-        method(arg)
-        return 0
-    if arg < abi.KVM_MIN_ALLOC_MMU_PAGES:
-        raise KvmError(errno.EINVAL, "KVM_SET_NR_MMU_PAGES", f"{arg} < {abi.KVM_MIN_ALLOC_MMU_PAGES}")
-    ref.extra["nr_mmu_pages"] = arg
+    ref.extra["tsc_khz"] = khz or ref.vm.get_tsc_khz()  # the model's nominal frequency (the kernel's tsc_khz)
     return 0
 
 
@@ -170,7 +129,7 @@ def set_identity_map_addr(srv: Server, ref: VmRef, arg: int) -> int:
     """KVM_SET_IDENTITY_MAP_ADDR: reads the u64 (EFAULT for a bad pointer), EINVAL once vCPUs exist."""
     op = "KVM_SET_IDENTITY_MAP_ADDR"
     value = int.from_bytes(read_bytes(arg, 8, op), "little")
-    if getattr(ref.vm, "_vcpus", None):
+    if ref.created_vcpus:
         raise KvmError(errno.EINVAL, op, "vCPUs already created")
     ref.extra["identity_map_addr"] = value
     return 0
@@ -179,42 +138,16 @@ def set_identity_map_addr(srv: Server, ref: VmRef, arg: int) -> int:
 # --- vCPU fd --------------------------------------------------------------------------------------------
 
 
-def get_mp_state(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_GET_MP_STATE."""
-    method = _api(state.vcpu, "get_mp_state")
-    value = int(method()) if method is not None else int(state.extra.get("mp_state", abi.KVM_MP_STATE_RUNNABLE))
-    copy_to_user(arg, abi.kvm_mp_state(value), "KVM_GET_MP_STATE")
-    return 0
-
-
-def set_mp_state(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_SET_MP_STATE: without an in-kernel LAPIC only RUNNABLE is accepted (EINVAL otherwise,
-    ``kvm_arch_vcpu_ioctl_set_mpstate``); states above SIPI_RECEIVED... are EINVAL."""
-    op = "KVM_SET_MP_STATE"
-    value = copy_from_user(abi.kvm_mp_state, arg, op).mp_state
-    method = _api(state.vcpu, "set_mp_state")
-    if method is not None:
-        method(value)
-        return 0
-    has_lapic = bool(state.vm.extra.get("irqchip"))
-    if value != abi.KVM_MP_STATE_RUNNABLE and not has_lapic:
-        raise KvmError(errno.EINVAL, op, "only RUNNABLE without an in-kernel LAPIC")
-    if value > abi.KVM_MP_STATE_SIPI_RECEIVED:
-        raise KvmError(errno.EINVAL, op, f"mp_state {value} is not an x86 state")
-    state.extra["mp_state"] = value
-    return 0
-
-
 def vcpu_get_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_GET_TSC_KHZ on a vCPU: its frequency (as last set, else the VM's default when it was created)."""
     if "tsc_khz" in state.extra:
         return int(state.extra["tsc_khz"])
-    return _default_tsc_khz(state.vcpu)
+    return state.vcpu.get_tsc_khz()
 
 
 def vcpu_set_tsc_khz(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_SET_TSC_KHZ on a vCPU: the u32 argument, 0 meaning the host's frequency."""
-    state.extra["tsc_khz"] = (arg & 0xFFFFFFFF) or _default_tsc_khz(state.vcpu)
+    state.extra["tsc_khz"] = (arg & 0xFFFFFFFF) or state.vcpu.get_tsc_khz()
     return 0
 
 
@@ -281,7 +214,7 @@ def _blob_get(name: str, ctype: Any, default: Callable[[], Any], op: str) -> Han
 
 def _blob_set(name: str, ctype: Any, op: str, needs_lapic: bool = False) -> Handler:
     def handler(srv: Server, state: VcpuState, arg: int) -> int:
-        if needs_lapic and not state.vm.extra.get("irqchip"):
+        if needs_lapic and not state.vm.vm.irqchip:
             raise KvmError(errno.EINVAL, op, "no in-kernel LAPIC (KVM_CREATE_IRQCHIP first)")
         state.extra[name] = copy_from_user(ctype, arg, op)
         return 0
@@ -300,7 +233,7 @@ def _fpu_reset() -> abi.kvm_fpu:
 def _lapic_get(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_GET_LAPIC: EINVAL without an in-kernel LAPIC, else the register page last set."""
     op = "KVM_GET_LAPIC"
-    if not state.vm.extra.get("irqchip"):
+    if not state.vm.vm.irqchip:
         raise KvmError(errno.EINVAL, op, "no in-kernel LAPIC (KVM_CREATE_IRQCHIP first)")
     copy_to_user(arg, state.extra.get("lapic") or abi.kvm_lapic_state(), op)
     return 0
@@ -348,13 +281,6 @@ def enable_cap_vcpu(srv: Server, state: VcpuState, arg: int) -> int:
     raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"vCPU capability {cap.cap} is not modelled")
 
 
-def pre_fault_memory(srv: Server, state: VcpuState, arg: int) -> int:
-    """KVM_PRE_FAULT_MEMORY without a model: EOPNOTSUPP, as ``kvm_arch_vcpu_pre_fault_memory`` answers
-    where it cannot pre-fault (the sim's ``KVM_CAP_PRE_FAULT_MEMORY`` is then 0)."""
-    copy_from_user(uapi.kvm_pre_fault_memory, arg, "KVM_PRE_FAULT_MEMORY")
-    raise KvmError(errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY", "not modelled by this sim")
-
-
 SYSTEM: dict[int, Handler] = {
     abi.KVM_GET_MSR_INDEX_LIST: get_msr_index_list,
     abi.KVM_GET_MSR_FEATURE_INDEX_LIST: get_msr_feature_index_list,
@@ -362,18 +288,14 @@ SYSTEM: dict[int, Handler] = {
 }
 
 VM: dict[int, Handler] = {
-    abi.KVM_CREATE_IRQCHIP: create_irqchip,
-    abi.KVM_GET_TSC_KHZ: vm_get_tsc_khz,
+    uapi.KVM_GET_TSC_KHZ: vm_get_tsc_khz,
     abi.KVM_SET_TSC_KHZ: vm_set_tsc_khz,
-    abi.KVM_SET_NR_MMU_PAGES: set_nr_mmu_pages,
     abi.KVM_SET_TSS_ADDR: set_tss_addr,
     abi.KVM_SET_IDENTITY_MAP_ADDR: set_identity_map_addr,
 }
 
 VCPU: dict[int, Handler] = {
-    abi.KVM_GET_MP_STATE: get_mp_state,
-    abi.KVM_SET_MP_STATE: set_mp_state,
-    abi.KVM_GET_TSC_KHZ: vcpu_get_tsc_khz,
+    uapi.KVM_GET_TSC_KHZ: vcpu_get_tsc_khz,
     abi.KVM_SET_TSC_KHZ: vcpu_set_tsc_khz,
     abi.KVM_GET_MSRS: get_msrs,
     abi.KVM_SET_MSRS: set_msrs,

@@ -19,12 +19,15 @@ import ctypes
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
 from kvmgmem.gmem_mapping import GmemMapping
 
 from .user import mapped_range
+
+if TYPE_CHECKING:
+    from kvmgmem.backends.sim.vm import SimVm
 
 
 @dataclass(eq=False)
@@ -56,7 +59,7 @@ class ProgramMapping:
 class MemoryMap:
     """The guest_memfd mappings the server made for the program (by address), and the VMs to notify."""
 
-    def __init__(self, vms: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, vms: Callable[[], Iterable[SimVm]]) -> None:
         self._lock = threading.Lock()
         self._mappings: dict[int, ProgramMapping] = {}
         self._vms = vms
@@ -116,6 +119,5 @@ class MemoryMap:
         """The mmu notifier for ``[start, start+length)`` in every VM whose memslots may use it."""
         end = start + length
         for vm in self._vms():
-            hook = getattr(vm, "mmu_notifier_invalidate", None)
-            if hook is not None and not vm.closed:
-                hook(start, end, unmap)
+            if not vm.closed:
+                vm.mmu_notifier_invalidate(start, end, unmap)

@@ -6,7 +6,8 @@ no table knows gets the errno of the kernel's ``default:`` case for that kind of
 host: ``/dev/kvm`` EINVAL (``kvm_arch_dev_ioctl``), VM fd ENOTTY (``kvm_arch_vm_ioctl``), vCPU fd EINVAL
 (``kvm_arch_vcpu_ioctl``), guest_memfd ENOTTY (no ``unlocked_ioctl``: ``vfs_ioctl``).
 
-ioctls the Python API does not model are in ``gaps.py``, a separate table merged in at the end.
+ioctls the Python API does not model are in ``gaps.py``, a separate table merged in at the end: the server
+keeps their state itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from kvmgmem.api import Pending, awaited_reply
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import MemoryFaultExit
 
-from . import abi, gaps
+from . import gaps
 from .fds import FileKind, placeholder
 from .kvm_run_area import VCPU_MMAP_SIZE, KvmRunArea
 from .objects import GmemState, VcpuState, VmRef
@@ -82,13 +83,14 @@ def get_supported_cpuid(srv: Server, system: Any, arg: int) -> int:
     op = "KVM_GET_SUPPORTED_CPUID"
     nent = read_u32(arg, op)
     entries = system.get_supported_cpuid()
-    _write_cpuid(arg, nent, entries, op)
+    if nent < len(entries):
+        raise KvmError(errno.E2BIG, op, f"nent {nent} < {len(entries)} entries")
+    _write_cpuid(arg, entries, op)
     return 0
 
 
-def _write_cpuid(arg: int, nent: int, entries: list[uapi.kvm_cpuid_entry2], op: str) -> None:
-    if nent < len(entries):
-        raise KvmError(errno.E2BIG, op, f"nent {nent} < {len(entries)} entries")
+def _write_cpuid(arg: int, entries: list[uapi.kvm_cpuid_entry2], op: str) -> None:
+    """Fill a ``struct kvm_cpuid2`` at ``arg``: the entries, then ``nent``."""
     array = (uapi.kvm_cpuid_entry2 * len(entries))(*entries)
     copy_to_user(arg + ctypes.sizeof(uapi.kvm_cpuid2), array, op)
     write_field(arg, len(entries), 4, op)
@@ -143,9 +145,22 @@ def enable_cap_vm(srv: Server, ref: VmRef, arg: int) -> int:
     return 0
 
 
+def create_irqchip(srv: Server, ref: VmRef, arg: int) -> int:
+    """KVM_CREATE_IRQCHIP (the argument is not read, as ``kvm_arch_vm_ioctl``)."""
+    ref.vm.create_irqchip()
+    return 0
+
+
+def set_nr_mmu_pages(srv: Server, ref: VmRef, arg: int) -> int:
+    """KVM_SET_NR_MMU_PAGES(pages)."""
+    ref.vm.set_nr_mmu_pages(arg)
+    return 0
+
+
 def create_vcpu(srv: Server, ref: VmRef, arg: int) -> int:
     """KVM_CREATE_VCPU(id): a vCPU fd whose file is also its ``kvm_run`` area; the vCPU holds the VM."""
     vcpu = ref.vm.create_vcpu(arg)
+    ref.created_vcpus += 1  # the id stays taken even if the fd below cannot be made
     try:
         fd = placeholder(f"kvm-vcpu:{arg}", VCPU_MMAP_SIZE)
     except OSError:
@@ -249,8 +264,8 @@ def set_cpuid2(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_SET_CPUID2: E2BIG past KVM_MAX_CPUID_ENTRIES (``kvm_vcpu_ioctl_set_cpuid2``), else the entries."""
     op = "KVM_SET_CPUID2"
     nent = read_u32(arg, op)
-    if nent > abi.KVM_MAX_CPUID_ENTRIES:
-        raise KvmError(errno.E2BIG, op, f"nent {nent} > {abi.KVM_MAX_CPUID_ENTRIES}")
+    if nent > uapi.KVM_MAX_CPUID_ENTRIES:
+        raise KvmError(errno.E2BIG, op, f"nent {nent} > {uapi.KVM_MAX_CPUID_ENTRIES}")
     size = ctypes.sizeof(uapi.kvm_cpuid_entry2)
     raw = read_bytes(arg + ctypes.sizeof(uapi.kvm_cpuid2), nent * size, op)
     entries = [uapi.kvm_cpuid_entry2.from_buffer_copy(raw, i * size) for i in range(nent)]
@@ -261,26 +276,28 @@ def set_cpuid2(srv: Server, state: VcpuState, arg: int) -> int:
 def get_cpuid2(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_GET_CPUID2: the entries last set; E2BIG (nent unchanged) when ``nent`` is too small."""
     op = "KVM_GET_CPUID2"
-    nent = read_u32(arg, op)
-    getter = getattr(state.vcpu, "get_cpuid", None)
-    if getter is not None:
-        entries = list(getter())
-    else:
-        entries = list(getattr(state.vcpu, "cpuid", []))
-    _write_cpuid(arg, nent, entries, op)
+    _write_cpuid(arg, state.vcpu.get_cpuid(read_u32(arg, op)), op)
     return 0
 
 
 def pre_fault_memory(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_PRE_FAULT_MEMORY: map the range as a fault would; ``gpa``/``size`` written back as it goes."""
     op = "KVM_PRE_FAULT_MEMORY"
-    method = getattr(state.vcpu, "pre_fault_memory", None)
-    if method is None:
-        return gaps.pre_fault_memory(srv, state, arg)
     r = copy_from_user(uapi.kvm_pre_fault_memory, arg, op)
-    gpa, size = method(r.gpa, r.size, r.flags)
-    r.gpa, r.size = gpa, size
+    r.gpa, r.size = state.vcpu.pre_fault_memory(r.gpa, r.size, r.flags)
     copy_to_user(arg, r, op)
+    return 0
+
+
+def get_mp_state(srv: Server, state: VcpuState, arg: int) -> int:
+    """KVM_GET_MP_STATE."""
+    copy_to_user(arg, uapi.kvm_mp_state(state.vcpu.get_mp_state()), "KVM_GET_MP_STATE")
+    return 0
+
+
+def set_mp_state(srv: Server, state: VcpuState, arg: int) -> int:
+    """KVM_SET_MP_STATE."""
+    state.vcpu.set_mp_state(copy_from_user(uapi.kvm_mp_state, arg, "KVM_SET_MP_STATE").mp_state)
     return 0
 
 
@@ -300,6 +317,8 @@ VM: dict[int, Handler] = {
     uapi.KVM_SET_MEMORY_ATTRIBUTES: set_memory_attributes,
     uapi.KVM_ENABLE_CAP: enable_cap_vm,
     uapi.KVM_CREATE_VCPU: create_vcpu,
+    uapi.KVM_CREATE_IRQCHIP: create_irqchip,
+    uapi.KVM_SET_NR_MMU_PAGES: set_nr_mmu_pages,
 }
 
 VCPU: dict[int, Handler] = {
@@ -309,13 +328,15 @@ VCPU: dict[int, Handler] = {
     uapi.KVM_GET_SREGS: get_sregs,
     uapi.KVM_SET_SREGS: set_sregs,
     uapi.KVM_SET_CPUID2: set_cpuid2,
-    abi.KVM_GET_CPUID2: get_cpuid2,
+    uapi.KVM_GET_CPUID2: get_cpuid2,
     uapi.KVM_PRE_FAULT_MEMORY: pre_fault_memory,
+    uapi.KVM_GET_MP_STATE: get_mp_state,
+    uapi.KVM_SET_MP_STATE: set_mp_state,
 }
 
 for _table, _extra in ((SYSTEM, gaps.SYSTEM), (VM, gaps.VM), (VCPU, gaps.VCPU)):
-    for _request, _handler in _extra.items():
-        _table.setdefault(_request, _handler)
+    assert not _table.keys() & _extra.keys(), "one handler per ioctl"
+    _table.update(_extra)
 
 TABLES: dict[FileKind, dict[int, Handler]] = {
     FileKind.SYSTEM: SYSTEM,

@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvmgmem.api import GuestMemfd, Pending, Vcpu, Vm
+from kvmgmem.api import GuestMemfd, Pending, Vcpu
 
 from .kvm_run_area import KvmRunArea
+
+if TYPE_CHECKING:
+    from kvmgmem.backends.sim.vm import SimVm
 
 
 @dataclass(eq=False)
 class VmRef:
-    """A VM with its reference count (VM fd file + vCPU files); ``extra`` holds unmodelled VM state."""
+    """A VM with its reference count (VM fd file + vCPU files); ``extra`` holds unmodelled VM state.
 
-    vm: Vm
+    ``vm`` is the sim's (the server serves nothing else); ``created_vcpus`` counts the vCPUs this VM fd
+    created, closed ones included, as ``kvm->created_vcpus`` (what ``KVM_SET_TSC_KHZ`` and
+    ``KVM_SET_IDENTITY_MAP_ADDR`` refuse after)."""
+
+    vm: SimVm
     refs: int = 1
+    created_vcpus: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 

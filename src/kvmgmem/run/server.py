@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmgmem.errors import KvmError
 from kvmgmem.libc import MADV_COLLAPSE, MAP_FIXED, MREMAP_FIXED, MREMAP_MAYMOVE, c_mmap, failed, mremap
@@ -32,6 +32,9 @@ from . import abi, ioctls, kicks, sysfs
 from .fds import FdTable, FileKind, KvmFile, placeholder
 from .guest_memory import MemoryMap, ProgramMapping
 from .objects import GmemState, VmRef
+
+if TYPE_CHECKING:
+    from kvmgmem.backends.sim.vm import SimVm
 
 #: ``madvise`` returns this for "not mine: do the real call" (contract with the preload library).
 NOT_MINE = -2
@@ -87,7 +90,7 @@ class Server:
 
         self.system = kvmgmem.open("sim", profile=profile)
         self.table = FdTable()
-        self._vms: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._vms: weakref.WeakSet[SimVm] = weakref.WeakSet()
         self._vms_lock = threading.Lock()
         self.memory = MemoryMap(self._live_vms)
         self.kicks = kicks.watcher()
@@ -106,7 +109,7 @@ class Server:
         with self._vms_lock:
             self._vms.add(ref.vm)
 
-    def _live_vms(self) -> list[Any]:
+    def _live_vms(self) -> list[SimVm]:
         with self._vms_lock:
             return [vm for vm in self._vms if not vm.closed]
 
