@@ -50,19 +50,11 @@ def test_public_modules_document_everything() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-#: Public modules not yet held to the full docstring rules below. Reason for every entry: being edited
-#: concurrently (issue 13's new API methods); the lead enables them after the merge (``ruff check --select D``
-#: on them lists what to fix: D205 one-line summary, D209 closing quotes on their own line, D401 imperative
-#: first line, D301 raw docstring for backslashes).
-_FULL_DOCSTRING_PENDING = {"src/kvmgmem/api.py", "src/kvmgmem/uapi.py"}
-
-
 def test_public_modules_follow_the_docstring_rules() -> None:
     """ruff's whole D set with pyproject's convention (pep257): a one-line summary, imperative for functions,
     then a blank line and the why; closing quotes on their own line."""
-    modules = [m for m in PUBLIC_MODULES if m not in _FULL_DOCSTRING_PENDING]
     result = subprocess.run(
-        [_tool("ruff"), "check", "--select", "D", "--ignore", "D105,D107", *modules],
+        [_tool("ruff"), "check", "--select", "D", "--ignore", "D105,D107", *PUBLIC_MODULES],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -60,7 +60,7 @@ def u32(value: Any, name: str, op: str) -> int:
 
 
 def ulong(value: Any, name: str, op: str) -> int:
-    """An ioctl's integer argument: the ``unsigned long`` of ``ioctl(2)``, 64 bits on x86-64.
+    """Convert an ioctl's integer argument: the ``unsigned long`` of ``ioctl(2)``, 64 bits on x86-64.
 
     ``KVM_CHECK_EXTENSION``, ``KVM_CREATE_VM`` and ``KVM_CREATE_VCPU`` take their value this way and the
     kernel looks at all 64 bits (``kvm_vm_ioctl_check_extension_generic`` switches on a ``long``,
@@ -76,8 +76,10 @@ MAX_RW_COUNT = 0x7FFFF000
 
 
 def count_arg(value: Any, name: str, op: str) -> int:
-    """A byte count passed as C would (size_t; negative → two's complement), clamped to MAX_RW_COUNT as the
-    kernel clamps it, so the kernel's own errno comes back for any value."""
+    """Convert a byte count as C would pass it (size_t; negative → two's complement), clamped to MAX_RW_COUNT.
+
+    The kernel clamps it the same way, so the kernel's own errno comes back for any value.
+    """
     return min(as_uint(value, 64, name, op), MAX_RW_COUNT)
 
 
@@ -90,7 +92,7 @@ def bytes_arg(data: Any, op: str) -> bytes:
 
 
 def cpuid_entries(entries: Any, op: str = "KVM_SET_CPUID2") -> list[uapi.kvm_cpuid_entry2]:
-    """Copies of ``entries``, each a ``uapi.kvm_cpuid_entry2`` (TypeError naming the operation otherwise)."""
+    """Copy ``entries``, each a ``uapi.kvm_cpuid_entry2`` (TypeError naming the operation otherwise)."""
     try:
         items = list(entries)
     except TypeError:
@@ -104,7 +106,7 @@ def cpuid_entries(entries: Any, op: str = "KVM_SET_CPUID2") -> list[uapi.kvm_cpu
 
 
 def fd_of(obj: Any, name: str, op: str) -> int:
-    """A raw fd from a ``GuestMemfd``, an int, or ``None`` (→ -1, "no fd")."""
+    """Return the raw fd of a ``GuestMemfd``, an int, or ``None`` (→ -1, "no fd")."""
     if obj is None:
         return -1
     if isinstance(obj, GuestMemfd):
@@ -160,8 +162,11 @@ class Userspace:
 
 
 def is_pinnable(obj: Any) -> bool:
-    """Memory that memslots pin (``_pin``/``_unpin``, ``address``, ``size``, ``closed``): HostMemory, and
-    mappings a backend hands out that have no buffer protocol (the sim's guest_memfd mapping)."""
+    """Tell whether ``obj`` is memory that memslots pin (``_pin``/``_unpin``, ``address``, ``size``, ``closed``).
+
+    That is HostMemory, and mappings a backend hands out that have no buffer protocol (the sim's guest_memfd
+    mapping).
+    """
     return isinstance(obj, HostMemory) or (hasattr(obj, "_pin") and hasattr(obj, "_unpin"))
 
 
@@ -286,8 +291,11 @@ class GuestMemfd(Resource, abc.ABC):
 
     @abc.abstractmethod
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
-        """``fallocate(fd, mode, offset, len)`` with the raw register values: ``mode`` the 32 bits of the
-        kernel's ``int``, ``offset`` and ``length`` the 64 bits of its ``loff_t`` (see ``uapi.signed64``)."""
+        """Issue ``fallocate(fd, mode, offset, len)`` with the raw register values.
+
+        ``mode`` is the 32 bits of the kernel's ``int``, ``offset`` and ``length`` the 64 bits of its ``loff_t``
+        (see ``uapi.signed64``).
+        """
 
     def allocate(self, offset: int, length: int) -> None:
         """Materialise zeroed pages: ``fallocate(KEEP_SIZE)`` (existing pages and their data stay).
@@ -318,7 +326,7 @@ class GuestMemfd(Resource, abc.ABC):
         self.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, offset, length)
 
     def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> Any:
-        """Map the file into the host (6.18+, ``kvm_gmem_mmap``); ``length`` defaults to the file size.
+        r"""Map the file into the host (6.18+, ``kvm_gmem_mmap``); ``length`` defaults to the file size.
 
         Errors: ENODEV when the file was created without ``GUEST_MEMFD_FLAG_MMAP``; EINVAL for
         ``shared=False`` (``MAP_PRIVATE`` is refused). A host access to a page past EOF, or to any page of a
@@ -333,7 +341,7 @@ class GuestMemfd(Resource, abc.ABC):
         ...         view[0:2] = b"hi"
         ...         gmem.punch_hole(0, 4096)
         ...         bytes(view[0:2])
-        b'\\x00\\x00'
+        b'\x00\x00'
         """
         op = "mmap"
         self._check_open(op)
@@ -457,8 +465,11 @@ class Pending(enum.StrEnum):
 
 
 def awaited_reply(exit: Exit) -> tuple[Pending | None, int]:
-    """The reply ``exit`` waits for, and how many bytes of data it takes: IN and MMIO-read exits wait for
-    their data, hypercall exits for a return value, every other exit for nothing."""
+    """Return the reply ``exit`` waits for, and how many bytes of data it takes.
+
+    IN and MMIO-read exits wait for their data, hypercall exits for a return value, every other exit for
+    nothing.
+    """
     if isinstance(exit, IoExit):
         return (None, 0) if exit.is_out else (Pending.IO_IN, exit.size * exit.count)
     if isinstance(exit, MmioExit):
@@ -600,8 +611,10 @@ class Vcpu(Resource, abc.ABC):
 
     @abc.abstractmethod
     def _pre_fault_memory(self, rng: uapi.kvm_pre_fault_memory) -> None:
-        """``KVM_PRE_FAULT_MEMORY`` with ``rng``, which the call advances in place (``gpa`` up, ``size`` down);
-        raises ``KvmError`` (with ``rng`` unchanged) when no page was mapped."""
+        """Issue ``KVM_PRE_FAULT_MEMORY`` with ``rng``, which the call advances in place (``gpa`` up, ``size`` down).
+
+        Raises ``KvmError`` (with ``rng`` unchanged) when no page was mapped.
+        """
 
     def get_cpuid(self, max_entries: int | None = None) -> list[uapi.kvm_cpuid_entry2]:
         """``KVM_GET_CPUID2``: the table the last :meth:`set_cpuid` loaded (empty before one), as copies.
@@ -631,8 +644,10 @@ class Vcpu(Resource, abc.ABC):
 
     @abc.abstractmethod
     def _get_cpuid2(self, cpuid: Any) -> None:
-        """``KVM_GET_CPUID2`` into ``cpuid`` (a ``uapi.cpuid2_type`` with room for ``min(cpuid.nent, 256)``
-        entries): fills the entries and sets ``nent``, or raises E2BIG leaving it alone."""
+        """Issue ``KVM_GET_CPUID2`` into ``cpuid``: fill the entries and set ``nent``, or raise E2BIG leaving it alone.
+
+        ``cpuid`` is a ``uapi.cpuid2_type`` with room for ``min(cpuid.nent, 256)`` entries.
+        """
 
     def get_mp_state(self) -> int:
         """``KVM_GET_MP_STATE``: the vCPU's multiprocessing state (``uapi.KVM_MP_STATE_*``; RUNNABLE at creation).
@@ -651,9 +666,11 @@ class Vcpu(Resource, abc.ABC):
         """``KVM_GET_MP_STATE`` into a new ``kvm_mp_state``."""
 
     def set_mp_state(self, mp_state: int) -> None:
-        """``KVM_SET_MP_STATE``: RUNNABLE always; UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED (stored
-        as INIT_RECEIVED) and AP_RESET_HOLD only with an in-kernel local APIC (:meth:`Vm.create_irqchip`
-        before the vCPU); anything else is EINVAL (``kvm_arch_vcpu_ioctl_set_mpstate``).
+        """``KVM_SET_MP_STATE``: set the vCPU's multiprocessing state (``uapi.KVM_MP_STATE_*``).
+
+        RUNNABLE always; UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED (stored as INIT_RECEIVED) and
+        AP_RESET_HOLD only with an in-kernel local APIC (:meth:`Vm.create_irqchip` before the vCPU); anything
+        else is EINVAL (``kvm_arch_vcpu_ioctl_set_mpstate``).
 
         >>> import errno, kvmgmem
         >>> from kvmgmem import uapi
@@ -729,7 +746,7 @@ class Vcpu(Resource, abc.ABC):
         """``KVM_RUN`` once, decoded; the pending reply is recorded by :meth:`run`."""
 
     def complete_io(self, data: bytes) -> None:
-        """Answer the pending IN exit: ``data`` is loaded into the guest on the next ``run()``.
+        r"""Answer the pending IN exit: ``data`` is loaded into the guest on the next ``run()``.
 
         Errors: EINVAL when the last exit was not an IN waiting for data; ValueError when ``data`` is not
         ``size * count`` bytes.
@@ -737,7 +754,7 @@ class Vcpu(Resource, abc.ABC):
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
         ...     try:
-        ...         vcpu.complete_io(b"\\x01")                # nothing is pending on a fresh vCPU
+        ...         vcpu.complete_io(b"\x01")                # nothing is pending on a fresh vCPU
         ...     except kvmgmem.KvmError as e:
         ...         e.errno == errno.EINVAL
         True
@@ -893,8 +910,11 @@ class Vm(Resource, abc.ABC):
 
     @abc.abstractmethod
     def _set_user_memory_region(self, region: uapi.kvm_userspace_memory_region, user: Userspace) -> None:
-        """``KVM_SET_USER_MEMORY_REGION`` with ``region``; ``user`` is what ``userspace_addr`` came from
-        (pinned for the call; the sim uses it to know which host memory its vCPUs may touch)."""
+        """Issue ``KVM_SET_USER_MEMORY_REGION`` with ``region``.
+
+        ``user`` is what ``userspace_addr`` came from (pinned for the call; the sim uses it to know which host
+        memory its vCPUs may touch).
+        """
 
     def set_user_memory_region2(
         self,
@@ -1084,8 +1104,10 @@ class Vm(Resource, abc.ABC):
 
     @abc.abstractmethod
     def _create_vcpu(self, vcpu_id: int) -> Vcpu:
-        """``KVM_CREATE_VCPU`` with the 64-bit ioctl argument ``vcpu_id``; the backend records the vCPU in
-        ``_vcpus`` so that closing the VM closes it."""
+        """Issue ``KVM_CREATE_VCPU`` with the 64-bit ioctl argument ``vcpu_id``.
+
+        The backend records the vCPU in ``_vcpus`` so that closing the VM closes it.
+        """
 
     @property
     def has_private_mem(self) -> bool:
@@ -1096,8 +1118,10 @@ class Vm(Resource, abc.ABC):
 
     @contextlib.contextmanager
     def _memslot_update(self, userspace: Any, op: str) -> Iterator[Userspace]:
-        """Resolve ``userspace`` pinned for the duration of one memslot ioctl; the backend issues the ioctl
-        and calls ``_track_slot`` inside the block."""
+        """Resolve ``userspace`` pinned for the duration of one memslot ioctl.
+
+        The backend issues the ioctl and calls ``_track_slot`` inside the block.
+        """
         user = resolve_userspace(userspace, op)
         try:
             yield user

@@ -216,7 +216,7 @@ EHWPOISON = 133
 
 
 def signed64(value: int) -> int:
-    """A u64 field (or 64-bit register) read as the kernel's signed 64-bit ``loff_t``/``long``.
+    """Read a u64 field (or 64-bit register) as the kernel's signed 64-bit ``loff_t``/``long``.
 
     It lives here, with the ABI, because both sides use it: ``kvmgmem.api`` to pass values as a C caller
     would, and the sim's kernel model (``backends/sim/core``, which imports nothing above this layer) to read
@@ -396,7 +396,7 @@ class kvm_cpuid2(Structure):
 
 
 def cpuid2_type(nent: int) -> type[Structure]:
-    """A ``struct kvm_cpuid2`` with room for ``nent`` entries (the kernel struct ends in a flexible array)."""
+    """Build the type of a ``struct kvm_cpuid2`` with room for ``nent`` entries (it ends in a flexible array)."""
 
     class kvm_cpuid2_n(Structure):
         _fields_ = [("nent", c_uint32), ("padding", c_uint32), ("entries", kvm_cpuid_entry2 * nent)]
