@@ -11,9 +11,9 @@ import inspect
 
 import pytest
 
-from kvmgmem import api
+from kvmgmem import api, api_x86
 
-CLASSES = [api.System, api.Vm, api.Vcpu, api.GuestMemfd]
+CLASSES = [api.System, api.Vm, api.Vcpu, api.GuestMemfd, api_x86.VmX86Setup, api_x86.VcpuX86State]
 
 
 def _public_methods() -> list[tuple[str, object]]:
@@ -37,7 +37,7 @@ def test_public_method_has_docstring(name: str, member: object) -> None:
 def test_api_examples_run() -> None:
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    tests = [t for t in finder.find(api) if t.examples]
+    tests = [t for module in (api, api_x86) for t in finder.find(module) if t.examples]
     for test in tests:
         runner.run(test)
     results = runner.summarize(verbose=False)

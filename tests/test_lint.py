@@ -31,6 +31,8 @@ def test_ruff_clean() -> None:
 PUBLIC_MODULES = [
     "src/kvmgmem/__init__.py",
     "src/kvmgmem/api.py",
+    "src/kvmgmem/api_args.py",
+    "src/kvmgmem/api_x86.py",
     "src/kvmgmem/backends/__init__.py",
     "src/kvmgmem/caps.py",
     "src/kvmgmem/errors.py",

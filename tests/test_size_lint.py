@@ -32,10 +32,6 @@ ALLOWED: dict[str, str] = {
     # 384 lines: the assembler's mnemonic methods (one short method per instruction form, a table in code)
     # plus layout and encoding.
     "guest/asm.py::Asm": "the guest assembler",
-    # 326 lines each: one public method per ioctl, each with its docstring and doctest (issue 13 added the
-    # x86 set-up ioctls). Split by area (memslots/attributes vs. VM set-up; x86 state vs. run) as mixins.
-    "api.py::Vm": "the public VM object",
-    "api.py::Vcpu": "the public vCPU object",
 }
 
 
