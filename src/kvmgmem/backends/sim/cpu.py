@@ -1022,15 +1022,9 @@ class SimCpu:
             host_page, host_writable = page
             with self._lock:
                 if self._req == self._ack:
-                    hit = self._window(host_page, writable and host_writable)
-                    if hit is not None:
-                        e = TlbEntry.from_address(entry)
-                        e.paddr, e.perms = hit
-                        self._in_guest = True
-                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
-                            self._uc.emu_stop()
+                    outcome = self._install_locked(entry, host_page, writable and host_writable)
+                    if outcome is None:
                         return True
-                    outcome = _emulation_failure(host_page)
                 else:
                     outcome = Retry()
         elif isinstance(page, VmExitSignal):
@@ -1066,17 +1060,27 @@ class SimCpu:
                 if self._req != self._ack:
                     outcome = Retry()
                 else:
-                    hit = self._window(host_page, writable and host_writable)
-                    if hit is not None:
-                        e = TlbEntry.from_address(entry)
-                        e.paddr, e.perms = hit
-                        self._in_guest = True
-                        if self._kick:  # a kick that found us outside guest mode did not stop the engine
-                            self._uc.emu_stop()
+                    outcome = self._install_locked(entry, host_page, writable and host_writable)
+                    if outcome is None:
                         return True
-                    outcome = _emulation_failure(host_page)
         self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
         return False
+
+    def _install_locked(self, entry: int, host_page: int, writable: bool) -> object | None:
+        """Point unicorn's TLB ``entry`` at ``host_page`` (caller holds ``_lock``, no request pending).
+
+        Returns None once installed — the vCPU is back in guest mode — or the emulation-failure outcome when
+        the page lies in no store the engine has mapped (never expected: the resolver returns store pages).
+        """
+        hit = self._window(host_page, writable)
+        if hit is None:
+            return _emulation_failure(host_page)
+        e = TlbEntry.from_address(entry)
+        e.paddr, e.perms = hit
+        self._in_guest = True
+        if self._kick:  # a kick that found us outside guest mode did not stop the engine
+            self._uc.emu_stop()
+        return None
 
     def _window(self, host_page: int, writable: bool) -> tuple[int, int] | None:
         """(window address, perms) of a data page for the TLB entry; None if no store holds it. Caller holds
