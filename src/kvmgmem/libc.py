@@ -1,5 +1,7 @@
 """The C library calls kvmgmem makes about memory, typed once: ``mmap``, ``munmap``, ``mremap``, ``mincore``.
 
+Also ``mprotect``, and ``process_vm_readv``/``process_vm_writev`` (``kvmgmem run``'s fault-safe user copies).
+
 Why ctypes and not ``mmap.mmap`` alone: the project needs what Python's module does not offer — ``MAP_FIXED``
 placement over a reserved range (a guest_memfd mapping is assembled page range by page range), ``mremap``
 onto an owned object, ``PROT_NONE`` reservations to steer placement, raw unmaps of ranges no Python object
@@ -29,6 +31,29 @@ mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_i
 mincore = _libc.mincore
 mincore.restype = ctypes.c_int
 mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+mprotect = _libc.mprotect
+mprotect.restype = ctypes.c_int
+mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class iovec(ctypes.Structure):
+    """``struct iovec``: one buffer of a vectored transfer."""
+
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+process_vm_readv = _libc.process_vm_readv
+process_vm_writev = _libc.process_vm_writev
+for _vm_copy in (process_vm_readv, process_vm_writev):
+    _vm_copy.restype = ctypes.c_ssize_t
+    _vm_copy.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(iovec),
+        ctypes.c_ulong,
+        ctypes.POINTER(iovec),
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    ]
 
 MAP_FAILED = ctypes.c_void_p(-1).value
 MAP_FIXED = 0x10

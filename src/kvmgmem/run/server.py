@@ -25,7 +25,17 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmgmem.errors import KvmError
-from kvmgmem.libc import MADV_COLLAPSE, MAP_FIXED, MREMAP_FIXED, MREMAP_MAYMOVE, c_mmap, failed, mremap
+from kvmgmem.libc import (
+    MADV_COLLAPSE,
+    MADV_REMOVE,
+    MAP_FIXED,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    c_mmap,
+    failed,
+    mprotect,
+    mremap,
+)
 from kvmgmem.libc import munmap as _munmap
 
 from . import abi, ioctls, kicks, sysfs
@@ -40,18 +50,12 @@ if TYPE_CHECKING:
 NOT_MINE = -2
 MADV_DONTNEED = 4
 MADV_FREE = 8
-MADV_REMOVE = 9
 MADV_DONTNEED_LOCKED = 24
 #: Advice that drops the pages of a range (the mmu notifier runs for them, ``zap_page_range_single``).
 DISCARDING_ADVICE = frozenset({MADV_DONTNEED, MADV_FREE, MADV_REMOVE, MADV_DONTNEED_LOCKED})
 MAP_SHARED_VALIDATE = 0x03
 MAP_FIXED_NOREPLACE = 0x100000
 MAP_TYPE = 0x0F
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_mprotect = _libc.mprotect
-_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_mprotect.restype = ctypes.c_int
 
 
 def _fioclex(fd: int, arg: int) -> int:
@@ -276,7 +280,7 @@ class Server:
                 if failed(moved):
                     raise KvmError(ctypes.get_errno(), "mmap", f"MAP_FIXED at {addr:#x}")
                 address = addr
-            if prot != _mmap.PROT_READ | _mmap.PROT_WRITE and _mprotect(address, owner.size, prot):
+            if prot != _mmap.PROT_READ | _mmap.PROT_WRITE and mprotect(address, owner.size, prot):
                 raise KvmError(ctypes.get_errno(), "mmap", "mprotect")
         except BaseException:
             owner.close()

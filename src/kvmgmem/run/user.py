@@ -14,37 +14,9 @@ import os
 from typing import TypeVar
 
 from kvmgmem.errors import KvmError
+from kvmgmem.libc import iovec, process_vm_readv, process_vm_writev
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_readv = _libc.process_vm_readv
-_writev = _libc.process_vm_writev
-for _f in (_readv, _writev):
-    _f.restype = ctypes.c_ssize_t
-    _f.argtypes = [
-        ctypes.c_int,
-        ctypes.POINTER(_iovec),
-        ctypes.c_ulong,
-        ctypes.POINTER(_iovec),
-        ctypes.c_ulong,
-        ctypes.c_ulong,
-    ]
-
-_PID = os.getpid()
 T = TypeVar("T", bound=ctypes.Structure | ctypes.Array)
-
-
-def _pid() -> int:
-    global _PID
-    pid = os.getpid()
-    if pid != _PID:  # after fork()
-        _PID = pid
-    return _PID
 
 
 def _copy(func: ctypes._CFuncPtr, local: int, remote: int, length: int, op: str) -> None:  # type: ignore[name-defined]
@@ -52,9 +24,9 @@ def _copy(func: ctypes._CFuncPtr, local: int, remote: int, length: int, op: str)
         return
     if remote == 0:
         raise KvmError(errno.EFAULT, op, "NULL pointer")
-    here = _iovec(local, length)
-    there = _iovec(remote, length)
-    done = func(_pid(), ctypes.byref(here), 1, ctypes.byref(there), 1, 0)
+    here = iovec(local, length)
+    there = iovec(remote, length)
+    done = func(os.getpid(), ctypes.byref(here), 1, ctypes.byref(there), 1, 0)  # our own pid, also after fork
     if done != length:
         raise KvmError(errno.EFAULT, op, f"cannot access {length} bytes at {remote:#x}")
 
@@ -62,14 +34,14 @@ def _copy(func: ctypes._CFuncPtr, local: int, remote: int, length: int, op: str)
 def read_bytes(address: int, length: int, op: str) -> bytes:
     """``length`` bytes of the program's memory at ``address`` (EFAULT where the kernel would fail)."""
     buf = ctypes.create_string_buffer(length)
-    _copy(_readv, ctypes.addressof(buf), address, length, op)
+    _copy(process_vm_readv, ctypes.addressof(buf), address, length, op)
     return buf.raw
 
 
 def copy_from_user(ctype: type[T], address: int, op: str) -> T:
     """A copy of the ``ctype`` struct the program has at ``address`` (EFAULT for a bad pointer)."""
     value = ctype()
-    _copy(_readv, ctypes.addressof(value), address, ctypes.sizeof(value), op)
+    _copy(process_vm_readv, ctypes.addressof(value), address, ctypes.sizeof(value), op)
     return value
 
 
@@ -77,9 +49,9 @@ def copy_to_user(address: int, value: ctypes.Structure | ctypes.Array | bytes, o
     """Write ``value`` (a ctypes object or bytes) to the program's memory at ``address`` (EFAULT if unwritable)."""
     if isinstance(value, bytes):
         buf = ctypes.create_string_buffer(value, len(value))
-        _copy(_writev, ctypes.addressof(buf), address, len(value), op)
+        _copy(process_vm_writev, ctypes.addressof(buf), address, len(value), op)
     else:
-        _copy(_writev, ctypes.addressof(value), address, ctypes.sizeof(value), op)
+        _copy(process_vm_writev, ctypes.addressof(value), address, ctypes.sizeof(value), op)
 
 
 def write_field(address: int, value: int, size: int, op: str) -> None:
