@@ -32,6 +32,7 @@ DEFAULT_VM_CHECKS = [
     "ok vCPU fd still works after its VM fd closed",
     "ok successful open leaves errno alone",
     "ok successful close leaves errno alone",
+    "ok SIGINT disposition unchanged",
 ]
 GMEM_MMAP_CHECKS = ["ok punched page reads zero", "ok guest reads guest_memfd through a dup-bound slot"]
 

@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -359,6 +360,11 @@ static int kg_start_locked(void)
     kg_interp = PyInterpreterState_Get();
     kg_tstate = PyThreadState_Get();
     kg_thread_kind = 1;
+    /* CPython 3.11's signal module installs its SIGINT handler when it is first imported, whatever
+     * install_signal_handlers says (signal_get_set_handlers, where SIGINT is SIG_DFL): import it now, while
+     * kg_start() can still put the program's own disposition back (a later import does not run it again). */
+    Py_XDECREF(PyImport_ImportModule("signal"));
+    PyErr_Clear();
 
     const char *name = getenv("KVMGMEM_RUN_SERVER");
     if (!name || !*name)
@@ -404,9 +410,12 @@ int kg_start(void)
     pthread_mutex_lock(&kg_start_lock);
     int state = __atomic_load_n(&kg_state, __ATOMIC_ACQUIRE);
     if (state == KG_NOT_STARTED) {
+        struct sigaction sigint; /* the program's Ctrl-C stays the program's (see kg_start_locked) */
+        sigaction(SIGINT, NULL, &sigint);
         kg_in_python = 1;
         state = kg_start_locked();
         kg_in_python = 0;
+        sigaction(SIGINT, &sigint, NULL);
         __atomic_store_n(&kg_state, state, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&kg_start_lock);

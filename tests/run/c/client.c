@@ -16,6 +16,7 @@
 #include <linux/falloc.h>
 #include <linux/kvm.h>
 #include <stdint.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -425,10 +426,15 @@ static void part_misuse(void)
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    struct sigaction sigint_before, sigint_after; /* starting the sim must not take over the program's Ctrl-C */
+    sigaction(SIGINT, NULL, &sigint_before);
     errno = ERANGE; /* a call that succeeds leaves errno alone, also the first open (which starts the sim) */
     kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     CHECK("open /dev/kvm", kvm >= 0, "-");
     CHECK("successful open leaves errno alone", errno == ERANGE, "errno %d", errno);
+    sigaction(SIGINT, NULL, &sigint_after);
+    CHECK("SIGINT disposition unchanged", sigint_after.sa_handler == sigint_before.sa_handler, "%p, was %p",
+          (void *)sigint_after.sa_handler, (void *)sigint_before.sa_handler);
     CHECK("KVM_GET_API_VERSION", ioctl(kvm, KVM_GET_API_VERSION, 0) == KVM_API_VERSION, "-");
     CHECK("KVM_CAP_USER_MEMORY2", ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_USER_MEMORY2) > 0, "-");
     CHECK("KVM_CAP_GUEST_MEMFD", ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_GUEST_MEMFD) > 0, "-");
