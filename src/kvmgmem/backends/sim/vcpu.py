@@ -1,4 +1,4 @@
-"""``Vcpu`` on the sim: the API object over one ``SimCpu`` (a unicorn engine, ``cpu.py``).
+"""``Vcpu`` on the sim: the API object over one ``SimCpu`` (a unicorn engine, ``cpu/``).
 
 Why a separate object: ``SimCpu`` is the execution engine with KVM's run semantics; this class is the
 kernel-object side — an fd, a VM reference (a vCPU pins its VM as a vCPU fd does), the architectural RESET

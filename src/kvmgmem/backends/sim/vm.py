@@ -310,7 +310,7 @@ class SimVm(Vm):
     def handle_fault(
         self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None
     ) -> FaultResult:
-        """The CPU's fault entry point (``cpu_types.GpaResolver``; contract in ``core/mmu.py``): the model's
+        """The CPU's fault entry point (``cpu.types.GpaResolver``; contract in ``core/mmu.py``): the model's
         result, as it made it (``fault.py``). ``private`` None derives the access type from the attribute;
         True/False is what the vCPU's private access bit reported (a mismatch is a memory-fault exit)."""
         return self.core.mmu.fault(gpa, write, fetch, private)
