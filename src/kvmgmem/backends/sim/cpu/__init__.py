@@ -83,15 +83,16 @@ Mechanism
 * **VMCALL/VMMCALL** reach the invalid-instruction hook and are handled as ``kvm_emulate_hypercall`` does
 (KVM_HC_MAP_GPA_RANGE); other #UD, #GP,
   INT n... are delivered through the IDT; a fault while delivering #DF is a triple fault → ``ShutdownExit``.
-* **Requests and acks** (KVM's ``kvm_make_all_cpus_request``). A vCPU is *in guest mode* while unicorn executes
-  guest code, and leaves it whenever it is in Python (fault hook, exit handling). Requests (flush, store
-  changes) bump ``req`` (``requests``); the requester stops a vCPU in guest mode with ``emu_stop`` (repeated until it
-  took, since a stop racing with ``emu_start``'s setup is lost) and waits for ``ack`` from every vCPU that is
-  inside ``run()`` on another thread — except one inside ``handle_fault``, which may be blocked on a lock the
-  requester holds (KVM likewise only waits for vCPUs in guest mode). Such a vCPU cannot use a stale
-  translation: every TLB install and every Python-side dereference of guest memory happens under the
-  request lock and only while ``req == ack``; otherwise the access is retried from the vCPU's safe point,
-  where requests are serviced.
+* **Requests and acks** (KVM's ``kvm_make_all_cpus_request``). A vCPU is *in guest mode* while unicorn
+  executes guest code, and leaves it whenever it is in Python (fault hook, exit handling); ``requests.Mode``
+  names the states as KVM's ``vcpu->mode`` does (a stopped vCPU is EXITING_GUEST_MODE until it is back in
+  Python). Requests (flush, store changes) bump ``req`` (``requests``); the requester stops a vCPU in guest
+  mode with ``emu_stop`` (repeated until it took, since a stop racing with ``emu_start``'s setup is lost) and
+  waits for ``ack`` from every vCPU that is inside ``run()`` on another thread — except one inside
+  ``handle_fault``, which may be blocked on a lock the requester holds (KVM likewise only waits for vCPUs in
+  guest mode). Such a vCPU cannot use a stale translation: every TLB install and every Python-side
+  dereference of guest memory happens under the request lock and only while ``req == ack``; otherwise the
+  access is retried from the vCPU's safe point, where requests are serviced.
 * **Flush scaling.** Cached translations are indexed by 2 MiB region of gfns, so a ranged flush costs
   O(pages cached in the range), and ``CpuSet.flush`` can ask each vCPU (under its request lock) whether it
   cached anything in the range at all. Pending ranges of a vCPU that is not running merge, and past

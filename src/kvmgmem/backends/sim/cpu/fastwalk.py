@@ -49,8 +49,9 @@ def fast_walk_py(
 
     ``q``: the CPU state just saved (``PagingView.load``); ``tables``: table gpa -> that cached page as u64s;
     ``mask``: the frame bits of an entry; ``c_bit``: the private access bit or 0. The caller holds the vCPU's
-    ``_cond`` with no request pending, so cached table pages are live store memory. The four levels are
-    unrolled and entries read through memoryviews: a loop with ctypes indexing took twice as long."""
+    request lock (``requests.VcpuRequests.lock``) with no request pending, so cached table pages are live store
+    memory. The four levels are unrolled and entries read through memoryviews: a loop with ctypes indexing took
+    twice as long."""
     pv = PagingView
     cr0 = q[pv.CR0]
     if not cr0 & CR0_PG:
