@@ -47,6 +47,7 @@ from .steps import (
     Steps,
     run_steps,
 )
+from .x86_vm import X86Vm
 
 MAX_LFS_FILESIZE = (1 << 63) - 1
 _FALLOC_MODE_MASK = (
@@ -140,6 +141,7 @@ class VmCore:
         #: Ids of every vCPU the VM ever created (kvm->created_vcpus and the vCPU array): closing a vCPU fd frees
         #: neither, the vCPU lives until the VM is destroyed.
         self.vcpu_ids: set[int] = set()
+        self.arch = X86Vm()  # kvm->arch: irqchip mode, shadow-MMU page budget (core/x86_vm.py)
         self.destroyed = False
         self.destroy_listeners: list[Callable[[], None]] = []
         self.gmem_release_listeners: list[Callable[[GmemInode], None]] = []
