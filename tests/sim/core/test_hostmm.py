@@ -1,7 +1,8 @@
 """The host mm's operations in the core (``core/hostmm.py``) on plain objects: no fd, no mapping, no unicorn.
 
 inject_poison's offset (then ``kvm_gmem_error_folio``), madvise(MADV_REMOVE) (``do_madvise``, ``madvise_remove``),
-pages the host faulted in (``kvm_gmem_fault_user_mapping``), and munmap under a memslot (the mmu notifier).
+which files the host may touch and the pages it faulted in (``kvm_gmem_fault_user_mapping``), and munmap under a
+memslot (the mmu notifier).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def failure(fn: Callable[[], object], op: str) -> int:
 
 def states(file: GmemFile) -> list[int]:
     return [file.inode.state(i) for i in range(file.inode.npages)]
+
+
+def test_only_an_init_shared_file_is_touchable_by_the_host(vm: VmCore, file: GmemFile) -> None:
+    shared = vm.create_guest_memfd(P, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED, NullBacking)
+    assert hostmm.host_may_touch(shared) and not hostmm.host_may_touch(file)
+    shared.put()
 
 
 def test_memory_failure_offset(file: GmemFile) -> None:

@@ -1,9 +1,10 @@
-"""The vCPU's kernel rules in the core (``core/vcpu.py``, ``core/x86_vm.py``) on plain objects: no fd, no unicorn.
+"""The vCPU's kernel rules in the core (``core/vcpu.py``, ``core/cpuid.py``, ``core/x86_vm.py``) on plain objects:
+no fd, no unicorn.
 
-KVM_SET_CPUID2/KVM_GET_CPUID2 (``kvm_vcpu_ioctl_set_cpuid2``, ``kvm_set_cpuid``, ``kvm_check_cpuid``,
-``kvm_cpuid_check_equal``, ``kvm_vcpu_ioctl_get_cpuid2``), the mp_state rules (``kvm_arch_vcpu_create``,
-``kvm_arch_vcpu_ioctl_set_mpstate``, ``kvm_apic_accept_events``, ``__kvm_emulate_halt``), KVM_RUN's entry and the
-RESET real-mode fetch, KVM_CREATE_IRQCHIP and KVM_SET_NR_MMU_PAGES (``kvm_arch_vm_ioctl``,
+KVM_GET_SUPPORTED_CPUID, KVM_SET_CPUID2/KVM_GET_CPUID2 (``kvm_vcpu_ioctl_set_cpuid2``, ``kvm_set_cpuid``,
+``kvm_check_cpuid``, ``kvm_cpuid_check_equal``, ``kvm_vcpu_ioctl_get_cpuid2``), the mp_state rules
+(``kvm_arch_vcpu_create``, ``kvm_arch_vcpu_ioctl_set_mpstate``, ``kvm_apic_accept_events``, ``__kvm_emulate_halt``),
+KVM_RUN's entry and the RESET real-mode fetch, KVM_CREATE_IRQCHIP and KVM_SET_NR_MMU_PAGES (``kvm_arch_vm_ioctl``,
 ``kvm_vm_ioctl_set_nr_mmu_pages``). The conformance suite checks the same errnos end to end on both backends.
 """
 
@@ -15,7 +16,9 @@ from collections.abc import Callable
 import pytest
 
 from kvmgmem import uapi
-from kvmgmem.backends.sim.core.vcpu import VcpuCore, check_cpuid, cpuid_equal
+from kvmgmem.backends.sim.core import PROFILES, get_profile
+from kvmgmem.backends.sim.core.cpuid import check_cpuid, cpuid_equal, supported_cpuid
+from kvmgmem.backends.sim.core.vcpu import VcpuCore
 from kvmgmem.backends.sim.core.x86_vm import X86Vm
 from kvmgmem.backends.sim.fault import Mapped, MemoryFault, Mmio, Retry
 from kvmgmem.errors import KvmError
@@ -97,6 +100,16 @@ def test_cpuid_table_rules() -> None:
     assert cpuid_equal(a, [entry(0), entry(7, index=1)])
     assert not cpuid_equal(a, [entry(7, index=1), entry(0)])
     assert not cpuid_equal(a, [entry(0), entry(7, index=0)])
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_the_supported_table_is_one_set_cpuid2_takes(profile: str) -> None:
+    supported = supported_cpuid(get_profile(profile))
+    assert check_cpuid(supported) is None and len(supported) <= uapi.KVM_MAX_CPUID_ENTRIES
+    leaf = next(e for e in supported if e.function == 0x80000008)
+    assert leaf.eax & 0xFF == min(get_profile(profile).max_gpa_bits, 48)
+    vcpu = VcpuCore(0, lapic=False)
+    assert vcpu.set_cpuid2(table(supported), no_current) is not None
 
 
 def test_get_cpuid2_e2big_for_a_buffer_smaller_than_the_table() -> None:

@@ -41,7 +41,7 @@ class SimMapper:
     def __init__(self, file: GmemFile, storage: GmemStorage) -> None:
         self.file = file
         self.storage = storage
-        self.accessible = file.inode.init_shared
+        self.accessible = hostmm.host_may_touch(file)
         self.finalizer: Callable[[], object] | None = None
 
     def madvise(self, mapping: GmemMapping, option: int, start: int, length: int) -> bool:
@@ -80,7 +80,7 @@ def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool) ->
     if storage.fd < 0:
         raise KvmError(errno.ENOMEM, "mmap", "guest_memfd storage could not be created")
     with contextlib.ExitStack() as stack:
-        source = storage.fd if file.inode.init_shared else stack.enter_context(empty_fd())
+        source = storage.fd if hostmm.host_may_touch(file) else stack.enter_context(empty_fd())
         mapping = _map(file, storage, source, fd, length, offset, shared)
     return mapping
 

@@ -20,6 +20,7 @@ from kvmgmem.exits import Exit, HltExit, MemoryFaultExit
 
 from . import fdtable
 from .core.prefault import pre_fault_memory
+from .core.vcpu import reset_regs, reset_sregs
 from .core.vm import VmCore
 from .exit_info import EXIT_REASON_EPT_VIOLATION, emulation_failure, ept_violation_qualification
 from .fault import Mmio
@@ -32,29 +33,6 @@ if TYPE_CHECKING:
 def _close_vcpu(fd: int, core: VmCore) -> None:
     os.close(fd)
     core.put()
-
-
-def reset_regs() -> uapi.kvm_regs:
-    """Architectural RESET state of the GPRs (what KVM_GET_REGS shows on a fresh vCPU)."""
-    regs = uapi.kvm_regs()
-    regs.rip = 0xFFF0
-    regs.rflags = 0x2
-    return regs
-
-
-def reset_sregs() -> uapi.kvm_sregs:
-    """Architectural RESET state: real mode, CS base 0xffff0000 so the first fetch is at 0xfffffff0."""
-    s = uapi.kvm_sregs()
-    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-        seg = getattr(s, name)
-        seg.limit, seg.present, seg.s, seg.type = 0xFFFF, 1, 1, 0x3
-    s.cs.selector, s.cs.base, s.cs.type = 0xF000, 0xFFFF0000, 0xB
-    s.tr.limit, s.tr.present, s.tr.type = 0xFFFF, 1, 0xB
-    s.ldt.limit, s.ldt.present, s.ldt.type = 0xFFFF, 1, 0x2
-    s.gdt.limit = s.idt.limit = 0xFFFF
-    s.cr0 = 0x60000010
-    s.apic_base = 0xFEE00900
-    return s
 
 
 class SimVcpu(Vcpu):

@@ -19,6 +19,16 @@ from .steps import Steps, run_steps
 from .vm import VmCore
 
 
+def host_may_touch(file: GmemFile) -> bool:
+    """Whether the host's accesses through a mapping of ``file`` reach its pages (``kvm_gmem_fault_user_mapping``).
+
+    Only a file created with GUEST_MEMFD_FLAG_INIT_SHARED: every page of any other is private memory, and a host
+    fault on it is SIGBUS. (Past EOF and on a hwpoisoned page it is SIGBUS too; the adapter's storage does that
+    page by page.)
+    """
+    return file.inode.init_shared
+
+
 def memory_failure(file: GmemFile, offset: int) -> None:
     """The sim-only ``inject_poison`` at byte ``offset`` of the file (the u64 a caller passes, read as a loff_t):
     negative is EINVAL; else ``kvm_gmem_error_folio`` on the page holding it (``VmCore.gmem_poison``: EINVAL past

@@ -17,6 +17,7 @@ from kvmgmem import uapi
 from kvmgmem.errors import KvmError
 
 from ..fault import FaultResult, MemoryFault, Mmio, Retry
+from .cpuid import check_cpuid, cpuid_equal
 
 #: mp_states only a vCPU with an in-kernel local APIC may be put in (``kvm_arch_vcpu_ioctl_set_mpstate``).
 NEEDS_LAPIC = (
@@ -26,26 +27,31 @@ NEEDS_LAPIC = (
     uapi.KVM_MP_STATE_INIT_RECEIVED,
     uapi.KVM_MP_STATE_SIPI_RECEIVED,
 )
-_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 _X86_CR0_PE = 1
 
 
-def check_cpuid(entries: Sequence[uapi.kvm_cpuid_entry2]) -> str | None:
-    """Why ``kvm_check_cpuid`` refuses the table (EINVAL), or None: the linear-address width in leaf 0x80000008
-    (its first entry, any index, as ``kvm_find_cpuid_entry``) must be 48, 57 or 0."""
-    leaf = next((e for e in entries if e.function == 0x80000008), None)
-    if leaf is not None:
-        vaddr_bits = (leaf.eax >> 8) & 0xFF
-        if vaddr_bits not in (0, 48, 57):
-            return f"CPUID 0x80000008 gives {vaddr_bits} linear-address bits (48, 57 or 0)"
-    return None
+def reset_regs() -> uapi.kvm_regs:
+    """The GPRs after RESET (``kvm_vcpu_reset``): what KVM_GET_REGS shows on a fresh vCPU."""
+    regs = uapi.kvm_regs()
+    regs.rip = 0xFFF0
+    regs.rflags = 0x2
+    return regs
 
 
-def cpuid_equal(a: Sequence[uapi.kvm_cpuid_entry2], b: Sequence[uapi.kvm_cpuid_entry2]) -> bool:
-    """``kvm_cpuid_check_equal``: the same entries in the same order (function, index, flags, registers)."""
-    if len(a) != len(b):
-        return False
-    return all(all(getattr(x, f) == getattr(y, f) for f in _CPUID_FIELDS) for x, y in zip(a, b, strict=True))
+def reset_sregs() -> uapi.kvm_sregs:
+    """The segments and control registers after RESET (``kvm_vcpu_reset``, ``vmx_vcpu_reset``): real mode, CS base
+    0xffff0000 so the first fetch is at 0xfffffff0."""
+    s = uapi.kvm_sregs()
+    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+        seg = getattr(s, name)
+        seg.limit, seg.present, seg.s, seg.type = 0xFFFF, 1, 1, 0x3
+    s.cs.selector, s.cs.base, s.cs.type = 0xF000, 0xFFFF0000, 0xB
+    s.tr.limit, s.tr.present, s.tr.type = 0xFFFF, 1, 0xB
+    s.ldt.limit, s.ldt.present, s.ldt.type = 0xFFFF, 1, 0x2
+    s.gdt.limit = s.idt.limit = 0xFFFF
+    s.cr0 = 0x60000010
+    s.apic_base = 0xFEE00900
+    return s
 
 
 class VcpuCore:
