@@ -5,9 +5,9 @@ Modules, one job each: ``rangemap`` (runs of per-index values), ``profile`` (ker
 ``memslots`` (memslot tables and REGION checks), ``mmu`` (SPTEs, faults, invalidation; the CPU contract),
 ``vm`` (the ioctl-level operations in the kernel's order), ``x86_vm`` (``kvm->arch``: irqchip, MMU pages),
 ``vcpu`` (one vCPU's RESET state, CPUID, mp_state and KVM_RUN rules), ``cpuid`` (the supported table and
-KVM_SET_CPUID2's checks), ``hostmm`` (madvise, munmap and memory failure from the
-host's side). A fault's result types live one level up, in ``backends/sim/fault.py``, because the CPU layer
-(which may not import the core) consumes them too.
+KVM_SET_CPUID2's checks), ``hostmm`` (madvise, munmap and memory failure from the host's side). A fault's result
+types live one level up, in ``backends/sim/fault.py``, because the CPU layer (which may not import the core)
+consumes them too.
 """
 
 from __future__ import annotations
