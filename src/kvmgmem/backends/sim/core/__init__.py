@@ -6,7 +6,9 @@ Modules, one job each: ``rangemap`` (runs of per-index values), ``profile`` (ker
 SPTEs), ``fault_path`` (the page fault), ``mmu`` (mmu_lock, the invalidation protocol; the CPU contract),
 ``memslot_ops``, ``attribute_ops``, ``gmem_ops`` and ``mmu_notifier`` (the ioctl-level and file operations as
 kernel steps, in the kernel's order), ``vm`` (struct kvm: the state and the facade over those), ``introspect``
-(a snapshot for tests and tools). A fault's result types live one level up, in
+(a snapshot for tests and tools), ``x86_vm`` (``kvm->arch``: irqchip, MMU pages), ``vcpu`` (one vCPU's RESET state,
+CPUID, mp_state and KVM_RUN rules), ``cpuid`` (the supported table and KVM_SET_CPUID2's checks), ``hostmm``
+(madvise, munmap and memory failure from the host's side). A fault's result types live one level up, in
 ``backends/sim/fault.py``, because the CPU layer (which may not import the core) consumes them too.
 """
 

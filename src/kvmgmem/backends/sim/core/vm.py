@@ -43,6 +43,7 @@ from .mmu_notifier import MmuNotifier
 from .profile import Profile
 from .quirks import disable_quirks
 from .steps import RANK_SLOTS_LOCK, KLock, Step, Steps, run_steps
+from .x86_vm import X86Vm
 
 _vm_numbers = itertools.count(1)
 
@@ -89,6 +90,7 @@ class VmCore:
         #: Ids of every vCPU the VM ever created (kvm->created_vcpus and the vCPU array): closing a vCPU fd frees
         #: neither, the vCPU lives until the VM is destroyed.
         self.vcpu_ids: set[int] = set()
+        self.arch = X86Vm()  # kvm->arch: irqchip mode, shadow-MMU page budget (core/x86_vm.py)
         self.destroyed = False
         self.destroy_listeners: list[Callable[[], None]] = []
         self.gmem_release_listeners: list[Callable[[GmemInode], None]] = []
