@@ -29,9 +29,6 @@ ALLOWED: dict[str, str] = {
     # 420 lines: SPTE map, the fault path (F1..F13) and the invalidation protocol; the fault path could move
     # to a module of its own.
     "backends/sim/core/mmu.py::Mmu": "the kernel model's MMU",
-    # 384 lines: the assembler's mnemonic methods (one short method per instruction form, a table in code)
-    # plus layout and encoding.
-    "guest/asm.py::Asm": "the guest assembler",
 }
 
 
