@@ -9,6 +9,11 @@
  * prints one JSON line: {"exits": N, "seconds": S, "exits_per_second": R, "cpu_seconds": C}
  *   (C is this thread's CPU time over the loop, guest time included: unlike S it leaves out time the thread
  *   spent waiting for a CPU while other jobs ran)
+ *
+ * Built with -shared -DEXITLOOP_LIBRARY instead, it is a library with the same timed loop as
+ * exitloop_timed(vcpu_fd, kvm_run, n, &seconds, &cpu_seconds), for a loop inside the Python process on
+ * kvmgmem's own vCPU (KVM_RUN only works from the process that created the VM): the same kernel round trip
+ * as vcpu.run() with no Python in it, so the difference is what the Python side adds.
  */
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -21,6 +26,33 @@
 #include <time.h>
 #include <unistd.h>
 
+static double elapsed(const struct timespec *a, const struct timespec *b)
+{
+    return (b->tv_sec - a->tv_sec) + (b->tv_nsec - a->tv_nsec) / 1e9;
+}
+
+/* n_exits KVM_RUNs, each expected to end in KVM_EXIT_IO. Returns -1 after a failed KVM_RUN (errno set), the
+ * number of exits done before an unexpected exit reason, or n_exits; times the loop (wall and thread CPU). */
+long exitloop_timed(int vcpu, struct kvm_run *run, long n_exits, double *seconds, double *cpu_seconds)
+{
+    struct timespec t0, t1, c0, c1;
+    long i;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (i = 0; i < n_exits; i++) {
+        if (ioctl(vcpu, KVM_RUN, 0) < 0)
+            return -1;
+        if (run->exit_reason != KVM_EXIT_IO)
+            break;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    *seconds = elapsed(&t0, &t1);
+    *cpu_seconds = elapsed(&c0, &c1);
+    return i;
+}
+
+#ifndef EXITLOOP_LIBRARY
 static void die(const char *what) { perror(what); exit(1); }
 
 int main(int argc, char **argv)
@@ -65,21 +97,15 @@ int main(int argc, char **argv)
 
     /* one warm-up exit, then the timed loop */
     if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
-    struct timespec t0, t1, c0, c1;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < n_exits; i++) {
-        if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
-        if (run->exit_reason != KVM_EXIT_IO) {
-            fprintf(stderr, "unexpected exit %u after %ld exits\n", run->exit_reason, i);
-            return 1;
-        }
+    double seconds, cpu;
+    long done = exitloop_timed(vcpu, run, n_exits, &seconds, &cpu);
+    if (done < 0) die("KVM_RUN");
+    if (done < n_exits) {
+        fprintf(stderr, "unexpected exit %u after %ld exits\n", run->exit_reason, done);
+        return 1;
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-    double seconds = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
-    double cpu = (c1.tv_sec - c0.tv_sec) + (c1.tv_nsec - c0.tv_nsec) / 1e9;
     printf("{\"exits\": %ld, \"seconds\": %.6f, \"exits_per_second\": %.1f, \"cpu_seconds\": %.6f}\n", n_exits,
            seconds, n_exits / seconds, cpu);
     return 0;
 }
+#endif
