@@ -18,8 +18,9 @@ MAX_CLASS = 300
 MAX_FUNCTION = 80
 
 #: ``path::qualified name`` (path relative to src/kvmgmem) of what may still exceed, with its size when listed.
-ALLOWED: dict[str, str] = {
-}
+#: Empty since issue 12's splits (SimCpu → backends/sim/cpu/, VmCore and Mmu → core components, Asm → mixins);
+#: a new entry needs a reason here.
+ALLOWED: dict[str, str] = {}
 
 
 def _is_table(node: ast.expr) -> bool:
