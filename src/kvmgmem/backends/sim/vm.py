@@ -7,6 +7,7 @@ see ``core/mmu.py``), ``introspect()``, and ``sim`` (the ``VmCore``).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 import weakref
@@ -194,7 +195,8 @@ class SimVm(Vm):
 
     def _create_guest_memfd(self, args: uapi.kvm_create_guest_memfd) -> SimGuestMemfd:
         op = "KVM_CREATE_GUEST_MEMFD"
-        file = self.core.create_guest_memfd(args.size, args.flags, GmemStorage)
+        ahead = not args.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED  # no user mapping reaches it (storage.py)
+        file = self.core.create_guest_memfd(args.size, args.flags, functools.partial(GmemStorage, ahead=ahead))
         try:
             gmem = SimGuestMemfd(self, file)
         except OSError as e:

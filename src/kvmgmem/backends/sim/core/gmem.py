@@ -59,6 +59,11 @@ class Backing(Protocol):
     def poison(self, pgoff: int) -> None:
         """Page ``pgoff`` is hwpoisoned: host mappings must SIGBUS on it (the kernel zaps them)."""
 
+    def prepare(self, pgoff: int) -> None:
+        """The fault path just allocated page ``pgoff`` (``kvm_gmem_get_folio``, then ``kvm_gmem_prepare_folio``
+        zeroes it): its bytes are about to be used. A backing may make them resident now, and may make pages
+        around it resident too, as long as every page the model calls absent still reads zero."""
+
 
 class NullBacking:
     """A backing with no bytes (pure model tests): addresses are synthetic, nothing to discard."""
@@ -77,6 +82,9 @@ class NullBacking:
         self.released = True
 
     def poison(self, pgoff: int) -> None:
+        pass
+
+    def prepare(self, pgoff: int) -> None:
         pass
 
 
@@ -141,15 +149,17 @@ class GmemInode:
 
     def get_folio(self, pgoff: int) -> int:
         """``kvm_gmem_get_folio`` for one page: allocate it if absent (a huge-page file allocates its whole
-        folio, absent pages around a present one included) and return its state, PRESENT or HWPOISON. Order-0
-        files, the fault path's common case, take one range-map lookup."""
+        folio, absent pages around a present one included; the backing prepares the page) and return its
+        state, PRESENT or HWPOISON. Order-0 files, the fault path's common case, take one range-map lookup."""
         if self.hugepage:
-            self.materialise(pgoff, pgoff + 1)
+            if self.materialise(pgoff, pgoff + 1):
+                self.backing.prepare(pgoff)
             return self.pages.get(pgoff)
         state = self.pages.get(pgoff)
         if state == PAGE_ABSENT:  # what materialise does for one order-0 page
             self.pages.set(pgoff, pgoff + 1, PAGE_PRESENT)
             self.pages_allocated += 1
+            self.backing.prepare(pgoff)
             return PAGE_PRESENT
         return state
 
