@@ -96,6 +96,8 @@ class GmemInode:
         self.size = size
         self.npages = size >> uapi.PAGE_SHIFT
         self.flags = flags
+        #: The sim-only huge-page flag (fixed at creation; read on every fault, so not a property).
+        self.hugepage = bool(flags & SIM_GUEST_MEMFD_FLAG_HUGEPAGE)
         self.backing = backing
         self.pages: RangeMap[int] = RangeMap(PAGE_ABSENT)
         self.files: list[GmemFile] = []
@@ -114,10 +116,6 @@ class GmemInode:
     @property
     def init_shared(self) -> bool:
         return bool(self.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
-
-    @property
-    def hugepage(self) -> bool:
-        return bool(self.flags & SIM_GUEST_MEMFD_FLAG_HUGEPAGE)
 
     # --- page state ----------------------------------------------------------------------------------
 

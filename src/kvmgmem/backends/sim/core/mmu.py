@@ -82,6 +82,11 @@ if TYPE_CHECKING:
 
 ZapListener = Callable[[int, int], None]
 REGION_SHIFT = 9  # SPTE index buckets: 2 MiB of gfns
+_PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+_GUEST_MEMFD = uapi.KVM_MEM_GUEST_MEMFD
+_READONLY = uapi.KVM_MEM_READONLY
+_PAGE_SIZE = uapi.PAGE_SIZE
+_PAGE_SHIFT = uapi.PAGE_SHIFT
 _PAGES_2M = level_pages(PG_LEVEL_2M)
 _PAGES_1G = level_pages(PG_LEVEL_1G)
 
@@ -139,6 +144,7 @@ class Mmu:
         # of every SPTE (a sorted list of gfns did: zapping half of 262k SPTEs one delete at a time took 2 s).
         self._regions: dict[int, set[int]] = {}
         self._region_keys: list[int] = []
+        self._nr_huge = 0  # SPTEs above 4 KiB: while 0, a lookup needs one probe, not three
         self.seq = 0  # mmu_invalidate_seq
         self.in_progress = 0  # mmu_invalidate_in_progress
         self.range_start: int | None = None  # mmu_invalidate_range_start (None: INVALID_GPA)
@@ -163,6 +169,8 @@ class Mmu:
         s = sptes.get(gfn)
         if s is not None and s.level == PG_LEVEL_4K:
             return s
+        if not self._nr_huge:
+            return None
         s = sptes.get(gfn & ~(_PAGES_2M - 1))
         if s is not None and s.level == PG_LEVEL_2M:
             return s
@@ -210,6 +218,8 @@ class Mmu:
 
     def _add(self, s: Spte) -> None:
         self._sptes[s.gfn] = s
+        if s.level != PG_LEVEL_4K:
+            self._nr_huge += 1
         r = s.gfn >> REGION_SHIFT
         gfns = self._regions.get(r)
         if gfns is None:
@@ -220,6 +230,8 @@ class Mmu:
 
     def _remove(self, s: Spte) -> None:
         del self._sptes[s.gfn]
+        if s.level != PG_LEVEL_4K:
+            self._nr_huge -= 1
         r = s.gfn >> REGION_SHIFT
         gfns = self._regions[r]
         gfns.discard(s.gfn)
@@ -236,6 +248,8 @@ class Mmu:
             emptied = False
             for s in victims:
                 del sptes[s.gfn]
+                if s.level != PG_LEVEL_4K:
+                    self._nr_huge -= 1
                 gfns = regions[s.gfn >> REGION_SHIFT]
                 gfns.discard(s.gfn)
                 emptied = emptied or not gfns
@@ -379,7 +393,7 @@ class Mmu:
             yield self.step_entry
         # F1 (SW_PROTECTED: private from the current attribute), F3 fast_page_fault
         c.faults += 1
-        f1_private = vm.attributes.is_private(gfn)
+        f1_private = vm.attributes.get(gfn) & _PRIVATE != 0
         existing = self.lookup(gfn)
         # An SPTE exists only while the attribute still says what it was installed for (every attribute
         # change zaps first), so a reported access type matching it is spurious too.
@@ -389,6 +403,11 @@ class Mmu:
             and (existing.writable or not write)
         ):
             c.spurious += 1
+            if existing.level == PG_LEVEL_4K:  # what _mapped builds, for the common case
+                result = Mapped(existing.host_address, _PAGE_SIZE, existing.writable, gfn << _PAGE_SHIFT, 1,
+                                existing.gmem is not None, True)  # fmt: skip
+                self._result = result
+                return result
             return self._done(self._mapped(existing, spurious=True))
         is_private = f1_private if private is None else bool(private)
         # F2 kvm_vcpu_gfn_to_memslot, inside the vCPU's SRCU read section (counted for the checker's
@@ -416,14 +435,14 @@ class Mmu:
                 return self._done(self._exit(gfn, is_private, errno.EFAULT))
             if stepping:
                 yield self._step_pfn
-            # F8 __kvm_mmu_faultin_pfn: kvm_gmem_get_pfn or the hva
-            pfn: GmemInode | _Hva | FaultResult
+            # F8 __kvm_mmu_faultin_pfn: kvm_gmem_get_pfn (the folio and its host address) or the hva
+            pfn: tuple[GmemInode, int] | _Hva | FaultResult
             if is_private or (slot is not None and slot.gmem_only):
                 pfn = self._gmem(gfn, slot, is_private, write)
             else:
                 pfn = self._hva(gfn, slot, write)
-            if not isinstance(pfn, (GmemInode, _Hva)):
-                return self._done(pfn)
+            if type(pfn) is not tuple and pfn is not _HVA:
+                return self._done(pfn)  # type: ignore[arg-type]
             assert slot is not None
             if stepping:
                 yield self._step_map
@@ -431,15 +450,19 @@ class Mmu:
             if self.seq != mmu_seq or (self.in_progress and self.retry_gfn(mmu_seq, gfn)):
                 return self._done(self._retry("invalidation in progress"))
             # F12 kvm_tdp_mmu_map: the level is decided under the lock (lpage_info "mixed")
-            if isinstance(pfn, GmemInode):
-                spte = self._gmem_spte(gfn, slot, pfn, is_private)
+            if type(pfn) is tuple:
+                spte = self._gmem_spte(gfn, slot, pfn[0], pfn[1], is_private)
             else:
                 spte = self._hva_spte(gfn, slot, is_private)
             # Straight through, mmu_lock was held since F3, so its lookup still holds; stepping, it may not.
             self._install(spte, _UNKNOWN if stepping else existing)
             c.mapped += 1
-            if spte.level > PG_LEVEL_4K:
-                c.huge_mappings += 1
+            level = spte.level
+            if level == PG_LEVEL_4K:  # what _mapped builds, for the common case
+                result = Mapped(spte.host_address, _PAGE_SIZE, spte.writable, gfn << _PAGE_SHIFT, 1, type(pfn) is tuple)
+                self._result = result
+                return result
+            c.huge_mappings += 1
             return self._done(self._mapped(spte))
         finally:
             if stepping:
@@ -460,38 +483,40 @@ class Mmu:
         flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
         return MemoryFault(flags=flags, gpa=gfn << uapi.PAGE_SHIFT, size=uapi.PAGE_SIZE, errno=err)
 
-    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> GmemInode | FaultResult:
-        """F8 kvm_gmem_get_pfn: file, binding, folio (allocated and zeroed on first use), poison."""
+    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> tuple[GmemInode, int] | FaultResult:
+        """F8 kvm_gmem_get_pfn: file, binding, folio (allocated and zeroed on first use), poison. Returns the
+        folio's inode and the page's host address (the pfn)."""
         # 3a. no slot, or not a GUEST_MEMFD slot
-        if slot is None or not slot.can_be_private:
+        if slot is None or not slot.flags & _GUEST_MEMFD:
             return self._exit(gfn, private, errno.EFAULT)
         file = slot.gmem
         # 3b. kvm_gmem_get_pfn: get_file_active fails on a released file
         if file is None or file.released:
             return self._exit(gfn, private, errno.EFAULT)
-        index = slot.gmem_index(gfn)
+        index = slot.pgoff + gfn - slot.base_gfn
         if file.bindings.get(index) is not slot:
             return self._exit(gfn, private, errno.EIO)
         inode = file.inode
-        if inode.backing.address(index) is None:
+        address = inode.backing.address(index)
+        if address is None:
             return self._exit(gfn, private, errno.ENOMEM)
         if inode.get_folio(index) == PAGE_HWPOISON:
             return self._exit(gfn, private, uapi.EHWPOISON)
-        if write and slot.readonly:
+        if write and slot.flags & _READONLY:
             return self._exit(gfn, private, errno.EFAULT)
-        return inode
+        return inode, address
 
-    def _gmem_spte(self, gfn: int, slot: Memslot, inode: GmemInode, private: bool) -> Spte:
-        """The SPTE a guest_memfd fault maps (its level decided under mmu_lock)."""
-        if inode.hugepage:
-            level = self._gmem_level(gfn, slot, inode)
-            n = level_pages(level)
-            base_index = slot.gmem_index(gfn - gfn % n)
-        else:  # upstream: order-0 folios only (kvm_gmem_get_pfn reports max_order 0)
-            level, base_index, n = PG_LEVEL_4K, slot.gmem_index(gfn), 1
-        address = inode.backing.address(base_index)
-        assert address is not None
-        return Spte(gfn - gfn % n, level, slot, inode, base_index, address, not slot.readonly, private)
+    def _gmem_spte(self, gfn: int, slot: Memslot, inode: GmemInode, address: int, private: bool) -> Spte:
+        """The SPTE a guest_memfd fault maps (its level decided under mmu_lock); ``address``: page ``gfn``'s."""
+        writable = not slot.flags & _READONLY
+        if not inode.hugepage:  # upstream: order-0 folios only (kvm_gmem_get_pfn reports max_order 0)
+            return Spte(gfn, PG_LEVEL_4K, slot, inode, slot.pgoff + gfn - slot.base_gfn, address, writable, private)
+        level = self._gmem_level(gfn, slot, inode)
+        n = level_pages(level)
+        base_index = slot.gmem_index(gfn - gfn % n)
+        base_address = inode.backing.address(base_index)
+        assert base_address is not None
+        return Spte(gfn - gfn % n, level, slot, inode, base_index, base_address, writable, private)
 
     def _gmem_level(self, gfn: int, slot: Memslot, inode: GmemInode) -> int:
         """4 KiB upstream (gmem reports order 0); 2 MiB for a sim huge-page file where the whole folio is
