@@ -189,7 +189,7 @@ from kvmgmem.backends.sim.cpu_uc import (
     new_engine,
     tlb_flush,
 )
-from kvmgmem.backends.sim.cpu_walk import fast_walk_py, walk_c
+from kvmgmem.backends.sim.cpu_walk import fast_walk_py, set_entry, walk_c
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import (
     Exit,
@@ -963,8 +963,7 @@ class SimCpu:
                             if cached is not None:
                                 hit = self._window(cached[0], walked[1] and cached[1])
                                 if hit is not None:
-                                    e = TlbEntry.from_address(entry)
-                                    e.paddr, e.perms = hit
+                                    set_entry(entry, hit[0], hit[1])
                                     return True
                             return self._fill_resolve(vaddr, access, entry, walked, cached)
             return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
@@ -1075,8 +1074,7 @@ class SimCpu:
         hit = self._window(host_page, writable)
         if hit is None:
             return _emulation_failure(host_page)
-        e = TlbEntry.from_address(entry)
-        e.paddr, e.perms = hit
+        set_entry(entry, hit[0], hit[1])
         self._in_guest = True
         if self._kick:  # a kick that found us outside guest mode did not stop the engine
             self._uc.emu_stop()
