@@ -195,8 +195,9 @@ class SimVm(Vm):
 
     def _create_guest_memfd(self, args: uapi.kvm_create_guest_memfd) -> SimGuestMemfd:
         op = "KVM_CREATE_GUEST_MEMFD"
-        ahead = not args.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED  # no user mapping reaches it (storage.py)
-        file = self.core.create_guest_memfd(args.size, args.flags, functools.partial(GmemStorage, ahead=ahead))
+        anonymous = not args.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED  # no user mapping reaches it (storage.py)
+        backing = functools.partial(GmemStorage, anonymous=anonymous)
+        file = self.core.create_guest_memfd(args.size, args.flags, backing)
         try:
             gmem = SimGuestMemfd(self, file)
         except OSError as e:
