@@ -145,15 +145,17 @@ class GmemInode:
         self.pages_allocated += added
         return added
 
-    def get_folio(self, pgoff: int) -> int:
+    def get_folio(self, pgoff: int, state: int | None = None) -> int:
         """``kvm_gmem_get_folio`` for one page: allocate it if absent (a huge-page file allocates its whole
         folio, absent pages around a present one included; the backing prepares the page) and return its
-        state, PRESENT or HWPOISON. Order-0 files, the fault path's common case, take one range-map lookup."""
+        state, PRESENT or HWPOISON. Order-0 files, the fault path's common case, take one range-map lookup;
+        ``state``, the page's state when the caller just read it (under the same lock), saves that one."""
         if self.hugepage:
             if self.materialise(pgoff, pgoff + 1):
                 self.backing.prepare(pgoff)
             return self.pages.get(pgoff)
-        state = self.pages.get(pgoff)
+        if state is None:
+            state = self.pages.get(pgoff)
         if state == PAGE_ABSENT:  # what materialise does for one order-0 page
             self.pages.set(pgoff, pgoff + 1, PAGE_PRESENT)
             self.pages_allocated += 1
