@@ -102,7 +102,7 @@ def test_set_entry_c_and_python_write_the_same_bytes() -> None:
     (window address, then the 32-bit perms), and leaves the bytes around the entry alone."""
     _walk = pytest.importorskip("kvmgmem.backends.sim._walk", reason="the _walk C extension is not built")
     got = []
-    for write in (_walk.set_entry, cpu_walk.set_entry_py):
+    for write in (_walk.set_entry, fastwalk.set_entry_py):
         buf = (ctypes.c_ubyte * 32)(*([0xEE] * 32))
         write(ctypes.addressof(buf) + 8, 0x7F12_3456_7000, 3)
         got.append(bytes(buf))

@@ -29,7 +29,6 @@ from kvmgmem.backends.sim.cpu.uc import OFF_CR, OFF_EFER, OFF_EFLAGS, OFF_HFLAGS
 CR0_PG = 1 << 31
 
 
-
 def set_entry_py(entry: int, paddr: int, perms: int) -> None:
     """Write unicorn's TLB entry at address ``entry`` (the fill hook's argument): window address and perms."""
     e = TlbEntry.from_address(entry)
