@@ -1,6 +1,7 @@
 """The C library calls kvmgmem makes about memory, typed once: ``mmap``, ``munmap``, ``mremap``, ``mincore``.
 
-Also ``mprotect``, and ``process_vm_readv``/``process_vm_writev`` (``kvmgmem run``'s fault-safe user copies).
+Also ``mprotect``, ``madvise`` (on raw mappings no ``mmap.mmap`` owns), and
+``process_vm_readv``/``process_vm_writev`` (``kvmgmem run``'s fault-safe user copies).
 
 Why ctypes and not ``mmap.mmap`` alone: the project needs what Python's module does not offer — ``MAP_FIXED``
 placement over a reserved range (a guest_memfd mapping is assembled page range by page range), ``mremap``
@@ -34,6 +35,9 @@ mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 mprotect = _libc.mprotect
 mprotect.restype = ctypes.c_int
 mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+madvise = _libc.madvise
+madvise.restype = ctypes.c_int
+madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class iovec(ctypes.Structure):
@@ -62,8 +66,12 @@ MREMAP_MAYMOVE = 1
 MREMAP_FIXED = 2
 PROT_NONE = 0  # not in Python 3.11's mmap module
 PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+MADV_DONTNEED = 4
 MADV_REMOVE = 9
+MADV_DONTFORK = 10
 MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+MADV_POPULATE_WRITE = 23  # Linux 5.14
 MADV_COLLAPSE = 25
 
 

@@ -44,6 +44,9 @@ class ContentBacking:
     def poison(self, pgoff: int) -> None:
         pass  # no host mappings in the model
 
+    def prepare(self, pgoff: int) -> None:
+        pass  # no bytes to make resident
+
 
 @dataclass(frozen=True)
 class Punched:

@@ -95,3 +95,19 @@ def test_c_and_python_walks_agree(private_bit: int | None) -> None:
             assert isinstance(full, Translation), (hex(va), full)
             assert (full.gpa & ~0xFFF, full.writable, full.private) == got_py
     assert answered > 50  # the random tables exercise the answering path, not only refusals
+
+
+def test_set_entry_c_and_python_write_the_same_bytes() -> None:
+    """The fill's TLB-entry write: the C ``set_entry`` stores what the ctypes ``TlbEntry`` fallback stores
+    (window address, then the 32-bit perms), and leaves the bytes around the entry alone."""
+    _walk = pytest.importorskip("kvmgmem.backends.sim._walk", reason="the _walk C extension is not built")
+    got = []
+    for write in (_walk.set_entry, fastwalk.set_entry_py):
+        buf = (ctypes.c_ubyte * 32)(*([0xEE] * 32))
+        write(ctypes.addressof(buf) + 8, 0x7F12_3456_7000, 3)
+        got.append(bytes(buf))
+    assert got[0] == got[1]
+    assert got[0][8:20] == (0x7F12_3456_7000).to_bytes(8, "little") + (3).to_bytes(4, "little")
+    assert got[0][:8] == b"\xee" * 8
+    with pytest.raises(ValueError):
+        _walk.set_entry(0, 0x1000, 3)

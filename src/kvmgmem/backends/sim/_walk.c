@@ -127,6 +127,30 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return Py_BuildValue("(KNN)", (unsigned long long)gpa_page, PyBool_FromLong(writable), private_);
 }
 
+/* set_entry(entry, paddr, perms): write unicorn's struct uc_tlb_entry at address `entry` (the fill hook's
+ * argument): what cpu_uc.TlbEntry.from_address(entry) and two field stores do, without making a ctypes object
+ * per fill. */
+static PyObject *set_entry(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "set_entry(entry, paddr, perms)");
+        return NULL;
+    }
+    uintptr_t entry = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
+    uint64_t paddr = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long perms = PyLong_AsUnsignedLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!entry || perms > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "set_entry: null entry or perms beyond 32 bits");
+        return NULL;
+    }
+    uint32_t p32 = (uint32_t)perms;
+    memcpy((void *)entry, &paddr, 8);
+    memcpy((void *)(entry + 8), &p32, 4);
+    Py_RETURN_NONE;
+}
+
 static PyObject *set_layout(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "nnnn", &off_cr, &off_efer, &off_eflags, &off_hflags))
@@ -137,6 +161,8 @@ static PyObject *set_layout(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, "The fill fast path's page walk (see the source)."},
+    {"set_entry", (PyCFunction)(void (*)(void))set_entry, METH_FASTCALL,
+     "set_entry(entry, paddr, perms): fill unicorn's uc_tlb_entry at address entry."},
     {"set_layout", set_layout, METH_VARARGS, "set_layout(off_cr, off_efer, off_eflags, off_hflags)"},
     {NULL, NULL, 0, NULL},
 };

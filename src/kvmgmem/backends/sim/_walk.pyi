@@ -8,3 +8,6 @@ def walk(
 ) -> tuple[int, bool, bool | None] | None:
     """``(gpa_page, writable, private)`` for ``va``, or None when the full walk must decide (a miss, a fault,
     a table not cached)."""
+
+def set_entry(entry: int, paddr: int, perms: int, /) -> None:
+    """Write unicorn's ``uc_tlb_entry`` (window address, UC_PROT_* bits) at address ``entry``."""

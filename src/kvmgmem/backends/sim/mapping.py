@@ -77,7 +77,7 @@ def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool) ->
     the storage memfd (a regular shmem file, so the same limits); then ``kvm_gmem_mmap``'s own: no
     GUEST_MEMFD_FLAG_MMAP → ENODEV, not MAP_SHARED → EINVAL (decided by the core, ``GmemFile.mmap``)."""
     storage: GmemStorage = file.inode.backing  # type: ignore[assignment]
-    if storage.fd < 0:
+    if storage.fd < 0 and file.inode.init_shared:  # only an INIT_SHARED file's mappings show the storage
         raise KvmError(errno.ENOMEM, "mmap", "guest_memfd storage could not be created")
     with contextlib.ExitStack() as stack:
         source = storage.fd if hostmm.host_may_touch(file) else stack.enter_context(empty_fd())

@@ -7,6 +7,7 @@ see ``core/mmu.py``), ``introspect()``, and ``sim`` (the ``VmCore``).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 import weakref
@@ -195,7 +196,9 @@ class SimVm(Vm):
 
     def _create_guest_memfd(self, args: uapi.kvm_create_guest_memfd) -> SimGuestMemfd:
         op = "KVM_CREATE_GUEST_MEMFD"
-        file = self.core.create_guest_memfd(args.size, args.flags, GmemStorage)
+        anonymous = not args.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED  # no user mapping reaches it (storage.py)
+        backing = functools.partial(GmemStorage, anonymous=anonymous)
+        file = self.core.create_guest_memfd(args.size, args.flags, backing)
         try:
             gmem = SimGuestMemfd(self, file)
         except OSError as e:

@@ -11,7 +11,7 @@ invalidation protocol is in one place.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kvmgmem import uapi
 from kvmgmem.errors import KvmError
@@ -39,13 +39,12 @@ def validate(address: int, size: int, attributes: int, flags: int, supported: in
 class AttributeMap:
     """gfn → attribute bits (0 = shared, KVM_MEMORY_ATTRIBUTE_PRIVATE = private)."""
 
-    __slots__ = ("_map",)
+    __slots__ = ("_map", "get")
 
     def __init__(self) -> None:
         self._map: RangeMap[int] = RangeMap(0)
-
-    def get(self, gfn: int) -> int:
-        return self._map.get(gfn)
+        #: ``get(gfn)``: the gfn's attribute bits (the map's own method: one call on the fault path, not two).
+        self.get: Callable[[int], int] = self._map.get
 
     def is_private(self, gfn: int) -> bool:
         return bool(self._map.get(gfn) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from kvmgmem import uapi
 
 from ..fault import FaultResult, Mapped, MemoryFault, Mmio, Retry
-from .gmem import PAGE_HWPOISON, PAGE_PRESENT, GmemInode
+from .gmem import PAGE_ABSENT, PAGE_HWPOISON, PAGE_PRESENT, GmemInode
 from .memslots import Memslot
 from .profile import PG_LEVEL_4K, level_pages
 from .spte_map import UNKNOWN, Spte
@@ -26,6 +26,12 @@ from .steps import BUG_ATTR_BEFORE_SNAPSHOT, BUG_INVALID_SLOT_AS_NO_SLOT, Step, 
 if TYPE_CHECKING:
     from .mmu import Mmu
     from .vm import VmCore
+
+_PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+_GUEST_MEMFD = uapi.KVM_MEM_GUEST_MEMFD
+_READONLY = uapi.KVM_MEM_READONLY
+_PAGE_SIZE = uapi.PAGE_SIZE
+_PAGE_SHIFT = uapi.PAGE_SHIFT
 
 
 class FaultPath:
@@ -77,7 +83,7 @@ class FaultPath:
             yield self.step_entry
         # F1 (SW_PROTECTED: private from the current attribute), F3 fast_page_fault
         c.faults += 1
-        f1_private = vm.attributes.is_private(gfn)
+        f1_private = vm.attributes.get(gfn) & _PRIVATE != 0
         existing = spte_map.lookup(gfn)
         # An SPTE exists only while the attribute still says what it was installed for (every attribute
         # change zaps first), so a reported access type matching it is spurious too.
@@ -114,14 +120,14 @@ class FaultPath:
                 return self._done(self._exit(gfn, is_private, errno.EFAULT))
             if stepping:
                 yield self._step_pfn
-            # F8 __kvm_mmu_faultin_pfn: kvm_gmem_get_pfn or the hva
-            pfn: GmemInode | _Hva | FaultResult
+            # F8 __kvm_mmu_faultin_pfn: kvm_gmem_get_pfn (the folio and its host address) or the hva
+            pfn: tuple[GmemInode, int] | _Hva | FaultResult
             if is_private or (slot is not None and slot.gmem_only):
                 pfn = self._gmem(gfn, slot, is_private, write)
             else:
                 pfn = self._hva(gfn, slot, write)
-            if not isinstance(pfn, (GmemInode, _Hva)):
-                return self._done(pfn)
+            if type(pfn) is not tuple and pfn is not _HVA:
+                return self._done(pfn)  # type: ignore[arg-type]
             assert slot is not None
             if stepping:
                 yield self._step_map
@@ -129,15 +135,18 @@ class FaultPath:
             if mmu.seq != mmu_seq or (mmu.in_progress and mmu.retry_gfn(mmu_seq, gfn)):
                 return self._done(self._retry("invalidation in progress"))
             # F12 kvm_tdp_mmu_map: the level is decided under the lock (lpage_info "mixed")
-            if isinstance(pfn, GmemInode):
-                spte = self._gmem_spte(gfn, slot, pfn, is_private)
+            if type(pfn) is tuple:
+                spte = self._gmem_spte(gfn, slot, pfn[0], pfn[1], is_private)
             else:
                 spte = self._hva_spte(gfn, slot, is_private)
             # Straight through, mmu_lock was held since F3, so its lookup still holds; stepping, it may not.
             spte_map.install(spte, UNKNOWN if stepping else existing)
             c.mapped += 1
-            if spte.level > PG_LEVEL_4K:
-                c.huge_mappings += 1
+            if spte.level == PG_LEVEL_4K:  # what _mapped builds, for the common case
+                result = Mapped(spte.host_address, _PAGE_SIZE, spte.writable, gfn << _PAGE_SHIFT, 1, type(pfn) is tuple)
+                self._result = result
+                return result
+            c.huge_mappings += 1
             return self._done(self._mapped(spte))
         finally:
             if stepping:
@@ -158,38 +167,43 @@ class FaultPath:
         flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
         return MemoryFault(flags=flags, gpa=gfn << uapi.PAGE_SHIFT, size=uapi.PAGE_SIZE, errno=err)
 
-    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> GmemInode | FaultResult:
-        """F8 kvm_gmem_get_pfn: file, binding, folio (allocated and zeroed on first use), poison."""
+    def _gmem(self, gfn: int, slot: Memslot | None, private: bool, write: bool) -> tuple[GmemInode, int] | FaultResult:
+        """F8 kvm_gmem_get_pfn: file, binding, folio (allocated and zeroed on first use), poison. Returns the
+        folio's inode and the page's host address (the pfn)."""
         # 3a. no slot, or not a GUEST_MEMFD slot
-        if slot is None or not slot.can_be_private:
+        if slot is None or not slot.flags & _GUEST_MEMFD:
             return self._exit(gfn, private, errno.EFAULT)
         file = slot.gmem
         # 3b. kvm_gmem_get_pfn: get_file_active fails on a released file
         if file is None or file.released:
             return self._exit(gfn, private, errno.EFAULT)
-        index = slot.gmem_index(gfn)
+        index = slot.pgoff + gfn - slot.base_gfn
         if file.bindings.get(index) is not slot:
             return self._exit(gfn, private, errno.EIO)
         inode = file.inode
-        if inode.backing.address(index) is None:
+        address = inode.backing.address(index)
+        if address is None:
             return self._exit(gfn, private, errno.ENOMEM)
-        if inode.get_folio(index) == PAGE_HWPOISON:
+        state = inode.pages.get(index)  # get_folio's first step: a present order-0 folio needs nothing more
+        if state == PAGE_ABSENT or inode.hugepage:
+            state = inode.get_folio(index, state)
+        if state == PAGE_HWPOISON:
             return self._exit(gfn, private, uapi.EHWPOISON)
-        if write and slot.readonly:
+        if write and slot.flags & _READONLY:
             return self._exit(gfn, private, errno.EFAULT)
-        return inode
+        return inode, address
 
-    def _gmem_spte(self, gfn: int, slot: Memslot, inode: GmemInode, private: bool) -> Spte:
-        """The SPTE a guest_memfd fault maps (its level decided under mmu_lock)."""
-        if inode.hugepage:
-            level = self._gmem_level(gfn, slot, inode)
-            n = level_pages(level)
-            base_index = slot.gmem_index(gfn - gfn % n)
-        else:  # upstream: order-0 folios only (kvm_gmem_get_pfn reports max_order 0)
-            level, base_index, n = PG_LEVEL_4K, slot.gmem_index(gfn), 1
-        address = inode.backing.address(base_index)
-        assert address is not None
-        return Spte(gfn - gfn % n, level, slot, inode, base_index, address, not slot.readonly, private)
+    def _gmem_spte(self, gfn: int, slot: Memslot, inode: GmemInode, address: int, private: bool) -> Spte:
+        """The SPTE a guest_memfd fault maps (its level decided under mmu_lock); ``address``: page ``gfn``'s."""
+        writable = not slot.flags & _READONLY
+        if not inode.hugepage:  # upstream: order-0 folios only (kvm_gmem_get_pfn reports max_order 0)
+            return Spte(gfn, PG_LEVEL_4K, slot, inode, slot.pgoff + gfn - slot.base_gfn, address, writable, private)
+        level = self._gmem_level(gfn, slot, inode)
+        n = level_pages(level)
+        base_index = slot.gmem_index(gfn - gfn % n)
+        base_address = inode.backing.address(base_index)
+        assert base_address is not None
+        return Spte(gfn - gfn % n, level, slot, inode, base_index, base_address, writable, private)
 
     def _gmem_level(self, gfn: int, slot: Memslot, inode: GmemInode) -> int:
         """4 KiB upstream (gmem reports order 0); 2 MiB for a sim huge-page file where the whole folio is

@@ -59,6 +59,11 @@ class Backing(Protocol):
     def poison(self, pgoff: int) -> None:
         """Page ``pgoff`` is hwpoisoned: host mappings must SIGBUS on it (the kernel zaps them)."""
 
+    def prepare(self, pgoff: int) -> None:
+        """The fault path just allocated page ``pgoff`` (``kvm_gmem_get_folio``, then ``kvm_gmem_prepare_folio``
+        zeroes it): its bytes are about to be used. A backing may make them resident now, and may make pages
+        around it resident too, as long as every page the model calls absent still reads zero."""
+
 
 class NullBacking:
     """A backing with no bytes (pure model tests): addresses are synthetic, nothing to discard."""
@@ -79,6 +84,9 @@ class NullBacking:
     def poison(self, pgoff: int) -> None:
         pass
 
+    def prepare(self, pgoff: int) -> None:
+        pass
+
 
 class GmemInode:
     """The physical memory of one KVM_CREATE_GUEST_MEMFD: fixed size, flags, per-page state."""
@@ -88,6 +96,8 @@ class GmemInode:
         self.size = size
         self.npages = size >> uapi.PAGE_SHIFT
         self.flags = flags
+        #: The sim-only huge-page flag (fixed at creation; read on every fault, so not a property).
+        self.hugepage = bool(flags & SIM_GUEST_MEMFD_FLAG_HUGEPAGE)
         self.backing = backing
         self.pages: RangeMap[int] = RangeMap(PAGE_ABSENT)
         self.files: list[GmemFile] = []
@@ -106,10 +116,6 @@ class GmemInode:
     @property
     def init_shared(self) -> bool:
         return bool(self.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
-
-    @property
-    def hugepage(self) -> bool:
-        return bool(self.flags & SIM_GUEST_MEMFD_FLAG_HUGEPAGE)
 
     # --- page state ----------------------------------------------------------------------------------
 
@@ -139,17 +145,21 @@ class GmemInode:
         self.pages_allocated += added
         return added
 
-    def get_folio(self, pgoff: int) -> int:
+    def get_folio(self, pgoff: int, state: int | None = None) -> int:
         """``kvm_gmem_get_folio`` for one page: allocate it if absent (a huge-page file allocates its whole
-        folio, absent pages around a present one included) and return its state, PRESENT or HWPOISON. Order-0
-        files, the fault path's common case, take one range-map lookup."""
+        folio, absent pages around a present one included; the backing prepares the page) and return its
+        state, PRESENT or HWPOISON. Order-0 files, the fault path's common case, take one range-map lookup;
+        ``state``, the page's state when the caller just read it (under the same lock), saves that one."""
         if self.hugepage:
-            self.materialise(pgoff, pgoff + 1)
+            if self.materialise(pgoff, pgoff + 1):
+                self.backing.prepare(pgoff)
             return self.pages.get(pgoff)
-        state = self.pages.get(pgoff)
+        if state is None:
+            state = self.pages.get(pgoff)
         if state == PAGE_ABSENT:  # what materialise does for one order-0 page
             self.pages.set(pgoff, pgoff + 1, PAGE_PRESENT)
             self.pages_allocated += 1
+            self.backing.prepare(pgoff)
             return PAGE_PRESENT
         return state
 

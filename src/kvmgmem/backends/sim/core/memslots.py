@@ -114,6 +114,7 @@ class AddressSpace:
         self.by_id: dict[int, Memslot] = {}
         self._bases: list[int] = []
         self._sorted: list[Memslot] = []
+        self._last: Memslot | None = None  # the last slot ``lookup`` found: faults come in runs on one slot
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -126,10 +127,14 @@ class AddressSpace:
 
     def lookup(self, gfn: int) -> Memslot | None:
         """The memslot containing ``gfn``."""
+        s = self._last
+        if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
+            return s
         i = bisect_right(self._bases, gfn) - 1
         if i >= 0:
             s = self._sorted[i]
             if gfn < s.end_gfn:
+                self._last = s
                 return s
         return None
 
@@ -145,12 +150,14 @@ class AddressSpace:
         return out
 
     def install(self, slot: Memslot) -> None:
+        self._last = None
         self.by_id[slot.id] = slot
         i = bisect_right(self._bases, slot.base_gfn)
         self._bases.insert(i, slot.base_gfn)
         self._sorted.insert(i, slot)
 
     def remove(self, slot: Memslot) -> None:
+        self._last = None
         del self.by_id[slot.id]
         i = self._sorted.index(slot)
         del self._sorted[i]

@@ -43,6 +43,16 @@ class RangeMap(Generic[V]):
             return
         keys, vals = self._keys, self._vals
         left = bisect_left(keys, lo)
+        if (  # one index at the start of a run that goes on, right after a run of ``value``: that run grows
+            hi == lo + 1  # (the fault path's allocation of the next page: a list splice saved per page)
+            and left < len(keys)
+            and keys[left] == lo
+            and left
+            and vals[left - 1] == value
+            and (left + 1 == len(keys) or keys[left + 1] > hi)
+        ):
+            keys[left] = hi
+            return
         right = bisect_right(keys, hi)
         after = vals[right - 1]  # the value at ``hi`` before this update
         new_keys: list[int] = []

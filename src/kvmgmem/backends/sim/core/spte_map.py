@@ -71,6 +71,7 @@ class SpteMap:
         # of every SPTE (a sorted list of gfns did: zapping half of 262k SPTEs one delete at a time took 2 s).
         self._regions: dict[int, set[int]] = {}
         self._region_keys: list[int] = []
+        self._nr_huge = 0  # SPTEs above 4 KiB: while 0, a lookup needs one probe, not three
         #: The MMU's counters: a zap counts itself here (no wrapper call between the MMU and the map).
         self.counters = counters
 
@@ -80,6 +81,8 @@ class SpteMap:
         s = sptes.get(gfn)
         if s is not None and s.level == PG_LEVEL_4K:
             return s
+        if not self._nr_huge:
+            return None
         s = sptes.get(gfn & ~(_PAGES_2M - 1))
         if s is not None and s.level == PG_LEVEL_2M:
             return s
@@ -127,6 +130,8 @@ class SpteMap:
 
     def _add(self, s: Spte) -> None:
         self._sptes[s.gfn] = s
+        if s.level != PG_LEVEL_4K:
+            self._nr_huge += 1
         r = s.gfn >> REGION_SHIFT
         gfns = self._regions.get(r)
         if gfns is None:
@@ -137,6 +142,8 @@ class SpteMap:
 
     def _remove(self, s: Spte) -> None:
         del self._sptes[s.gfn]
+        if s.level != PG_LEVEL_4K:
+            self._nr_huge -= 1
         r = s.gfn >> REGION_SHIFT
         gfns = self._regions[r]
         gfns.discard(s.gfn)
@@ -154,6 +161,8 @@ class SpteMap:
             emptied = False
             for s in victims:
                 del sptes[s.gfn]
+                if s.level != PG_LEVEL_4K:
+                    self._nr_huge -= 1
                 gfns = regions[s.gfn >> REGION_SHIFT]
                 gfns.discard(s.gfn)
                 emptied = emptied or not gfns
@@ -173,10 +182,19 @@ class SpteMap:
         """``kvm_tdp_mmu_map``'s SPTE write of ``spte``. ``old``: the SPTE covering its gfn when the caller
         knows it is still the current one (looked up under this same hold of ``mmu_lock``), else ``UNKNOWN``."""
         if spte.level == PG_LEVEL_4K:  # replaces at most the one SPTE covering the gfn (cheaper than a scan)
+            gfn = spte.gfn
             if isinstance(old, Unknown):
-                old = self.lookup(spte.gfn)
+                old = self.lookup(gfn)
             if old is not None:
                 self._remove(old)
+            self._sptes[gfn] = spte  # _add for a 4 KiB SPTE, inline (once per fault)
+            gfns = self._regions.get(gfn >> REGION_SHIFT)
+            if gfns is None:
+                self._regions[gfn >> REGION_SHIFT] = {gfn}
+                insort(self._region_keys, gfn >> REGION_SHIFT)
+            else:
+                gfns.add(gfn)
+            return spte
         else:
             for s in self.overlapping(spte.gfn, spte.end_gfn):  # smaller SPTEs replaced by a huge one
                 self._remove(s)

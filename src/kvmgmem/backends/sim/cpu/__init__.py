@@ -110,10 +110,10 @@ Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbe
 * guest ``dec rcx; jnz``: 80-95% of a bare unicorn engine by CPU time (bench 5; it was ~22% with the former
   per-instruction native hook, ~450 → ~100 M instructions/s). Steady-state guest code runs with no Python
   callback and no native call at all.
-* TLB fill (bench 8, thread CPU time per 4 KiB page): a warm refill ~2.5 µs with the C walk (~4-5 µs with
+* TLB fill (bench 8, thread CPU time per 4 KiB page): a warm refill ~2 µs with the C walk (~4-5 µs with
   the Python one), of which ~0.75 µs is the ctypes callback and unicorn's own fill; a refault after a zap
-  ~7-8 µs and a first touch ~11 µs (2.6-3 µs of it the host allocating the memfd page), the VM's fault path
-  (``core/mmu.py``) ~3 µs of it. Before issue 15's fault work: ~12 / 27 / 32 µs.
+  ~5.5-6 µs and a first touch ~7.5-8 µs (~1.4 µs of it the host populating the page, ``storage.py``), the
+  VM's fault path (``core/fault_path.py``) ~2 µs of it. Before issue 15's fault work: ~12 / 27 / 32 µs.
 * exit round trip (guest OUT → ``run()`` returns → ``run()`` again): ~21 µs; a hypercall answered in the
   "kernel" (ENOSYS): ~65 µs (invalid-opcode stop + instruction fetch through the software walk).
 * ``emu_start`` without exit work: ~3-4 µs; unicorn TLB flush ~1.4 µs; TB-cache flush ~10 µs; context
