@@ -183,6 +183,7 @@ from kvmgmem.backends.sim.cpu_uc import (
     HF_CS64_MASK,
     CpuState,
     Engine,
+    PageFlush,
     PagingView,
     TlbEntry,
     add_tlb_fill_hook,
@@ -225,6 +226,8 @@ _HUGE_SIZES = (2 << 20, 1 << 30)
 REGION_SHIFT = 9  # a vCPU indexes its cached gfns by 2 MiB region: range lookups cost O(regions + hits)
 MAX_PENDING_RANGES = 32  # more pending flush ranges than this degrade to one full flush
 FLUSH_LOG = 256  # recent flushes CpuSet remembers, so a racing fill can tell whether its result is stale
+TLB_TRACKED = 4096  # gfns whose unicorn TLB pages a vCPU remembers; past that a ranged flush drops the whole TLB
+TLB_ALIASES = 8  # virtual pages remembered per gfn (likewise)
 _MAIN_THREAD = threading.main_thread().ident
 SIGNAL_TICK_S = 0.02  # how long a main-thread vCPU may stay in unicorn before Python can run signal handlers
 
@@ -465,6 +468,11 @@ class SimCpu:
         self._mapped: dict[int, Store] = {}  # window -> store mapped into this engine
         self._stores_gen = -1
         self._last_store: Store | None = None  # the store the last fill found (_window)
+        # The virtual pages unicorn's TLB got for each gfn since its last full flush, so that a ranged flush
+        # drops just those (_clear_translations); "untracked" when more were installed than remembered.
+        self._page_flush = PageFlush(self._uc)
+        self._tlb_vpages: dict[int, list[int]] = {}
+        self._tlb_untracked = not self._page_flush.available
         self._code_stale = False
 
         # events recorded by hooks during one emu_start
@@ -697,31 +705,81 @@ class SimCpu:
     def _clear_translations(self, ranges: list[tuple[int, int]] | None = None) -> None:
         """Drop the unicorn TLB (it has no per-page flush) and the cached translations in ``ranges`` (all if
         None). Cost O(cached pages in the ranges + regions), not O(cache size × ranges). Caller holds _cond or
-        is the only thread that can touch this vCPU."""
-        tlb_flush(self._uc)
+        is the only thread that can touch this vCPU.
+
+        Unicorn's TLB loses only the virtual pages installed for the gfns in the ranges and in the huge
+        mappings dropped (``_tlb_vpages``) when that is enough: not when a page-table page is in a range (any
+        translation may have used it), nor when more pages were installed than remembered
+        (``_tlb_untracked``)."""
         if ranges is None:
+            self._flush_tlb()
             self._huge_cache.clear()
             self._pt_cache.clear()
             self._pt_entries.clear()
             self._data_cache.clear()
             self._touched.clear()
             return
+        full = self._tlb_untracked
+        vpages: list[int] = []
         for key in list(self._huge_cache):  # few entries
             first, size = key[0] >> 12, self._huge_cache[key][2] >> 12
             if any(first < e and s < first + size for s, e in ranges):
                 del self._huge_cache[key]
+                vpages += self._take_installed(first, first + size)
         pt, data, pte = self._pt_cache, self._data_cache, self._pt_entries
         for s, e in ranges:
+            vpages += self._take_installed(s, e)
             for gfns in self._regions_in(s, e):
                 hit = [g for g in gfns if s <= g < e]
                 for g in hit:
                     gpa = g << 12
-                    pt.pop(gpa, None)
+                    if pt.pop(gpa, None) is not None:
+                        full = True
                     pte.pop(gpa, None)
                     data.pop((gpa, None), None)
                     data.pop((gpa, True), None)
                     data.pop((gpa, False), None)
                 gfns.difference_update(hit)
+        if full:
+            self._flush_tlb()
+        else:
+            for vpage in vpages:
+                self._page_flush(vpage)
+
+    def _flush_tlb(self) -> None:
+        """Drop unicorn's whole TLB and what ``_tlb_vpages`` remembered of it."""
+        tlb_flush(self._uc)
+        self._tlb_vpages.clear()
+        self._tlb_untracked = not self._page_flush.available
+
+    def _take_installed(self, start: int, end: int) -> list[int]:
+        """Forget and return the virtual pages installed for gfns ``[start, end)``: O(min(range, remembered))."""
+        tlb = self._tlb_vpages
+        if not tlb:
+            return []
+        if end - start > len(tlb):
+            gfns = [g for g in tlb if start <= g < end]
+        else:
+            gfns = [g for g in range(start, end) if g in tlb]
+        out: list[int] = []
+        for g in gfns:
+            out += tlb.pop(g)
+        return out
+
+    def _note_tlb(self, gpa_page: int, vaddr: int) -> None:
+        """Remember that unicorn's TLB maps ``vaddr``'s page to ``gpa_page`` (vCPU thread, at an install)."""
+        gfn, vpage = gpa_page >> 12, vaddr & PAGE_MASK
+        installed = self._tlb_vpages.get(gfn)
+        if installed is None:
+            if len(self._tlb_vpages) < TLB_TRACKED:
+                self._tlb_vpages[gfn] = [vpage]
+            else:
+                self._tlb_untracked = True
+        elif vpage not in installed:
+            if len(installed) < TLB_ALIASES:
+                installed.append(vpage)
+            else:
+                self._tlb_untracked = True
 
     def _note_cached_locked(self, gpa_page: int) -> None:
         gfn = gpa_page >> 12
@@ -828,7 +886,7 @@ class SimCpu:
 
             if self._code_stale:
                 uc.ctl_flush_tb()
-                tlb_flush(uc)  # rewritten code pages are re-scanned on their next fetch fill (_scan_code)
+                self._flush_tlb()  # rewritten code pages are re-scanned on their next fetch fill (_scan_code)
                 self._code_stale = False
             self._io = self._intr = self._tlb_event = None
             self._invalid_insn = False
@@ -965,6 +1023,9 @@ class SimCpu:
                                 if hit is not None:
                                     e = TlbEntry.from_address(entry)
                                     e.paddr, e.perms = hit
+                                    installed = self._tlb_vpages.get(walked[0] >> 12)
+                                    if installed is None or vaddr & PAGE_MASK not in installed:
+                                        self._note_tlb(walked[0], vaddr)
                                     return True
                             return self._fill_resolve(vaddr, access, entry, walked, cached)
             return self._hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
@@ -1022,7 +1083,7 @@ class SimCpu:
             host_page, host_writable = page
             with self._lock:
                 if self._req == self._ack:
-                    outcome = self._install_locked(entry, host_page, writable and host_writable)
+                    outcome = self._install_locked(entry, host_page, writable and host_writable, gpa_page, vaddr)
                     if outcome is None:
                         return True
                 else:
@@ -1060,14 +1121,15 @@ class SimCpu:
                 if self._req != self._ack:
                     outcome = Retry()
                 else:
-                    outcome = self._install_locked(entry, host_page, writable and host_writable)
+                    outcome = self._install_locked(entry, host_page, writable and host_writable, gpa_page, vaddr)
                     if outcome is None:
                         return True
         self._tlb_event = (vaddr, _UC_ACCESS.get(access, ACCESS_READ), outcome)
         return False
 
-    def _install_locked(self, entry: int, host_page: int, writable: bool) -> object | None:
-        """Point unicorn's TLB ``entry`` at ``host_page`` (caller holds ``_lock``, no request pending).
+    def _install_locked(self, entry: int, host_page: int, writable: bool, gpa_page: int, vaddr: int) -> object | None:
+        """Point unicorn's TLB ``entry`` for ``vaddr`` at ``host_page``, the page of ``gpa_page`` (caller holds
+        ``_lock``, no request pending).
 
         Returns None once installed — the vCPU is back in guest mode — or the emulation-failure outcome when
         the page lies in no store the engine has mapped (never expected: the resolver returns store pages).
@@ -1077,6 +1139,7 @@ class SimCpu:
             return _emulation_failure(host_page)
         e = TlbEntry.from_address(entry)
         e.paddr, e.perms = hit
+        self._note_tlb(gpa_page, vaddr)
         self._in_guest = True
         if self._kick:  # a kick that found us outside guest mode did not stop the engine
             self._uc.emu_stop()
@@ -1105,9 +1168,10 @@ class SimCpu:
         if isinstance(outcome, tuple):
             with self._cond:
                 if self._req == self._ack:
-                    paddr, perms, host_page = outcome
+                    paddr, perms, host_page, gpa_page = outcome
                     if acc != ACCESS_FETCH or not self._scan_code(vaddr & PAGE_MASK, host_page):
                         entry.paddr, entry.perms = paddr, perms  # type: ignore[attr-defined]
+                        self._note_tlb(gpa_page, vaddr)
                         self._in_guest = True
                         if self._kick:  # a kick that found us outside guest mode did not stop the engine
                             uc.emu_stop()
@@ -1254,8 +1318,8 @@ class SimCpu:
                 return write_data
             return ctypes.string_at(host_addr, n)
 
-    def _translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int, int] | object:
-        """For the TLB: (window address, unicorn perms, host page), or the outcome that prevents it."""
+    def _translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int, int, int] | object:
+        """For the TLB: (window address, unicorn perms, host page, gpa page), or the outcome that prevents it."""
         try:
             res = walk(vaddr, acc, self._paging(cpl), self._read_pte, self._private_bit)
             if not isinstance(res, Translation):
@@ -1274,7 +1338,7 @@ class SimCpu:
                 # Only a fetch fill grants EXEC, so every page is scanned (_scan_code) before unicorn
                 # translates code from it; a data fill of a code page costs one more fill on first fetch.
                 perms |= UC_PROT_EXEC
-            return (store.window + host_page - store.host_ptr, perms, host_page)
+            return (store.window + host_page - store.host_ptr, perms, host_page, res.gpa & PAGE_MASK)
         except VmExitSignal as sig:
             return sig
 

@@ -434,6 +434,39 @@ def tlb_flush(uc: Engine) -> None:
     uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
 
+class PageFlush:
+    """Drops single pages from one engine's TLB: QEMU's ``tlb_flush_page`` on the engine's CPU.
+
+    Why: unicorn's API only flushes the whole TLB (``UC_CTL_TLB_FLUSH``), so a vCPU that must forget one
+    zapped gfn refilled every page it used next — its code page through the full walk and code scan, its
+    stack, its data — a Python callback each. libunicorn exports QEMU's own ``tlb_flush_page_x86_64(cpu,
+    vaddr)`` (synchronous for the calling CPU: every MMU index, the victim TLB and the jump cache of that
+    page) and ``qemu_get_cpu_x86_64(uc, index)``, which returns the engine's one CPU if ``index`` is its
+    index (NULL otherwise, checked before any flush). ``available`` is False
+    when either symbol is missing (another unicorn build): callers then flush everything, as before."""
+
+    def __init__(self, uc: Engine) -> None:
+        self.cpu = 0
+        flush = getattr(_pylib, "tlb_flush_page_x86_64", None)
+        get_cpu = getattr(_pylib, "qemu_get_cpu_x86_64", None)
+        if flush is None or get_cpu is None:
+            return
+        uc.reg_read(UC_X86_REG_CR4)  # the engine creates its CPU on first use: make sure it exists
+        get_cpu.argtypes, get_cpu.restype = (ctypes.c_void_p, ctypes.c_int), ctypes.c_void_p
+        flush.argtypes, flush.restype = (ctypes.c_void_p, ctypes.c_uint64), None
+        # unicorn leaves the CPU's index unassigned (QEMU's UNASSIGNED_CPU_INDEX, -1); 0 is what QEMU would give
+        self.cpu = get_cpu(uc._uch, -1) or get_cpu(uc._uch, 0) or 0
+        self._flush = flush
+
+    @property
+    def available(self) -> bool:
+        return self.cpu != 0
+
+    def __call__(self, vaddr: int) -> None:
+        """Drop the 4 KiB page at ``vaddr`` (engine stopped, on its own thread)."""
+        self._flush(self.cpu, vaddr)
+
+
 # --- the TLB-fill hook without the binding's wrappers -------------------------------------------------------
 
 #: ``bool cb(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *result, void *user_data)``; the
