@@ -449,7 +449,7 @@ class PageFlush:
         self.cpu = 0
         flush = getattr(_pylib, "tlb_flush_page_x86_64", None)
         get_cpu = getattr(_pylib, "qemu_get_cpu_x86_64", None)
-        if flush is None or get_cpu is None:
+        if flush is None or get_cpu is None or getattr(uc, "_uch", None) is None:  # no symbol, or not an engine
             return
         uc.reg_read(UC_X86_REG_CR4)  # the engine creates its CPU on first use: make sure it exists
         get_cpu.argtypes, get_cpu.restype = (ctypes.c_void_p, ctypes.c_int), ctypes.c_void_p
