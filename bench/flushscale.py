@@ -27,9 +27,9 @@ translations in the range at its next safe point. Tables, each growing one dimen
   conversions/s summed over the vCPUs. The three run interleaved, ``IMPLICIT_ROUNDS`` rounds of one
   ``IMPLICIT_S`` run each, and each row is its best run: the load other jobs put on this 2-core host moves
   the rates by 2-3× within a minute, and a row measured alone in a quiet or a busy moment made the ratio
-  say more about that moment than about the sim. Almost all of a conversion holds the GIL (the guest's own
-  instructions and the discard syscalls are ~15% of it), so N vCPU threads cannot convert much faster than
-  one; what the row checks is that they lose nothing handing the GIL and the VM's locks around.
+  say more about that moment than about the sim. Almost all of a conversion holds the GIL (only the guest's
+  own instructions, ~10% of it, run without), so N vCPU threads cannot convert much faster than one; what
+  the row checks is that they lose nothing handing the GIL and the VM's locks around.
 
 These call the CPU layer's internals (cached translations through ``_resolve_page``, ``_service_locked``):
 they are diagnostics of exactly those paths.
