@@ -31,7 +31,7 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             optional=True,
         ),
-        # the sim's TLB-fill fast walk (pure-Python fallback in backends/sim/cpu_walk.py)
+        # the sim's TLB-fill fast walk (pure-Python fallback in backends/sim/cpu/fastwalk.py)
         Extension(
             "kvmgmem.backends.sim._walk",
             sources=["src/kvmgmem/backends/sim/_walk.c"],

@@ -4,7 +4,7 @@ A zap reaches vCPUs as a remote TLB flush (``CpuSet.flush(gfn_start, gfn_end)``)
 translations in the range at its next safe point. Tables, each growing one dimension:
 
 * **ranged flush vs cached pages**: one vCPU with N cached 4 KiB translations (1k, 64k, 262k = 1 GiB)
-  services one 4 KiB ranged flush of a page it cached (``_service_locked``, what the vCPU runs before its
+  services one 4 KiB ranged flush of a page it cached (``VcpuRequests.service_locked``, what the vCPU runs before its
   next guest entry). Should not grow with N.
 * **pending flushes of an idle vCPU**: a vCPU outside ``run()`` (64k cached pages) receives K ranged flushes
   of 4 KiB each (K zaps while it is not running), then services them once. Should stay bounded in K.
@@ -20,7 +20,7 @@ translations in the range at its next safe point. Tables, each growing one dimen
   host's cores. The **bare busy thread** rows measure that share alone (hookless unicorn engines spinning,
   no VM vCPU at all). Interleaved on the loaded 2-core host, 4 bare threads left 0.34-0.46 of the
   1-thread rate and 4 spinning vCPUs 0.32-0.45; what is left per vCPU is the flush's check of each vCPU
-  (``_post_flush``, about 1-2 µs).
+  (``VcpuRequests.post_flush``, about 1-2 µs).
 * **implicit conversions vs vCPUs** (the target of issue 15: 4 vCPUs convert at least as many 4 KiB pages
   per second as 1): 1, 2 or 4 vCPUs each convert their own page back and forth by touching it through the
   private alias and the shared mapping, the VMM answering each memory-fault exit on that vCPU's thread;
@@ -31,8 +31,8 @@ translations in the range at its next safe point. Tables, each growing one dimen
   own instructions, ~10% of it, run without), so N vCPU threads cannot convert much faster than one; what
   the row checks is that they lose nothing handing the GIL and the VM's locks around.
 
-These call the CPU layer's internals (cached translations through ``_resolve_page``, ``_service_locked``):
-they are diagnostics of exactly those paths.
+These call the CPU layer's internals (cached translations through ``SimCpu.pages.resolve_page``,
+``SimCpu.requests.service_locked``): they are diagnostics of exactly those paths.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from common import Report, Row, interleaved, judge
 import kvmgmem
 from kvmgmem import uapi
 from kvmgmem.backends.sim.cpu import CpuSet, SimCpu
-from kvmgmem.backends.sim.cpu_types import Mapped
+from kvmgmem.backends.sim.cpu.types import Mapped
 from kvmgmem.guest import Asm, GuestImage, GuestVm, Label
 from kvmgmem.guest import routines as R
 from kvmgmem.hostmem import HostMemory
@@ -77,14 +77,14 @@ def _cpu_with_cache(stack: ExitStack, pages: int) -> tuple[CpuSet, SimCpu]:
     cpus.add_store(mem.address, pages * PAGE)
     cpu = cpus.create_cpu(0)
     for gfn in range(pages):
-        cpu._resolve_page(gfn * PAGE, False, False)
+        cpu.pages.resolve_page(gfn * PAGE, False, False)
     return cpus, cpu
 
 
 def _service(cpu: SimCpu) -> float:
     t0 = time.perf_counter()
-    with cpu._cond:
-        cpu._service_locked()
+    with cpu.requests.cond:
+        cpu.requests.service_locked()
     return time.perf_counter() - t0
 
 
@@ -97,7 +97,7 @@ def ranged_flush(pages: int, reps: int = 7) -> float:
             gfn = (i * 7919) % pages
             cpus.flush(gfn, gfn + 1)
             times.append(_service(cpu))
-            cpu._resolve_page(gfn * PAGE, False, False)  # cache it again for the next round
+            cpu.pages.resolve_page(gfn * PAGE, False, False)  # cache it again for the next round
         return statistics.median(times)
 
 

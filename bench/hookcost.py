@@ -1,7 +1,7 @@
 """Bench 10: what a false IN/OUT candidate in a hot loop costs on the sim (issue 15).
 
 The sim cannot decode guest code before it runs, so it treats every byte that could be an IN/OUT opcode as a
-possible one (``backends/sim/cpu_sites.py``). Compiled code is full of such bytes inside other instructions:
+possible one (``backends/sim/cpu/sites.py``). Compiled code is full of such bytes inside other instructions:
 ``cmp r13, rbp`` is ``49 39 ed`` and ``ed`` is ``in eax, dx``. Before issue 15's fix the byte after each
 candidate carried a code hook, so the ``dec`` after that ``cmp`` ran unicorn's hook dispatch, which walks
 every code hook of the engine, on every iteration.

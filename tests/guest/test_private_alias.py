@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from kvmgmem.backends.sim.cpu_pagewalk import ACCESS_WRITE, Paging, Translation, walk
+from kvmgmem.backends.sim.cpu.pagewalk import ACCESS_WRITE, Paging, Translation, walk
 from kvmgmem.guest import paging
 from kvmgmem.guest.asm import Asm
 from kvmgmem.guest.image import PRIVATE_ALIAS_BASE, GuestImage

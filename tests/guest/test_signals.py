@@ -1,7 +1,7 @@
 """Signals and kicks reach a running vCPU on every backend (issue 14 items 2 and 9b).
 
 On kvm, a signal makes KVM_RUN return EINTR and Python then runs its handler; the sim runs guest code inside
-one long unicorn call, so it must stop the engine itself for the handler to run (``cpu._SignalTicker``).
+one long unicorn call, so it must stop the engine itself for the handler to run (``cpu.ticker.SignalTicker``).
 """
 
 from __future__ import annotations

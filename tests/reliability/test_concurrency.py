@@ -22,7 +22,7 @@ import pytest
 
 from kvmgmem import HostMemory, KvmError, uapi
 from kvmgmem.backends import sim
-from kvmgmem.backends.sim.cpu_types import Mapped, MemoryFault, Mmio, Retry
+from kvmgmem.backends.sim.cpu.types import Mapped, MemoryFault, Mmio, Retry
 
 from ._support import PRIVATE, P, WatchdogTimeout, run_threads, spte_violations
 

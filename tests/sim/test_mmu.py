@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from kvmgmem import HostMemory, uapi
-from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm, cpu_types
+from kvmgmem.backends.sim import SIM_GUEST_MEMFD_FLAG_HUGEPAGE, SimSystem, SimVm
+from kvmgmem.backends.sim.cpu import types as cpu_types
 from kvmgmem.backends.sim.fault import Mapped, MemoryFault, Mmio, Retry
 
 from .conftest import GMEM, INIT_SHARED, M2, MMAP, PRIVATE, P

@@ -24,7 +24,7 @@ from typing import Any
 
 from kvmgmem import uapi
 from kvmgmem.backends.sim.core.gmem import PAGE_ABSENT, PAGE_STATE_NAMES
-from kvmgmem.backends.sim.core.mmu import Spte
+from kvmgmem.backends.sim.core.spte_map import Spte
 from kvmgmem.backends.sim.core.steps import KLock, Step
 from kvmgmem.backends.sim.core.vm import VmCore
 from kvmgmem.backends.sim.fault import Mapped, MemoryFault, Mmio

@@ -92,7 +92,7 @@ def _cpu_files() -> list[Path]:
 
 
 def test_cpu_never_imports_the_core_or_the_adapters() -> None:
-    """The CPU reaches the VM only through ``cpu_types.GpaResolver`` and gets its answers as ``fault.py``
+    """The CPU reaches the VM only through ``cpu.types.GpaResolver`` and gets its answers as ``fault.py``
     results: it imports neither the kernel model nor the adapters (nor anything that pulls them in)."""
     files = _cpu_files()
     assert len(files) >= 8, files

@@ -31,15 +31,16 @@ def vm() -> Iterator[VmCore]:
 
 
 def _changes(vm: VmCore) -> list[MemslotChange]:
-    """Record the kind every ``set_memslot_steps`` call runs."""
+    """Record the kind every ``kvm_set_memslot`` (``MemslotOps.set_memslot_steps``) call runs."""
     seen: list[MemslotChange] = []
-    run = vm.set_memslot_steps
+    ops = vm.memslot_ops
+    run = ops.set_memslot_steps
 
     def spy(*args: Any) -> Any:
         seen.append(args[3])
         return run(*args)
 
-    vm.set_memslot_steps = spy  # type: ignore[method-assign]
+    ops.set_memslot_steps = spy  # type: ignore[method-assign]
     return seen
 
 
@@ -94,13 +95,14 @@ def test_delete_of_a_missing_slot_and_forbidden_modifications(vm: VmCore) -> Non
 def test_fallocate_dispatches_to_allocate_and_punch(vm: VmCore) -> None:
     file = vm.create_guest_memfd(4 * P, 0, lambda size: NullBacking())
     punched: list[tuple[int, int]] = []
-    punch = vm.gmem_punch
+    ops = vm.gmem_ops
+    punch = ops.punch
 
     def spy(f: Any, first: int, last: int) -> None:
         punched.append((first, last))
         punch(f, first, last)
 
-    vm.gmem_punch = spy  # type: ignore[method-assign]
+    ops.punch = spy  # type: ignore[method-assign]
     try:
         vm.gmem_fallocate(file, KEEP, 0, 4 * P)
         assert file.inode.nr_present == 4 and punched == []

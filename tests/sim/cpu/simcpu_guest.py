@@ -19,7 +19,7 @@ import iced_x86 as ix
 
 from kvmgmem import uapi
 from kvmgmem.backends.sim.cpu import CpuSet, SimCpu
-from kvmgmem.backends.sim.cpu_types import Mapped, MemoryFault, Mmio, Retry
+from kvmgmem.backends.sim.cpu.types import Mapped, MemoryFault, Mmio, Retry
 from kvmgmem.hostmem import HostMemory
 
 C = ix.Code

@@ -1,5 +1,5 @@
 """The TLB-fill fast walk: the C extension and the pure-Python fallback agree, and both agree with the full
-walk (``cpu_pagewalk.walk``) wherever they answer (elsewhere they must answer None, never something else)."""
+walk (``cpu.pagewalk.walk``) wherever they answer (elsewhere they must answer None, never something else)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from kvmgmem.backends.sim import cpu_walk
-from kvmgmem.backends.sim.cpu_pagewalk import (
+from kvmgmem.backends.sim.cpu import fastwalk
+from kvmgmem.backends.sim.cpu.pagewalk import (
     ACCESS_READ,
     ACCESS_WRITE,
     PTE_ADDR,
@@ -17,7 +17,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     Translation,
     walk,
 )
-from kvmgmem.backends.sim.cpu_uc import OFF_CR, OFF_EFER, OFF_EFLAGS, OFF_HFLAGS
+from kvmgmem.backends.sim.cpu.uc import OFF_CR, OFF_EFER, OFF_EFLAGS, OFF_HFLAGS
 
 PAGE = 4096
 NTABLES = 24
@@ -63,7 +63,7 @@ def _context(cr0: int, cr3: int, cr4: int, efer: int, eflags: int, cpl: int) -> 
 
 @pytest.mark.parametrize("private_bit", [None, 51])
 def test_c_and_python_walks_agree(private_bit: int | None) -> None:
-    if cpu_walk.walk_c is None:
+    if fastwalk.walk_c is None:
         pytest.skip("the _walk C extension is not built (or KVMGMEM_NO_CEXT is set)")
     rng = random.Random(15 + (private_bit or 0))
     c_bit = 0 if private_bit is None else 1 << private_bit
@@ -85,8 +85,8 @@ def test_c_and_python_walks_agree(private_bit: int | None) -> None:
             if va >> 47:
                 va |= 0xFFFF << 48
             write = rng.random() < 0.5
-            got_c = cpu_walk.walk_c(ctypes.addressof(ctx), tables.host, va, mask, c_bit, write)
-            got_py = cpu_walk.fast_walk_py(q, tables.views, va, mask, c_bit, write)
+            got_c = fastwalk.walk_c(ctypes.addressof(ctx), tables.host, va, mask, c_bit, write)
+            got_py = fastwalk.fast_walk_py(q, tables.views, va, mask, c_bit, write)
             assert got_c == got_py, (hex(va), write)
             if got_py is None:
                 continue

@@ -1,4 +1,4 @@
-"""Where the sim vCPU puts its code hooks (backends/sim/cpu_sites.py): never on an ordinary instruction.
+"""Where the sim vCPU puts its code hooks (backends/sim/cpu/sites.py): never on an ordinary instruction.
 
 Unicorn runs its hook dispatch, a walk over every code hook of the engine, each time a hooked instruction
 runs; a hook on a hot instruction made a 130 KB selftest guest run at ~1 µs per loop iteration (issue 15).
@@ -12,7 +12,7 @@ import iced_x86 as ix
 import pytest
 
 from kvmgmem.backends.sim.cpu import SimCpu
-from kvmgmem.backends.sim.cpu_exc import NeedRetry
+from kvmgmem.backends.sim.cpu.exc import NeedRetry
 from kvmgmem.exits import HltExit, IoExit
 
 from .simcpu_guest import CODE, Asm, C, Guest, I, R
@@ -175,6 +175,6 @@ def test_hlt_exit_reads_no_guest_memory(guest: Guest, monkeypatch: pytest.Monkey
     def retried(*_args: object, **_kwargs: object) -> bytes:
         raise NeedRetry()
 
-    monkeypatch.setattr(cpu, "read_virt", retried)
+    monkeypatch.setattr(cpu.memory, "read_virt", retried)
     assert isinstance(cpu.run(), HltExit)
     assert cpu.get_regs().rbx == 1

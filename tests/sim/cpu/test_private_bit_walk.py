@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmgmem.backends.sim.cpu_pagewalk import (
+from kvmgmem.backends.sim.cpu.pagewalk import (
     ACCESS_FETCH,
     ACCESS_READ,
     ACCESS_WRITE,
@@ -14,7 +14,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     Translation,
     walk,
 )
-from kvmgmem.backends.sim.cpu_types import FaultResult
+from kvmgmem.backends.sim.cpu.types import FaultResult
 
 P, RW, PS = 1, 2, 0x80
 C51 = 1 << 51

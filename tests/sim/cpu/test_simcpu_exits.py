@@ -151,7 +151,7 @@ def test_retry_is_transparent(guest: Guest) -> None:
 
 
 def test_huge_mapping_from_the_resolver(guest: Guest) -> None:
-    from kvmgmem.backends.sim.cpu_types import Mapped
+    from kvmgmem.backends.sim.cpu.types import Mapped
 
     base = guest.mem.address + (2 << 20)
     inner = guest.resolver.handle_fault

@@ -6,27 +6,27 @@ from __future__ import annotations
 
 import struct
 
-from kvmgmem.backends.sim.cpu import MAX_PENDING_RANGES
-from kvmgmem.backends.sim.cpu_types import Mapped
+from kvmgmem.backends.sim.cpu import MAX_PENDING_RANGES, SimCpu
+from kvmgmem.backends.sim.cpu.types import Mapped
 from kvmgmem.exits import IoExit
 from kvmgmem.hostmem import HostMemory
 
 from .simcpu_guest import CODE, DATA, Asm, C, Guest, I, R, mem_op
 
 
-def _cached_gfns(cpu: object) -> set[int]:
-    return {key[0] >> 12 for key in cpu._data_cache}  # type: ignore[attr-defined]
+def _cached_gfns(cpu: SimCpu) -> set[int]:
+    return {key[0] >> 12 for key in cpu.tlb.data_cache}
 
 
 def test_ranged_flush_drops_exactly_its_range(guest: Guest) -> None:
     cpu = guest.cpu()
     for gfn in range(64, 96):
-        cpu._resolve_page(gfn << 12, False, False)
+        cpu.pages.resolve_page(gfn << 12, False, False)
     assert _cached_gfns(cpu) >= set(range(64, 96))
     guest.cpuset.flush(70, 72)
     guest.cpuset.flush(90, 91)
-    with cpu._cond:
-        cpu._service_locked()
+    with cpu.requests.cond:
+        cpu.requests.service_locked()
     cached = _cached_gfns(cpu)
     assert not cached & {70, 71, 90}
     assert cached >= set(range(64, 70)) | set(range(72, 90)) | set(range(91, 96))
@@ -34,27 +34,27 @@ def test_ranged_flush_drops_exactly_its_range(guest: Guest) -> None:
 
 def test_flush_skips_a_vcpu_that_cached_nothing_in_the_range(guest: Guest) -> None:
     cpu = guest.cpu()
-    cpu._resolve_page(64 << 12, False, False)
-    req = cpu._req
+    cpu.pages.resolve_page(64 << 12, False, False)
+    req = cpu.requests.req
     guest.cpuset.flush(200, 300)  # nothing cached there: no request, nothing to wait for
-    assert cpu._req == req
+    assert cpu.requests.req == req
     guest.cpuset.flush(64, 65)
-    assert cpu._req == req + 1
+    assert cpu.requests.req == req + 1
 
 
 def test_pending_flushes_of_an_idle_vcpu_stay_bounded(guest: Guest) -> None:
     cpu = guest.cpu()
     for gfn in range(0, 4096, 2):
-        cpu._resolve_page(gfn << 12, False, False)
+        cpu.pages.resolve_page(gfn << 12, False, False)
     for gfn in range(0, 4096, 2):  # one zap each, never adjacent: no merging
         guest.cpuset.flush(gfn, gfn + 1)
-    assert len(cpu._flush_ranges) <= MAX_PENDING_RANGES
-    assert cpu._flush_all  # degraded to one full flush
+    assert len(cpu.requests.flush_ranges) <= MAX_PENDING_RANGES
+    assert cpu.requests.flush_all  # degraded to one full flush
     for gfn in range(10):  # adjacent or overlapping ranges merge
-        cpu._post_request((1000 + gfn, 1001 + gfn))
-    with cpu._cond:
-        cpu._service_locked()
-    assert not cpu._data_cache and not cpu._flush_ranges and not cpu._flush_all
+        cpu.requests.post_request((1000 + gfn, 1001 + gfn))
+    with cpu.requests.cond:
+        cpu.requests.service_locked()
+    assert not cpu.tlb.data_cache and not cpu.requests.flush_ranges and not cpu.requests.flush_all
 
 
 def test_fill_resolved_before_a_zap_is_refused_and_retried(guest: Guest) -> None:

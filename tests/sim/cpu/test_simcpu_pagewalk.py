@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmgmem.backends.sim.cpu_pagewalk import (
+from kvmgmem.backends.sim.cpu.pagewalk import (
     ACCESS_FETCH,
     ACCESS_READ,
     ACCESS_WRITE,
@@ -14,7 +14,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     Translation,
     walk,
 )
-from kvmgmem.backends.sim.cpu_types import FaultResult, Mmio
+from kvmgmem.backends.sim.cpu.types import FaultResult, Mmio
 
 P, RW, US, PS, NX = 1, 2, 4, 0x80, 1 << 63
 CR0 = 0x80050033  # PG, WP, PE ...

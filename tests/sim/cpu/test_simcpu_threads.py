@@ -13,6 +13,7 @@ import time
 import pytest
 
 from kvmgmem.backends.sim.cpu import SimCpu
+from kvmgmem.backends.sim.cpu.requests import OUTSIDE_GUEST_MODE
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit, HltExit, IoExit
 from kvmgmem.hostmem import HostMemory
@@ -37,7 +38,7 @@ class Runner(threading.Thread):
 
 def wait_in_guest(cpu: SimCpu, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cpu._in_guest:
+    while cpu.requests.mode == OUTSIDE_GUEST_MODE:
         assert time.monotonic() < deadline, "vCPU never entered the guest"
         time.sleep(0.001)
     time.sleep(0.02)
@@ -65,7 +66,7 @@ def test_flush_from_another_thread_while_running(guest: Guest) -> None:
         assert runner.result is None
         guest.resolver.map[DATA >> 12] = other.address  # the "zap": new backing for the gfn ...
         guest.cpuset.flush(DATA >> 12, (DATA >> 12) + 1)  # ... and the remote TLB flush
-        assert cpu._ack == cpu._req  # returned only after the vCPU acknowledged
+        assert cpu.requests.ack == cpu.requests.req  # returned only after the vCPU acknowledged
         runner.join(5)
         assert isinstance(runner.result, IoExit) and runner.result.value == 7
         assert guest.u64(DATA) == 0  # the old page was never written

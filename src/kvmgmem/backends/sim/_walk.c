@@ -1,9 +1,9 @@
-/* The sim's TLB-fill fast walk in C (optional; cpu_walk.py has the pure-Python fallback it must agree with).
+/* The sim's TLB-fill fast walk in C (optional; cpu/fastwalk.py has the pure-Python fallback it must agree with).
  *
  * Why: a warm TLB refill is the sim's most frequent fill, and in Python the four-level walk is half of it.
- * This is the same plain-case walk as cpu_walk.fast_walk_py: paging on, canonical address, every entry
+ * This is the same plain-case walk as cpu.fastwalk.fast_walk_py: paging on, canonical address, every entry
  * present and cached, no reserved bits, access allowed; anything else returns None and the caller takes the
- * full walk (cpu_pagewalk.walk), which decides #PF, exits and caching.
+ * full walk (cpu.pagewalk.walk), which decides #PF, exits and caching.
  *
  * walk(ctx, tables, va, mask, c_bit, write) -> (gpa_page, writable, private) | None
  *   ctx    address of a uc_context buffer just saved (CPUX86State fields at the offsets set_layout gave)

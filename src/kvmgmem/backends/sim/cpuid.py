@@ -98,22 +98,3 @@ def kvm_cpuid(entries: Sequence[uapi.kvm_cpuid_entry2], function: int, index: in
         if sub1 is not None:
             return 0, 0, index & 0xFF, sub1.edx
     return 0, 0, 0, 0
-
-
-def check_table(entries: Sequence[uapi.kvm_cpuid_entry2]) -> str | None:
-    """Why ``kvm_check_cpuid`` refuses the table (EINVAL), or None: the linear-address width in 0x80000008
-    must be 48, 57 or 0."""
-    leaf = find_entry(entries, 0x80000008)
-    if leaf is not None:
-        vaddr_bits = (leaf.eax >> 8) & 0xFF
-        if vaddr_bits not in (0, 48, 57):
-            return f"CPUID 0x80000008 gives {vaddr_bits} linear-address bits (48, 57 or 0)"
-    return None
-
-
-def same_table(a: Sequence[uapi.kvm_cpuid_entry2], b: Sequence[uapi.kvm_cpuid_entry2]) -> bool:
-    """``kvm_cpuid_check_equal``: the same entries in the same order (function, index, flags, registers)."""
-    fields = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
-    if len(a) != len(b):
-        return False
-    return all(all(getattr(x, f) == getattr(y, f) for f in fields) for x, y in zip(a, b, strict=True))

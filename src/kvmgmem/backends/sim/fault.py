@@ -1,11 +1,11 @@
 """The outcome of the sim's TDP fault: one set of types for the kernel model and the CPU that consumes it.
 
 Why a module of its own: ``core/mmu.py`` builds these results (``kvm_mmu_faultin_pfn``'s outcomes) and
-``cpu.py`` acts on them, but the CPU layer may not import the core and the core imports nothing above
+the CPU layer (``cpu/``) acts on them, but the CPU layer may not import the core and the core imports nothing above
 ``uapi`` and ``errors``. Both may import this leaf (it imports only the standard library), so a fault's result
 reaches the vCPU as the object the model made, with no translation on the hot path.
 
-What each result means, and the full CPU contract, is in ``core/mmu.py``'s docstring; ``cpu_types.GpaResolver``
+What each result means, and the full CPU contract, is in ``core/mmu.py``'s docstring; ``cpu.types.GpaResolver``
 is the call that returns them.
 """
 

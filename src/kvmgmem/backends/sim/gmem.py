@@ -1,4 +1,4 @@
-"""``GuestMemfd`` on the sim: file operations with the kernel's errnos, over ``core.gmem``.
+"""``GuestMemfd`` on the sim: file operations over ``core.gmem``, whose ``GmemFile`` decides their errnos.
 
 Why an adapter: the core models state; this layer owns the real resources (a real fd number, the storage
 mapping via the core's Backing) and turns Python arguments into the C-level values a caller would pass.
@@ -6,7 +6,6 @@ mapping via the core's Backing) and turns Python arguments into the C-level valu
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import weakref
@@ -14,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, u64
-from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 
 from . import fdtable
+from .core import hostmm
 from .core.gmem import GmemFile
 from .mapping import map_gmem
 
@@ -56,16 +55,11 @@ class SimGuestMemfd(GuestMemfd):
         return self._file.inode.nr_present * uapi.PAGE_SIZE
 
     def _sync_host_touched(self) -> None:
-        """Pages the host touched through a real mapping are in the storage memfd: mark them present."""
-        storage = self._file.inode.backing
-        populated = getattr(storage, "populated", None)
-        if populated is None:
-            return
-        with self._file.vm.mmu.lock:
-            if not self._file.inode.alive:
-                return
-            for first, last in populated():
-                self._file.inode.materialise(first, last)
+        """Pages the host touched through a real mapping are in the storage memfd: the model counts them
+        allocated (``hostmm.user_faults``)."""
+        populated = getattr(self._file.inode.backing, "populated", None)
+        if populated is not None:
+            hostmm.user_faults(self._file, populated)
 
     # --- fallocate ------------------------------------------------------------------------------------------
 
@@ -77,10 +71,7 @@ class SimGuestMemfd(GuestMemfd):
         guest mappings, mark it hwpoisoned (guest access → EHWPOISON exit, host access → SIGBUS), no truncation."""
         op = "inject_poison"
         self._check_open(op)
-        off = uapi.signed64(u64(offset, "offset", op))
-        if off < 0:
-            raise KvmError(errno.EINVAL, op, "negative offset")
-        self._file.vm.gmem_poison(self._file, off >> uapi.PAGE_SHIFT)
+        hostmm.memory_failure(self._file, u64(offset, "offset", op))
 
     # --- mmap -----------------------------------------------------------------------------------------------
 

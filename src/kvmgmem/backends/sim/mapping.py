@@ -8,8 +8,8 @@ raises SIGBUS in the process, and beyond EOF the storage memfd SIGBUSes by itsel
 live mapping and re-points pages whose state changes (poison, and punching a poisoned page), as the kernel
 zaps user mappings. The host therefore never reads or writes private memory.
 
-What the kernel does in guest_memfd terms is done through the model here: MADV_REMOVE punches the file
-(``kvm_gmem_fallocate``: SPTEs zapped, pages freed), MADV_COLLAPSE is EINVAL.
+What the kernel does in guest_memfd terms is decided by the model: MADV_REMOVE punches the file
+(``hostmm.madvise_remove``: SPTEs zapped, pages freed), MADV_COLLAPSE is EINVAL (``GmemFile.madvise_collapse``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 from kvmgmem.libc import MADV_COLLAPSE, MADV_REMOVE, MAP_NORESERVE, PROT_RW, c_mmap, munmap
 
+from .core import hostmm
 from .core.gmem import GmemFile
 from .storage import GmemStorage, empty_fd
 
@@ -40,7 +41,7 @@ class SimMapper:
     def __init__(self, file: GmemFile, storage: GmemStorage) -> None:
         self.file = file
         self.storage = storage
-        self.accessible = file.inode.init_shared
+        self.accessible = hostmm.host_may_touch(file)
         self.finalizer: Callable[[], object] | None = None
 
     def madvise(self, mapping: GmemMapping, option: int, start: int, length: int) -> bool:
@@ -49,13 +50,8 @@ class SimMapper:
         if option != MADV_REMOVE:
             return False
         if not 0 <= start < len(mapping):
-            raise ValueError("madvise start out of range")
-        if start % uapi.PAGE_SIZE:
-            raise KvmError(errno.EINVAL, "madvise", "start not page aligned")
-        length = min(-(-length // uapi.PAGE_SIZE) * uapi.PAGE_SIZE, len(mapping) - start)
-        if length:  # madvise_remove → vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) on the file range
-            mode = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
-            self.file.vm.gmem_fallocate(self.file, mode, mapping.offset + start, length)
+            raise ValueError("madvise start out of range")  # as mmap.mmap.madvise: a Python error, not an errno
+        hostmm.madvise_remove(self.file, mapping.offset, len(mapping), start, length)
         return True
 
     def unmap(self, mapping: GmemMapping, munmap: Callable[[], None]) -> None:
@@ -84,7 +80,7 @@ def map_gmem(file: GmemFile, fd: int, length: int, offset: int, shared: bool) ->
     if storage.fd < 0:
         raise KvmError(errno.ENOMEM, "mmap", "guest_memfd storage could not be created")
     with contextlib.ExitStack() as stack:
-        source = storage.fd if file.inode.init_shared else stack.enter_context(empty_fd())
+        source = storage.fd if hostmm.host_may_touch(file) else stack.enter_context(empty_fd())
         mapping = _map(file, storage, source, fd, length, offset, shared)
     return mapping
 

@@ -19,9 +19,9 @@ from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 
 from . import fdtable
+from .core import hostmm
 from .core.gmem import GmemFile, GmemInode
 from .core.mmu import ZapListener
-from .core.steps import Steps, run_steps
 from .core.vm import VmCore
 from .cpu import CpuSet
 from .fault import FaultResult
@@ -132,11 +132,7 @@ class SimVm(Vm):
         self.core = core
         self._fd = fdtable.placeholder_fd()
         stores = self._stores = _Stores()
-        self._vcpu_lock = threading.Lock()
-        #: KVM_CREATE_IRQCHIP was done (``irqchip_in_kernel``); only a mode, no interrupt controller is modelled.
-        self.irqchip = False
-        #: KVM_SET_NR_MMU_PAGES' last value (0: never set); shadow paging's pool limit, unused by the sim's TDP MMU.
-        self.nr_mmu_pages = 0
+        self._vcpu_lock = threading.Lock()  # kvm->lock: vCPU creation and KVM_CREATE_IRQCHIP
         # When the VM fd closes, or the model destroys the VM (possibly long after this fd closed, once the
         # last guest_memfd is gone), the memslots' host memory is unpinned. Neither may reference ``self``.
         users, lock, key = self._slot_users, self._slot_lock, id(self)
@@ -175,6 +171,11 @@ class SimVm(Vm):
     @property
     def sim(self) -> VmCore:
         return self.core
+
+    @property
+    def irqchip(self) -> bool:
+        """KVM_CREATE_IRQCHIP was done (``irqchip_in_kernel``; the model's ``X86Vm``)."""
+        return self.core.arch.irqchip_in_kernel
 
     def _release(self) -> None:
         """Close the VM fd: its vCPUs close with it and its memslots stop pinning host memory (as the kvm
@@ -265,22 +266,15 @@ class SimVm(Vm):
             cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
 
     def _create_irqchip(self) -> None:
-        op = "KVM_CREATE_IRQCHIP"
-        with self._vcpu_lock:  # kvm->lock
-            if self.irqchip:
-                raise KvmError(errno.EEXIST, op, "the VM already has an in-kernel irqchip")
-            if self._vcpus:  # kvm->created_vcpus, closed vCPUs included
-                raise KvmError(errno.EINVAL, op, "vCPUs were already created")
-            self.irqchip = True
+        with self._vcpu_lock:
+            self.core.arch.create_irqchip(len(self.core.vcpu_ids))  # kvm->created_vcpus, closed vCPUs included
 
     def _get_tsc_khz(self) -> int:
         return self.core.profile.tsc_khz  # kvm->arch.default_tsc_khz (no KVM_SET_TSC_KHZ: the host's tsc_khz)
 
     def _set_nr_mmu_pages(self, pages: int) -> None:
-        if pages < uapi.KVM_MIN_ALLOC_MMU_PAGES:
-            raise KvmError(errno.EINVAL, "KVM_SET_NR_MMU_PAGES", f"{pages} < KVM_MIN_ALLOC_MMU_PAGES (64)")
         with self.core.slots_lock:
-            self.nr_mmu_pages = pages
+            self.core.arch.set_nr_mmu_pages(pages)
 
     def _create_vcpu(self, vcpu_id: int) -> SimVcpu:
         with self._vcpu_lock:
@@ -310,7 +304,7 @@ class SimVm(Vm):
     def handle_fault(
         self, gpa: int, write: bool = False, fetch: bool = False, private: bool | None = None
     ) -> FaultResult:
-        """The CPU's fault entry point (``cpu_types.GpaResolver``; contract in ``core/mmu.py``): the model's
+        """The CPU's fault entry point (``cpu.types.GpaResolver``; contract in ``core/mmu.py``): the model's
         result, as it made it (``fault.py``). ``private`` None derives the access type from the attribute;
         True/False is what the vCPU's private access bit reported (a mismatch is a memory-fault exit)."""
         return self.core.mmu.fault(gpa, write, fetch, private)
@@ -324,28 +318,9 @@ class SimVm(Vm):
 
     def mmu_notifier_invalidate(self, hva_start: int, hva_end: int, unmap: bool) -> None:
         """The host is about to discard (``unmap=False``, ``MADV_DONTNEED``) or unmap (``munmap``) the pages of
-        ``[hva_start, hva_end)``: ``kvm_mmu_notifier_invalidate_range_start``/``_end`` zap the memslots' SPTEs
-        there, and an unmap also takes the range out of what the slots may reach, so a later guest access
-        fails as the kernel's hva fault does (EFAULT) instead of touching unmapped memory. A hole in the
-        middle of a slot's live range keeps only the part below it (the sim tracks one range per slot)."""
-
-        def trim() -> None:
-            for space in self.core.memslots:
-                for slot in space:
-                    live = slot.hva_live
-                    if live is None or live[1] <= hva_start or hva_end <= live[0]:
-                        continue
-                    below = (live[0], hva_start) if live[0] < hva_start else None
-                    above = (hva_end, live[1]) if hva_end < live[1] and below is None else None
-                    slot.hva_live = below or above
-
-        def steps() -> Steps[None]:
-            for step in self.core.mmu_notifier_invalidate_steps(hva_start, hva_end):
-                yield step
-                if unmap and step.label.startswith("the host changes"):
-                    trim()
-
-        run_steps(steps())
+        ``[hva_start, hva_end)``: the memslots' SPTEs there are zapped, and an unmap takes the range out of what
+        the slots may reach (``core/hostmm.py``)."""
+        hostmm.mmu_notifier_invalidate(self.core, hva_start, hva_end, unmap)
 
     def add_zap_listener(self, callback: ZapListener) -> None:
         self.core.add_zap_listener(callback)

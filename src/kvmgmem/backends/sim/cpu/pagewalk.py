@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvmgmem.backends.sim.cpu_types import FaultResult
+from kvmgmem.backends.sim.cpu.types import FaultResult
 
 ACCESS_READ = 0
 ACCESS_WRITE = 1

@@ -1,4 +1,4 @@
-"""The TLB-fill fast path's page walk: the plain case of ``cpu_pagewalk.walk``, in Python and (when built) C.
+"""The TLB-fill fast path's page walk: the plain case of ``pagewalk.walk``, in Python and (when built) C.
 
 Why two: a warm TLB refill is the sim's most frequent fill and the walk is half of it in Python. The C
 extension ``_walk`` (``_walk.c``, built by setup.py, optional) does the same walk; ``tests/sim/cpu`` checks
@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from kvmgmem.backends.sim.cpu_pagewalk import (
+from kvmgmem.backends.sim.cpu.pagewalk import (
     CR0_WP,
     CR4_SMAP,
     EFER_NXE,
@@ -24,7 +24,7 @@ from kvmgmem.backends.sim.cpu_pagewalk import (
     PTE_RW,
     PTE_US,
 )
-from kvmgmem.backends.sim.cpu_uc import OFF_CR, OFF_EFER, OFF_EFLAGS, OFF_HFLAGS, PagingView
+from kvmgmem.backends.sim.cpu.uc import OFF_CR, OFF_EFER, OFF_EFLAGS, OFF_HFLAGS, PagingView
 
 CR0_PG = 1 << 31
 
@@ -45,12 +45,13 @@ def fast_walk_py(
 ) -> tuple[int, bool, bool | None] | None:
     """(gpa page, guest-writable, private) of a data access whose walk the cached table pages answer and
     which the guest's tables allow, else None (the full walk decides). ``private`` is the leaf's private
-    access bit, None without one (as ``cpu_pagewalk.walk``: the bit is no address bit in any entry).
+    access bit, None without one (as ``pagewalk.walk``: the bit is no address bit in any entry).
 
     ``q``: the CPU state just saved (``PagingView.load``); ``tables``: table gpa -> that cached page as u64s;
     ``mask``: the frame bits of an entry; ``c_bit``: the private access bit or 0. The caller holds the vCPU's
-    ``_cond`` with no request pending, so cached table pages are live store memory. The four levels are
-    unrolled and entries read through memoryviews: a loop with ctypes indexing took twice as long."""
+    request lock (``requests.VcpuRequests.lock``) with no request pending, so cached table pages are live store
+    memory. The four levels are unrolled and entries read through memoryviews: a loop with ctypes indexing took
+    twice as long."""
     pv = PagingView
     cr0 = q[pv.CR0]
     if not cr0 & CR0_PG:

@@ -2,7 +2,7 @@
 
 ``kvm_segment`` ↔ QEMU's segment cache is the mapping QEMU's own KVM accelerator uses (``set_seg``/``get_seg``
 in target/i386/kvm.c): the attribute bits are the descriptor's high dword. Segment registers are loaded
-without consulting the GDT — as KVM does — by editing the CPU state (see ``cpu_uc``); CPL follows SS.DPL and
+without consulting the GDT — as KVM does — by editing the CPU state (see ``uc``); CPL follows SS.DPL and
 the code size follows CS.L/CS.D, recomputed like QEMU's ``x86_update_hflags``.
 
 Control registers go through unicorn's own setters first (they update QEMU's derived state and flush its
@@ -43,7 +43,7 @@ from unicorn.x86_const import (
 )
 
 from kvmgmem import uapi
-from kvmgmem.backends.sim.cpu_uc import (
+from kvmgmem.backends.sim.cpu.uc import (
     DESC_AVL_MASK,
     DESC_B_SHIFT,
     DESC_DPL_SHIFT,

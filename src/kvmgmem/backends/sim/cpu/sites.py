@@ -2,7 +2,7 @@
 
 Unicorn honours ``emu_stop`` only at a translation-block boundary or before an instruction a code hook
 covers, and its ``helper_uc_tracecode`` walks the whole code-hook list each time a hooked instruction runs
-(``cpu_uc.CodeHooks``). So a hook on an instruction the guest runs often costs O(hooks) per run of it, and
+(``uc.CodeHooks``). So a hook on an instruction the guest runs often costs O(hooks) per run of it, and
 hooks must sit only on instructions whose run ends ``emu_start`` anyway. x86 code cannot be decoded
 without knowing where instructions start; what *is* known is that every IN/OUT/INS/OUTS starts with its
 opcode byte or a run of prefixes right before it. Hence three kinds of site, per fetched code page:
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import iced_x86 as ix
 
-from kvmgmem.backends.sim.cpu_uc import CodeHooks, Engine
+from kvmgmem.backends.sim.cpu.uc import CodeHooks, Engine
 
 PAGE_SIZE = 4096
 MASK64 = (1 << 64) - 1

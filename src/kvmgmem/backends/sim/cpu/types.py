@@ -1,6 +1,6 @@
 """The narrow contract between the sim's CPU layer and the sim VM: fault results and the resolver protocol.
 
-The CPU layer (``cpu.py``) is unicorn plus a software page walker; it knows nothing about memslots,
+The CPU layer (this package) is unicorn plus a software page walker; it knows nothing about memslots,
 attributes or guest_memfd. Every guest-physical access it cannot satisfy from unicorn's TLB goes through one
 call, ``GpaResolver.handle_fault``, which is the sim VM's equivalent of KVM's TDP page fault
 (``kvm_mmu_faultin_pfn``). The

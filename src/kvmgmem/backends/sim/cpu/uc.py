@@ -13,7 +13,7 @@ Three things here go below unicorn's Python API, each because the API cannot exp
   stop request right after calling the hook. The hook's range is evaluated when the block is translated, so
   a hook bounded to one address costs nothing anywhere else; but each run of a hooked instruction calls
   ``helper_uc_tracecode``, which walks *every* code hook of the engine (~2.5 ns each here), so hooks must
-  sit only on instructions that end ``emu_start`` anyway (``cpu_sites``). ``CodeHooks`` registers 4-byte
+  sit only on instructions that end ``emu_start`` anyway (``sites``). ``CodeHooks`` registers 4-byte
   *native* hooks (no Python call): each stores the address of the instruction about to run into a
   per-vCPU slot and, when armed, calls ``uc_emu_stop`` so the engine stops before it. A hook covering every
   instruction would cost three quarters of unicorn's speed (measured ~450 → ~100 M instructions/s for

@@ -22,8 +22,8 @@ from typing import Protocol
 from unicorn.x86_const import UC_X86_REG_CR2, UC_X86_REG_RFLAGS, UC_X86_REG_RIP, UC_X86_REG_RSP
 
 from kvmgmem.backends.sim import exit_info
-from kvmgmem.backends.sim.cpu_pagewalk import ACCESS_READ
-from kvmgmem.backends.sim.cpu_uc import (
+from kvmgmem.backends.sim.cpu.pagewalk import ACCESS_READ
+from kvmgmem.backends.sim.cpu.uc import (
     DESC_DPL_SHIFT,
     OFF_HFLAGS,
     OFF_REGS,

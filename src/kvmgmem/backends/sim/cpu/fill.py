@@ -1,0 +1,264 @@
+"""The vCPU's TLB-fill hook: our EPT. Unicorn asks it for every TLB miss (per 4 KiB page) in virtual-TLB mode.
+
+Why two paths: a warm refill (unicorn evicted an entry; every table page and the data page are cached) is the
+sim's most frequent fill, and the full walk (``memory.GuestMemoryAccess.translate``, ``pagewalk.walk``) with its
+callbacks, result objects and per-entry lock costs ~4× the fast one (``fill``, ``fastwalk``). The fast path only
+takes the plain case and hands anything else, unchanged, to the full walk (``hook_tlb_fill``), which decides
+#PF, exits and caching. A fill that installs nothing records a ``TlbEvent`` and returns False: unicorn stops
+at the faulting instruction and the run loop decides (``exits.ExitHandler.tlb_exit``).
+
+Install rule (``requests``): an entry is written only under the request lock with no request pending, and the
+vCPU is back in guest mode from then on; a fill that has to call the resolver leaves guest mode first and
+drops the lock across the call (the fault may block on VM locks a flusher holds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+from unicorn.unicorn_const import UC_MEM_FETCH, UC_MEM_WRITE
+
+from kvmgmem.backends.sim.cpu.exc import VmExitSignal
+from kvmgmem.backends.sim.cpu.fastwalk import fast_walk_py, walk_c
+from kvmgmem.backends.sim.cpu.memory import PAGE_MASK, GuestMemoryAccess
+from kvmgmem.backends.sim.cpu.outcome import DataOutcome, FillOutcome, TlbEvent, emulation_failure
+from kvmgmem.backends.sim.cpu.pagewalk import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PTE_ADDR
+from kvmgmem.backends.sim.cpu.requests import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, VcpuRequests
+from kvmgmem.backends.sim.cpu.resolve import PageResolver
+from kvmgmem.backends.sim.cpu.sites import CodeSites
+from kvmgmem.backends.sim.cpu.tlbcache import TranslationCache
+from kvmgmem.backends.sim.cpu.types import PAGE_SIZE, FaultResult, Mapped, Retry
+from kvmgmem.backends.sim.cpu.uc import Engine, PagingView, TlbEntry
+
+if TYPE_CHECKING:
+    from kvmgmem.backends.sim.cpu.cpuset import CpuSet
+
+UC_ACCESS = {16: ACCESS_READ, 17: ACCESS_WRITE, 18: ACCESS_FETCH}  # UC_MEM_READ/WRITE/FETCH
+
+
+class TlbFill:
+    """The fill hook of one vCPU's engine; ``event`` is what the last fill that installed nothing recorded."""
+
+    def __init__(
+        self,
+        uc: Engine,
+        cpuset: CpuSet,
+        requests: VcpuRequests,
+        cache: TranslationCache,
+        pages: PageResolver,
+        memory: GuestMemoryAccess,
+        sites: CodeSites,
+    ) -> None:
+        self._uc = uc
+        self.cpuset = cpuset
+        self._rq = requests
+        self._lock = requests.lock
+        self._cache = cache
+        self._stores = cache.stores
+        self._pt_cache = cache.pt_cache  # never rebound: cleared in place
+        self._pt_entries = cache.pt_entries
+        self._cached = cache.cached  # bound once: the fast path calls these per fill
+        self._window = cache.window
+        self._installed = cache.installed  # every install is noted there (tlbpages)
+        self._pages = pages
+        self._memory = memory
+        self._sites = sites
+        self._paging_view = PagingView(uc)
+        private_bit = cpuset.private_access_bit
+        self._c_bit = 0 if private_bit is None else 1 << private_bit
+        self._addr_mask = PTE_ADDR & ~self._c_bit  # frame bits of every entry (pagewalk.walk)
+        self.event: TlbEvent | None = None
+
+    def fill(self, _uch: int, vaddr: int, access: int, entry: int, _ud: int) -> bool:
+        """The TLB-fill hook (``uc.add_tlb_fill_hook``): a refill the per-vCPU caches can answer is done here,
+        in one hold of the request lock with the GIL never released, and everything else takes
+        ``hook_tlb_fill``.
+
+        The fast path only takes the plain case — paging on, a data access, every entry present without
+        reserved bits, the access allowed — so it can only answer what the full walk would answer the same
+        way. A data page missing from the data cache then goes through ``resolve.PageResolver`` exactly as
+        ``translate`` does after its walk (first touch, refault, spurious). Holding the lock with
+        ``req == ack`` is the slow path's install rule.
+        """
+        try:
+            cache = self._cache
+            if access != UC_MEM_FETCH and not cache.changing_map:
+                write = access == UC_MEM_WRITE
+                rq = self._rq
+                with self._lock:
+                    if rq.req == rq.ack and not rq.kicked and self._stores.generation == cache.stores_gen:
+                        pv = self._paging_view
+                        if walk_c is not None:
+                            pv.load()
+                            walked = walk_c(pv.address, self._pt_cache, vaddr, self._addr_mask, self._c_bit, write)
+                        else:
+                            walked = fast_walk_py(pv.load(), self._pt_entries, vaddr, self._addr_mask, self._c_bit,
+                                                  write)  # fmt: skip
+                        if walked is not None:
+                            cached = self._cached(walked[0], write, walked[2])
+                            if cached is not None:
+                                hit = self._window(cached[0], walked[1] and cached[1])
+                                if hit is not None:
+                                    e = TlbEntry.from_address(entry)
+                                    e.paddr, e.perms = hit
+                                    noted = self._installed.vpages.get(walked[0] >> 12)
+                                    if noted is None or vaddr & PAGE_MASK not in noted:
+                                        self._installed.note(walked[0], vaddr)
+                                    return True
+                            return self._fill_resolve(vaddr, access, entry, walked, cached)
+            return self.hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
+        except BaseException as e:  # what the binding's hook wrapper does: emu_start re-raises it
+            uc = self._uc
+            if uc._hook_exception is None:
+                uc._hook_exception = e
+            uc.emu_stop()
+            return False
+
+    def _fill_resolve(
+        self,
+        vaddr: int,
+        access: int,
+        entry: int,
+        walked: tuple[int, bool, bool | None],
+        cached: tuple[int, bool] | None,
+    ) -> bool:
+        """The rest of a fast-path fill whose data page needs the fault path. Called holding the request lock
+        (it is released across the resolver: the fault may block on VM locks that a flusher holds)."""
+        rq = self._rq
+        rq.mode = OUTSIDE_GUEST_MODE  # into "the kernel": requesters need not wait for us
+        seq = None
+        if cached is None:  # what resolve_page would do first, in the caller's hold
+            seq = self.cpuset.flush_seq
+            rq.in_resolver = True
+        self._lock.release()
+        try:
+            return self._fill_resolve_unlocked(vaddr, access, entry, walked, seq)
+        finally:
+            self._lock.acquire()
+
+    def _fill_resolve_unlocked(
+        self, vaddr: int, access: int, entry: int, walked: tuple[int, bool, bool | None], seq: int | None
+    ) -> bool:
+        gpa_page, writable, private = walked
+        write = access == UC_MEM_WRITE
+        outcome: FillOutcome | None
+        page: tuple[int, bool] | FaultResult | VmExitSignal
+        try:
+            if seq is None:
+                page = self._pages.resolve_page(gpa_page, write, False, private, seq)
+            else:
+                res = self._pages.call_resolver(gpa_page, write, False, private)
+                if (  # the common case: one 4 KiB mapping the access may use
+                    type(res) is Mapped
+                    and res.size == PAGE_SIZE
+                    and not res.host_ptr & (PAGE_SIZE - 1)
+                    and (res.writable or not write)
+                ):
+                    return self._fill_install(vaddr, access, entry, walked, res.host_ptr, res.writable, seq)
+                page = self._pages.resolved(gpa_page, write, private, seq, res)
+        except VmExitSignal as sig:
+            page = sig
+        if isinstance(page, tuple):
+            host_page, host_writable = page
+            with self._lock:
+                if self._rq.req == self._rq.ack:
+                    outcome = self._install_locked(entry, host_page, writable and host_writable, gpa_page, vaddr)
+                    if outcome is None:
+                        return True
+                else:
+                    outcome = Retry()
+        elif isinstance(page, VmExitSignal):
+            outcome = page
+        else:
+            outcome = DataOutcome(gpa_page, page)
+        self.event = (vaddr, UC_ACCESS.get(access, ACCESS_READ), outcome)
+        return False
+
+    def _fill_install(
+        self,
+        vaddr: int,
+        access: int,
+        entry: int,
+        walked: tuple[int, bool, bool | None],
+        host_page: int,
+        host_writable: bool,
+        seq: int,
+    ) -> bool:
+        """A 4 KiB mapping the fault path just made: cached (``PageResolver.resolved``) and installed in the TLB
+        entry (``_fill_resolve_unlocked``) in one hold of the request lock instead of two, with the same checks:
+        not stale since ``seq``, no request pending, a store holding the page."""
+        gpa_page, writable, private = walked
+        outcome: FillOutcome | None
+        cpuset, rq, cache = self.cpuset, self._rq, self._cache
+        with self._lock:
+            rq.in_resolver = False
+            if cpuset.flush_seq != seq and cpuset.stale_since(seq, gpa_page >> 12, (gpa_page >> 12) + 1):
+                outcome = DataOutcome(gpa_page, Retry())
+            else:
+                cache.data_cache[(gpa_page, private)] = (host_page, host_writable)
+                cache.note_cached(gpa_page)
+                if rq.req != rq.ack:
+                    outcome = Retry()
+                else:
+                    outcome = self._install_locked(entry, host_page, writable and host_writable, gpa_page, vaddr)
+                    if outcome is None:
+                        return True
+        self.event = (vaddr, UC_ACCESS.get(access, ACCESS_READ), outcome)
+        return False
+
+    def _install_locked(
+        self, entry: int, host_page: int, writable: bool, gpa_page: int, vaddr: int
+    ) -> VmExitSignal | None:
+        """Point unicorn's TLB ``entry`` for ``vaddr`` at ``host_page``, the page of ``gpa_page`` (caller holds
+        the lock, no request pending).
+
+        Returns None once installed — the vCPU is back in guest mode — or the emulation-failure outcome when
+        the page lies in no store the engine has mapped (never expected: the resolver returns store pages).
+        """
+        hit = self._window(host_page, writable)
+        if hit is None:
+            return emulation_failure(host_page)
+        e = TlbEntry.from_address(entry)
+        e.paddr, e.perms = hit
+        self._installed.note(gpa_page, vaddr)
+        rq = self._rq
+        rq.mode = IN_GUEST_MODE
+        if rq.kicked:  # a kick that found us outside guest mode did not stop the engine
+            self._uc.emu_stop()
+        return None
+
+    def hook_tlb_fill(self, uc: Engine, vaddr: int, access: int, entry: object, _ud: object) -> bool:
+        """The full fill: the software walk, the fault path, the code scan of a fetched page, and the install."""
+        if self._cache.changing_map:
+            # unicorn's own mem_unmap/mem_map_ptr probe addresses through this hook while we hold the lock
+            # to change the store map: no guest access is in flight, so there is nothing to translate.
+            return False
+        acc = UC_ACCESS.get(access, ACCESS_READ)
+        rq = self._rq
+        with rq.cond:
+            rq.mode = OUTSIDE_GUEST_MODE  # in "the kernel" now: requesters need not wait for us
+        outcome = self._memory.translate(vaddr, acc)
+        if isinstance(outcome, tuple):
+            with rq.cond:
+                if rq.req == rq.ack:
+                    paddr, perms, host_page, gpa_page = outcome
+                    if acc != ACCESS_FETCH or not self.scan_code(vaddr & PAGE_MASK, host_page):
+                        entry.paddr, entry.perms = paddr, perms  # type: ignore[attr-defined]
+                        self._installed.note(gpa_page, vaddr)
+                        rq.mode = IN_GUEST_MODE
+                        if rq.kicked:  # a kick that found us outside guest mode did not stop the engine
+                            uc.emu_stop()
+                        return True
+                    # an instruction being translated may run into this page, and its site was decided on
+                    # other bytes: translate again with the site pending (sites.CodeSites.scan)
+                    rq.code_stale = True
+            outcome = Retry()
+        self.event = (vaddr, acc, outcome)
+        return False
+
+    def scan_code(self, vpage: int, host_page: int) -> bool:
+        """Hook the sites where an exit must be precise (``sites``) before unicorn translates code on
+        ``vpage``; True if translated code must go first (``CodeSites.scan``). Caller holds the request lock
+        with no request pending, so ``host_page`` is live memory of a registered store."""
+        return self._sites.scan(vpage, ctypes.string_at(host_page, PAGE_SIZE))
