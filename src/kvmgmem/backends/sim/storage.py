@@ -22,7 +22,6 @@ Invariant kept for the model (``core/gmem.py``): a page the model calls absent r
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -32,7 +31,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kvmgmem import uapi
-from kvmgmem.errors import KvmError
 from kvmgmem.libc import MAP_NORESERVE, PROT_RW, c_mmap, munmap
 
 from ..kvm.sys_calls import fallocate
@@ -47,9 +45,6 @@ CHUNK = 1 << 30
 _FALLOC_PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
 #: Punches up to this size keep the GIL across the syscall (``_punch``).
 HELD_PUNCH = 2 << 20
-_held_fallocate = ctypes.PyDLL(None, use_errno=True).fallocate
-_held_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_held_fallocate.restype = ctypes.c_int
 
 
 def _punch(fd: int, offset: int, length: int) -> None:
@@ -61,12 +56,7 @@ def _punch(fd: int, offset: int, length: int) -> None:
     GIL before it can drop the lock: bench 7's implicit conversions with 4 vCPUs hit that on every third
     conversion. A large punch still releases the GIL (freeing GiBs takes milliseconds, and guest code of
     other vCPUs need not wait for it)."""
-    if length > HELD_PUNCH:
-        fallocate(fd, _FALLOC_PUNCH, offset, length)
-    elif _held_fallocate(fd, _FALLOC_PUNCH, offset, length) < 0:
-        raise KvmError(
-            ctypes.get_errno(), "fallocate", f"mode={_FALLOC_PUNCH:#x} offset={offset:#x} length={length:#x}"
-        )
+    fallocate(fd, _FALLOC_PUNCH, offset, length, hold_gil=length <= HELD_PUNCH)
 
 
 @contextlib.contextmanager
