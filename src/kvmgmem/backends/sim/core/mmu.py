@@ -75,6 +75,9 @@ ZapListener = Callable[[int, int], None]
 
 @dataclass
 class MmuCounters:
+    """What the fault path and the zaps did, counted where it happens: tests and benches read these to prove
+    that a pass made real faults (not spurious ones) and that an operation zapped what it should."""
+
     faults: int = 0
     mapped: int = 0
     spurious: int = 0
@@ -160,6 +163,8 @@ class Mmu:
         """mmu_invalidate_retry_gfn: an open invalidation covers ``gfn``, or one ended since the snapshot."""
         return self.overlaps_in_progress(gfn, gfn + 1) or self.seq != mmu_seq
 
+    # --- zap, then flush, then let the caller change state (every writer's sequence) ----------------------------
+
     def notify_zap(self, lo: int, hi: int) -> None:
         """The TLB flush after a zap: every CPU drops its cached translations (contract above)."""
         for cb in list(self.zap_listeners):
@@ -190,6 +195,7 @@ class Mmu:
         self.notify_zaps(ranges)
 
     def end_steps(self, ranges: list[tuple[int, int]]) -> Steps[None]:
+        """kvm_mmu_invalidate_end under mmu_lock, for an :meth:`invalidate_steps` that began (had ranges)."""
         if not ranges:
             return
         yield Step("KVM_MMU_LOCK; kvm_mmu_invalidate_end; KVM_MMU_UNLOCK", take=(self.klock,), drop=(self.klock,))

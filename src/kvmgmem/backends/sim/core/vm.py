@@ -102,6 +102,7 @@ class VmCore:
     # --- lifetime --------------------------------------------------------------------------------------
 
     def get(self) -> None:
+        """Take a reference (``kvm_get_kvm``): a vCPU fd or a guest_memfd file keeps the VM alive."""
         with self.slots_lock:
             self.refs += 1
 
@@ -113,12 +114,15 @@ class VmCore:
                 self._destroy()
 
     def _destroy(self) -> None:
+        """``kvm_destroy_vm``: zap and free the memslots, then tell the adapters (they unmap what they own)."""
         self.destroyed = True
         run_steps(self._destroy_steps())
         for cb in list(self.destroy_listeners):
             cb()
 
     def _destroy_steps(self) -> Steps[None]:
+        """The memslots go inside an invalidation, as ``kvm_destroy_vm`` runs the mmu notifier's release and
+        ``kvm_arch_flush_shadow_all`` first: no CPU may keep a translation into memory the VM gives back."""
         ranges = [(s.base_gfn, s.end_gfn) for s in self.memslots[0]]
         yield from self.mmu.invalidate_steps(ranges)
         yield Step("kvm_destroy_vm: free memslots", guard=self.mmu.klock)
@@ -138,15 +142,18 @@ class VmCore:
         self.mmu.zap_listeners.append(callback)
 
     def remove_zap_listener(self, callback: ZapListener) -> None:
+        """Unregister a zap listener; one never registered (or already removed) is ignored."""
         if callback in self.mmu.zap_listeners:
             self.mmu.zap_listeners.remove(callback)
 
     def add_gmem_release_listener(self, callback: Callable[[GmemInode], None]) -> None:
+        """See "Storage release" in ``core/mmu.py``: called before an inode's storage is unmapped."""
         self.gmem_release_listeners.append(callback)
 
     # --- KVM_CHECK_EXTENSION / KVM_ENABLE_CAP -------------------------------------------------------------
 
     def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (``kvm_vm_ioctl_check_extension``): some answers depend on the VM type."""
         return check_extension(self.profile, cap, self)
 
     def enable_cap(self, cap: int, flags: int, args: tuple[int, ...]) -> None:
