@@ -24,7 +24,12 @@ translations in the range at its next safe point. Tables, each growing one dimen
 * **implicit conversions vs vCPUs** (the target of issue 15: 4 vCPUs convert at least as many 4 KiB pages
   per second as 1): 1, 2 or 4 vCPUs each convert their own page back and forth by touching it through the
   private alias and the shared mapping, the VMM answering each memory-fault exit on that vCPU's thread;
-  conversions/s summed over the vCPUs.
+  conversions/s summed over the vCPUs. The three run interleaved, ``IMPLICIT_ROUNDS`` rounds of one
+  ``IMPLICIT_S`` run each, and each row is its best run: the load other jobs put on this 2-core host moves
+  the rates by 2-3× within a minute, and a row measured alone in a quiet or a busy moment made the ratio
+  say more about that moment than about the sim. Almost all of a conversion holds the GIL (only the guest's
+  own instructions, ~10% of it, run without), so N vCPU threads cannot convert much faster than one; what
+  the row checks is that they lose nothing handing the GIL and the VM's locks around.
 
 These call the CPU layer's internals (cached translations through ``SimCpu.pages.resolve_page``,
 ``SimCpu.requests.service_locked``): they are diagnostics of exactly those paths.
@@ -35,9 +40,10 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 
-from common import Report, Row, judge
+from common import Report, Row, interleaved, judge
 
 import kvmgmem
 from kvmgmem import uapi
@@ -150,7 +156,8 @@ def conversions_per_s(vcpus: int) -> float:
         return rate
 
 
-IMPLICIT_S = 1.5
+IMPLICIT_S = 0.75
+IMPLICIT_ROUNDS = 3
 IMPLICIT_BIT = 51  # the sim's private access bit for these rows (the demo's)
 
 
@@ -317,11 +324,24 @@ def run(report: Report) -> None:
         base = base or row.value
         row.ratio = row.value / base if base and row.value is not None else None
     base = None
+    runs: dict[str, list[float]] = {str(v): [] for v in VCPUS}
+
+    def sampler(vcpus: int) -> Callable[[], float]:
+        def sample() -> float:
+            rate = implicit_conversions_per_s(vcpus)[0]
+            runs[str(vcpus)].append(rate)
+            return rate
+
+        return sample
+
+    best = interleaved({str(v): sampler(v) for v in VCPUS}, IMPLICIT_ROUNDS)
     for vcpus in VCPUS:
-        rate, n = implicit_conversions_per_s(vcpus)
+        rate = best[str(vcpus)]
+        seen = ", ".join(f"{r:,.0f}" for r in runs[str(vcpus)])
         row = report.add(Row(bench, f"4 KiB implicit conversions by {vcpus} vCPU(s)", rate, "conversions/s",
                              note=f"each vCPU converts its own page (memory-fault exits, private access bit); "
-                                  f"sum over vCPUs; {n:,} in {IMPLICIT_S:g} s"))  # fmt: skip
+                                  f"sum over vCPUs; best of {IMPLICIT_ROUNDS} interleaved {IMPLICIT_S:g} s runs "
+                                  f"({seen})"))  # fmt: skip
         base = base or row.value
         row.ratio = row.value / base if base and row.value is not None else None
         if vcpus == VCPUS[-1] and base:

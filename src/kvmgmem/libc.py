@@ -38,6 +38,12 @@ mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 madvise = _libc.madvise
 madvise.restype = ctypes.c_int
 madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+#: madvise(2) without dropping the GIL (a PyDLL function), for short calls made under a lock other Python threads
+#: need: dropping the GIL there lets them run into that lock and sleep on it (the sim's guest_memfd storage
+#: populates and frees pages under ``mmu_lock``).
+madvise_held = ctypes.PyDLL(None, use_errno=True).madvise
+madvise_held.restype = ctypes.c_int
+madvise_held.argtypes = madvise.argtypes
 
 
 class iovec(ctypes.Structure):

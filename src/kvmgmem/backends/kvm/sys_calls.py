@@ -27,6 +27,10 @@ _ioctl_ptr = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+# the same call without dropping the GIL (a PyDLL function): fallocate(..., hold_gil=True)
+_fallocate_held = ctypes.PyDLL(None, use_errno=True).fallocate
+_fallocate_held.argtypes = _fallocate.argtypes
+_fallocate_held.restype = ctypes.c_int
 
 
 def op_name(request: int) -> str:
@@ -63,6 +67,8 @@ def kvm_run_function() -> Any:
     return _ioctl_run
 
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _fallocate(fd, mode, offset, length) < 0:
+def fallocate(fd: int, mode: int, offset: int, length: int, *, hold_gil: bool = False) -> None:
+    """fallocate(2); ``hold_gil`` keeps the GIL across the syscall (for a short call made under a lock that
+    other Python threads need: dropping the GIL there lets them run into that lock and sleep on it)."""
+    if (_fallocate_held if hold_gil else _fallocate)(fd, mode, offset, length) < 0:
         raise KvmError(ctypes.get_errno(), "fallocate", f"mode={mode:#x} offset={offset:#x} length={length:#x}")

@@ -27,8 +27,8 @@ Interface for the sim VM
   ``remove_store`` returns once no engine can touch the memory any more, so the VM may unmap it then.
   Call it without holding locks ``handle_fault`` takes.
 * ``flush(gfn_start=None, gfn_end=None)``: the remote TLB flush after a zap (``kvm_flush_remote_tlbs``). Every
-  vCPU that cached a translation in the range drops it (and its whole unicorn TLB, which has no per-page
-  flush); those executing guest code are stopped and the call returns only after each acknowledged. vCPUs
+  vCPU that cached a translation in the range drops it (and the pages its unicorn TLB holds for it,
+  ``tlbpages``); those executing guest code are stopped and the call returns only after each acknowledged. vCPUs
   that cached nothing there are left running: none of their TLB entries can point into the range, and a
   translation one of them resolves across the flush is refused (``CpuSet.stale_since``). Callable from any
   thread, including a vCPU's own thread inside ``handle_fault`` (the flush then takes effect before that

@@ -61,6 +61,7 @@ class TlbFill:
         self._data_cache = cache.data_cache  # never rebound: cleared in place
         self._cached = cache.cached  # bound once: the fast path calls these per fill
         self._window = cache.window
+        self._installed = cache.installed  # every install is noted there (tlbpages)
         self._pages = pages
         self._resolver = cpuset.resolver  # its handle_fault is looked up per call (tests replace it)
         self._memory = memory
@@ -106,6 +107,9 @@ class TlbFill:
                             hit = self._window(cached[0], walked[1] and cached[1])
                             if hit is not None:
                                 set_entry(entry, hit[0], hit[1])
+                                noted = self._installed.vpages.get(walked[0] >> 12)
+                                if noted is None or vaddr & PAGE_MASK not in noted:
+                                    self._installed.note(walked[0], vaddr)
                                 return True
                             return self._fill_resolve(vaddr, access, entry, walked)
             return self.hook_tlb_fill(self._uc, vaddr, access, TlbEntry.from_address(entry), None)
@@ -174,6 +178,7 @@ class TlbFill:
                     outcome = emulation_failure(host_page)
                 else:
                     set_entry(entry, hit[0], hit[1])
+                    self._installed.note(gpa_page, vaddr)
                     rq.mode = IN_GUEST_MODE
                     if rq.kicked:  # a kick that found us outside guest mode did not stop the engine
                         self._uc.emu_stop()
@@ -211,7 +216,7 @@ class TlbFill:
             host_page, host_writable = page
             with self._lock:
                 if self._rq.req == self._rq.ack:
-                    outcome = self._install_locked(entry, host_page, writable and host_writable)
+                    outcome = self._install_locked(entry, host_page, writable and host_writable, gpa_page, vaddr)
                     if outcome is None:
                         return True
                 else:
@@ -223,8 +228,11 @@ class TlbFill:
         self.event = (vaddr, UC_ACCESS.get(access, ACCESS_READ), outcome)
         return False
 
-    def _install_locked(self, entry: int, host_page: int, writable: bool) -> VmExitSignal | None:
-        """Point unicorn's TLB ``entry`` at ``host_page`` (caller holds the lock, no request pending).
+    def _install_locked(
+        self, entry: int, host_page: int, writable: bool, gpa_page: int, vaddr: int
+    ) -> VmExitSignal | None:
+        """Point unicorn's TLB ``entry`` for ``vaddr`` at ``host_page``, the page of ``gpa_page`` (caller holds
+        the lock, no request pending).
 
         Returns None once installed — the vCPU is back in guest mode — or the emulation-failure outcome when
         the page lies in no store the engine has mapped (never expected: the resolver returns store pages).
@@ -233,6 +241,7 @@ class TlbFill:
         if hit is None:
             return emulation_failure(host_page)
         set_entry(entry, hit[0], hit[1])
+        self._installed.note(gpa_page, vaddr)
         rq = self._rq
         rq.mode = IN_GUEST_MODE
         if rq.kicked:  # a kick that found us outside guest mode did not stop the engine
@@ -253,9 +262,10 @@ class TlbFill:
         if isinstance(outcome, tuple):
             with rq.cond:
                 if rq.req == rq.ack:
-                    paddr, perms, host_page = outcome
+                    paddr, perms, host_page, gpa_page = outcome
                     if acc != ACCESS_FETCH or not self.scan_code(vaddr & PAGE_MASK, host_page):
                         entry.paddr, entry.perms = paddr, perms  # type: ignore[attr-defined]
+                        self._installed.note(gpa_page, vaddr)
                         rq.mode = IN_GUEST_MODE
                         if rq.kicked:  # a kick that found us outside guest mode did not stop the engine
                             uc.emu_stop()

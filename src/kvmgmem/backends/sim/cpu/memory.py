@@ -89,8 +89,8 @@ class GuestMemoryAccess:
                 return write_data
             return ctypes.string_at(host_addr, n)
 
-    def translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int, int] | FillOutcome:
-        """For the TLB: (window address, unicorn perms, host page), or the outcome that prevents it."""
+    def translate(self, vaddr: int, acc: int, cpl: int | None = None) -> tuple[int, int, int, int] | FillOutcome:
+        """For the TLB: (window address, unicorn perms, host page, gpa page), or the outcome that prevents it."""
         try:
             res = walk(vaddr, acc, self.paging(cpl), self.read_pte, self._private_bit)
             if not isinstance(res, Translation):
@@ -110,7 +110,7 @@ class GuestMemoryAccess:
                 # Only a fetch fill grants EXEC, so every page is scanned (fill.TlbFill.scan_code) before
                 # unicorn translates code from it; a data fill of a code page costs one more fill on first fetch.
                 perms |= UC_PROT_EXEC
-            return (store.window + host_page - store.host_ptr, perms, host_page)
+            return (store.window + host_page - store.host_ptr, perms, host_page, gpa_page)
         except VmExitSignal as sig:
             return sig
 

@@ -52,7 +52,6 @@ from kvmgmem.backends.sim.cpu.uc import (
     Engine,
     add_tlb_fill_hook,
     new_engine,
-    tlb_flush,
 )
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit, HltExit, InternalErrorExit, ShutdownExit
@@ -230,7 +229,7 @@ class SimCpu:
 
             if rq.code_stale:
                 uc.ctl_flush_tb()
-                tlb_flush(uc)  # rewritten code pages are re-scanned on their next fetch fill (fill.scan_code)
+                self.tlb.installed.flush_all()  # rewritten code pages are re-scanned on their next fetch fill
                 rq.code_stale = False
             exits.clear_events()
             self.filler.event = None

@@ -4,7 +4,8 @@ Why: a guest page walk in Python costs microseconds per entry, so every page-tab
 resolved stays cached per vCPU until a flush drops it (as the hardware's paging-structure caches and KVM's
 SPTEs do). The caches are indexed by 2 MiB region of gfns (``REGION_SHIFT``), so a ranged flush costs
 O(pages cached in the range) and a flusher can ask whether this vCPU cached anything in a range at all
-(``touches``); the engine's own TLB has no per-page flush and is dropped whole. The store windows mapped
+(``touches``); the engine's own TLB loses the pages installed for the flushed gfns (``tlbpages``). The
+store windows mapped
 into the engine live here too: a store change is applied, like a flush, at the vCPU's next safe point.
 
 Everything here is called by the vCPU thread, or by a flusher holding the vCPU's request lock
@@ -18,8 +19,9 @@ import ctypes
 from unicorn import UC_PROT_ALL, UC_PROT_READ, UC_PROT_WRITE
 
 from kvmgmem.backends.sim.cpu.stores import Store, StoreMap
+from kvmgmem.backends.sim.cpu.tlbpages import InstalledPages
 from kvmgmem.backends.sim.cpu.types import PAGE_SIZE
-from kvmgmem.backends.sim.cpu.uc import Engine, tlb_flush
+from kvmgmem.backends.sim.cpu.uc import Engine
 
 REGION_SHIFT = 9  # cached gfns are indexed by 2 MiB region: range lookups cost O(regions + hits)
 _HUGE_SIZES = (2 << 20, 1 << 30)
@@ -46,6 +48,7 @@ class TranslationCache:
         self.mapped: dict[int, Store] = {}  # window -> store mapped into this engine
         self.stores_gen = -1
         self.last_store: Store | None = None  # the store the last fill found (window)
+        self.installed = InstalledPages(uc)  # what the engine's TLB holds, per gfn
 
     def touches(self, start: int, end: int) -> bool:
         """Whether any cached translation (4 KiB page, page-table page or huge mapping) lies in the range."""
@@ -80,33 +83,41 @@ class TranslationCache:
         return [t for r, t in touched.items() if first <= r <= last and t]
 
     def clear(self, ranges: list[tuple[int, int]] | None = None) -> None:
-        """Drop the unicorn TLB (it has no per-page flush) and the cached translations in ``ranges`` (all if
-        None). Cost O(cached pages in the ranges + regions), not O(cache size × ranges). Caller holds the
-        request lock or is the only thread that can touch this vCPU."""
-        tlb_flush(self._uc)
+        """Drop the cached translations in ``ranges`` (all if None) and what the engine's TLB holds of them:
+        the pages installed for their gfns and for the huge mappings dropped, or everything when a page-table
+        page is in a range (``tlbpages``). Cost O(cached pages in the ranges + regions), not O(cache size ×
+        ranges). Caller holds the request lock or is the only thread that can touch this vCPU."""
+        installed = self.installed
         if ranges is None:
+            installed.flush_all()
             self.huge_cache.clear()
             self.pt_cache.clear()
             self.pt_entries.clear()
             self.data_cache.clear()
             self.touched.clear()
             return
+        vpages: list[int] = []
         for key in list(self.huge_cache):  # few entries
             first, size = key[0] >> 12, self.huge_cache[key][2] >> 12
             if any(first < e and s < first + size for s, e in ranges):
                 del self.huge_cache[key]
+                vpages += installed.take(first, first + size)
         pt, data, pte = self.pt_cache, self.data_cache, self.pt_entries
+        table = False
         for s, e in ranges:
+            vpages += installed.take(s, e)
             for gfns in self.regions_in(s, e):
                 hit = [g for g in gfns if s <= g < e]
                 for g in hit:
                     gpa = g << 12
-                    pt.pop(gpa, None)
+                    if pt.pop(gpa, None) is not None:
+                        table = True
                     pte.pop(gpa, None)
                     data.pop((gpa, None), None)
                     data.pop((gpa, True), None)
                     data.pop((gpa, False), None)
                 gfns.difference_update(hit)
+        installed.drop(vpages, table)
 
     def note_cached(self, gpa_page: int) -> None:
         """Index a newly cached page by region (caller holds the request lock: flushers read the index)."""

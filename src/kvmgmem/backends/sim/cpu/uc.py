@@ -30,8 +30,9 @@ import struct
 import threading
 from typing import Any
 
-from unicorn import UC_ARCH_X86, UC_MODE_64, UC_TLB_VIRTUAL, Uc
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_TLB_VIRTUAL, Uc, UcError
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_OK, UC_HOOK_CODE, UC_HOOK_TLB_FILL
+from unicorn.unicorn_py3.arch.intel import UcIntel
 from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import UC_X86_REG_CR4, UC_X86_REG_FS_BASE, UC_X86_REG_GDTR, UC_X86_REG_TR
 
@@ -354,10 +355,72 @@ def _u64(address: int) -> int:
     return int(ctypes.c_uint64.from_address(address).value)
 
 
+# uc_context_save (and the engine's other short calls, ``GilEngine``) through a PyDLL: the call is ~0.3 µs, so
+# releasing and re-taking the GIL around it (what a CDLL call does) would cost more than the call and let
+# another thread in mid-fill.
+_pylib = ctypes.PyDLL(uclib._name)
+_pylib.uc_context_save.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+_pylib.uc_context_save.restype = ctypes.c_int
+for _name in ("uc_reg_read", "uc_reg_write", "uc_reg_read_batch", "uc_reg_write_batch", "uc_emu_stop",
+              "uc_context_restore", "uc_ctl"):  # fmt: skip
+    _src, _dst = getattr(uclib, _name), getattr(_pylib, _name)
+    _dst.argtypes, _dst.restype = _src.argtypes, _src.restype
+
+
+class GilEngine(UcIntel):
+    """A unicorn x86 engine whose short calls keep the GIL; only ``emu_start`` (guest code) releases it.
+
+    Why: the binding calls libunicorn through a ``CDLL``, which drops the GIL around every call. For a
+    register read or a TLB flush (well under a microsecond) that is pure cost once other vCPU threads wait
+    for the GIL: each drop wakes one of them (a futex call) and may hand it the GIL, so the vCPU waits out that
+    thread's Python before its own 0.1 µs call returns — and if it held a lock meanwhile (a vCPU's request
+    lock around ``emu_stop`` or a TLB flush), every thread wanting that lock queues behind it too. Measured
+    on bench 7's implicit conversions with 4 vCPUs: ~6 such drops per conversion. Same calls, same argument
+    types and errors as the binding (only the ``_do_*`` primitives and the stop/restore/ctl entry points
+    change which library object they go through); ``emu_start`` keeps the binding's GIL release, so guest
+    code of several vCPUs runs in parallel."""
+
+    def __new__(cls, arch: int, mode: int, cpu: int | None = None) -> GilEngine:
+        return object.__new__(cls)  # Uc.__new__ would return a plain UcIntel for UC_ARCH_X86
+
+    def _do_reg_read(self, reg_id: int, reg_obj: Any) -> int:
+        return int(_pylib.uc_reg_read(self._uch, reg_id, reg_obj))
+
+    def _do_reg_write(self, reg_id: int, reg_obj: Any) -> int:
+        return int(_pylib.uc_reg_write(self._uch, reg_id, reg_obj))
+
+    def _do_reg_read_batch(self, reglist: Any, vallist: Any, count: int) -> int:
+        return int(_pylib.uc_reg_read_batch(self._uch, reglist, vallist, count))
+
+    def _do_reg_write_batch(self, reglist: Any, vallist: Any, count: int) -> int:
+        return int(_pylib.uc_reg_write_batch(self._uch, reglist, vallist, count))
+
+    def emu_stop(self) -> None:
+        status = _pylib.uc_emu_stop(self._uch)
+        if status != UC_ERR_OK:
+            raise UcError(status)
+
+    def context_update(self, context: Any) -> None:
+        status = _pylib.uc_context_save(self._uch, context.context)
+        if status != UC_ERR_OK:
+            raise UcError(status)
+
+    def context_restore(self, context: Any) -> None:
+        status = _pylib.uc_context_restore(self._uch, context.context)
+        if status != UC_ERR_OK:
+            raise UcError(status)
+
+    def ctl(self, ctl: int, op: int, *args: Any) -> None:
+        code = (op << 30) | (len(args) << 26) | ctl  # the binding's encoding (Uc.__ctl_encode)
+        status = _pylib.uc_ctl(self._uch, code, *args)
+        if status != UC_ERR_OK:
+            raise UcError(status)
+
+
 def new_engine() -> Engine:
     """A ``UC_MODE_64`` engine in virtual-TLB mode (our TLB-fill hook is the only address translation)."""
     ensure_layout()
-    uc: Engine = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc: Engine = GilEngine(UC_ARCH_X86, UC_MODE_64)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
     # Use the (empty) exit-address set instead of emu_start's ``until``: after every emu_start unicorn
     # invalidates the code at ``until - 1`` through a *fetch TLB fill*, i.e. it would call our hook for a
@@ -369,6 +432,39 @@ def new_engine() -> Engine:
 
 def tlb_flush(uc: Engine) -> None:
     uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+
+class PageFlush:
+    """Drops single pages from one engine's TLB: QEMU's ``tlb_flush_page`` on the engine's CPU.
+
+    Why: unicorn's API only flushes the whole TLB (``UC_CTL_TLB_FLUSH``), so a vCPU that must forget one
+    zapped gfn refilled every page it used next — its code page through the full walk and code scan, its
+    stack, its data — a Python callback each. libunicorn exports QEMU's own ``tlb_flush_page_x86_64(cpu,
+    vaddr)`` (synchronous for the calling CPU: every MMU index, the victim TLB and the jump cache of that
+    page) and ``qemu_get_cpu_x86_64(uc, index)``, which returns the engine's one CPU if ``index`` is its
+    index (NULL otherwise, checked before any flush). ``available`` is False
+    when either symbol is missing (another unicorn build): callers then flush everything, as before."""
+
+    def __init__(self, uc: Engine) -> None:
+        self.cpu = 0
+        flush = getattr(_pylib, "tlb_flush_page_x86_64", None)
+        get_cpu = getattr(_pylib, "qemu_get_cpu_x86_64", None)
+        if flush is None or get_cpu is None or getattr(uc, "_uch", None) is None:  # no symbol, or not an engine
+            return
+        uc.reg_read(UC_X86_REG_CR4)  # the engine creates its CPU on first use: make sure it exists
+        get_cpu.argtypes, get_cpu.restype = (ctypes.c_void_p, ctypes.c_int), ctypes.c_void_p
+        flush.argtypes, flush.restype = (ctypes.c_void_p, ctypes.c_uint64), None
+        # unicorn leaves the CPU's index unassigned (QEMU's UNASSIGNED_CPU_INDEX, -1); 0 is what QEMU would give
+        self.cpu = get_cpu(uc._uch, -1) or get_cpu(uc._uch, 0) or 0
+        self._flush = flush
+
+    @property
+    def available(self) -> bool:
+        return self.cpu != 0
+
+    def __call__(self, vaddr: int) -> None:
+        """Drop the 4 KiB page at ``vaddr`` (engine stopped, on its own thread)."""
+        self._flush(self.cpu, vaddr)
 
 
 # --- the TLB-fill hook without the binding's wrappers -------------------------------------------------------
@@ -399,13 +495,6 @@ def add_tlb_fill_hook(uc: Engine, callback: Any) -> Any:
     if err != UC_ERR_OK:  # pragma: no cover - only on a broken unicorn
         raise LayoutError(f"uc_hook_add(TLB fill) failed: {err}")
     return cfunc
-
-
-# uc_context_save through a PyDLL: the call is ~0.3 µs, so releasing and re-taking the GIL around it (what a
-# CDLL call does) would cost more than the call and let another thread in mid-fill.
-_pylib = ctypes.PyDLL(uclib._name)
-_pylib.uc_context_save.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
-_pylib.uc_context_save.restype = ctypes.c_int
 
 
 class PagingView:
