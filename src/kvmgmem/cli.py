@@ -440,11 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = "kvmgmem"
     try:
+        # Parsing imports the chosen command's modules (iced-x86, unicorn: a few hundred ms on a loaded host),
+        # so a Ctrl-C there must end the same way as one during the command: a line and 130, no traceback.
+        args = build_parser().parse_args(argv)
+        command = f"kvmgmem {args.command}"
         result: int = args.func(args)
     except KeyboardInterrupt:
-        print(f"kvmgmem {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `kvmgmem caps --json | head`
         sys.stderr.close()
