@@ -127,15 +127,19 @@ def c_mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int, *, hold_gil: bool = False) -> None:
-    """Call ``fallocate(2)``, or raise ``KvmError(errno, "fallocate")``; ``hold_gil`` keeps the GIL across the
-    syscall (see the module's docstring)."""
+    """Call ``fallocate(2)``, or raise ``KvmError(errno, "fallocate")``.
+
+    ``hold_gil`` keeps the GIL across the syscall (see the module's docstring).
+    """
     if (_fallocate_held if hold_gil else _fallocate)(fd, mode, offset, length) < 0:
         raise KvmError(ctypes.get_errno(), "fallocate", f"mode={mode:#x} offset={offset:#x} length={length:#x}")
 
 
 def process_function(name: str, restype: Any, argtypes: list[Any]) -> Any | None:
-    """The C function ``name`` some library loaded into this process exports (``dlsym(RTLD_DEFAULT)``), typed;
-    None when none does. ``kvmgmem run``'s server finds its preload library's hooks this way."""
+    """Return the C function ``name`` a library loaded into this process exports, typed; None when none does.
+
+    The lookup is ``dlsym(RTLD_DEFAULT, name)``: ``kvmgmem run``'s server finds its preload library's hooks this way.
+    """
     try:
         func = _libc[name]  # a new function object: typing it does not touch another caller's
     except AttributeError:
