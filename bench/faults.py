@@ -38,7 +38,7 @@ PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 
 def _counters(vm: object) -> dict[str, int]:
-    return dict(vm.core.mmu.counters.__dict__)  # type: ignore[attr-defined]  # cheap; introspect() copies SPTEs
+    return dict(vm.sim.mmu.counters.__dict__)  # type: ignore[attr-defined]  # cheap; introspect() copies SPTEs
 
 
 def _pass(vm: object, gpas: range) -> float:
@@ -147,7 +147,7 @@ def zap_scaling(report: Report) -> None:
                 fault = vm.handle_fault
                 for gpa in range(GPA, GPA + size, PAGE):
                     fault(gpa, True, False)
-                mmu = vm.core.mmu  # type: ignore[attr-defined]
+                mmu = vm.sim.mmu  # type: ignore[attr-defined]
                 mid = (GPA >> 12) + count // 2
                 one = []
                 for _ in range(ZAP_REPS):

@@ -176,6 +176,40 @@ def test_selftest_says_when_nothing_matches_or_the_pattern_is_invalid(tmp_path: 
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "not a valid expression" in bad.stderr
 
 
+#: A fresh interpreter in which pytest is not installed: a meta-path finder refuses it (and its ``_pytest``).
+_WITHOUT_PYTEST = """
+import sys
+
+class NoPytest:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("pytest", "_pytest"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoPytest())
+"""
+
+
+def test_selftest_without_pytest_names_the_extra(tmp_path: Path) -> None:
+    """pytest is an optional extra (``kvmgmem[selftest]``): without it ``kvmgmem selftest`` is one line on
+    stderr naming the install and exit 1, not a traceback; ``import kvmgmem`` and the other commands need no
+    pytest."""
+    script = _WITHOUT_PYTEST + "\n".join(
+        (
+            "import kvmgmem, kvmgmem.cli",
+            "assert 'pytest' not in sys.modules, 'import kvmgmem imported pytest'",
+            "sys.exit(kvmgmem.cli.main(['selftest', '--backend', 'sim', '-k', 'GM-1']))",
+        )
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stdout == "" and result.stderr.splitlines() == [cli.SELFTEST_NEEDS_PYTEST]
+    assert "pip install 'kvmgmem[selftest]'" in result.stderr
+    caps = _WITHOUT_PYTEST + "import kvmgmem.cli\nsys.exit(kvmgmem.cli.main(['caps', '--backend', 'sim', '--json']))"
+    result = subprocess.run([sys.executable, "-c", caps], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and json.loads(result.stdout), result.stderr[-2000:]
+
+
 def _interrupt(args: list[str], cwd: Path, after: float) -> tuple[int, str, str, int]:
     """Run the installed command, send it SIGINT (Ctrl-C) after ``after`` seconds; rc, stdout, stderr, pid."""
     with subprocess.Popen(

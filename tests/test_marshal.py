@@ -28,6 +28,7 @@ import kvmgmem
 from kvmgmem import HostMemory, KvmError, uapi
 from kvmgmem.api import GuestMemfd, System, Vcpu, Vm
 from kvmgmem.conformance.fixtures import open_backend
+from kvmgmem.libc import ioctl_int
 
 P = uapi.PAGE_SIZE
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
@@ -260,15 +261,10 @@ def test_edge_values_catch_width_drift() -> None:
 
 # --- the widths themselves, against the kernel ------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_ioctl = _libc.ioctl
-_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-_ioctl.restype = ctypes.c_int
-
 
 def _raw(fd: int, request: int, arg: int) -> int:
     """A raw ioctl with a full 64-bit argument: its result, or -errno."""
-    ret = _ioctl(fd, request, arg & ((1 << 64) - 1))
+    ret = ioctl_int(fd, request, arg & ((1 << 64) - 1))
     return ret if ret >= 0 else -ctypes.get_errno()
 
 

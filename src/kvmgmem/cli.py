@@ -260,9 +260,18 @@ def _add_selftest(sub: Any) -> None:
     st.set_defaults(func=_cmd_selftest)
 
 
-def _cmd_selftest(args: argparse.Namespace) -> int:
-    from kvmgmem import selftest
+#: What ``kvmgmem selftest`` says when pytest, which runs the suite, is not installed (it is an optional extra).
+SELFTEST_NEEDS_PYTEST = "kvmgmem selftest: needs pytest, which is not installed: pip install 'kvmgmem[selftest]'"
 
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    try:
+        from kvmgmem import selftest  # the suite's driver imports pytest
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in ("pytest", "_pytest"):
+            raise
+        print(SELFTEST_NEEDS_PYTEST, file=sys.stderr)
+        return 1
     backends = None if args.backend in (None, "all") else [args.backend]
     code = selftest.main(backends, args.k, args.json, args.verbose)
     if code == 130:

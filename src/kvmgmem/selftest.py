@@ -8,6 +8,10 @@ It must behave the same from any directory, a checkout of kvmgmem included: pyte
 current directory's configuration (a checkout's ``pyproject.toml``) and conftest files, so :func:`run` gives it
 an empty configuration and roots it at the suite's own directory. ``-k`` accepts the spec ids the table shows
 (``GM-1``, ``SR-4e``; ``GM-9`` also selects GM-9a/b/c) besides pytest's own names.
+
+pytest is a test dependency, not a run-time one (the ``selftest`` extra, ``pip install 'kvmgmem[selftest]'``):
+this module imports it, so nothing in the package imports this module but the command (``kvmgmem.cli``), which says in
+one line what to install when pytest is missing.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ def _IOWR(type_: int, nr: int, struct: Any) -> int:
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+MASK64 = (1 << 64) - 1  # a u64's bits: wraps an address or a register value as the hardware does
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 KVM_USER_MEM_SLOTS = 32764
 KVM_MEM_SLOTS_NUM = 32767
@@ -222,7 +223,7 @@ def signed64(value: int) -> int:
     would, and the sim's kernel model (``backends/sim/core``, which imports nothing above this layer) to read
     them as the kernel does (``kvm_gmem_create`` refuses a size that is negative as an ``loff_t``).
     """
-    value &= (1 << 64) - 1
+    value &= MASK64
     return value - (1 << 64) if value >> 63 else value
 
 

@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 
 from kvmgmem import cli
-from kvmgmem.backends.sim.core.profile import PROFILES
+from kvmgmem.backends.sim.core.profile import DEFAULT_PROFILE, PROFILES
 from kvmgmem.run import launcher
 
 from .preload_helpers import build_c, kvmgmem_run, require_preload_library
+
+
+def test_default_profile_is_the_sims() -> None:
+    """``kvmgmem run``'s default profile is the sim's own (the launcher names it without importing the sim)."""
+    assert launcher.DEFAULT_PROFILE == DEFAULT_PROFILE
 
 
 def test_no_program_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from iced_x86 import Instruction
 
-from kvmgmem.guest.asm_encoding import ALIASES, AsmError, encoded_size, select
+from kvmgmem.guest.asm_encoding import MNEMONIC_ALIASES, AsmError, encoded_size, select
 from kvmgmem.guest.asm_forms import Arithmetic, ControlFlow, DataMovement, System
 from kvmgmem.guest.asm_layout import Item, LabelRef, Program, assemble
 from kvmgmem.guest.operands import Label, Operand
@@ -100,7 +100,7 @@ class Asm(DataMovement, Arithmetic, ControlFlow, System):
         A string operand is a label of this ``Asm``; a label or int as the operand of a jmp/jcc/call is a
         branch target; a label elsewhere is its address as a 64-bit immediate (``mov rax, label``).
         """
-        name = ALIASES.get(mnemonic.lower().rstrip("_"), mnemonic.lower().rstrip("_"))
+        name = MNEMONIC_ALIASES.get(mnemonic.lower().rstrip("_"), mnemonic.lower().rstrip("_"))
         resolved: tuple[Operand, ...] = tuple(self._ref(o) if isinstance(o, str) else o for o in ops)
         text = f"{name} {', '.join(map(_show, resolved))}".strip()
         codes, size, is_branch = select(name, resolved, text)

@@ -54,7 +54,7 @@ BRANCH_KINDS = {K.BR64_1: 1, K.BR64_4: 4}
 _SUPPORTED = set(_REG_KINDS) | set(_MEM_KINDS) | set(_FIXED_REGS) | set(_IMM_KINDS) | set(BRANCH_KINDS)
 _SUPPORTED |= {K.IMM8_CONST_1, K.CR_REG, K.DR_REG, K.SEG_REG}
 
-ALIASES = {"jz": "je", "jnz": "jne", "jc": "jb", "jnc": "jae", "jnae": "jb", "jnb": "jae", "jna": "jbe",
+MNEMONIC_ALIASES = {"jz": "je", "jnz": "jne", "jc": "jb", "jnc": "jae", "jnae": "jb", "jnb": "jae", "jna": "jbe",
            "jnbe": "ja", "jnge": "jl", "jnl": "jge", "jng": "jle", "jnle": "jg", "sal": "shl"}  # fmt: skip
 
 

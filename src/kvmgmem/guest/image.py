@@ -36,7 +36,7 @@ from kvmgmem.guest.memory import GuestMemory
 from kvmgmem.guest.operands import Label
 
 PAGE = uapi.PAGE_SIZE
-MAX_ARGS = 4
+MAX_PAYLOAD_ARGS = 4  # a payload entry's arguments, in rdx, rcx, r8, r9 (a ucall's limit is ucall.MAX_ARGS)
 #: VA of the private alias of gpa 0: PML4 slot 128 (64 TiB), far above any identity reach in use.
 PRIVATE_ALIAS_BASE = 0x4000_0000_0000
 
@@ -181,8 +181,8 @@ class GuestImage:
         system's supported CPUID, as VMMs do before the first KVM_RUN."""
         if not 0 <= index < self.nvcpus:
             raise ValueError(f"vCPU index {index} outside this image's {self.nvcpus} vCPUs")
-        if len(args) > MAX_ARGS:
-            raise ValueError(f"at most {MAX_ARGS} payload arguments")
+        if len(args) > MAX_PAYLOAD_ARGS:
+            raise ValueError(f"at most {MAX_PAYLOAD_ARGS} payload arguments")
         area = self.areas[index]
         if cpuid:
             vcpu.set_cpuid()

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmgmem import libc
 from kvmgmem.errors import KvmError
 
 
@@ -58,12 +59,9 @@ class KvmFile:
 
 def _mark_function() -> Callable[[int, int], None] | None:
     """``kvmgmem_preload_mark`` of the preload library when it is loaded into this process, else None."""
-    try:
-        func = ctypes.CDLL(None).kvmgmem_preload_mark
-    except (AttributeError, OSError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int]
-    func.restype = None
+    func: Callable[[int, int], None] | None = libc.process_function(
+        "kvmgmem_preload_mark", None, [ctypes.c_int, ctypes.c_int]
+    )
     return func
 
 

@@ -27,6 +27,8 @@ ENV_PROFILE = "KVMGMEM_RUN_PROFILE"  # the sim profile the server opens
 ENV_TRACE = "KVMGMEM_RUN_TRACE"  # where the server writes a Perfetto trace (unset: none)
 ENV_SERVER = "KVMGMEM_RUN_SERVER"  # the server module (default kvmgmem.run.server; tests substitute a fake)
 
+#: The sim's default profile (``core/profile.py``'s ``DEFAULT_PROFILE``), named here because the launcher imports
+#: nothing of the sim; tests/run/test_launcher.py checks the two agree.
 DEFAULT_PROFILE = "6.18"
 
 #: Exit statuses of a shell that cannot start a command.

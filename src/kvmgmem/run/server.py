@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kvmgmem.errors import KvmError
 from kvmgmem.libc import (
     MADV_COLLAPSE,
+    MADV_DONTNEED,
     MADV_REMOVE,
     MAP_FIXED,
     MREMAP_FIXED,
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 #: ``madvise`` returns this for "not mine: do the real call" (contract with the preload library).
 NOT_MINE = -2
-MADV_DONTNEED = 4
 MADV_FREE = 8
 MADV_DONTNEED_LOCKED = 24
 #: Advice that drops the pages of a range (the mmu notifier runs for them, ``zap_page_range_single``).

@@ -1,5 +1,5 @@
-"""The vCPU's kernel rules in the core (``core/vcpu.py``, ``core/cpuid.py``, ``core/x86_vm.py``) on plain objects:
-no fd, no unicorn.
+"""The vCPU's kernel rules in the core (``core/vcpu.py``, ``core/cpuid_tables.py``, ``core/x86_vm.py``) on plain
+objects: no fd, no unicorn.
 
 KVM_GET_SUPPORTED_CPUID, KVM_SET_CPUID2/KVM_GET_CPUID2 (``kvm_vcpu_ioctl_set_cpuid2``, ``kvm_set_cpuid``,
 ``kvm_check_cpuid``, ``kvm_cpuid_check_equal``, ``kvm_vcpu_ioctl_get_cpuid2``), the mp_state rules
@@ -17,7 +17,7 @@ import pytest
 
 from kvmgmem import uapi
 from kvmgmem.backends.sim.core import PROFILES, get_profile
-from kvmgmem.backends.sim.core.cpuid import check_cpuid, cpuid_equal, supported_cpuid
+from kvmgmem.backends.sim.core.cpuid_tables import check_cpuid, cpuid_equal, supported_cpuid
 from kvmgmem.backends.sim.core.vcpu import VcpuCore
 from kvmgmem.backends.sim.core.x86_vm import X86Vm
 from kvmgmem.backends.sim.fault import Mapped, MemoryFault, Mmio, Retry

@@ -11,8 +11,7 @@ from kvmgmem.api import GuestMemfd
 from kvmgmem.errors import KvmError
 from kvmgmem.gmem_mapping import GmemMapping
 from kvmgmem.hostmem import resident_bytes
-
-from .sys_calls import fallocate
+from kvmgmem.libc import fallocate
 
 if TYPE_CHECKING:
     from .vm import KvmVm

@@ -2,8 +2,8 @@
 
 Why a module of its own: ``core/mmu.py`` builds these results (``kvm_mmu_faultin_pfn``'s outcomes) and
 the CPU layer (``cpu/``) acts on them, but the CPU layer may not import the core and the core imports nothing above
-``uapi`` and ``errors``. Both may import this leaf (it imports only the standard library), so a fault's result
-reaches the vCPU as the object the model made, with no translation on the hot path.
+``uapi`` and ``errors``. Both may import this leaf (it imports only ``uapi`` and the standard library), so a
+fault's result reaches the vCPU as the object the model made, with no translation on the hot path.
 
 What each result means, and the full CPU contract, is in ``core/mmu.py``'s docstring; ``cpu.types.GpaResolver``
 is the call that returns them.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PAGE_SIZE = 4096
+from kvmgmem.uapi import PAGE_SIZE
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen __init__ costs ~5× (per fault)

@@ -56,12 +56,11 @@ from kvmgmem.libc import (
     MAP_NORESERVE,
     PROT_RW,
     c_mmap,
+    fallocate,
     madvise,
     madvise_held,
     munmap,
 )
-
-from ..kvm.sys_calls import fallocate
 
 if TYPE_CHECKING:
     from kvmgmem.gmem_mapping import GmemMapping

@@ -10,7 +10,7 @@ from kvmgmem.api import System
 
 from . import fdtable
 from .core.caps import check_extension
-from .core.cpuid import supported_cpuid
+from .core.cpuid_tables import supported_cpuid
 from .core.profile import Profile
 from .core.vm import create_vm
 from .vm import SimVm

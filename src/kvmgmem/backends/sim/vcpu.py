@@ -44,7 +44,7 @@ class SimVcpu(Vcpu):
         # Until userspace loads a state, the vCPU reports RESET state (unicorn starts in its own long mode).
         self._regs: uapi.kvm_regs | None = reset_regs()
         self._sregs: uapi.kvm_sregs | None = reset_sregs()
-        core = self._core = vm.core
+        core = self._core = vm.sim
         #: The model's vCPU (``core/vcpu.py``: mp_state, CPUID table, has-run), made as ``kvm_arch_vcpu_create``.
         self.sim = core.arch.vcpu_create(vcpu_id)
         self._cpu = cpus.create_cpu(vcpu_id)

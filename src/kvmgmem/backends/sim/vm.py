@@ -130,7 +130,8 @@ class SimVm(Vm):
         super().__init__()
         self.system = system
         self.vm_type = core.vm_type
-        self.core = core
+        #: The model's VM (``core/vm.py``: ``struct kvm``), as ``SimVcpu.sim`` and ``SimGuestMemfd.sim`` are theirs.
+        self.sim = core
         self._fd = fdtable.placeholder_fd()
         stores = self._stores = _Stores()
         self._vcpu_lock = threading.Lock()  # kvm->lock: vCPU creation and KVM_CREATE_IRQCHIP
@@ -170,13 +171,9 @@ class SimVm(Vm):
         return self._fd
 
     @property
-    def sim(self) -> VmCore:
-        return self.core
-
-    @property
     def irqchip(self) -> bool:
         """KVM_CREATE_IRQCHIP was done (``irqchip_in_kernel``; the model's ``X86Vm``)."""
-        return self.core.arch.irqchip_in_kernel
+        return self.sim.arch.irqchip_in_kernel
 
     def _release(self) -> None:
         """Close the VM fd: its vCPUs close with it and its memslots stop pinning host memory (as the kvm
@@ -192,13 +189,13 @@ class SimVm(Vm):
     # --- ioctls ---------------------------------------------------------------------------------------------
 
     def _check_extension(self, cap: int) -> int:
-        return self.core.check_extension(cap)
+        return self.sim.check_extension(cap)
 
     def _create_guest_memfd(self, args: uapi.kvm_create_guest_memfd) -> SimGuestMemfd:
         op = "KVM_CREATE_GUEST_MEMFD"
         anonymous = not args.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED  # no user mapping reaches it (storage.py)
         backing = functools.partial(GmemStorage, anonymous=anonymous)
-        file = self.core.create_guest_memfd(args.size, args.flags, backing)
+        file = self.sim.create_guest_memfd(args.size, args.flags, backing)
         try:
             gmem = SimGuestMemfd(self, file)
         except OSError as e:
@@ -233,7 +230,7 @@ class SimVm(Vm):
         if live is not None:  # registered before the slot exists, so no vCPU can see an unknown store
             self._stores.get(live[0], live[1] - live[0])
         try:
-            self.core.set_user_memory_region(
+            self.sim.set_user_memory_region(
                 v2=v2,
                 slot=slot,
                 flags=flags,
@@ -260,32 +257,32 @@ class SimVm(Vm):
             self._stores.put(previous)
 
     def _set_memory_attributes(self, attrs: uapi.kvm_memory_attributes) -> None:
-        self.core.set_memory_attributes(attrs.address, attrs.size, attrs.attributes, attrs.flags)
+        self.sim.set_memory_attributes(attrs.address, attrs.size, attrs.attributes, attrs.flags)
 
     def _enable_cap(self, cap: uapi.kvm_enable_cap) -> None:
-        self.core.enable_cap(cap.cap, cap.flags, tuple(cap.args))
+        self.sim.enable_cap(cap.cap, cap.flags, tuple(cap.args))
         cpus = self._stores.cpus
         if cpus is not None:
-            cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
+            cpus.exit_hypercall_mask = self.sim.hypercall_exit_mask
 
     def _create_irqchip(self) -> None:
         with self._vcpu_lock:
-            self.core.arch.create_irqchip(len(self.core.vcpu_ids))  # kvm->created_vcpus, closed vCPUs included
+            self.sim.arch.create_irqchip(len(self.sim.vcpu_ids))  # kvm->created_vcpus, closed vCPUs included
 
     def _get_tsc_khz(self) -> int:
-        return self.core.profile.tsc_khz  # kvm->arch.default_tsc_khz (no KVM_SET_TSC_KHZ: the host's tsc_khz)
+        return self.sim.profile.tsc_khz  # kvm->arch.default_tsc_khz (no KVM_SET_TSC_KHZ: the host's tsc_khz)
 
     def _set_nr_mmu_pages(self, pages: int) -> None:
-        with self.core.slots_lock:
-            self.core.arch.set_nr_mmu_pages(pages)
+        with self.sim.slots_lock:
+            self.sim.arch.set_nr_mmu_pages(pages)
 
     def _create_vcpu(self, vcpu_id: int) -> SimVcpu:
         with self._vcpu_lock:
-            self.core.create_vcpu(vcpu_id)  # the limits, and EEXIST for an id already used
+            self.sim.create_vcpu(vcpu_id)  # the limits, and EEXIST for an id already used
             try:
                 vcpu = SimVcpu(self, vcpu_id, self._cpuset())
             except BaseException:
-                self.core.create_vcpu_failed(vcpu_id)
+                self.sim.create_vcpu_failed(vcpu_id)
                 raise
             self._vcpus.append(vcpu)
             return vcpu
@@ -297,8 +294,8 @@ class SimVm(Vm):
             # The resolver holds the model, not this VM: the core's zap listener reaches the CpuSet, which must
             # not keep this VM alive (a VM dropped without close() is then collected, and its finalizer closes
             # the CpuSet).
-            cpus = CpuSet(_Resolver(self.core), self.private_access_bit)
-            cpus.exit_hypercall_mask = self.core.hypercall_exit_mask
+            cpus = CpuSet(_Resolver(self.sim), self.private_access_bit)
+            cpus.exit_hypercall_mask = self.sim.hypercall_exit_mask
             self._stores.attach(cpus)
         return cpus
 
@@ -310,27 +307,27 @@ class SimVm(Vm):
         """The CPU's fault entry point (``cpu.types.GpaResolver``; contract in ``core/mmu.py``): the model's
         result, as it made it (``fault.py``). ``private`` None derives the access type from the attribute;
         True/False is what the vCPU's private access bit reported (a mismatch is a memory-fault exit)."""
-        return self.core.mmu.fault(gpa, write, fetch, private)
+        return self.sim.mmu.fault(gpa, write, fetch, private)
 
     @property
     def private_access_bit(self) -> int | None:
         """The profile's ``private_access_bit`` if this VM's vCPUs honour it (KVM_X86_SW_PROTECTED_VM only)."""
         if self.vm_type != uapi.KVM_X86_SW_PROTECTED_VM:
             return None
-        return self.core.profile.private_access_bit
+        return self.sim.profile.private_access_bit
 
     def mmu_notifier_invalidate(self, hva_start: int, hva_end: int, unmap: bool) -> None:
         """The host is about to discard (``unmap=False``, ``MADV_DONTNEED``) or unmap (``munmap``) the pages of
         ``[hva_start, hva_end)``: the memslots' SPTEs there are zapped, and an unmap takes the range out of what
         the slots may reach (``core/hostmm.py``)."""
-        hostmm.mmu_notifier_invalidate(self.core, hva_start, hva_end, unmap)
+        hostmm.mmu_notifier_invalidate(self.sim, hva_start, hva_end, unmap)
 
     def add_zap_listener(self, callback: ZapListener) -> None:
-        self.core.add_zap_listener(callback)
+        self.sim.add_zap_listener(callback)
 
     def remove_zap_listener(self, callback: ZapListener) -> None:
-        self.core.remove_zap_listener(callback)
+        self.sim.remove_zap_listener(callback)
 
     def introspect(self) -> dict[str, Any]:
         """SPTEs, attribute ranges, memslots, guest_memfd page states and counters (``VmCore.introspect``)."""
-        return self.core.introspect()
+        return self.sim.introspect()

@@ -19,7 +19,6 @@ from kvmgmem.errors import KvmError
 from .rangemap import RangeMap
 
 OP = "KVM_SET_MEMORY_ATTRIBUTES"
-_U64 = (1 << 64) - 1
 
 
 def validate(address: int, size: int, attributes: int, flags: int, supported: int) -> tuple[int, int]:
@@ -29,7 +28,7 @@ def validate(address: int, size: int, attributes: int, flags: int, supported: in
         raise KvmError(errno.EINVAL, OP, f"flags {flags:#x} must be 0")
     if attributes & ~supported:
         raise KvmError(errno.EINVAL, OP, f"attributes {attributes:#x} not in supported mask {supported:#x}")
-    if size == 0 or address + size > _U64:
+    if size == 0 or address + size > uapi.MASK64:
         raise KvmError(errno.EINVAL, OP, "size is 0 or address + size wraps")
     if address % uapi.PAGE_SIZE or size % uapi.PAGE_SIZE:
         raise KvmError(errno.EINVAL, OP, "address or size not page aligned")

@@ -24,7 +24,6 @@ from .rangemap import RangeMap
 if TYPE_CHECKING:
     from .gmem import GmemFile
 
-_U64 = (1 << 64) - 1
 OP_V1 = "KVM_SET_USER_MEMORY_REGION"
 OP_V2 = "KVM_SET_USER_MEMORY_REGION2"
 
@@ -209,14 +208,14 @@ def check_region(
     if userspace_addr + memory_size > profile.user_addr_limit:
         raise KvmError(errno.EINVAL, op, "userspace_addr range is not a valid user range")
     # E. guest_memfd offset aligned and offset + size does not wrap (u64)
-    if gmem and (guest_memfd_offset % uapi.PAGE_SIZE or guest_memfd_offset + memory_size > _U64):
+    if gmem and (guest_memfd_offset % uapi.PAGE_SIZE or guest_memfd_offset + memory_size > uapi.MASK64):
         raise KvmError(errno.EINVAL, op, f"guest_memfd_offset {guest_memfd_offset:#x} unaligned or wraps")
     # F. address space and slot id
     as_id, slot_id = slot >> 16, slot & 0xFFFF
     if as_id >= nr_address_spaces or slot_id >= uapi.KVM_MEM_SLOTS_NUM:
         raise KvmError(errno.EINVAL, op, f"address space {as_id} >= {nr_address_spaces}")
     # G. gpa + size wraps
-    if guest_phys_addr + memory_size > _U64:
+    if guest_phys_addr + memory_size > uapi.MASK64:
         raise KvmError(errno.EINVAL, op, "guest_phys_addr + memory_size wraps")
     # H. too many pages
     if memory_size >> uapi.PAGE_SHIFT > uapi.KVM_MEM_MAX_NR_PAGES:

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from .vm import VmCore
 
 OP = "KVM_PRE_FAULT_MEMORY"
-_U64 = (1 << 64) - 1
 
 
 def check_range(gpa: int, size: int, flags: int) -> None:
@@ -42,7 +41,7 @@ def check_range(gpa: int, size: int, flags: int) -> None:
         raise KvmError(errno.EINVAL, OP, f"flags {flags:#x} must be 0")
     if gpa % uapi.PAGE_SIZE or size % uapi.PAGE_SIZE:
         raise KvmError(errno.EINVAL, OP, f"gpa {gpa:#x} and size {size:#x} must be page aligned")
-    if (gpa + size) & _U64 <= gpa:
+    if (gpa + size) & uapi.MASK64 <= gpa:
         raise KvmError(errno.EINVAL, OP, f"empty or wrapping range gpa={gpa:#x} size={size:#x}")
 
 

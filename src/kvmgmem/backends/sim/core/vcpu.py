@@ -17,7 +17,7 @@ from kvmgmem import uapi
 from kvmgmem.errors import KvmError
 
 from ..fault import FaultResult, MemoryFault, Mmio, Retry
-from .cpuid import check_cpuid, cpuid_equal
+from .cpuid_tables import check_cpuid, cpuid_equal
 
 #: mp_states only a vCPU with an in-kernel local APIC may be put in (``kvm_arch_vcpu_ioctl_set_mpstate``).
 NEEDS_LAPIC = (

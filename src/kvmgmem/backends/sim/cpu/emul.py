@@ -16,47 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import iced_x86 as ix
-from unicorn.x86_const import (
-    UC_X86_REG_FS_BASE,
-    UC_X86_REG_GS_BASE,
-    UC_X86_REG_R8,
-    UC_X86_REG_R9,
-    UC_X86_REG_R10,
-    UC_X86_REG_R11,
-    UC_X86_REG_R12,
-    UC_X86_REG_R13,
-    UC_X86_REG_R14,
-    UC_X86_REG_R15,
-    UC_X86_REG_RAX,
-    UC_X86_REG_RBP,
-    UC_X86_REG_RBX,
-    UC_X86_REG_RCX,
-    UC_X86_REG_RDI,
-    UC_X86_REG_RDX,
-    UC_X86_REG_RSI,
-    UC_X86_REG_RSP,
-)
+from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE
 
-MASK64 = (1 << 64) - 1
+from kvmgmem.backends.sim.cpu.regs import GPR_ORDER
+from kvmgmem.uapi import MASK64
 
-#: iced 64-bit GPR → unicorn register id
+#: iced 64-bit GPR → unicorn register id (the sixteen GPRs of the kvm_regs table, which also holds rip and rflags)
 UC_GPR: dict[ix.Register_, int] = {
-    ix.Register.RAX: UC_X86_REG_RAX,
-    ix.Register.RBX: UC_X86_REG_RBX,
-    ix.Register.RCX: UC_X86_REG_RCX,
-    ix.Register.RDX: UC_X86_REG_RDX,
-    ix.Register.RSI: UC_X86_REG_RSI,
-    ix.Register.RDI: UC_X86_REG_RDI,
-    ix.Register.RSP: UC_X86_REG_RSP,
-    ix.Register.RBP: UC_X86_REG_RBP,
-    ix.Register.R8: UC_X86_REG_R8,
-    ix.Register.R9: UC_X86_REG_R9,
-    ix.Register.R10: UC_X86_REG_R10,
-    ix.Register.R11: UC_X86_REG_R11,
-    ix.Register.R12: UC_X86_REG_R12,
-    ix.Register.R13: UC_X86_REG_R13,
-    ix.Register.R14: UC_X86_REG_R14,
-    ix.Register.R15: UC_X86_REG_R15,
+    getattr(ix.Register, name.upper()): reg for name, reg in GPR_ORDER if name not in ("rip", "rflags")
 }
 _HIGH_BYTE = {ix.Register.AH, ix.Register.BH, ix.Register.CH, ix.Register.DH}
 

@@ -32,8 +32,8 @@ from kvmgmem.backends.sim.cpu.tlbcache import TranslationCache
 from kvmgmem.backends.sim.cpu.types import PAGE_SIZE, FaultResult, MemoryFault, Mmio, Retry
 from kvmgmem.backends.sim.cpu.uc import CpuState
 from kvmgmem.exits import MemoryFaultExit
+from kvmgmem.uapi import MASK64
 
-MASK64 = (1 << 64) - 1
 PAGE_MASK = ~(PAGE_SIZE - 1) & MASK64
 
 

@@ -15,8 +15,7 @@ from kvmgmem.backends.sim.cpu.exc import VmExitSignal
 from kvmgmem.backends.sim.cpu.pagewalk import NonCanonical, PageFault
 from kvmgmem.backends.sim.cpu.types import FaultResult, Mapped, MemoryFault, Mmio, Retry
 from kvmgmem.exits import InternalErrorExit
-
-KVM_INTERNAL_ERROR_EMULATION = 1
+from kvmgmem.uapi import KVM_INTERNAL_ERROR_EMULATION
 
 
 def emulation_failure(*data: int) -> VmExitSignal:

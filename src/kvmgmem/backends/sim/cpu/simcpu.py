@@ -32,7 +32,7 @@ from unicorn.x86_const import (
 )
 
 from kvmgmem import uapi
-from kvmgmem.backends.sim import cpuid
+from kvmgmem.backends.sim import guest_cpuid
 from kvmgmem.backends.sim.cpu import regs
 from kvmgmem.backends.sim.cpu.exc import Event, ExceptionDelivery, GuestException, NeedRetry, VmExitSignal
 from kvmgmem.backends.sim.cpu.exits import ExitHandler
@@ -131,14 +131,14 @@ class SimCpu:
     def cpuid_entries(self) -> list[uapi.kvm_cpuid_entry2]:
         """The table with KVM's runtime bits refreshed from the current CR4 and APIC base (KVM_GET_CPUID2)."""
         with self._mutex:
-            return cpuid.runtime_entries(self._cpuid, self._uc.reg_read(UC_X86_REG_CR4), self.apic_base)
+            return guest_cpuid.runtime_entries(self._cpuid, self._uc.reg_read(UC_X86_REG_CR4), self.apic_base)
 
     def _hook_cpuid(self, uc: Engine, _ud: object) -> int:
-        """CPUID exits on KVM: ``kvm_emulate_cpuid`` answers from the KVM_SET_CPUID2 table (``cpuid.py``) and
+        """CPUID exits on KVM: ``kvm_emulate_cpuid`` answers from the KVM_SET_CPUID2 table (``guest_cpuid.py``) and
         writes the four results zero-extended. Returning 1 skips the emulator's own CPUID model."""
         rax, rcx, cr4 = uc.reg_read_batch([UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_CR4])
-        table = cpuid.runtime_entries(self._cpuid, cr4, self.apic_base)
-        eax, ebx, ecx, edx = cpuid.kvm_cpuid(table, rax & 0xFFFFFFFF, rcx & 0xFFFFFFFF)
+        table = guest_cpuid.runtime_entries(self._cpuid, cr4, self.apic_base)
+        eax, ebx, ecx, edx = guest_cpuid.kvm_cpuid(table, rax & 0xFFFFFFFF, rcx & 0xFFFFFFFF)
         uc.reg_write_batch([(UC_X86_REG_RAX, eax), (UC_X86_REG_RBX, ebx), (UC_X86_REG_RCX, ecx), (UC_X86_REG_RDX, edx)])
         return 1
 

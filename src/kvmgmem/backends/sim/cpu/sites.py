@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 import iced_x86 as ix
 
 from kvmgmem.backends.sim.cpu.uc import CodeHooks, Engine
+from kvmgmem.uapi import MASK64, PAGE_SIZE
 
-PAGE_SIZE = 4096
-MASK64 = (1 << 64) - 1
 HLT = 0xF4
 # IN/OUT imm8 (E4-E7), IN/OUT dx (EC-EF), INS/OUTS (6C-6F)
 _IO_OPCODES = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f]")

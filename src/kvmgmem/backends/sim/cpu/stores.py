@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 WINDOW_BASE = 1 << 40
 WINDOW_ALIGN = 2 << 20
-PAGE_MASK = 0xFFF
+PAGE_OFFSET_MASK = 0xFFF  # the offset bits of a 4 KiB page (cpu/memory.py's PAGE_MASK keeps the others)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class StoreMap:
         self.generation = 0
 
     def add(self, host_ptr: int, size: int) -> Store:
-        if host_ptr <= 0 or host_ptr & PAGE_MASK or size <= 0 or size & PAGE_MASK:
+        if host_ptr <= 0 or host_ptr & PAGE_OFFSET_MASK or size <= 0 or size & PAGE_OFFSET_MASK:
             raise ValueError(f"store 0x{host_ptr:x}+0x{size:x} must be page aligned and non-empty")
         with self._lock:
             starts, stores = self._index

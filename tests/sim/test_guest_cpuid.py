@@ -1,10 +1,10 @@
-"""The sim's CPUID model (``backends/sim/cpuid.py``): KVM's lookup rules in isolation, and a guest with no table."""
+"""The guest's CPUID (``backends/sim/guest_cpuid.py``): KVM's lookup rules in isolation, and a guest with no table."""
 
 from __future__ import annotations
 
 from kvmgmem import uapi
 from kvmgmem.backends.sim import SimSystem
-from kvmgmem.backends.sim.cpuid import kvm_cpuid, runtime_entries
+from kvmgmem.backends.sim.guest_cpuid import kvm_cpuid, runtime_entries
 from kvmgmem.guest import Asm, GuestImage, GuestVm
 from kvmgmem.guest import ucall as U
 from kvmgmem.guest.operands import eax, ecx, rax, rbx, rcx, rdx

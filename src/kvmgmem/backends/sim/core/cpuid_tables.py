@@ -1,8 +1,8 @@
 """The kernel's CPUID rules outside the guest: KVM_GET_SUPPORTED_CPUID's table, and which tables KVM_SET_CPUID2 takes.
 
-Why here and not beside the guest's lookup (``backends/sim/cpuid.py``, ``kvm_cpuid``): that one runs in the CPU layer,
-on every CPUID the guest executes, and the CPU may not import the core; these answer ioctls, and are the core's
-like every other errno and table the sim's kernel gives (``VcpuCore.set_cpuid2`` uses the checks).
+Why here and not beside the guest's lookup (``backends/sim/guest_cpuid.py``, ``kvm_cpuid``): that one runs in the
+CPU layer, on every CPUID the guest executes, and the CPU may not import the core; these answer ioctls, and are the
+core's like every other errno and table the sim's kernel gives (``VcpuCore.set_cpuid2`` uses the checks).
 """
 
 from __future__ import annotations
