@@ -197,9 +197,7 @@ def run(report: Report, rounds: int = ROUNDS, n_kvm: int = N_KVM) -> None:
             if lib is not None:
                 samplers[f"{INPROC}, {cpl}"] = _inproc_sampler(stack, lib, user, n_kvm)
             samplers[f"kvmgmem kvm, vcpu.run(), {CEXT}, {cpl}"] = _python_sampler(stack, "kvm", user, n_kvm)
-            samplers[f"kvmgmem kvm, vcpu.run(), {PURE}, {cpl}"] = _python_sampler(
-                stack, "kvm", user, n_kvm, pure=True
-            )
+            samplers[f"kvmgmem kvm, vcpu.run(), {PURE}, {cpl}"] = _python_sampler(stack, "kvm", user, n_kvm, pure=True)
             samplers[f"bare Python KVM_RUN loop, {cpl}"] = _python_sampler(stack, "kvm", user, n_kvm, raw=True)
         for user, cpl in ((False, "CPL0"), (True, "CPL3")):
             samplers[f"kvmgmem sim, vcpu.run(), {cpl}"] = _python_sampler(stack, "sim", user, N_SIM)
