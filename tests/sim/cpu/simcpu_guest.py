@@ -18,8 +18,10 @@ from collections.abc import Iterable
 import iced_x86 as ix
 
 from kvmgmem import uapi
+from kvmgmem.backends.sim.core.hypercall import emulate_hypercall
 from kvmgmem.backends.sim.cpu import CpuSet, SimCpu
 from kvmgmem.backends.sim.cpu.types import Mapped, MemoryFault, Mmio, Retry
+from kvmgmem.exits import HypercallExit
 from kvmgmem.hostmem import HostMemory
 
 C = ix.Code
@@ -223,7 +225,11 @@ def long_mode_sregs(user: bool = False) -> uapi.kvm_sregs:
 
 
 class FakeResolver:
-    """gfn → host page; gfns in ``faults`` give MemoryFault, ``retry_budget`` Retry; unmapped gfns are MMIO."""
+    """gfn → host page; gfns in ``faults`` give MemoryFault, ``retry_budget`` Retry; unmapped gfns are MMIO.
+
+    Hypercalls are answered by the kernel model's rules (``core/hypercall.py``) with ``hypercall_exit_mask`` as
+    KVM_CAP_EXIT_HYPERCALL's mask, or by ``hypercall_answer`` when set; each call is recorded in ``hypercalls``.
+    """
 
     def __init__(self) -> None:
         self.map: dict[int, int] = {}
@@ -232,6 +238,18 @@ class FakeResolver:
         self.retry_budget = 0
         self.calls: list[tuple[int, bool, bool]] = []
         self.on_fault = None
+        self.hypercall_exit_mask = 0
+        self.hypercall_answer: int | HypercallExit | None = None
+        self.hypercalls: list[tuple[int, ...]] = []
+
+    def emulate_hypercall(self, cpl: int, nr: int, a0: int, a1: int, a2: int, a3: int) -> int | HypercallExit:
+        self.hypercalls.append((cpl, nr, a0, a1, a2, a3))
+        if self.hypercall_answer is not None:
+            return self.hypercall_answer
+        answer = emulate_hypercall(self.hypercall_exit_mask, cpl, nr, a0, a1, a2, a3)
+        if isinstance(answer, int):
+            return answer
+        return HypercallExit(answer.nr, (*answer.args, 0, 0, 0), answer.long_mode)
 
     def handle_fault(self, gpa: int, write: bool, fetch: bool) -> Mapped | MemoryFault | Mmio | Retry:
         self.calls.append((gpa, write, fetch))

@@ -19,7 +19,7 @@ def _hypercall_guest(a0: int, a1: int, a2: int = 0x10, insn: ix.Instruction | No
 
 
 def test_map_gpa_range_exit_and_completion(guest: Guest) -> None:
-    guest.cpuset.exit_hypercall_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+    guest.resolver.hypercall_exit_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
     guest.load(_hypercall_guest(0x200000, 4, 0x10))
     cpu = guest.cpu()
     ex = cpu.run()
@@ -34,7 +34,7 @@ def test_map_gpa_range_exit_and_completion(guest: Guest) -> None:
 
 
 def test_vmmcall_is_a_hypercall_too(guest: Guest) -> None:
-    guest.cpuset.exit_hypercall_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+    guest.resolver.hypercall_exit_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
     guest.load(_hypercall_guest(0x1000, 1, 0, I.create(C.VMMCALL)))
     ex = guest.cpu().run()
     assert isinstance(ex, HypercallExit) and ex.args[:3] == (0x1000, 1, 0)
@@ -49,7 +49,7 @@ def test_enosys_when_exit_not_enabled(guest: Guest) -> None:
 
 
 def test_einval_cases(guest: Guest) -> None:
-    guest.cpuset.exit_hypercall_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+    guest.resolver.hypercall_exit_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
     for a0, a1 in ((0x200001, 1), (0x200000, 0), (0x1000, MASK64)):  # gfn + npages wraps in u64
         g = guest
         g.load(_hypercall_guest(a0, a1))
@@ -66,12 +66,33 @@ def test_unknown_hypercall_is_enosys(guest: Guest) -> None:
 
 
 def test_cpl3_hypercall_is_eperm(guest: Guest) -> None:
-    guest.cpuset.exit_hypercall_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+    guest.resolver.hypercall_exit_mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
     guest.load(_hypercall_guest(0x200000, 1))
     cpu = guest.cpu(user=True)
     assert cpu.get_sregs().cs.dpl == 3
     assert isinstance(cpu.run(), IoExit)
     assert cpu.get_regs().rax == (-uapi.KVM_EPERM) & MASK64
+
+
+def test_the_cpu_asks_the_resolver_and_applies_its_answer(guest: Guest) -> None:
+    """The CPU decides nothing about a hypercall: it passes CPL, RAX and RBX/RCX/RDX/RSI to the resolver
+    (``kvm_emulate_hypercall`` is the kernel model's), writes an int answer to RAX and steps over the VMCALL."""
+    guest.resolver.hypercall_answer = 42
+    a = Asm().mov_imm(R.RAX, 77).mov_imm(R.RBX, 1).mov_imm(R.RCX, 2).mov_imm(R.RDX, 3).mov_imm(R.RSI, 4)
+    guest.load(a(I.create(C.VMCALL)).out(0x10).hlt())
+    cpu = guest.cpu(user=True)
+    ex = cpu.run()
+    assert isinstance(ex, IoExit) and ex.value == 42
+    assert guest.resolver.hypercalls == [(3, 77, 1, 2, 3, 4)]
+    exit = HypercallExit(5, (6, 7, 8, 0, 0, 0), True)
+    guest.resolver.hypercall_answer = exit  # any exit the resolver returns is the run's, completed as such
+    guest.load(Asm()(I.create(C.VMMCALL)).out(0x10).hlt())
+    cpu = guest.cpu()
+    assert cpu.run() is exit
+    cpu.complete_hypercall(9)
+    ex = cpu.run()
+    assert isinstance(ex, IoExit) and ex.value == 9
+    assert guest.resolver.hypercalls[-1][0] == 0  # CPL 0
 
 
 def _handler_reporting(port: int, with_error_code: bool) -> Asm:

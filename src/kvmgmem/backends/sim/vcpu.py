@@ -22,6 +22,7 @@ from . import fdtable
 from .core.prefault import pre_fault_memory
 from .core.vcpu import reset_regs, reset_sregs
 from .core.vm import VmCore
+from .cpu.types import Interrupted
 from .exit_info import EXIT_REASON_EPT_VIOLATION, emulation_failure, ept_violation_qualification
 from .fault import Mmio
 
@@ -135,18 +136,21 @@ class SimVcpu(Vcpu):
         vcpu = self.sim
         vcpu.run_entry(immediate_exit=self._cpu.take_kick())  # EINTR before every state check, as in KVM
         self._accept_events()
-        if vcpu.must_block:
-            self._cpu.block("KVM_RUN")  # kvm_vcpu_block: only a kick ends it (EINTR)
-        if self._sregs is not None:  # never loaded: real mode, as after RESET
-            return self._run_real_mode()
-        if self._regs is not None:  # segments and control registers loaded, GPRs still RESET's
-            self._cpu.set_regs(self._regs)
-            self._regs = None
-        vcpu.entered()
-        exit = self._cpu.run()
-        if isinstance(exit, HltExit) and vcpu.emulate_halt():
-            self._cpu.block("KVM_RUN")  # halted in the kernel: only an interrupt would wake it
-        return exit
+        try:  # a kick ends a block or a run with Interrupted: the engine reports it, the core says it is EINTR
+            if vcpu.must_block:
+                self._cpu.block("KVM_RUN")  # kvm_vcpu_block: only a kick ends it
+            if self._sregs is not None:  # never loaded: real mode, as after RESET
+                return self._run_real_mode()
+            if self._regs is not None:  # segments and control registers loaded, GPRs still RESET's
+                self._cpu.set_regs(self._regs)
+                self._regs = None
+            vcpu.entered()
+            exit = self._cpu.run()
+            if isinstance(exit, HltExit) and vcpu.emulate_halt():
+                self._cpu.block("KVM_RUN")  # halted in the kernel: only an interrupt would wake it
+            return exit
+        except Interrupted as stop:
+            raise vcpu.interrupted(stop.blocked) from None
 
     def _run_real_mode(self) -> Exit:
         """KVM_RUN in the RESET state's real mode, as far as the sim can follow it.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kvmgmem import uapi
 from kvmgmem.api import Userspace, Vm
 from kvmgmem.errors import KvmError
+from kvmgmem.exits import HypercallExit
 from kvmgmem.gmem_mapping import GmemMapping
 
 from . import fdtable
@@ -119,10 +120,22 @@ class _Resolver:
     ``SimVm.handle_fault`` calls), stored as an instance attribute so that a TLB fill reaches the fault with
     no SimVm frame or weak proxy in between (each was a call per fault)."""
 
-    __slots__ = ("handle_fault",)
+    __slots__ = ("_core", "handle_fault")
 
     def __init__(self, core: VmCore) -> None:
+        self._core = core
         self.handle_fault = core.mmu.fault
+
+    def emulate_hypercall(self, cpl: int, nr: int, a0: int, a1: int, a2: int, a3: int) -> int | HypercallExit:
+        return _emulate_hypercall(self._core, cpl, nr, a0, a1, a2, a3)
+
+
+def _emulate_hypercall(core: VmCore, cpl: int, nr: int, a0: int, a1: int, a2: int, a3: int) -> int | HypercallExit:
+    """The model's ``kvm_emulate_hypercall`` (``VmCore.emulate_hypercall``); its exit becomes the API's exit."""
+    answer = core.emulate_hypercall(cpl, nr, a0, a1, a2, a3)
+    if isinstance(answer, int):
+        return answer
+    return HypercallExit(answer.nr, (*answer.args, 0, 0, 0), answer.long_mode)
 
 
 class SimVm(Vm):
@@ -261,9 +274,6 @@ class SimVm(Vm):
 
     def _enable_cap(self, cap: uapi.kvm_enable_cap) -> None:
         self.sim.enable_cap(cap.cap, cap.flags, tuple(cap.args))
-        cpus = self._stores.cpus
-        if cpus is not None:
-            cpus.exit_hypercall_mask = self.sim.hypercall_exit_mask
 
     def _create_irqchip(self) -> None:
         with self._vcpu_lock:
@@ -295,7 +305,6 @@ class SimVm(Vm):
             # not keep this VM alive (a VM dropped without close() is then collected, and its finalizer closes
             # the CpuSet).
             cpus = CpuSet(_Resolver(self.sim), self.private_access_bit)
-            cpus.exit_hypercall_mask = self.sim.hypercall_exit_mask
             self._stores.attach(cpus)
         return cpus
 
@@ -308,6 +317,10 @@ class SimVm(Vm):
         result, as it made it (``fault.py``). ``private`` None derives the access type from the attribute;
         True/False is what the vCPU's private access bit reported (a mismatch is a memory-fault exit)."""
         return self.sim.mmu.fault(gpa, write, fetch, private)
+
+    def emulate_hypercall(self, cpl: int, nr: int, a0: int, a1: int, a2: int, a3: int) -> int | HypercallExit:
+        """The CPU's hypercall entry point (``cpu.types.GpaResolver``): the model's ``kvm_emulate_hypercall``."""
+        return _emulate_hypercall(self.sim, cpl, nr, a0, a1, a2, a3)
 
     @property
     def private_access_bit(self) -> int | None:

@@ -142,6 +142,14 @@ class VcpuCore:
         if immediate_exit:
             raise KvmError(errno.EINTR, "KVM_RUN")
 
+    def interrupted(self, blocked: bool) -> KvmError:
+        """The error KVM_RUN fails with when a signal (a kick) ends it before an exit: EINTR, the run's exit reason
+        KVM_EXIT_INTR — ``xfer_to_guest_mode_handle_work`` on the way into the guest, ``kvm_vcpu_check_block``
+        while ``blocked`` in ``kvm_vcpu_block``. The caller raises it."""
+        if blocked:
+            return KvmError(errno.EINTR, "KVM_RUN", "blocked vCPU woken by a signal")
+        return KvmError(errno.EINTR, "KVM_RUN")
+
     @property
     def must_block(self) -> bool:
         """``kvm_vcpu_block`` on entry: a halted vCPU, or an AP waiting for INIT/SIPI, does not enter the guest;

@@ -35,6 +35,7 @@ from .caps import check_extension
 from .gmem import Backing, GmemFile, GmemInode
 from .gmem_ops import Fd as Fd
 from .gmem_ops import FdLookup, GmemOps
+from .hypercall import HypercallUserExit, emulate_hypercall
 from .introspect import introspect
 from .memslot_ops import MemslotOps
 from .memslots import AddressSpace, Memslot, MemslotChange
@@ -173,6 +174,11 @@ class VmCore:
             raise KvmError(errno.EINVAL, op, f"args[0] {args[0]:#x} has bits outside {allowed:#x}")
         with self.slots_lock:
             self.hypercall_exit_mask = args[0]
+
+    def emulate_hypercall(self, cpl: int, nr: int, a0: int, a1: int, a2: int, a3: int) -> int | HypercallUserExit:
+        """``kvm_emulate_hypercall`` for a vCPU of this VM (``core/hypercall.py``) with its KVM_CAP_EXIT_HYPERCALL
+        mask, which only the core holds."""
+        return emulate_hypercall(self.hypercall_exit_mask, cpl, nr, a0, a1, a2, a3)
 
     # --- KVM_CREATE_VCPU (kvm_vm_ioctl_create_vcpu) -----------------------------------------------------------------
 

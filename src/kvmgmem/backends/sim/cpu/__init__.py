@@ -13,7 +13,9 @@ Interface for the sim VM
 ``CpuSet(resolver)`` — one per VM (KVM's ``struct kvm`` as far as vCPUs are concerned):
 
 * ``resolver``: a ``GpaResolver`` (``handle_fault(gpa, write, fetch) -> Mapped | MemoryFault | Mmio | Retry``,
-  see ``types``) — the VM's TDP fault handler.
+  see ``types``) — the VM's TDP fault handler — and ``emulate_hypercall(cpl, nr, a0, a1, a2, a3) -> int |
+  HypercallExit``, KVM's ``kvm_emulate_hypercall`` (the CPU finds the VMCALL and applies the answer; the CPL it
+  passes is SS.DPL, as KVM's ``get_cpl``).
 * ``private_access_bit`` (sim-only, default None): bit N of a leaf guest PTE marks the access private, like
   SEV's C-bit (``pagewalk``). The bit is stripped from the frame address and every data access resolves
   with ``handle_fault(..., private=True/False)``; a mismatch with the gfn's attribute is then a
@@ -33,8 +35,6 @@ Interface for the sim VM
   translation one of them resolves across the flush is refused (``CpuSet.stale_since``). Callable from any
   thread, including a vCPU's own thread inside ``handle_fault`` (the flush then takes effect before that
   vCPU executes another instruction).
-* ``exit_hypercall_mask``: KVM_CAP_EXIT_HYPERCALL's argument (bit 12 = KVM_HC_MAP_GPA_RANGE); the VM sets it
-  on ``enable_cap``. The CPL check is the CPU's (from SS.DPL, as KVM's ``get_cpl``).
 * ``create_cpu(vcpu_id) -> SimCpu``, ``close()``.
 
 ``SimCpu`` — one unicorn engine (``UC_MODE_64``, virtual-TLB mode) per vCPU, driven by one thread at a time:
@@ -42,9 +42,9 @@ Interface for the sim VM
 * ``get_regs/set_regs/get_sregs/set_sregs`` with ``uapi.kvm_regs``/``uapi.kvm_sregs`` and KVM semantics
   (hidden segment state loaded as given, CPL = SS.DPL, EFER verbatim; see ``regs``).
 * ``run() -> exits.Exit``: IoExit, MmioExit, HltExit, HypercallExit, MemoryFaultExit, ShutdownExit,
-  InternalErrorExit. Raises ``KvmError(EINTR, "KVM_RUN")`` when kicked.
+  InternalErrorExit. Raises ``types.Interrupted`` when kicked (KVM_RUN's EINTR is the caller's to report).
 * ``complete_io(data)``, ``complete_mmio(data)``, ``complete_hypercall(ret)``: answers applied on the next run.
-* ``kick()``: KVM's ``immediate_exit`` + signal: the running (or next) ``run()`` raises EINTR once.
+* ``kick()``: KVM's ``immediate_exit`` + signal: the running (or next) ``run()`` raises ``Interrupted`` once.
 * ``flush(...)``: this vCPU only; ``invalidate_code()``: drop translated code after the host rewrote guest
   code that already ran (real KVM needs nothing; unicorn caches translations). ``set_regs``/``set_sregs``
   do it implicitly.
@@ -125,12 +125,13 @@ Measured costs (this 2-vCPU VM, Python 3.11, unicorn 2.1.4; noisy — real numbe
 from kvmgmem.backends.sim.cpu.cpuset import CpuSet
 from kvmgmem.backends.sim.cpu.requests import MAX_PENDING_RANGES
 from kvmgmem.backends.sim.cpu.simcpu import SimCpu
-from kvmgmem.backends.sim.cpu.types import GpaResolver, Mapped, MemoryFault, Mmio, Retry
+from kvmgmem.backends.sim.cpu.types import GpaResolver, Interrupted, Mapped, MemoryFault, Mmio, Retry
 
 __all__ = [
     "MAX_PENDING_RANGES",
     "CpuSet",
     "GpaResolver",
+    "Interrupted",
     "Mapped",
     "MemoryFault",
     "Mmio",

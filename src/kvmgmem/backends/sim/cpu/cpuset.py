@@ -25,7 +25,6 @@ class CpuSet:
         self.resolver = resolver
         self.private_access_bit = private_access_bit
         self.stores = StoreMap()
-        self.exit_hypercall_mask = 0
         # replaced, never mutated (under _lock): a flush iterates a snapshot without taking the lock
         self._cpus: tuple[SimCpu, ...] = ()
         self._lock = threading.Lock()

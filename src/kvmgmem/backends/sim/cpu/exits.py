@@ -3,8 +3,8 @@
 Why one place: every stop of ``emu_start`` is decided here from what the hooks recorded — an IN/OUT, an
 interrupt, an invalid opcode, a TLB fill that installed nothing (``outcome.TlbEvent``) — the way KVM's exit
 handlers turn a VM exit into a KVM_EXIT_* for userspace (``complete_userspace_io`` then finishes the
-instruction on the next KVM_RUN), into an exception to inject, or into a hypercall it answers itself
-(``kvm_emulate_hypercall``).
+instruction on the next KVM_RUN), into an exception to inject, or into a hypercall KVM answers itself
+(``kvm_emulate_hypercall``: the resolver's answer, ``types.GpaResolver.emulate_hypercall``; the CPU only applies it).
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import iced_x86 as ix
-from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RIP
+from unicorn.x86_const import (
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDX,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSI,
+)
 
 from kvmgmem import uapi
 from kvmgmem.api import Pending
@@ -31,7 +38,6 @@ from kvmgmem.exits import Exit, HypercallExit, InternalErrorExit, IoExit, Memory
 if TYPE_CHECKING:
     from kvmgmem.backends.sim.cpu.cpuset import CpuSet
 
-KVM_HC_VAPIC_POLL_IRQ = 1
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 
 
@@ -234,23 +240,15 @@ class ExitHandler:
         return self._hypercall(rip)
 
     def _hypercall(self, rip: int) -> Exit | None:
-        """KVM's ``kvm_emulate_hypercall``, 64-bit mode."""
+        """A VMCALL/VMMCALL at ``rip``: the resolver answers it (``kvm_emulate_hypercall`` is the kernel model's,
+        ``GpaResolver.emulate_hypercall``); the CPU only applies the answer. A return value goes to RAX and RIP
+        steps over the instruction; an exit leaves RIP on it until ``complete_hypercall``'s answer is applied."""
         uc = self._uc
-        nr, a0, a1, a2 = uc.reg_read_batch([UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX])
-        if self._state.load().cpl != 0:
-            ret = -uapi.KVM_EPERM
-        elif nr == uapi.KVM_HC_MAP_GPA_RANGE:
-            if not (self._cpuset.exit_hypercall_mask >> uapi.KVM_HC_MAP_GPA_RANGE) & 1:
-                ret = -uapi.KVM_ENOSYS
-            elif a0 & 0xFFF or a1 == 0 or ((a0 >> 12) + a1) & MASK64 <= a0 >> 12:
-                ret = -uapi.KVM_EINVAL
-            else:
-                self.completion = Completion(Pending.HYPERCALL, rip + 3)
-                return HypercallExit(nr, (a0, a1, a2, 0, 0, 0), True)
-        elif nr == KVM_HC_VAPIC_POLL_IRQ:
-            ret = 0
-        else:
-            ret = -uapi.KVM_ENOSYS
-        uc.reg_write(UC_X86_REG_RAX, ret & MASK64)
+        regs = uc.reg_read_batch([UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RSI])
+        answer = self._cpuset.resolver.emulate_hypercall(self._state.load().cpl, *regs)
+        if isinstance(answer, HypercallExit):
+            self.completion = Completion(Pending.HYPERCALL, rip + 3)
+            return answer
+        uc.reg_write(UC_X86_REG_RAX, answer & MASK64)
         uc.reg_write(UC_X86_REG_RIP, rip + 3)
         return None

@@ -14,20 +14,21 @@ whenever the vCPU is in Python (fault hook, exit handling), EXITING_GUEST_MODE o
 stopped it (``kvm_vcpu_exiting_guest_mode``). Unlike an IPI a stop can be lost, so a vCPU still exiting is
 stopped again until it leaves.
 
-A kick (``kvm_vcpu_kick`` with KVM_RUN's ``immediate_exit``) has two halves: ``kicked`` makes the running or
-next ``run()`` fail with EINTR, ``signal`` is what any other ioctl sees as ``signal_pending(current)``.
+A kick (``kvm_vcpu_kick`` with KVM_RUN's ``immediate_exit``) has two halves: ``kicked`` ends the running or
+next ``run()`` (``types.Interrupted``: the caller's EINTR), ``signal`` is what any other ioctl sees as
+``signal_pending(current)``.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import threading
 from typing import NoReturn
 
 from kvmgmem.backends.sim.cpu.tlbcache import TranslationCache
+from kvmgmem.backends.sim.cpu.types import Interrupted
 from kvmgmem.backends.sim.cpu.uc import Engine
-from kvmgmem.errors import KvmError
+from kvmgmem.errors import closed_error
 
 MAX_PENDING_RANGES = 32  # more pending flush ranges than this degrade to one full flush
 SIGNAL_TICK_S = 0.02  # how long a main-thread vCPU may stay in unicorn before Python can run signal handlers
@@ -70,7 +71,7 @@ class VcpuRequests:
     # --- kicks ---------------------------------------------------------------------------------------------
 
     def kick(self) -> None:
-        """Make the running (or next) ``run()`` raise ``KvmError(EINTR)``; waits until it left the guest."""
+        """Make the running (or next) ``run()`` raise ``Interrupted``; waits until it left the guest."""
         with self.cond:
             self.kicked = self.signal = True
             self.cond.notify_all()  # a vCPU blocked in block() wakes now
@@ -95,20 +96,21 @@ class VcpuRequests:
 
     def block(self, op: str) -> NoReturn:
         """``kvm_vcpu_block`` when nothing can wake the vCPU but a signal (no interrupt controller is modelled):
-        wait for a kick, consume it and fail ``op`` with EINTR. A kicker waits for this, as for a running vCPU.
-        Caller holds the vCPU mutex."""
+        wait for a kick, consume it and report it (``Interrupted(blocked=True)``; the caller's EINTR). A kicker
+        waits for this, as for a running vCPU. Caller holds the vCPU mutex. A closed vCPU fails ``op`` with the
+        fd layer's EBADF (``closed_error``, as ``SimCpu.loaded``)."""
         with self.cond:
             self.owner = threading.get_ident()
             try:
                 while not self.kicked:
                     if self.closed:
-                        raise KvmError(errno.EBADF, op, "vCPU is closed")
+                        raise closed_error(op, "vCPU")
                     self.cond.wait(SIGNAL_TICK_S)  # wakes for a kick, and lets the main thread see Ctrl-C
                 self.kicked = self.signal = False
             finally:
                 self.owner = None
                 self.cond.notify_all()
-        raise KvmError(errno.EINTR, op, "blocked vCPU woken by a signal")
+        raise Interrupted(blocked=True)
 
     def take_signal(self) -> bool:
         """Consume the signal a kick sent (``signal_pending(current)`` for an ioctl other than KVM_RUN, e.g.

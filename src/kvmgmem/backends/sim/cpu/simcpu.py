@@ -11,7 +11,6 @@ means, and the ioctls that hold ``vcpu->mutex``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ from kvmgmem.backends.sim.cpu.resolve import PageResolver
 from kvmgmem.backends.sim.cpu.sites import CodeSites, decode_io
 from kvmgmem.backends.sim.cpu.ticker import MAIN_THREAD, ticker
 from kvmgmem.backends.sim.cpu.tlbcache import TranslationCache
+from kvmgmem.backends.sim.cpu.types import Interrupted
 from kvmgmem.backends.sim.cpu.uc import (
     HF_CS32_MASK,
     HF_CS64_MASK,
@@ -53,7 +53,7 @@ from kvmgmem.backends.sim.cpu.uc import (
     add_tlb_fill_hook,
     new_engine,
 )
-from kvmgmem.errors import KvmError
+from kvmgmem.errors import closed_error
 from kvmgmem.exits import Exit, HltExit, InternalErrorExit, ShutdownExit
 
 if TYPE_CHECKING:
@@ -93,10 +93,11 @@ class SimCpu:
     @contextlib.contextmanager
     def loaded(self, op: str) -> Iterator[None]:
         """``vcpu_load`` for a vCPU ioctl other than KVM_RUN: holds the vCPU mutex (a KVM_RUN on another
-        thread finishes first, as ``kvm_vcpu_ioctl`` waits on ``vcpu->mutex``); EBADF once closed."""
+        thread finishes first, as ``kvm_vcpu_ioctl`` waits on ``vcpu->mutex``); once closed, the fd layer's
+        EBADF (``closed_error``: the engine is gone, as a closed fd's file is; no KVM rule is involved)."""
         with self._mutex:
             if self.requests.closed:
-                raise KvmError(errno.EBADF, op, "vCPU is closed")
+                raise closed_error(op, "vCPU")
             yield
 
     # --- registers (KVM_GET/SET_REGS, KVM_GET/SET_SREGS) and CPUID -----------------------------------------
@@ -165,7 +166,7 @@ class SimCpu:
         rq.wait_ack(rq.post_request(None))
 
     def kick(self) -> None:
-        """Make the running (or next) ``run()`` raise ``KvmError(EINTR)``; waits until it left the guest."""
+        """Make the running (or next) ``run()`` raise ``Interrupted``; waits until it left the guest."""
         self.requests.kick()
 
     def take_kick(self) -> bool:
@@ -173,7 +174,8 @@ class SimCpu:
         return self.requests.take_kick()
 
     def block(self, op: str) -> NoReturn:
-        """``kvm_vcpu_block`` with nothing to wake it but a kick: fail ``op`` with EINTR once kicked."""
+        """``kvm_vcpu_block`` with nothing to wake it but a kick: raises ``Interrupted(blocked=True)`` once kicked
+        (the caller reports KVM_RUN's EINTR), the fd layer's EBADF for ``op`` once closed."""
         with self._mutex:
             self.requests.block(op)
 
@@ -184,16 +186,18 @@ class SimCpu:
     # --- run (KVM_RUN) -------------------------------------------------------------------------------------
 
     def run(self) -> Exit:
+        """KVM_RUN's guest entry until the next exit. A kick ends it with ``Interrupted`` (what EINTR it means is
+        the caller's rule), a closed vCPU with the fd layer's EBADF."""
         rq = self.requests
         with self._mutex:
             with rq.cond:
                 if rq.closed:
-                    raise KvmError(errno.EBADF, "KVM_RUN", "vCPU is closed")
+                    raise closed_error("KVM_RUN", "vCPU")
                 rq.owner = threading.get_ident()
                 rq.service_locked()
                 if rq.take_kick_locked():
                     rq.owner = None
-                    raise KvmError(errno.EINTR, "KVM_RUN")
+                    raise Interrupted()
             on_main = rq.owner == MAIN_THREAD
             if on_main:
                 ticker.arm(rq)
@@ -214,7 +218,7 @@ class SimCpu:
             with rq.cond:
                 rq.service_locked()
                 if rq.take_kick_locked():
-                    raise KvmError(errno.EINTR, "KVM_RUN")
+                    raise Interrupted()
             try:
                 if exits.pending_event is not None:
                     if not self._delivery.deliver(exits.pending_event):

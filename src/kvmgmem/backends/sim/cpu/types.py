@@ -1,11 +1,15 @@
-"""The narrow contract between the sim's CPU layer and the sim VM: fault results and the resolver protocol.
+"""The narrow contract between the sim's CPU layer and the sim VM: fault results, the resolver protocol, and what
+ends a run without an exit.
 
 The CPU layer (this package) is unicorn plus a software page walker; it knows nothing about memslots,
 attributes or guest_memfd. Every guest-physical access it cannot satisfy from unicorn's TLB goes through one
 call, ``GpaResolver.handle_fault``, which is the sim VM's equivalent of KVM's TDP page fault
 (``kvm_mmu_faultin_pfn``). The
 VM answers with one of the four results of ``fault`` (``Mapped``, ``MemoryFault``, ``Mmio``, ``Retry``, re-exported
-here): the same objects the kernel model builds, since both layers import that leaf module.
+here): the same objects the kernel model builds, since both layers import that leaf module. A hypercall is
+answered the same way (``GpaResolver.emulate_hypercall``), and a run or a block that a kick ends reports
+``Interrupted``: the CPU decides no kernel rule and no errno but the fd layer's EBADF for a closed vCPU
+(``tests/sim/cpu/test_no_errno.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from kvmgmem.backends.sim.fault import PAGE_SIZE, FaultResult, Mapped, MemoryFault, Mmio, Retry
+from kvmgmem.exits import HypercallExit
 
 HUGE_PAGE_SIZE = 2 << 20
 
@@ -36,12 +41,33 @@ class GpaResolver(Protocol):
 
     def handle_fault(self, gpa: int, write: bool, fetch: bool, private: bool | None = None) -> FaultResult: ...
 
+    def emulate_hypercall(self, cpl: int, nr: int, a0: int, a1: int, a2: int, a3: int) -> int | HypercallExit:
+        """KVM's ``kvm_emulate_hypercall`` for a VMCALL/VMMCALL the guest executed at ``cpl`` with RAX = ``nr``
+        and RBX, RCX, RDX, RSI = ``a0..a3`` (vCPU thread, no lock held). An int is the hypercall's return value
+        (negative: -KVM_E*), which the CPU writes to RAX before stepping over the instruction; a
+        ``HypercallExit`` is KVM_EXIT_HYPERCALL, and userspace's ``complete_hypercall`` answer becomes RAX."""
+        ...
+
+
+class Interrupted(Exception):
+    """``SimCpu.run()`` or ``SimCpu.block()`` ended because of a kick (the VMM's signal), with no exit.
+
+    The CPU only reports it: KVM_RUN's EINTR for it is the kernel model's rule (``VcpuCore.interrupted``), as
+    ``kvm_vcpu_check_block`` and ``xfer_to_guest_mode_handle_work`` make a pending signal fail KVM_RUN with
+    -EINTR (KVM_EXIT_INTR). ``blocked``: the vCPU was waiting in ``kvm_vcpu_block`` rather than running.
+    """
+
+    def __init__(self, blocked: bool = False) -> None:
+        super().__init__("blocked vCPU woken by a signal" if blocked else "vCPU kicked")
+        self.blocked = blocked
+
 
 __all__ = [
     "HUGE_PAGE_SIZE",
     "PAGE_SIZE",
     "FaultResult",
     "GpaResolver",
+    "Interrupted",
     "Mapped",
     "MemoryFault",
     "Mmio",
