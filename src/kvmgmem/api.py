@@ -184,8 +184,8 @@ class GuestMemfd(Resource, abc.ABC):
     Closing the VM leaves it working: the file holds a reference on the VM (``kvm_gmem_create`` takes it),
     not the other way round. Memslots do not pin it: closing it while bound clears the slots' file pointer
     (``kvm_gmem_release``) and later private accesses exit with ``KVM_EXIT_MEMORY_FAULT``. Offsets and lengths
-    are bytes of the file; once ``close()`` has run, every method raises ``KvmError(EBADF)`` naming its
-    operation, as the kernel does for a closed fd.
+    are bytes of the file; once ``close()`` has run, every file operation raises ``KvmError(EBADF)`` naming
+    itself, as the kernel does for a closed fd (:attr:`fd` and :meth:`allocated_bytes` still answer).
 
     >>> import kvmgmem
     >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:

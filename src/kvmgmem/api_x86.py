@@ -81,7 +81,8 @@ class VmX86Setup(abc.ABC):
 
         Only shadow paging allocates from this pool; with two-dimensional paging (the sim) the value is
         recorded and changes nothing (``kvm_vm_ioctl_set_nr_mmu_pages``). ``pages`` is the ioctl's
-        ``unsigned long`` argument.
+        ``unsigned long`` argument, a count of 4 KiB page-table pages. Errors: EINVAL below 64
+        (``KVM_MIN_ALLOC_MMU_PAGES``); EBADF once closed.
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:

@@ -107,8 +107,8 @@ class GmemMapping(PinnedMapping):
         """Backend use: map ``fd`` at ``file_offset`` over mapping bytes ``[start, start+length)``.
 
         ``start``, ``length`` and ``file_offset`` are bytes, multiples of 4096; the range must lie inside the
-        mapping (a backend's job: nothing checks it here). ``mmap(2)`` with ``MAP_FIXED|MAP_SHARED``: errors
-        are ``KvmError`` (op "mmap") with its errno — EINVAL for an unaligned ``start`` or ``file_offset`` or a
+        mapping (a backend's job: nothing checks it here). It is ``mmap(2)`` with ``MAP_FIXED|MAP_SHARED``.
+        Errors: ``KvmError`` (op "mmap") with its errno — EINVAL for an unaligned ``start`` or ``file_offset`` or a
         zero length, EBADF for a bad ``fd``, ENODEV for a file that cannot be mapped.
 
         >>> import os

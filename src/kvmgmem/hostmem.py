@@ -263,7 +263,7 @@ class PinnedMapping(mmap.mmap):
         """The mapping's length in bytes (``len()``), as an attribute.
 
         Errors: ValueError once unmapped (``mmap``'s "closed or invalid"), no errno: nothing reaches the
-        kernel.
+        kernel. ``HostMemory`` and ``GmemMapping`` share this member; the example uses the former.
 
         >>> import kvmgmem
         >>> with kvmgmem.HostMemory(1 << 20) as mem:
@@ -285,7 +285,8 @@ class PinnedMapping(mmap.mmap):
         """Descriptions of the memslots currently using this memory.
 
         Each names the slot, its address space and VM, as the EBUSY of :meth:`close` does. Errors: none (an
-        empty list once nothing uses the memory, also after close).
+        empty list once nothing uses the memory, also after close). Shared by ``HostMemory`` and
+        ``GmemMapping``; shown with the former.
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
@@ -303,7 +304,8 @@ class PinnedMapping(mmap.mmap):
         """Closed by its owner: unmapped, or left by a ``with`` block and waiting for its last memslot.
 
         While it waits, the bytes stay mapped for that memslot; nothing new may use them (a memslot update
-        given it fails with EFAULT). Errors: none.
+        given it fails with EFAULT). Errors: none. Shared by ``HostMemory`` and ``GmemMapping``; shown with
+        the former.
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
@@ -321,7 +323,7 @@ class PinnedMapping(mmap.mmap):
     def unmapped(self) -> bool:
         """The bytes are gone (``closed`` is already True while a deferred unmap waits for a memslot).
 
-        Errors: none.
+        Errors: none. Shared by ``HostMemory`` and ``GmemMapping``; shown with the former.
 
         >>> import kvmgmem
         >>> mem = kvmgmem.HostMemory(4096)
@@ -335,7 +337,8 @@ class PinnedMapping(mmap.mmap):
 
         Errors: ``KvmError(EBUSY)`` (op "HostMemory.close" or "GmemMapping.close") naming the memslots that use
         the memory, which stays mapped and usable; BufferError while a ``memoryview`` of it is alive, as for
-        any ``mmap``. Use a ``with`` block to defer the unmap to the last memslot instead.
+        any ``mmap``. Use a ``with`` block to defer the unmap to the last memslot instead. Shared by
+        ``HostMemory`` and ``GmemMapping``; shown with the former.
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
