@@ -286,13 +286,13 @@ class GuestMemfd(Resource, abc.ABC):
     def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> Any:
         r"""Map the file into the host (6.18+, ``kvm_gmem_mmap``); ``length`` defaults to the file size.
 
-        ``length`` is bytes (rounded up to whole pages by ``mmap(2)``), ``offset`` a file offset in bytes, a
-        multiple of 4096; both may reach past EOF. Returns a ``GmemMapping``. Errors: EINVAL for a length of 0 or an
-        unaligned offset (``do_mmap``, before guest_memfd is asked); ENODEV when the file was created without
-        ``GUEST_MEMFD_FLAG_MMAP``; EINVAL for ``shared=False`` (``MAP_PRIVATE`` is refused). A host access to a page
-        past EOF, or to any page of a file without ``GUEST_MEMFD_FLAG_INIT_SHARED`` (private memory), is answered
-        with SIGBUS by ``kvm_gmem_fault_user_mapping``: the host never touches private memory. The mapping holds a
-        reference on the file, so closing the fd keeps the memory while it is mapped.
+        ``length`` is bytes (the object is that long; the kernel maps whole pages), ``offset`` a file offset in
+        bytes, a multiple of 4096; both may reach past EOF. Returns a ``GmemMapping``. Errors: EINVAL for a length
+        of 0 or an unaligned offset (``do_mmap``, before guest_memfd is asked); ENODEV when the file was created
+        without ``GUEST_MEMFD_FLAG_MMAP``; EINVAL for ``shared=False`` (``MAP_PRIVATE`` is refused). A host access
+        to a page past EOF, or to any page of a file without ``GUEST_MEMFD_FLAG_INIT_SHARED`` (private memory), is
+        answered with SIGBUS by ``kvm_gmem_fault_user_mapping``: the host never touches private memory. The mapping
+        holds a reference on the file, so closing the fd keeps the memory while it is mapped.
 
         >>> import kvmgmem
         >>> flags = kvmgmem.GUEST_MEMFD_FLAG_MMAP | kvmgmem.GUEST_MEMFD_FLAG_INIT_SHARED
