@@ -183,7 +183,9 @@ class GuestMemfd(Resource, abc.ABC):
 
     Closing the VM leaves it working: the file holds a reference on the VM (``kvm_gmem_create`` takes it),
     not the other way round. Memslots do not pin it: closing it while bound clears the slots' file pointer
-    (``kvm_gmem_release``) and later private accesses exit with ``KVM_EXIT_MEMORY_FAULT``.
+    (``kvm_gmem_release``) and later private accesses exit with ``KVM_EXIT_MEMORY_FAULT``. Offsets and lengths
+    are bytes of the file; once ``close()`` has run, every file operation raises ``KvmError(EBADF)`` naming
+    itself, as the kernel does for a closed fd (:attr:`fd` and :meth:`allocated_bytes` still answer).
 
     >>> import kvmgmem
     >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
@@ -201,13 +203,25 @@ class GuestMemfd(Resource, abc.ABC):
     def fd(self) -> int:
         """The file descriptor (the sim hands out a reserved real fd so the number is unique).
 
-        Pass it as ``guest_memfd`` to :meth:`Vm.set_user_memory_region2`, or use the object itself.
+        Pass it as ``guest_memfd`` to :meth:`Vm.set_user_memory_region2`, or use the object itself. Errors:
+        none — reading it never fails; after ``close()`` it still answers the old number, which the process
+        may reuse for another file, so a memslot given it then fails as ``kvm_gmem_bind`` says (EBADF for no
+        file, EINVAL for a file that is not a guest_memfd of this VM).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
+        ...     with vm.create_guest_memfd(1 << 20) as gmem:
+        ...         vm.set_user_memory_region2(0, 1 << 32, 1 << 20, mem, kvmgmem.KVM_MEM_GUEST_MEMFD, gmem.fd)
+        ...         vm.set_user_memory_region2(0, 1 << 32, 0)
+        ...         gmem.fd >= 0
+        True
         """
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """``fallocate(2)``: allocate (``KEEP_SIZE``) or free (``PUNCH_HOLE|KEEP_SIZE``) a page range.
 
-        Errors, in the order ``vfs_fallocate`` then ``kvm_gmem_fallocate`` check them: EINVAL for a negative
+        ``mode`` is the ``FALLOC_FL_*`` bits; ``offset`` and ``length`` are bytes, multiples of 4096. Errors, in
+        the order ``vfs_fallocate`` then ``kvm_gmem_fallocate`` check them: EINVAL for a negative
         offset or a length ≤ 0; EOPNOTSUPP for unknown mode bits, for a mode without ``KEEP_SIZE`` or with
         any bit besides ``KEEP_SIZE|PUNCH_HOLE``; EFBIG when ``offset + length`` passes the maximum file
         size; EINVAL for an unaligned offset or length, and for an allocation that reaches past EOF
@@ -238,7 +252,10 @@ class GuestMemfd(Resource, abc.ABC):
     def allocate(self, offset: int, length: int) -> None:
         """Materialise zeroed pages: ``fallocate(KEEP_SIZE)`` (existing pages and their data stay).
 
-        Errors as :meth:`fallocate`; EINVAL when the range passes EOF.
+        ``offset`` and ``length`` are bytes, multiples of 4096. Errors as :meth:`fallocate`: EINVAL for a
+        negative offset, a length ≤ 0, an unaligned offset or length, or a range that passes EOF; EFBIG past
+        the maximum file size; EINTR when a signal arrives mid-allocation, ENOMEM when a page cannot be
+        allocated (``kvm_gmem_allocate``).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
@@ -252,7 +269,10 @@ class GuestMemfd(Resource, abc.ABC):
         """Free pages, zapping guest mappings first: ``fallocate(PUNCH_HOLE|KEEP_SIZE)``.
 
         ``kvm_gmem_punch_hole`` brackets the change with an MMU invalidation, so no vCPU can keep using a
-        freed page; the next access re-materialises a zero page. Errors as :meth:`fallocate`.
+        freed page; the next access re-materialises a zero page. ``offset`` and ``length`` are bytes,
+        multiples of 4096. Errors as :meth:`fallocate`: EINVAL for a negative offset, a length ≤ 0 or an
+        unaligned offset or length; EFBIG past the maximum file size. A range past EOF is not an error (it
+        frees nothing there).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
@@ -266,11 +286,13 @@ class GuestMemfd(Resource, abc.ABC):
     def mmap(self, length: int | None = None, offset: int = 0, shared: bool = True) -> Any:
         r"""Map the file into the host (6.18+, ``kvm_gmem_mmap``); ``length`` defaults to the file size.
 
-        Errors: ENODEV when the file was created without ``GUEST_MEMFD_FLAG_MMAP``; EINVAL for
-        ``shared=False`` (``MAP_PRIVATE`` is refused). A host access to a page past EOF, or to any page of a
-        file without ``GUEST_MEMFD_FLAG_INIT_SHARED`` (private memory), is answered with SIGBUS by
-        ``kvm_gmem_fault_user_mapping``: the host never touches private memory. The mapping holds a
-        reference on the file, so closing the fd keeps the memory while it is mapped.
+        ``length`` is bytes (the object is that long; the kernel maps whole pages), ``offset`` a file offset in
+        bytes, a multiple of 4096; both may reach past EOF. Returns a ``GmemMapping``. Errors: EINVAL for a length
+        of 0 or an unaligned offset (``do_mmap``, before guest_memfd is asked); ENODEV when the file was created
+        without ``GUEST_MEMFD_FLAG_MMAP``; EINVAL for ``shared=False`` (``MAP_PRIVATE`` is refused). A host access
+        to a page past EOF, or to any page of a file without ``GUEST_MEMFD_FLAG_INIT_SHARED`` (private memory), is
+        answered with SIGBUS by ``kvm_gmem_fault_user_mapping``: the host never touches private memory. The mapping
+        holds a reference on the file, so closing the fd keeps the memory while it is mapped.
 
         >>> import kvmgmem
         >>> flags = kvmgmem.GUEST_MEMFD_FLAG_MMAP | kvmgmem.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -293,6 +315,9 @@ class GuestMemfd(Resource, abc.ABC):
     def read(self, n: int) -> bytes:
         """``read(2)``: always EINVAL — guest_memfd's file operations have no read (kept to check the errno).
 
+        ``n`` is the byte count (clamped to ``MAX_RW_COUNT`` as the kernel does). Errors: EINVAL from
+        ``vfs_read``, for any ``n`` including 0: the file has no ``FMODE_CAN_READ``.
+
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(4096) as gmem:
         ...     try:
@@ -310,7 +335,19 @@ class GuestMemfd(Resource, abc.ABC):
         """``read(fd, buf, n)`` with ``n`` already clamped to ``MAX_RW_COUNT``."""
 
     def write(self, data: bytes) -> int:
-        """``write(2)``: always EINVAL, as :meth:`read` (TypeError for data that is not bytes-like)."""
+        r"""``write(2)``: always EINVAL, as :meth:`read` (TypeError for data that is not bytes-like).
+
+        ``data`` is any bytes-like object. Errors: EINVAL from ``vfs_write`` for any data, even empty: the file
+        has no ``FMODE_CAN_WRITE`` (guest memory is written through a mapping or by the guest).
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(4096) as gmem:
+        ...     try:
+        ...         gmem.write(b"\x01")
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno], e.op)
+        EINVAL write
+        """
         data = bytes_arg(data, "write")
         self._check_open("write")
         return self._write(data)
@@ -320,7 +357,22 @@ class GuestMemfd(Resource, abc.ABC):
         """``write(fd, data, len(data))``."""
 
     def pread(self, n: int, offset: int) -> bytes:
-        """``pread(2)``: always fails as :meth:`read` (EINVAL for a negative offset first, as the VFS)."""
+        """``pread(2)``: always fails — guest_memfd files are not positional (``FMODE_PREAD`` unset).
+
+        ``n`` is the byte count (clamped as in :meth:`read`), ``offset`` the file offset in bytes. Errors, in
+        ``ksys_pread64``'s order: EINVAL for a negative offset (as a signed 64-bit value); ESPIPE otherwise,
+        for any ``n`` and offset.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(4096) as gmem:
+        ...     for offset in (-1, 0):
+        ...         try:
+        ...             gmem.pread(1, offset)
+        ...         except kvmgmem.KvmError as e:
+        ...             print(errno.errorcode[e.errno])
+        EINVAL
+        ESPIPE
+        """
         n = count_arg(n, "n", "pread")
         offset = u64(offset, "offset", "pread")
         self._check_open("pread")
@@ -331,7 +383,20 @@ class GuestMemfd(Resource, abc.ABC):
         """``pread(fd, buf, n, offset)``; ``offset`` is the 64 bits of the kernel's ``loff_t``."""
 
     def pwrite(self, data: bytes, offset: int) -> int:
-        """``pwrite(2)``: always fails as :meth:`write` (EINVAL for a negative offset first, as the VFS)."""
+        """``pwrite(2)``: always fails — guest_memfd files are not positional (``FMODE_PWRITE`` unset).
+
+        ``data`` is any bytes-like object (TypeError otherwise), ``offset`` the file offset in bytes. Errors,
+        in ``ksys_pwrite64``'s order: EINVAL for a negative offset (as a signed 64-bit value); ESPIPE
+        otherwise, even for empty data.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(4096) as gmem:
+        ...     try:
+        ...         gmem.pwrite(b"x", 0)
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno], e.op)
+        ESPIPE pwrite
+        """
         data = bytes_arg(data, "pwrite")
         offset = u64(offset, "offset", "pwrite")
         self._check_open("pwrite")
@@ -343,6 +408,9 @@ class GuestMemfd(Resource, abc.ABC):
 
     def truncate(self, length: int) -> None:
         """``ftruncate(2)``: always EINVAL — ``kvm_gmem_setattr`` refuses every size change, even a no-op.
+
+        ``length`` is the new size in bytes. Errors: EINVAL for every length (the file keeps the size it was
+        created with).
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(4096) as gmem:
@@ -363,6 +431,9 @@ class GuestMemfd(Resource, abc.ABC):
     def stat(self) -> os.stat_result:
         """``fstat(2)``: ``st_size`` is the creation size, ``st_blksize`` 4096, ``st_ino`` unique per file.
 
+        ``st_blocks`` stays 0 even after allocation (use :meth:`allocated_bytes`). Errors: none beyond EBADF
+        once closed.
+
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
         ...     st = gmem.stat()
@@ -377,7 +448,20 @@ class GuestMemfd(Resource, abc.ABC):
         """``fstat(fd)``."""
 
     def allocated_bytes(self) -> int | None:
-        """Bytes of the file backed by pages now (not a kernel API: for accounting), or None if unknowable."""
+        """Bytes of the file backed by pages now (not a kernel API: for accounting), or None if unknowable.
+
+        The sim counts its model's pages. The kvm backend measures the page cache through a temporary mapping
+        (``mincore(2)``), so it answers None for a file without ``GUEST_MEMFD_FLAG_MMAP`` and once closed; on
+        6.18 pages only preallocated by ``fallocate`` count from their first use. Errors: none (never raises,
+        also not once closed).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20) as gmem:
+        ...     before = gmem.allocated_bytes()
+        ...     gmem.allocate(0, 3 * 4096)
+        ...     (before, gmem.allocated_bytes())
+        (0, 12288)
+        """
         return None
 
     def __repr__(self) -> str:
@@ -421,7 +505,9 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
     """A vCPU (``KVM_CREATE_VCPU``). ``run()`` returns a typed exit; ``kick()`` makes it return soon.
 
     A vCPU starts in the architectural reset state. ``kvmgmem.guest.GuestVm`` loads a long-mode guest
-    image and its boot state; the examples here use the raw calls.
+    image and its boot state (``GuestVm.create_vcpu``); the examples that run a guest build the smallest one
+    that way and then use the raw calls. Once ``close()`` has run, every method but :meth:`kick` raises
+    ``KvmError(EBADF)`` naming its operation, as the kernel does for a closed fd.
     """
 
     _kind = "vCPU"
@@ -430,6 +516,10 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
 
     def get_regs(self) -> uapi.kvm_regs:
         """``KVM_GET_REGS``: the general-purpose registers, RIP and RFLAGS, as a ``uapi.kvm_regs`` copy.
+
+        Errors: EINVAL for a vCPU whose state is protected (SEV-ES, TDX: ``kvm_arch_vcpu_ioctl_get_regs``
+        checks ``guest_state_protected``; no such VM type on the sim or this host); otherwise none beyond EBADF
+        once closed.
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
@@ -445,6 +535,10 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
         """``KVM_SET_REGS``: load registers (TypeError for anything but a ``uapi.kvm_regs``).
+
+        Any values are accepted (RFLAGS bit 1 is forced on, as ``__set_regs`` does through
+        ``kvm_set_rflags``). Errors: EINVAL for a protected-state vCPU, as :meth:`get_regs`; otherwise none
+        beyond EBADF once closed.
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
@@ -465,7 +559,17 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
         """``KVM_SET_REGS`` from ``regs``."""
 
     def get_sregs(self) -> uapi.kvm_sregs:
-        """``KVM_GET_SREGS``: segment, control and descriptor-table registers (``uapi.kvm_sregs``)."""
+        """``KVM_GET_SREGS``: segment, control and descriptor-table registers (``uapi.kvm_sregs``).
+
+        After creation this is the RESET state: real mode, CS base 0xffff0000 (``kvm_vcpu_reset``). Errors:
+        EINVAL for a protected-state vCPU, as :meth:`get_regs`; otherwise none beyond EBADF once closed.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     sregs = vcpu.get_sregs()
+        ...     (hex(sregs.cs.base), sregs.cs.selector, sregs.cr0 & 1)    # real mode: CR0.PE clear
+        ('0xffff0000', 61440, 0)
+        """
         self._check_open("KVM_GET_SREGS")
         return self._get_sregs()
 
@@ -474,7 +578,21 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
         """``KVM_GET_SREGS`` into a new ``kvm_sregs``."""
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        """``KVM_SET_SREGS``: load them; the long-mode boot state of a guest image is loaded this way."""
+        """``KVM_SET_SREGS``: load them; the long-mode boot state of a guest image is loaded this way.
+
+        ``sregs`` is a ``uapi.kvm_sregs`` (TypeError otherwise), usually :meth:`get_sregs`'s answer edited.
+        Errors: EINVAL for a protected-state vCPU, and on the kvm backend for a state ``kvm_is_valid_sregs``
+        refuses (e.g. long mode without PAE); the sim does not check the state (its engine runs loaded
+        long-mode state only, see :meth:`run`); EBADF once closed.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     sregs = vcpu.get_sregs()
+        ...     sregs.cs.base, sregs.cs.selector = 0x10000, 0x1000
+        ...     vcpu.set_sregs(sregs)
+        ...     hex(vcpu.get_sregs().cs.base)
+        '0x10000'
+        """
         op = "KVM_SET_SREGS"
         self._check_open(op)
         if not isinstance(sregs, uapi.kvm_sregs):
@@ -507,12 +625,29 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
         return self._pending_length
 
     def run(self) -> Exit:
-        """``KVM_RUN`` until the next exit, returned as a typed ``kvmgmem.Exit``.
+        r"""``KVM_RUN`` until the next exit, returned as a typed ``kvmgmem.Exit``.
 
         A failure with EFAULT or EHWPOISON while the exit reason is ``KVM_EXIT_MEMORY_FAULT`` *returns* a
-        ``MemoryFaultExit`` (the gpa, size and PRIVATE flag the VMM needs to convert); EINTR after
-        :meth:`kick` or a signal raises ``KvmError``, as does every other failure. The GIL is released while
-        the guest runs, so other threads (and other vCPUs) go on. See ``kvmgmem.guest`` for a runnable guest.
+        ``MemoryFaultExit`` (the gpa, size and PRIVATE flag the VMM needs to convert; also, with flags 0, a shared
+        access through a memslot whose ``userspace_addr`` has nothing mapped: ``kvm_handle_error_pfn``). Errors,
+        raised as ``KvmError``: EINTR when ``immediate_exit`` is set by :meth:`kick` or a signal is pending
+        (``kvm_arch_vcpu_ioctl_run`` checks it before anything else, so a kicked run never enters the guest); EBADF
+        once closed; any other failure with the kernel's errno. A vCPU that is not RUNNABLE with an in-kernel
+        irqchip waits in ``kvm_vcpu_block`` until a kick (EINTR). The sim runs loaded long-mode state only: a vCPU
+        still in RESET's real mode exits with ``InternalErrorExit`` when its first fetch hits no memslot (as KVM's
+        emulator does) and fails with EINVAL when it hits memory. The GIL is released while the guest runs, so other
+        threads (and other vCPUs) go on.
+
+        >>> import kvmgmem
+        >>> from kvmgmem.guest import Asm, GuestImage, GuestVm
+        >>> from kvmgmem.guest.operands import al
+        >>> a = Asm().mov(al, 7).out(0x10, al).hlt()
+        >>> with kvmgmem.open("sim") as kvm, GuestVm.create(kvm, GuestImage(a)) as guest:
+        ...     vcpu = guest.create_vcpu().vcpu          # a raw Vcpu in the image's long-mode boot state
+        ...     vcpu.run()
+        ...     vcpu.run()
+        IoExit(direction=1, port=16, size=1, count=1, data=b'\x07')
+        HltExit()
         """
         self._check_open("KVM_RUN")
         self._pending = None
@@ -527,16 +662,28 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
     def complete_io(self, data: bytes) -> None:
         r"""Answer the pending IN exit: ``data`` is loaded into the guest on the next ``run()``.
 
-        Errors: EINVAL when the last exit was not an IN waiting for data; ValueError when ``data`` is not
-        ``size * count`` bytes.
+        ``data`` is the ``size * count`` bytes the guest reads (little-endian, as the port delivers them); the
+        next ``KVM_RUN`` completes the IN with it (``complete_emulated_pio``). Errors: EINVAL (op
+        "complete_io") when the last exit was not an IN waiting for data — kvmgmem's own check, since the
+        kernel would silently run on; ValueError when ``data`` is not ``size * count`` bytes; TypeError for
+        data that is not bytes-like; EBADF once closed.
 
         >>> import errno, kvmgmem
-        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        >>> from kvmgmem.guest import Asm, GuestImage, GuestVm
+        >>> from kvmgmem.guest.operands import al
+        >>> a = Asm().in_(al, 0x10).out(0x11, al).hlt()          # echo port 0x10 to port 0x11
+        >>> with kvmgmem.open("sim") as kvm, GuestVm.create(kvm, GuestImage(a)) as guest:
+        ...     vcpu = guest.create_vcpu().vcpu
         ...     try:
-        ...         vcpu.complete_io(b"\x01")                # nothing is pending on a fresh vCPU
+        ...         vcpu.complete_io(b"\x2a")             # nothing is pending before the first run
         ...     except kvmgmem.KvmError as e:
-        ...         e.errno == errno.EINVAL
-        True
+        ...         print(errno.errorcode[e.errno])
+        ...     vcpu.run().port                               # the IN
+        ...     vcpu.complete_io(b"\x2a")
+        ...     vcpu.run().data                               # the OUT echoes it
+        EINVAL
+        16
+        b'*'
         """
         op = "complete_io"
         self._check_open(op)
@@ -545,7 +692,25 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
         self._complete_io(data)
 
     def complete_mmio(self, data: bytes) -> None:
-        """Answer the pending MMIO read exit (EINVAL when none is pending, ValueError when the size differs)."""
+        r"""Answer the pending MMIO read exit: ``data`` is what the guest's load returns on the next ``run()``.
+
+        ``data`` is ``MmioExit.length`` bytes, little-endian. Errors: EINVAL (op "complete_mmio") when the last
+        exit was not an MMIO read — kvmgmem's own check, as for :meth:`complete_io`; ValueError when the size
+        differs; TypeError for data that is not bytes-like; EBADF once closed.
+
+        >>> import kvmgmem
+        >>> from kvmgmem.guest import Asm, GuestImage, GuestVm
+        >>> from kvmgmem.guest.operands import al, dword, eax
+        >>> a = Asm().mov(eax, dword[0x4000_0000]).out(0x10, al).hlt()    # 1 GiB: no memslot there
+        >>> with kvmgmem.open("sim") as kvm, GuestVm.create(kvm, GuestImage(a)) as guest:
+        ...     vcpu = guest.create_vcpu().vcpu
+        ...     exit = vcpu.run()
+        ...     (hex(exit.phys_addr), exit.length, exit.is_write)
+        ...     vcpu.complete_mmio((7).to_bytes(4, "little"))
+        ...     vcpu.run().value                              # the guest got 7
+        ('0x40000000', 4, False)
+        7
+        """
         op = "complete_mmio"
         self._check_open(op)
         data = bytes_arg(data, op)
@@ -555,7 +720,27 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
     def complete_hypercall(self, ret: int) -> None:
         """Answer the pending hypercall exit: ``ret`` goes to RAX and the VMCALL is skipped on the next run.
 
-        Errors: EINVAL when the last exit was not a ``HypercallExit``.
+        ``ret`` is the 64-bit return value (0 for success, a negative errno as two's complement), written to
+        ``kvm_run.hypercall.ret`` and loaded by ``complete_hypercall_exit``. Only ``KVM_HC_MAP_GPA_RANGE`` exits,
+        and only after ``Vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, ...)``; this host's KVM never returns from the
+        guest's VMCALL, so the example is the sim's. Errors: EINVAL (op "complete_hypercall") when the last exit
+        was not a ``HypercallExit``; ValueError for a value wider than 64 bits; EBADF once closed.
+
+        >>> import kvmgmem
+        >>> from kvmgmem import uapi
+        >>> from kvmgmem.guest import Asm, GuestImage, GuestVm
+        >>> from kvmgmem.guest.operands import al, rax, rbx, rcx, rdx
+        >>> a = Asm().mov(rax, uapi.KVM_HC_MAP_GPA_RANGE).mov(rbx, 1 << 32).mov(rcx, 1).mov(rdx, 0)
+        >>> _ = a.vmcall().out(0x10, al).hlt()                # report the low byte of RAX
+        >>> with kvmgmem.open("sim") as kvm, GuestVm.create(kvm, GuestImage(a)) as guest:
+        ...     guest.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
+        ...     vcpu = guest.create_vcpu().vcpu
+        ...     exit = vcpu.run()
+        ...     (exit.nr == uapi.KVM_HC_MAP_GPA_RANGE, hex(exit.args[0]), exit.args[1])
+        ...     vcpu.complete_hypercall(0)
+        ...     vcpu.run().value
+        (True, '0x100000000', 1)
+        0
         """
         op = "complete_hypercall"
         self._check_open(op)
@@ -588,14 +773,28 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
     def kick(self) -> None:
         """Make a running (or the next) ``run()`` return with ``KvmError(EINTR)`` (KVM's immediate_exit).
 
-        Safe from any thread or a signal handler's thread; this is how a VMM stops its vCPU threads.
+        Safe from any thread or a signal handler's thread; this is how a VMM stops its vCPU threads. One kick
+        ends one ``run()``: the one in progress, or else the next, which then returns before entering the
+        guest (``kvm_arch_vcpu_ioctl_run`` checks ``immediate_exit`` first). Errors: none — not even once
+        closed, where it does nothing (closing a vCPU blocked in ``KVM_RUN`` kicks it itself).
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
+        ...     vcpu.kick()                                   # no run in progress: the next one returns
+        ...     try:
+        ...         vcpu.run()
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno], e.op)
+        EINTR KVM_RUN
         """
 
 
 class Vm(Resource, VmX86Setup, abc.ABC):
     """A VM (``KVM_CREATE_VM``): memslots, memory attributes, guest_memfds and vCPUs.
 
-    Closing the VM closes its vCPUs; its guest_memfds keep working (they pin the kernel's VM).
+    Closing the VM closes its vCPUs; its guest_memfds keep working (they pin the kernel's VM). Guest-physical
+    addresses and sizes are bytes; once ``close()`` has run, every method raises ``KvmError(EBADF)`` naming its
+    operation, as the kernel does for a closed fd (:attr:`has_private_mem` excepted: it is no ioctl).
     """
 
     _kind = "VM"
@@ -610,7 +809,8 @@ class Vm(Resource, VmX86Setup, abc.ABC):
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd: answers may differ by VM type (``kvm_vm_ioctl_check_extension``).
 
-        Unknown capabilities answer 0, never an error.
+        ``cap`` is a ``uapi.KVM_CAP_*`` number (the ioctl's 64-bit argument). Unknown capabilities answer 0,
+        never an error. Errors: none beyond EBADF once closed.
 
         >>> import kvmgmem
         >>> from kvmgmem import uapi
@@ -629,10 +829,10 @@ class Vm(Resource, VmX86Setup, abc.ABC):
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """``KVM_CREATE_GUEST_MEMFD``: a new guest_memfd file of ``size`` bytes bound to this VM.
 
-        Errors, in ``kvm_gmem_create``'s order: EINVAL for flags outside ``KVM_CAP_GUEST_MEMFD_FLAGS`` (on
-        6.18, ``INIT_SHARED`` only for VMs without private memory); EINVAL for a size ≤ 0 (as a signed
-        64-bit value) or not a multiple of 4096. Nothing is allocated until the guest or ``allocate`` touches
-        a page.
+        ``size`` is bytes, a multiple of 4096; ``flags`` the ``GUEST_MEMFD_FLAG_*`` bits. Errors, in
+        ``kvm_gmem_create``'s order: EINVAL for flags outside ``KVM_CAP_GUEST_MEMFD_FLAGS`` (on 6.18,
+        ``INIT_SHARED`` only for VMs without private memory); EINVAL for a size ≤ 0 (as a signed 64-bit value) or
+        not a multiple of 4096. Nothing is allocated until the guest or ``allocate`` touches a page.
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
@@ -799,6 +999,11 @@ class Vm(Resource, VmX86Setup, abc.ABC):
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a vCPU with this id (EEXIST if the id is taken, EINVAL past the limit).
 
+        ``vcpu_id`` is the APIC id the vCPU gets (the ioctl's 64-bit argument). Errors, in
+        ``kvm_vm_ioctl_create_vcpu``'s order: EINVAL for an id at or above ``KVM_MAX_VCPU_IDS`` (or the VM's
+        ``KVM_CAP_MAX_VCPU_ID``); EINVAL when the VM already has ``KVM_CAP_MAX_VCPUS`` vCPUs; EEXIST for an id
+        already in use.
+
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
         ...     try:
@@ -820,7 +1025,17 @@ class Vm(Resource, VmX86Setup, abc.ABC):
 
     @property
     def has_private_mem(self) -> bool:
-        """Whether the VM type has private memory (``kvm_arch_has_private_mem``): SW_PROTECTED, SNP, TDX."""
+        """Whether the VM type has private memory (``kvm_arch_has_private_mem``): SW_PROTECTED, SNP, TDX.
+
+        Only such VMs accept ``KVM_MEMORY_ATTRIBUTE_PRIVATE`` and refuse ``GUEST_MEMFD_FLAG_INIT_SHARED`` (on
+        6.18). Errors: none — no ioctl is issued, it answers from the VM type, also once closed.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm:
+        ...     with kvm.create_vm() as vm, kvm.create_vm(kvmgmem.KVM_X86_SW_PROTECTED_VM) as protected:
+        ...         (vm.has_private_mem, protected.has_private_mem)
+        (False, True)
+        """
         return self.vm_type in uapi.PRIVATE_MEM_VM_TYPES
 
     # Pin bookkeeping shared by backends: a slot id (with its address space) keeps its host memory alive.
@@ -858,7 +1073,11 @@ class Vm(Resource, VmX86Setup, abc.ABC):
 
 
 class System(Resource, abc.ABC):
-    """An open KVM (``/dev/kvm`` or the sim): capabilities and VM creation. Made by ``kvmgmem.open``."""
+    """An open KVM (``/dev/kvm`` or the sim): capabilities and VM creation. Made by ``kvmgmem.open``.
+
+    ``backend`` is "kvm" or "sim", ``selection_reason`` why ``kvmgmem.open`` chose it. Once ``close()`` has
+    run, every method raises ``KvmError(EBADF)`` naming its operation.
+    """
 
     _kind = "KVM system"
     backend: str
@@ -866,6 +1085,9 @@ class System(Resource, abc.ABC):
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm``: what the KVM can do; unknown capabilities answer 0.
+
+        ``cap`` is a ``uapi.KVM_CAP_*`` number, passed as the ioctl's 64-bit argument
+        (``kvm_vm_ioctl_check_extension_generic`` looks at all of it). Errors: none beyond EBADF once closed.
 
         >>> import kvmgmem
         >>> from kvmgmem import uapi
@@ -883,6 +1105,10 @@ class System(Resource, abc.ABC):
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """``KVM_CREATE_VM``: a VM of ``vm_type`` (EINVAL unless the type is in ``supported_vm_types``).
+
+        ``vm_type`` is a ``KVM_X86_*_VM`` number (0, the default type, for an ordinary VM). Errors: EINVAL for
+        a type ``kvm_is_vm_type_supported`` refuses (``kvm_arch_init_vm``); ENOMEM or EMFILE when the kernel
+        or the process runs out; EBADF once closed.
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm:
@@ -903,6 +1129,10 @@ class System(Resource, abc.ABC):
     def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID entries a VMM may give its vCPUs (see :meth:`Vcpu.set_cpuid`).
 
+        Returns copies, so editing them changes nothing until they are passed to ``set_cpuid``. The buffer is
+        sized for the kernel's maximum (256 entries), so the ioctl's E2BIG cannot happen. Errors: none beyond
+        EBADF once closed.
+
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm:
         ...     any(e.function == 0 for e in kvm.get_supported_cpuid())
@@ -918,6 +1148,8 @@ class System(Resource, abc.ABC):
     @property
     def supported_vm_types(self) -> frozenset[int]:
         """VM types from KVM_CAP_VM_TYPES (0 means only the default type, as the selftests assume).
+
+        Errors: none beyond EBADF once closed (it is a ``KVM_CHECK_EXTENSION``).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm:

@@ -32,10 +32,10 @@ class VmX86Setup(abc.ABC):
     def create_irqchip(self) -> None:
         """``KVM_CREATE_IRQCHIP``: the in-kernel PIC, IOAPIC and (for vCPUs created later) local APICs.
 
-        Errors (x86 ``kvm_arch_vm_ioctl``): EEXIST when the VM already has one, EINVAL once a vCPU was created.
-        On the sim the irqchip is a recorded mode and nothing more: no PIC, IOAPIC or APIC is modelled, so
-        nothing ever injects an interrupt. What it changes is what the kernel gates on it: vCPUs created later
-        have a local APIC (APs start UNINITIALIZED, the ``KVM_SET_MP_STATE`` states that need one are
+        Takes no arguments. Errors (x86 ``kvm_arch_vm_ioctl``): EEXIST when the VM already has one, EINVAL once a
+        vCPU was created. On the sim the irqchip is a recorded mode and nothing more: no PIC, IOAPIC or APIC is
+        modelled, so nothing ever injects an interrupt. What it changes is what the kernel gates on it: vCPUs
+        created later have a local APIC (APs start UNINITIALIZED, the ``KVM_SET_MP_STATE`` states that need one are
         accepted) and HLT halts in the kernel instead of exiting; a vCPU that is not RUNNABLE then waits in
         ``KVM_RUN`` for a wakeup that only a kick (EINTR) provides.
 
@@ -60,7 +60,8 @@ class VmX86Setup(abc.ABC):
         """``KVM_GET_TSC_KHZ`` on the VM (``KVM_CAP_GET_TSC_KHZ``): the TSC frequency new vCPUs get, in kHz.
 
         On the sim a fixed nominal frequency (profile field ``tsc_khz``): the guest's TSC is the CPU
-        emulator's own counter, which KVM_GET_TSC_KHZ does not describe.
+        emulator's own counter, which KVM_GET_TSC_KHZ does not describe. Errors: none beyond EBADF once closed
+        (``kvm_arch_vm_ioctl`` reads ``default_tsc_khz``).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
@@ -80,7 +81,8 @@ class VmX86Setup(abc.ABC):
 
         Only shadow paging allocates from this pool; with two-dimensional paging (the sim) the value is
         recorded and changes nothing (``kvm_vm_ioctl_set_nr_mmu_pages``). ``pages`` is the ioctl's
-        ``unsigned long`` argument.
+        ``unsigned long`` argument, a count of 4 KiB page-table pages. Errors: EINVAL below 64
+        (``KVM_MIN_ALLOC_MMU_PAGES``); EBADF once closed.
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
@@ -111,11 +113,12 @@ class VcpuX86State(abc.ABC):
     def set_cpuid(self, entries: Iterable[uapi.kvm_cpuid_entry2] | None = None) -> None:
         """``KVM_SET_CPUID2``; ``None`` loads the system's supported CPUID (what VMMs do).
 
-        The guest's CPUID instruction then answers from this table, by KVM's lookup rules (``kvm_cpuid``); a
-        vCPU without one reads zeros. Errors: TypeError naming the operation for entries that are not
-        ``uapi.kvm_cpuid_entry2``; E2BIG for more than 256 entries; EINVAL for a table ``kvm_check_cpuid``
-        refuses (a linear-address width other than 48, 57 or 0 in leaf 0x80000008) and, once the vCPU has
-        run, for any table other than the one it has (``kvm_cpuid_check_equal``).
+        ``entries`` is an iterable of ``uapi.kvm_cpuid_entry2`` (copied; e.g. :meth:`System.get_supported_cpuid`'s
+        answer, edited). The guest's CPUID instruction then answers from this table, by KVM's lookup rules
+        (``kvm_cpuid``); a vCPU without one reads zeros. Errors: TypeError naming the operation for entries that are
+        not ``uapi.kvm_cpuid_entry2``; E2BIG for more than 256 entries; EINVAL for a table ``kvm_check_cpuid``
+        refuses (a linear-address width other than 48, 57 or 0 in leaf 0x80000008) and, once the vCPU has run, for
+        any table other than the one it has (``kvm_cpuid_check_equal``).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
@@ -137,17 +140,17 @@ class VcpuX86State(abc.ABC):
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa + size)`` ahead of the guest; returns the leftover range.
 
-        Each page is faulted in as a guest read would be (private pages from the guest_memfd, shared ones from
-        the memslot's memory), so the guest later runs without those faults. The kernel stops early — on a
-        signal, a huge mapping's end, an error after some progress — and writes the range not yet done back:
-        the returned ``(gpa, size)``, which a caller passes again until ``size`` is 0. It fails only when no
-        page was mapped, and then the range is unchanged. Errors, in ``kvm_vcpu_pre_fault_memory`` and
-        ``kvm_arch_vcpu_pre_fault_memory``'s order: EINVAL for flags ≠ 0, an unaligned gpa or size, size 0
-        or a wrapping range (and on kernels before 6.10, which lack the ioctl); EINTR when a signal (a
-        :meth:`kick`) is pending; EOPNOTSUPP without two-dimensional paging (``KVM_CAP_PRE_FAULT_MEMORY``
-        0, as on this host's shadow-paging KVM); ENOENT when the gpa is in no memslot (the access would be
-        emulated MMIO); EAGAIN when its memslot is being deleted or moved; EFAULT, EHWPOISON... when the
-        fault needs the VMM (a private page without a guest_memfd behind it, a poisoned page).
+        Each page is faulted in as a guest read would be (private pages from the guest_memfd, shared ones from the
+        memslot's memory), so the guest later runs without those faults. The kernel stops early — on a signal, a
+        huge mapping's end, an error after some progress — and writes the range not yet done back: the returned
+        ``(gpa, size)``, which a caller passes again until ``size`` is 0. It fails only when no page was mapped, and
+        then the range is unchanged. Errors, in ``kvm_vcpu_pre_fault_memory`` and
+        ``kvm_arch_vcpu_pre_fault_memory``'s order (``gpa`` and ``size`` are bytes, multiples of 4096): EINVAL for
+        flags ≠ 0, an unaligned gpa or size, size 0 or a wrapping range (and on kernels before 6.10, which lack the
+        ioctl); EINTR when a signal (a :meth:`kick`) is pending; EOPNOTSUPP without two-dimensional paging
+        (``KVM_CAP_PRE_FAULT_MEMORY`` 0, as on this host's shadow-paging KVM); ENOENT when the gpa is in no memslot
+        (the access would be emulated MMIO); EAGAIN when its memslot is being deleted or moved; EFAULT, EHWPOISON...
+        when the fault needs the VMM (a private page without a guest_memfd behind it, a poisoned page).
 
         >>> import errno, kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(2 << 20) as mem:
@@ -213,6 +216,9 @@ class VcpuX86State(abc.ABC):
     def get_mp_state(self) -> int:
         """``KVM_GET_MP_STATE``: the vCPU's multiprocessing state (``uapi.KVM_MP_STATE_*``; RUNNABLE at creation).
 
+        An AP created after ``Vm.create_irqchip`` starts UNINITIALIZED; a HLT with an in-kernel local APIC makes
+        the vCPU HALTED. Errors: none beyond EBADF once closed.
+
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:
         ...     vcpu.get_mp_state() == kvmgmem.uapi.KVM_MP_STATE_RUNNABLE
@@ -229,9 +235,10 @@ class VcpuX86State(abc.ABC):
     def set_mp_state(self, mp_state: int) -> None:
         """``KVM_SET_MP_STATE``: set the vCPU's multiprocessing state (``uapi.KVM_MP_STATE_*``).
 
-        RUNNABLE always; UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED (stored as INIT_RECEIVED) and
-        AP_RESET_HOLD only with an in-kernel local APIC (:meth:`Vm.create_irqchip` before the vCPU); anything
-        else is EINVAL (``kvm_arch_vcpu_ioctl_set_mpstate``).
+        ``mp_state`` is a ``uapi.KVM_MP_STATE_*`` value: RUNNABLE always; UNINITIALIZED, INIT_RECEIVED, HALTED,
+        SIPI_RECEIVED (stored as INIT_RECEIVED) and AP_RESET_HOLD only with an in-kernel local APIC
+        (:meth:`Vm.create_irqchip` before the vCPU). Errors: EINVAL for anything else, including those states
+        without a local APIC (``kvm_arch_vcpu_ioctl_set_mpstate``); EBADF once closed.
 
         >>> import errno, kvmgmem
         >>> from kvmgmem import uapi
@@ -253,6 +260,8 @@ class VcpuX86State(abc.ABC):
 
     def get_tsc_khz(self) -> int:
         """``KVM_GET_TSC_KHZ`` on the vCPU: its virtual TSC frequency in kHz (the VM's default at creation).
+
+        Errors: none beyond EBADF once closed (``kvm_arch_vcpu_ioctl`` reads ``virtual_tsc_khz``).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_vcpu() as vcpu:

@@ -20,7 +20,15 @@ class KvmError(OSError):
 
     ``errno`` is the value the kernel returns (the sim returns the same one), ``op`` names the operation
     ("KVM_CREATE_GUEST_MEMFD", "fallocate", ...). Being an ``OSError`` lets callers that only care about the
-    errno treat it like any failed syscall.
+    errno treat it like any failed syscall. ``detail`` (or None) says what was wrong when kvmgmem knows more
+    than the errno; ``str()`` has all three. It pickles with its fields (for errors crossing processes).
+
+    >>> import errno, pickle, kvmgmem
+    >>> e = kvmgmem.KvmError(errno.EINVAL, "fallocate", "unaligned length")
+    >>> (isinstance(e, OSError), e.errno == errno.EINVAL, e.op)
+    (True, True, 'fallocate')
+    >>> str(pickle.loads(pickle.dumps(e)))
+    'fallocate failed: EINVAL (Invalid argument): unaligned length'
     """
 
     op: str

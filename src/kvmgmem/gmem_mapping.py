@@ -104,7 +104,23 @@ class GmemMapping(PinnedMapping):
         return self
 
     def place(self, start: int, length: int, fd: int, file_offset: int) -> None:
-        """Backend use: map ``fd`` at ``file_offset`` over mapping bytes ``[start, start+length)``."""
+        """Backend use: map ``fd`` at ``file_offset`` over mapping bytes ``[start, start+length)``.
+
+        ``start``, ``length`` and ``file_offset`` are bytes, multiples of 4096; the range must lie inside the
+        mapping (a backend's job: nothing checks it here). It is ``mmap(2)`` with ``MAP_FIXED|MAP_SHARED``.
+        Errors: ``KvmError`` (op "mmap") with its errno — EINVAL for an unaligned ``start`` or ``file_offset`` or a
+        zero length, EBADF for a bad ``fd``, ENODEV for a file that cannot be mapped.
+
+        >>> import os
+        >>> from kvmgmem.gmem_mapping import GmemMapping
+        >>> fd = os.memfd_create("example")
+        >>> os.ftruncate(fd, 8192)
+        >>> m = GmemMapping.reserve(8192, 0, fd)           # the object's address range, still anonymous
+        >>> m.place(4096, 4096, fd, 0)                       # second page: the file's first
+        >>> os.pwrite(fd, b"hi", 0), bytes(m[4096:4098])
+        (2, b'hi')
+        >>> m.close(); os.close(fd)
+        """
         c_mmap(self.address + start, length, PROT_RW, mmap.MAP_SHARED | MAP_FIXED, fd, file_offset)
 
     def _unmap(self) -> None:
@@ -114,7 +130,20 @@ class GmemMapping(PinnedMapping):
             mmap.mmap.close(self)
 
     def resize(self, newsize: int) -> None:
-        """Refused: a guest_memfd mapping keeps its size (mremap would move it under a memslot)."""
+        """Refused: a guest_memfd mapping keeps its size (mremap would move it under a memslot).
+
+        ``newsize`` is ignored. Errors: always ``KvmError(EINVAL)`` with op "mremap"; map a new range with
+        ``GuestMemfd.mmap`` instead.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     with vm.create_guest_memfd(1 << 20, kvmgmem.GUEST_MEMFD_FLAG_MMAP) as gmem, gmem.mmap() as view:
+        ...         try:
+        ...             view.resize(2 << 20)
+        ...         except kvmgmem.KvmError as e:
+        ...             print(e)
+        mremap failed: EINVAL (Invalid argument): a guest_memfd mapping cannot be resized
+        """
         raise KvmError(errno.EINVAL, "mremap", "a guest_memfd mapping cannot be resized")
 
     # --- madvise ---------------------------------------------------------------------------------------
@@ -122,8 +151,26 @@ class GmemMapping(PinnedMapping):
     def madvise(self, option: int, start: int = 0, length: int | None = None) -> None:
         """``madvise(2)`` on ``[start, start+length)`` (default: to the end), with guest_memfd's rules.
 
-        MADV_REMOVE punches the file (the data is freed), MADV_COLLAPSE is EINVAL (guest_memfd never
-        collapses into huge folios), MADV_FREE / unknown advice / an unaligned start are EINVAL.
+        ``option`` is an ``mmap.MADV_*`` value; ``start`` and ``length`` are bytes of the mapping (``start`` a
+        multiple of 4096). MADV_REMOVE punches the file (the data is freed, as ``GuestMemfd.punch_hole``),
+        MADV_DONTNEED drops the mapping's pages but keeps the file's data. Errors, ``KvmError`` with op
+        "madvise": EINVAL for MADV_COLLAPSE (guest_memfd never collapses into huge folios), MADV_FREE (only for
+        anonymous memory), unknown advice or an unaligned start; ValueError once the mapping is closed or for a
+        ``start`` outside it (``mmap``'s own check; a length past the end is cut to the end).
+
+        >>> import errno, mmap, kvmgmem
+        >>> flags = kvmgmem.GUEST_MEMFD_FLAG_MMAP | kvmgmem.GUEST_MEMFD_FLAG_INIT_SHARED
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(1 << 20, flags) as gmem:
+        ...     with gmem.mmap() as view:
+        ...         view[0:1] = b"x"
+        ...         view.madvise(mmap.MADV_REMOVE, 0, 4096)
+        ...         (gmem.allocated_bytes(), view[0])     # freed; reading faults in a zero page
+        ...         try:
+        ...             view.madvise(mmap.MADV_FREE)
+        ...         except kvmgmem.KvmError as e:
+        ...             print(errno.errorcode[e.errno])
+        (0, 0)
+        EINVAL
         """
         if self.closed:
             raise ValueError("madvise on a closed GmemMapping")

@@ -260,7 +260,16 @@ class PinnedMapping(mmap.mmap):
 
     @property  # the issue's contract: ``.size`` is an attribute (mmap's size() method is shadowed)
     def size(self) -> int:  # type: ignore[override]
-        """The mapping's length in bytes (``len()``), as an attribute."""
+        """The mapping's length in bytes (``len()``), as an attribute.
+
+        Errors: ValueError once unmapped (``mmap``'s "closed or invalid"), no errno: nothing reaches the
+        kernel. ``HostMemory`` and ``GmemMapping`` share this member; the example uses the former.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.HostMemory(1 << 20) as mem:
+        ...     (mem.size, len(mem), mem.address % 4096)
+        (1048576, 1048576, 0)
+        """
         return len(self)
 
     # --- pinning by memslots ---------------------------------------------------------------------------
@@ -273,24 +282,75 @@ class PinnedMapping(mmap.mmap):
 
     @property
     def pinned_by(self) -> list[str]:
-        """Descriptions of the memslots currently using this memory."""
+        """Descriptions of the memslots currently using this memory.
+
+        Each names the slot, its address space and VM, as the EBUSY of :meth:`close` does. Errors: none (an
+        empty list once nothing uses the memory, also after close). Shared by ``HostMemory`` and
+        ``GmemMapping``; shown with the former.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
+        ...     vm.set_user_memory_region(3, 0, 1 << 20, mem)
+        ...     mem.pinned_by
+        ...     vm.set_user_memory_region(3, 0, 0)
+        ...     mem.pinned_by
+        ['memslot 3 (as 0) of <SimVm DEFAULT>']
+        []
+        """
         return self._pins.users()
 
     @property
     def closed(self) -> bool:  # type: ignore[override]
         """Closed by its owner: unmapped, or left by a ``with`` block and waiting for its last memslot.
 
-        While it waits, the bytes stay mapped for that memslot; nothing new may use them.
+        While it waits, the bytes stay mapped for that memslot; nothing new may use them (a memslot update
+        given it fails with EFAULT). Errors: none. Shared by ``HostMemory`` and ``GmemMapping``; shown with
+        the former.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     with kvmgmem.HostMemory(1 << 20) as mem:
+        ...         vm.set_user_memory_region(0, 0, 1 << 20, mem)
+        ...     (mem.closed, mem.unmapped)            # left the block: closed, still mapped for slot 0
+        ...     vm.set_user_memory_region(0, 0, 0)    # the last memslot lets go: unmapped now
+        ...     (mem.closed, mem.unmapped)
+        (True, False)
+        (True, True)
         """
         return self._pins.closing or _unmapped(self)
 
     @property
     def unmapped(self) -> bool:
-        """The bytes are gone (``closed`` is already True while a deferred unmap waits for a memslot)."""
+        """The bytes are gone (``closed`` is already True while a deferred unmap waits for a memslot).
+
+        Errors: none. Shared by ``HostMemory`` and ``GmemMapping``; shown with the former.
+
+        >>> import kvmgmem
+        >>> mem = kvmgmem.HostMemory(4096)
+        >>> mem.unmapped, mem.close(), mem.unmapped
+        (False, None, True)
+        """
         return _unmapped(self)
 
     def close(self) -> None:
-        """Unmap now. Idempotent; refused (EBUSY) while a memslot still uses the memory."""
+        """Unmap now. Idempotent; refused (EBUSY) while a memslot still uses the memory.
+
+        Errors: ``KvmError(EBUSY)`` (op "HostMemory.close" or "GmemMapping.close") naming the memslots that use
+        the memory, which stays mapped and usable; BufferError while a ``memoryview`` of it is alive, as for
+        any ``mmap``. Use a ``with`` block to defer the unmap to the last memslot instead. Shared by
+        ``HostMemory`` and ``GmemMapping``; shown with the former.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
+        ...     vm.set_user_memory_region(0, 0, 1 << 20, mem)
+        ...     try:
+        ...         mem.close()
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno], e.op)
+        ...     vm.set_user_memory_region(0, 0, 0)
+        ...     mem.close()                           # unused now: unmapped
+        EBUSY HostMemory.close
+        """
         if not _unmapped(self):  # also retries a deferred unmap that a live view blocked
             self._pins.close_if_unpinned(f"{type(self).__name__}.close", self._unmap)
 
@@ -345,7 +405,21 @@ class HostMemory(PinnedMapping):
 
         Resizing may move the memory, and the slot's ``userspace_addr`` would then point at nothing (or at
         someone else's memory). Unpinned, the mapping may move: ``address`` follows it (and may lose its
-        2 MiB alignment).
+        2 MiB alignment). ``newsize`` is bytes (1 up to ``sys.maxsize``). Errors: ``KvmError(EBUSY)`` naming
+        the memslots while any uses the memory; ``KvmError`` with ``mremap``'s errno (ENOMEM) when the kernel
+        cannot resize, the mapping unchanged; ValueError for a size out of range or closed memory; TypeError
+        for a size that is not an int.
+
+        >>> import errno, kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm, kvmgmem.HostMemory(1 << 20) as mem:
+        ...     mem.resize(2 << 20)
+        ...     vm.set_user_memory_region(0, 0, mem.size, mem)
+        ...     try:
+        ...         mem.resize(4 << 20)
+        ...     except kvmgmem.KvmError as e:
+        ...         print(errno.errorcode[e.errno], mem.size)
+        ...     vm.set_user_memory_region(0, 0, 0)
+        EBUSY 2097152
         """
         op = "HostMemory.resize"
         if not isinstance(newsize, int) or isinstance(newsize, bool):

@@ -68,6 +68,24 @@ def open(backend: str = "auto", *, vm_type: int | None = None, **options: Any) -
     ``options`` configure a backend: the sim takes ``profile=`` ("6.8", "6.18", "host", "7.2") and the
     profile fields (``sw_protected``, ``address_spaces``, ``hugepage``, ``private_access_bit``, ...), the kvm
     backend takes ``path=``. The rules for options given to the wrong backend are in the module docstring.
+    The returned ``System``'s ``backend`` says which one was opened and ``selection_reason`` why.
+
+    Errors, before anything is opened: ValueError for an unknown backend, a ``vm_type`` that is not a
+    non-negative int, a sim-only option with ``backend="kvm"`` or ``path`` without it, or a bad option value;
+    TypeError for an option no backend knows. Opening ``/dev/kvm`` (``backend="kvm"``): ``KvmError`` with
+    ``open(2)``'s errno (ENOENT without the device, EACCES without permission; op "open <path>"), or
+    ``KVM_GET_API_VERSION``'s. ``backend="auto"`` falls back to the sim instead of raising, and raises
+    OSError only when the sim cannot be imported either.
+
+    >>> import kvmgmem
+    >>> with kvmgmem.open("sim", profile="6.8") as kvm:
+    ...     (kvm.backend, kvm.selection_reason)
+    ('sim', "backend 'sim' requested")
+    >>> try:
+    ...     kvmgmem.open("kvm", profile="6.8")
+    ... except ValueError as e:
+    ...     print(str(e)[:48])
+    kvmgmem.open: profile configure(s) the sim; back
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"kvmgmem.open: unknown backend {backend!r} (choose auto, {', '.join(BACKENDS)})")
