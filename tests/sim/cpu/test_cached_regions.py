@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from kvmgmem.backends.sim.cpu import CpuSet
-from kvmgmem.backends.sim.cpu.tlbcache import REGION_SHIFT, CachedRegions
+from kvmgmem.backends.sim.cpu.tlbcache import IDLE_PUBLISHED, REGION_SHIFT, CachedRegions
 from kvmgmem.backends.sim.cpu.types import Mapped, Retry
 
 from .simcpu_guest import FakeResolver, Guest
@@ -54,10 +54,26 @@ def test_a_flush_asks_the_vcpu_that_cached_the_range_and_never_kicks_the_other(g
     with busy.requests.cond:
         busy.requests.service_locked()
     assert (64 << 12, None) not in busy.tlb.data_cache
-    # nothing left in that region: the vCPU left the index, the next flush there asks nobody
-    assert not guest.cpuset.regions.vcpus_in(64, 65)
+    # nothing left there: the next flush may still look (the vCPU leaves emptied regions lazily) but
+    # requests nothing
     guest.cpuset.flush(64, 65)
     assert busy.requests.req == busy_req + 1
+
+
+def test_emptied_regions_leave_the_index_past_the_bound(guest: Guest) -> None:
+    cpu = guest.cpu()
+    regions = range(IDLE_PUBLISHED + 1)
+    for r in regions:
+        cpu.tlb.data_cache[((r * REGION) << 12, None)] = (guest.mem.address, True)
+        with cpu.requests.cond:
+            cpu.tlb.note_cached((r * REGION) << 12)
+    assert set(guest.cpuset.regions.vcpus_in(0, len(regions) * REGION)) == {cpu.requests}
+    for r in regions:
+        guest.cpuset.flush(r * REGION, r * REGION + 1)
+        with cpu.requests.cond:
+            cpu.requests.service_locked()
+    assert not cpu.tlb.data_cache
+    assert not guest.cpuset.regions.vcpus_in(0, len(regions) * REGION) and not cpu.tlb.published
 
 
 def test_a_region_stays_published_while_anything_is_cached_there(guest: Guest) -> None:
@@ -91,10 +107,14 @@ def test_a_huge_mapping_publishes_every_region_it_covers() -> None:
         cpu.pages.resolve_page(3 << 12, False, False)
         assert cpu.tlb.huge_cache
         assert set(guest.cpuset.regions.vcpus_in(REGION + 7, REGION + 8)) == {cpu.requests}  # 2nd 2 MiB
+        assert cpu.tlb.published == {0, 1}
         guest.cpuset.flush(REGION + 7, REGION + 8)
         with cpu.requests.cond:
             cpu.requests.service_locked()
-        assert not cpu.tlb.huge_cache and not guest.cpuset.regions.vcpus_in(0, 1 << 40)
+        assert not cpu.tlb.huge_cache
+        req = cpu.requests.req
+        guest.cpuset.flush(5, 6)  # the first region: nothing cached there any more, nothing requested
+        assert cpu.requests.req == req
     finally:
         guest.close()
 

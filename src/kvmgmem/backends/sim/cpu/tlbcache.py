@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from kvmgmem.backends.sim.cpu.requests import VcpuRequests
 
 REGION_SHIFT = 9  # cached gfns are indexed by 2 MiB region: range lookups cost O(regions + hits)
+IDLE_PUBLISHED = 64  # emptied regions a vCPU may stay published in (CachedRegions) before it leaves them
 _HUGE_SIZES = (2 << 20, 1 << 30)
 
 
@@ -45,8 +46,9 @@ class CachedRegions:
     reads ``flush_seq`` to decide whether a translation it resolved may be cached, and a flusher numbers its
     flush *before* it reads the index. So either the flusher sees the vCPU here (and then takes its request
     lock, behind the vCPU's caching), or the vCPU sees the flush's number and refuses the stale translation.
-    A vCPU unpublishes a region only under its request lock once it holds nothing there; it may stay
-    published with nothing cached (a refused translation), which only costs a precise check.
+    A vCPU unpublishes a region only under its request lock once it holds nothing there, and lazily (up to
+    ``IDLE_PUBLISHED`` emptied regions stay, or until a full flush); a region published with nothing
+    cached only costs a flusher the precise check, never a request.
 
     Sets are mutated under ``_lock``, read without it: a flusher snapshots a region's set in one C call."""
 
@@ -110,6 +112,7 @@ class TranslationCache:
         self.regions = regions
         self.owner: VcpuRequests | None = None  # set by the VcpuRequests built on this cache
         self.published: set[int] = set()  # regions this vCPU published in ``regions``
+        self._idle: set[int] = set()  # published regions a ranged flush emptied (maybe refilled since)
         self.pt_cache: dict[int, int] = {}  # gpa page -> host address of that 4 KiB page
         self.pt_entries: dict[int, memoryview] = {}  # the same pages as 512 u64 entries
         # gfns with a pt_cache/data_cache entry, by 2 MiB region (REGION_SHIFT); changed under the request
@@ -173,6 +176,7 @@ class TranslationCache:
             self.data_cache.clear()
             self.touched.clear()
             self._unpublish(list(self.published))
+            self._idle.clear()
             return
         vpages: list[int] = []
         emptied: list[int] = []  # regions that may hold nothing any more
@@ -202,7 +206,14 @@ class TranslationCache:
                     emptied.append(region)
         installed.drop(vpages, table)
         if emptied:
-            self._unpublish([r for r in emptied if r not in touched and not self._huge_covers(r)])
+            # Leave the index lazily: a vCPU converting its own page empties and refills one region per
+            # conversion, and leaving and rejoining would cost two index-lock holds each time. An idle region
+            # only costs a flusher the precise check, and at most IDLE_PUBLISHED of them stay.
+            idle = self._idle
+            idle.update(emptied)
+            if len(idle) > IDLE_PUBLISHED:
+                self._unpublish([r for r in idle if r not in touched and not self._huge_covers(r)])
+                idle.clear()
 
     def _touched_in(self, start: int, end: int) -> list[tuple[int, set[int]]]:
         """(region, touched gfns) of the regions overlapping [start, end), like ``regions_in``."""
