@@ -19,8 +19,8 @@ translations in the range at its next safe point. Tables, each growing one dimen
   enters Python, so what is left is the host scheduler: N busy threads and the converting one share the
   host's cores. The **bare busy thread** rows measure that share alone (hookless unicorn engines spinning,
   no VM vCPU at all). Interleaved on the loaded 2-core host, 4 bare threads left 0.34-0.46 of the
-  1-thread rate and 4 spinning vCPUs 0.32-0.45; what is left per vCPU is the flush's check of each vCPU
-  (``VcpuRequests.post_flush``, about 1-2 µs).
+  1-thread rate and 4 spinning vCPUs 0.32-0.45. The flush no longer even checks them: it asks only the
+  vCPUs the VM's index (``tlbcache.CachedRegions``) has in the range's 2 MiB regions.
 * **implicit conversions vs vCPUs** (the target of issue 15: 4 vCPUs convert at least as many 4 KiB pages
   per second as 1): 1, 2 or 4 vCPUs each convert their own page back and forth by touching it through the
   private alias and the shared mapping, the VMM answering each memory-fault exit on that vCPU's thread;
@@ -29,7 +29,9 @@ translations in the range at its next safe point. Tables, each growing one dimen
   the rates by 2-3× within a minute, and a row measured alone in a quiet or a busy moment made the ratio
   say more about that moment than about the sim. Almost all of a conversion holds the GIL (only the guest's
   own instructions, ~10% of it, run without), so N vCPU threads cannot convert much faster than one; what
-  the row checks is that they lose nothing handing the GIL and the VM's locks around.
+  the row checks is that they lose nothing handing the GIL and the VM's locks around. Each vCPU does the
+  same Python per conversion as a lone one (the flush asks only the converting vCPU: 1.5 ``post_flush``
+  per conversion with 1 or 4 vCPUs; it was 6 with 4).
 
 These call the CPU layer's internals (cached translations through ``SimCpu.pages.resolve_page``,
 ``SimCpu.requests.service_locked``): they are diagnostics of exactly those paths.

@@ -13,6 +13,7 @@ import threading
 
 from kvmgmem.backends.sim.cpu.simcpu import SimCpu
 from kvmgmem.backends.sim.cpu.stores import StoreMap
+from kvmgmem.backends.sim.cpu.tlbcache import CachedRegions
 from kvmgmem.backends.sim.cpu.types import GpaResolver
 
 FLUSH_LOG = 256  # recent flushes CpuSet remembers, so a racing fill can tell whether its result is stale
@@ -28,6 +29,7 @@ class CpuSet:
         # replaced, never mutated (under _lock): a flush iterates a snapshot without taking the lock
         self._cpus: tuple[SimCpu, ...] = ()
         self._lock = threading.Lock()
+        self.regions = CachedRegions()  # which vCPUs may hold translations where: whom a ranged flush asks
         # Every flush gets a sequence number, logged with its gfn range (None: everything). A vCPU that did
         # not cache any translation in a range is not interrupted by its flush; a translation it resolves
         # concurrently is checked against the log before it is cached (see PageResolver.resolved).
@@ -42,6 +44,7 @@ class CpuSet:
 
     def create_cpu(self, vcpu_id: int = 0) -> SimCpu:
         cpu = SimCpu(self, vcpu_id)
+        cpu.tlb.regions = self.regions  # before its first fill: from now on it publishes what it caches
         with self._lock:
             self._cpus = (*self._cpus, cpu)
         return cpu
@@ -50,6 +53,7 @@ class CpuSet:
         """Drop a closed vCPU: flushes and store changes no longer ask it."""
         with self._lock:
             self._cpus = tuple(c for c in self._cpus if c is not cpu)
+        self.regions.forget(cpu.requests)
 
     def add_store(self, host_ptr: int, size: int) -> int:
         """Register a store; returns its window (unicorn physical address of ``host_ptr``)."""
@@ -67,18 +71,21 @@ class CpuSet:
 
         Only vCPUs that cached a translation in the range are asked (and waited for), as KVM only needs to
         flush TLBs that may hold the zapped SPTEs; the others cannot hold one (every TLB entry comes from a
-        cached translation, and a translation resolved across this flush is refused, ``stale_since``)."""
+        cached translation, and a translation resolved across this flush is refused, ``stale_since``). A
+        ranged flush looks only at the vCPUs the index has in the range's regions (``CachedRegions``: the
+        flush is numbered first, then the index read), each checked precisely under its lock (``post_flush``)."""
         rng = None if gfn_start is None or gfn_end is None else (gfn_start, gfn_end)
         with self._flush_lock:
             self.flush_seq += 1
             self._flush_log.append((self.flush_seq, rng))
+        asked = [c.requests for c in self._cpus] if rng is None else self.regions.vcpus_in(*rng)
         tickets = []
-        for cpu in self._cpus:
-            ticket = cpu.requests.post_flush(rng)
+        for rq in asked:
+            ticket = rq.post_flush(rng)
             if ticket is not None:
-                tickets.append((cpu, ticket))
-        for cpu, ticket in tickets:
-            cpu.requests.wait_ack(ticket)
+                tickets.append((rq, ticket))
+        for rq, ticket in tickets:
+            rq.wait_ack(ticket)
 
     def stale_since(self, seq: int, gfn_start: int, gfn_end: int) -> bool:
         """Whether a flush after ``seq`` covered any of ``[gfn_start, gfn_end)`` (or the log lost track)."""

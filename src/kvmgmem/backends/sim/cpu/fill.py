@@ -158,13 +158,15 @@ class TlbFill:
             lock.acquire()
         host_page, host_writable = res.host_ptr, res.writable
         rq.in_resolver = False
+        cache = self._cache
+        gfn = gpa_page >> 12
+        if gfn >> REGION_SHIFT not in cache.published:  # before the flush_seq check (tlbcache.CachedRegions)
+            cache.publish(gfn, gfn + 1)
         outcome: FillOutcome | None
         if seq != cpuset.flush_seq and cpuset.stale_since(seq, gpa_page >> 12, (gpa_page >> 12) + 1):
             outcome = DataOutcome(gpa_page, Retry())
         else:
-            cache = self._cache
             cache.data_cache[(gpa_page, private)] = (host_page, host_writable)
-            gfn = gpa_page >> 12
             region = cache.touched.get(gfn >> REGION_SHIFT)  # TranslationCache.note_cached
             if region is None:
                 cache.touched[gfn >> REGION_SHIFT] = {gfn}

@@ -54,6 +54,7 @@ class VcpuRequests:
     def __init__(self, uc: Engine, cache: TranslationCache) -> None:
         self._uc = uc
         self._cache = cache
+        cache.owner = self  # what the cache publishes in the VM's index (tlbcache.CachedRegions)
         self.lock = threading.Lock()  # cond's lock, taken directly where a fill's microseconds count
         self.cond = threading.Condition(self.lock)
         self.mode = OUTSIDE_GUEST_MODE

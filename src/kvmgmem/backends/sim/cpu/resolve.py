@@ -78,6 +78,8 @@ class PageResolver:
         cpuset = self.cpuset
         with rq.lock:  # cond's lock, taken directly (once per fault)
             rq.in_resolver = False
+            if usable:
+                self._cache.publish(base >> 12, (base + size) >> 12)  # before the flush_seq check (CachedRegions)
             # A flusher that skipped this vCPU (nothing cached in its range) relies on this check: a result
             # resolved before a zap of its gfns is never cached nor installed. With no flush numbered since
             # ``seq`` (read unlocked: a flush numbered after this read sees what we cache under this lock, as
