@@ -16,6 +16,7 @@ from pathlib import Path
 import kvmgmem.backends.sim.cpu as cpu_package
 
 from ..test_adapters_translate import _Sites
+from ..test_adapters_translate import violations as adapter_violations
 
 CPU = Path(cpu_package.__file__).parent
 #: uapi's hypercall return values (-KVM_E*): the names whose suffix is an errno name.
@@ -64,14 +65,7 @@ def _all_sites() -> list[tuple[str, str, str, str]]:
 
 def violations(found: list[tuple[str, str, str, str]]) -> list[str]:
     """The sites of ``found`` not in ``ALLOWED``, and every repeat of an allowed one."""
-    seen: set[tuple[str, str, str]] = set()
-    out = []
-    for module, function, what, expr in found:
-        key = (module, what, expr)
-        if key not in ALLOWED or key in seen:
-            out.append(f"{module}.py {function}: {what} {expr}")
-        seen.add(key)
-    return out
+    return adapter_violations(found, ALLOWED)
 
 
 def test_the_cpu_decides_no_errno() -> None:
