@@ -852,6 +852,47 @@ class Vm(Resource, VmX86Setup, abc.ABC):
                 user.unpin((id(self), slot))
             self._slot_users.clear()
 
+    # --- sim-only options: declared here so a VMM asks, not probes; None on kvm --------------------------------
+
+    @property
+    def private_access_bit(self) -> int | None:
+        """The private access bit this VM's vCPUs honour (sim only), or None.
+
+        :attr:`System.private_access_bit` applies to ``KVM_X86_SW_PROTECTED_VM`` VMs only: a DEFAULT VM has
+        no private memory to convert to. Always None on real KVM.
+
+        >>> import kvmgmem
+        >>> from kvmgmem import uapi
+        >>> with kvmgmem.open("sim", private_access_bit=51) as kvm:
+        ...     with kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as pvm, kvm.create_vm() as dvm:
+        ...         pvm.private_access_bit, dvm.private_access_bit
+        (51, None)
+        """
+        return self._private_access_bit()
+
+    @abc.abstractmethod
+    def _private_access_bit(self) -> int | None:
+        """Return the private access bit this VM's vCPUs honour; None if none (real KVM, not SW_PROTECTED)."""
+
+    def introspect(self) -> dict[str, Any] | None:
+        """Return a snapshot of the sim's model of this VM's kernel state, or None on real KVM (it shows none).
+
+        Keys include ``sptes`` (what the MMU maps), ``attributes`` (private ranges), ``memslots``, ``gmem``
+        (each guest_memfd's page states and bindings) and ``counters`` (faults, zaps, invalidations). For tests
+        and tools that check what the API cannot show; nothing here is a kernel interface.
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     snapshot = vm.introspect()
+        ...     snapshot is not None and {"sptes", "memslots", "counters"} <= snapshot.keys()
+        True
+        """
+        return self._introspect()
+
+    @abc.abstractmethod
+    def _introspect(self) -> dict[str, Any] | None:
+        """Return the backend's snapshot of the VM's kernel state; None where the kernel shows none (real KVM)."""
+
     def __repr__(self) -> str:
         name = uapi.VM_TYPE_NAMES.get(self.vm_type, str(self.vm_type))
         return f"<{type(self).__name__} {name}{' closed' if self.closed else ''}>"
@@ -928,6 +969,28 @@ class System(Resource, abc.ABC):
         if not mask:
             return frozenset({uapi.KVM_X86_DEFAULT_VM})
         return frozenset(t for t in range(32) if mask & (1 << t))
+
+    # --- sim-only options: declared here so a VMM asks, not probes; None on kvm --------------------------------
+
+    @property
+    def private_access_bit(self) -> int | None:
+        """The sim's private access bit (``kvmgmem.open("sim", private_access_bit=N)``), or None.
+
+        Bit N of a guest's leaf PTE marks the access private, like an SEV C-bit, so the guest converts memory
+        implicitly (a mismatch is a ``KVM_EXIT_MEMORY_FAULT``). Upstream ``KVM_X86_SW_PROTECTED_VM`` has no
+        such bit and no capability reports it, so real KVM always answers None; a VM honours it only if it
+        is SW_PROTECTED (see :attr:`Vm.private_access_bit`).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim", private_access_bit=51) as kvm, kvmgmem.open("sim") as plain:
+        ...     kvm.private_access_bit, plain.private_access_bit
+        (51, None)
+        """
+        return self._private_access_bit()
+
+    @abc.abstractmethod
+    def _private_access_bit(self) -> int | None:
+        """Return the private access bit this KVM gives SW_PROTECTED VMs; None where there is none (real KVM)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.backend}{' closed' if self.closed else ''}>"

@@ -312,8 +312,7 @@ class SimVm(Vm):
         True/False is what the vCPU's private access bit reported (a mismatch is a memory-fault exit)."""
         return self.core.mmu.fault(gpa, write, fetch, private)
 
-    @property
-    def private_access_bit(self) -> int | None:
+    def _private_access_bit(self) -> int | None:
         """The profile's ``private_access_bit`` if this VM's vCPUs honour it (KVM_X86_SW_PROTECTED_VM only)."""
         if self.vm_type != uapi.KVM_X86_SW_PROTECTED_VM:
             return None
@@ -331,6 +330,6 @@ class SimVm(Vm):
     def remove_zap_listener(self, callback: ZapListener) -> None:
         self.core.remove_zap_listener(callback)
 
-    def introspect(self) -> dict[str, Any]:
+    def _introspect(self) -> dict[str, Any]:
         """SPTEs, attribute ranges, memslots, guest_memfd page states and counters (``VmCore.introspect``)."""
         return self.core.introspect()
