@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import enum
 import errno
 import os
 import threading
@@ -38,6 +37,7 @@ from kvmgmem.api_args import ulong as ulong
 from kvmgmem.api_x86 import VcpuX86State, VmX86Setup
 from kvmgmem.errors import KvmError, closed_error
 from kvmgmem.exits import Exit, HypercallExit, IoExit, MmioExit
+from kvmgmem.exits import Pending as Pending
 from kvmgmem.hostmem import HostMemory
 
 # --- argument marshalling ----------------------------------------------------------------------------------
@@ -383,23 +383,6 @@ class GuestMemfd(Resource, abc.ABC):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self.fd}"
         return f"<{type(self).__name__} {state} size={self.size:#x} flags={self.flags:#x}>"
-
-
-class Pending(enum.StrEnum):
-    """The reply the last exit waits for before the next ``run()`` (see ``Vcpu._pending``).
-
-    A ``StrEnum`` so that the kvm backend's C runner can keep the IN marker as the plain string ``"io_in"``
-    (it compares equal to ``Pending.IO_IN``) without importing Python objects on its hot path.
-    """
-
-    IO_IN = "io_in"
-    MMIO_READ = "mmio_read"
-    HYPERCALL = "hypercall"
-
-    @property
-    def description(self) -> str:
-        """What the pending exit waits for, in words, for the EINVAL of a ``complete_*`` that does not match it."""
-        return {"io_in": "IN", "mmio_read": "MMIO read", "hypercall": "hypercall"}[self.value]
 
 
 def awaited_reply(exit: Exit) -> tuple[Pending | None, int]:
