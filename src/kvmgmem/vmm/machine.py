@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import kvmgmem
 from kvmgmem import uapi
@@ -310,7 +311,7 @@ class Machine:
         if self._own_system:
             self.system.close()
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
