@@ -862,7 +862,8 @@ class Vm(Resource, VmX86Setup, abc.ABC):
 
         Keys include ``sptes`` (what the MMU maps), ``attributes`` (private ranges), ``memslots``, ``gmem``
         (each guest_memfd's page states and bindings) and ``counters`` (faults, zaps, invalidations). For tests
-        and tools that check what the API cannot show; nothing here is a kernel interface.
+        and tools that check what the API cannot show; nothing here is a kernel interface. It answers after
+        ``close()`` too, showing what the VM's release left (a guest_memfd may still pin the VM).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
