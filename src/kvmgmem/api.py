@@ -385,6 +385,54 @@ class GuestMemfd(Resource, abc.ABC):
         return f"<{type(self).__name__} {state} size={self.size:#x} flags={self.flags:#x}>"
 
 
+class VmSimOptions(abc.ABC):
+    """The sim-only options of a VM, declared on the API so a VMM asks rather than probes; None on kvm.
+
+    A mixin ``Vm`` inherits, as it does the x86 set-up ioctls (``api_x86``): each backend implements the
+    ``_``-prefixed methods.
+    """
+
+    @property
+    def private_access_bit(self) -> int | None:
+        """The private access bit this VM's vCPUs honour (sim only), or None.
+
+        :attr:`System.private_access_bit` applies to ``KVM_X86_SW_PROTECTED_VM`` VMs only: a DEFAULT VM has
+        no private memory to convert to. Always None on real KVM.
+
+        >>> import kvmgmem
+        >>> from kvmgmem import uapi
+        >>> with kvmgmem.open("sim", private_access_bit=51) as kvm:
+        ...     with kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as pvm, kvm.create_vm() as dvm:
+        ...         pvm.private_access_bit, dvm.private_access_bit
+        (51, None)
+        """
+        return self._private_access_bit()
+
+    @abc.abstractmethod
+    def _private_access_bit(self) -> int | None:
+        """Return the private access bit this VM's vCPUs honour; None if none (real KVM, not SW_PROTECTED)."""
+
+    def introspect(self) -> dict[str, Any] | None:
+        """Return a snapshot of the sim's model of this VM's kernel state, or None on real KVM (it shows none).
+
+        Keys include ``sptes`` (what the MMU maps), ``attributes`` (private ranges), ``memslots``, ``gmem``
+        (each guest_memfd's page states and bindings) and ``counters`` (faults, zaps, invalidations). For tests
+        and tools that check what the API cannot show; nothing here is a kernel interface. It answers after
+        ``close()`` too, showing what the VM's release left (a guest_memfd may still pin the VM).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     snapshot = vm.introspect()
+        ...     snapshot is not None and {"sptes", "memslots", "counters"} <= snapshot.keys()
+        True
+        """
+        return self._introspect()
+
+    @abc.abstractmethod
+    def _introspect(self) -> dict[str, Any] | None:
+        """Return the backend's snapshot of the VM's kernel state; None where the kernel shows none (real KVM)."""
+
+
 def awaited_reply(exit: Exit) -> tuple[Pending | None, int]:
     """Return the reply ``exit`` waits for, and how many bytes of data it takes.
 
@@ -575,7 +623,7 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
         """
 
 
-class Vm(Resource, VmX86Setup, abc.ABC):
+class Vm(Resource, VmX86Setup, VmSimOptions, abc.ABC):
     """A VM (``KVM_CREATE_VM``): memslots, memory attributes, guest_memfds and vCPUs.
 
     Closing the VM closes its vCPUs; its guest_memfds keep working (they pin the kernel's VM).
@@ -834,48 +882,6 @@ class Vm(Resource, VmX86Setup, abc.ABC):
             for slot, user in self._slot_users.items():
                 user.unpin((id(self), slot))
             self._slot_users.clear()
-
-    # --- sim-only options: declared here so a VMM asks, not probes; None on kvm --------------------------------
-
-    @property
-    def private_access_bit(self) -> int | None:
-        """The private access bit this VM's vCPUs honour (sim only), or None.
-
-        :attr:`System.private_access_bit` applies to ``KVM_X86_SW_PROTECTED_VM`` VMs only: a DEFAULT VM has
-        no private memory to convert to. Always None on real KVM.
-
-        >>> import kvmgmem
-        >>> from kvmgmem import uapi
-        >>> with kvmgmem.open("sim", private_access_bit=51) as kvm:
-        ...     with kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as pvm, kvm.create_vm() as dvm:
-        ...         pvm.private_access_bit, dvm.private_access_bit
-        (51, None)
-        """
-        return self._private_access_bit()
-
-    @abc.abstractmethod
-    def _private_access_bit(self) -> int | None:
-        """Return the private access bit this VM's vCPUs honour; None if none (real KVM, not SW_PROTECTED)."""
-
-    def introspect(self) -> dict[str, Any] | None:
-        """Return a snapshot of the sim's model of this VM's kernel state, or None on real KVM (it shows none).
-
-        Keys include ``sptes`` (what the MMU maps), ``attributes`` (private ranges), ``memslots``, ``gmem``
-        (each guest_memfd's page states and bindings) and ``counters`` (faults, zaps, invalidations). For tests
-        and tools that check what the API cannot show; nothing here is a kernel interface. It answers after
-        ``close()`` too, showing what the VM's release left (a guest_memfd may still pin the VM).
-
-        >>> import kvmgmem
-        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
-        ...     snapshot = vm.introspect()
-        ...     snapshot is not None and {"sptes", "memslots", "counters"} <= snapshot.keys()
-        True
-        """
-        return self._introspect()
-
-    @abc.abstractmethod
-    def _introspect(self) -> dict[str, Any] | None:
-        """Return the backend's snapshot of the VM's kernel state; None where the kernel shows none (real KVM)."""
 
     def __repr__(self) -> str:
         name = uapi.VM_TYPE_NAMES.get(self.vm_type, str(self.vm_type))
