@@ -13,7 +13,7 @@ import pytest
 
 from kvmgmem import api, api_x86
 
-CLASSES = [api.System, api.Vm, api.Vcpu, api.GuestMemfd, api_x86.VmX86Setup, api_x86.VcpuX86State]
+CLASSES = [api.System, api.Vm, api.Vcpu, api.GuestMemfd, api.VmSimOptions, api_x86.VmX86Setup, api_x86.VcpuX86State]
 
 
 def _public_methods() -> list[tuple[str, object]]:
