@@ -25,7 +25,7 @@ import kvmgmem.backends
 from kvmgmem import api, api_x86, errors, exits, gmem_mapping, hostmem
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = [api.System, api.Vm, api.Vcpu, api.GuestMemfd, api_x86.VmX86Setup, api_x86.VcpuX86State]
+CLASSES = [api.System, api.Vm, api.Vcpu, api.GuestMemfd, api.VmSimOptions, api_x86.VmX86Setup, api_x86.VcpuX86State]
 #: Every module whose docstrings hold examples of the public API: all of them run here.
 DOC_MODULES: list[ModuleType] = [api, api_x86, gmem_mapping, hostmem, kvmgmem.backends, errors, exits]
 

@@ -152,6 +152,8 @@ OTHER_CALLS: list[tuple[str, Callable[[World], Any]]] = [
     ("System.supported_vm_types", lambda w: w.sys.supported_vm_types),
     ("System.get_supported_cpuid", lambda w: len(w.sys.get_supported_cpuid()) > 0),
     ("Vm.has_private_mem", lambda w: w.vm.has_private_mem),
+    ("System.private_access_bit", lambda w: w.sys.private_access_bit),  # None on both (sim option off)
+    ("Vm.private_access_bit", lambda w: w.vm.private_access_bit),
     ("GuestMemfd.write", lambda w: w.gmem.write(b"x")),
     ("GuestMemfd.stat", lambda w: (w.gmem.stat().st_size, w.gmem.stat().st_blksize, w.gmem.stat().st_nlink)),
     ("Vcpu.get_regs", lambda w: (w.vcpu.get_regs().rip, w.vcpu.get_regs().rflags)),
@@ -186,6 +188,7 @@ NOT_CALLED = {
     "Vcpu.closed",
     "GuestMemfd.allocated_bytes",  # not a kernel API (accounting), measured differently by design
     "GuestMemfd.fd",  # a number, different per process state
+    "Vm.introspect",  # the sim's snapshot, None on kvm by design (tests/test_sim_only_options.py)
 }
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import enum
 import errno
 import os
 import threading
@@ -38,6 +37,7 @@ from kvmgmem.api_args import ulong as ulong
 from kvmgmem.api_x86 import VcpuX86State, VmX86Setup
 from kvmgmem.errors import KvmError, closed_error
 from kvmgmem.exits import Exit, HypercallExit, IoExit, MmioExit
+from kvmgmem.exits import Pending as Pending
 from kvmgmem.hostmem import HostMemory
 
 # --- argument marshalling ----------------------------------------------------------------------------------
@@ -469,21 +469,52 @@ class GuestMemfd(Resource, abc.ABC):
         return f"<{type(self).__name__} {state} size={self.size:#x} flags={self.flags:#x}>"
 
 
-class Pending(enum.StrEnum):
-    """The reply the last exit waits for before the next ``run()`` (see ``Vcpu._pending``).
+class VmSimOptions(abc.ABC):
+    """The sim-only options of a VM, declared on the API so a VMM asks rather than probes; None on kvm.
 
-    A ``StrEnum`` so that the kvm backend's C runner can keep the IN marker as the plain string ``"io_in"``
-    (it compares equal to ``Pending.IO_IN``) without importing Python objects on its hot path.
+    A mixin ``Vm`` inherits, as it does the x86 set-up ioctls (``api_x86``): each backend implements the
+    ``_``-prefixed methods.
     """
 
-    IO_IN = "io_in"
-    MMIO_READ = "mmio_read"
-    HYPERCALL = "hypercall"
-
     @property
-    def description(self) -> str:
-        """What the pending exit waits for, in words, for the EINVAL of a ``complete_*`` that does not match it."""
-        return {"io_in": "IN", "mmio_read": "MMIO read", "hypercall": "hypercall"}[self.value]
+    def private_access_bit(self) -> int | None:
+        """The private access bit this VM's vCPUs honour (sim only), or None.
+
+        :attr:`System.private_access_bit` applies to ``KVM_X86_SW_PROTECTED_VM`` VMs only: a DEFAULT VM has
+        no private memory to convert to. Always None on real KVM.
+
+        >>> import kvmgmem
+        >>> from kvmgmem import uapi
+        >>> with kvmgmem.open("sim", private_access_bit=51) as kvm:
+        ...     with kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as pvm, kvm.create_vm() as dvm:
+        ...         pvm.private_access_bit, dvm.private_access_bit
+        (51, None)
+        """
+        return self._private_access_bit()
+
+    @abc.abstractmethod
+    def _private_access_bit(self) -> int | None:
+        """Return the private access bit this VM's vCPUs honour; None if none (real KVM, not SW_PROTECTED)."""
+
+    def introspect(self) -> dict[str, Any] | None:
+        """Return a snapshot of the sim's model of this VM's kernel state, or None on real KVM (it shows none).
+
+        Keys include ``sptes`` (what the MMU maps), ``attributes`` (private ranges), ``memslots``, ``gmem``
+        (each guest_memfd's page states and bindings) and ``counters`` (faults, zaps, invalidations). For tests
+        and tools that check what the API cannot show; nothing here is a kernel interface. It answers after
+        ``close()`` too, showing what the VM's release left (a guest_memfd may still pin the VM).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
+        ...     snapshot = vm.introspect()
+        ...     snapshot is not None and {"sptes", "memslots", "counters"} <= snapshot.keys()
+        True
+        """
+        return self._introspect()
+
+    @abc.abstractmethod
+    def _introspect(self) -> dict[str, Any] | None:
+        """Return the backend's snapshot of the VM's kernel state; None where the kernel shows none (real KVM)."""
 
 
 def awaited_reply(exit: Exit) -> tuple[Pending | None, int]:
@@ -789,7 +820,7 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
         """
 
 
-class Vm(Resource, VmX86Setup, abc.ABC):
+class Vm(Resource, VmX86Setup, VmSimOptions, abc.ABC):
     """A VM (``KVM_CREATE_VM``): memslots, memory attributes, guest_memfds and vCPUs.
 
     Closing the VM closes its vCPUs; its guest_memfds keep working (they pin the kernel's VM). Guest-physical
@@ -1160,6 +1191,28 @@ class System(Resource, abc.ABC):
         if not mask:
             return frozenset({uapi.KVM_X86_DEFAULT_VM})
         return frozenset(t for t in range(32) if mask & (1 << t))
+
+    # --- sim-only options: declared here so a VMM asks, not probes; None on kvm --------------------------------
+
+    @property
+    def private_access_bit(self) -> int | None:
+        """The sim's private access bit (``kvmgmem.open("sim", private_access_bit=N)``), or None.
+
+        Bit N of a guest's leaf PTE marks the access private, like an SEV C-bit, so the guest converts memory
+        implicitly (a mismatch is a ``KVM_EXIT_MEMORY_FAULT``). Upstream ``KVM_X86_SW_PROTECTED_VM`` has no
+        such bit and no capability reports it, so real KVM always answers None; a VM honours it only if it
+        is SW_PROTECTED (see :attr:`Vm.private_access_bit`).
+
+        >>> import kvmgmem
+        >>> with kvmgmem.open("sim", private_access_bit=51) as kvm, kvmgmem.open("sim") as plain:
+        ...     kvm.private_access_bit, plain.private_access_bit
+        (51, None)
+        """
+        return self._private_access_bit()
+
+    @abc.abstractmethod
+    def _private_access_bit(self) -> int | None:
+        """Return the private access bit this KVM gives SW_PROTECTED VMs; None where there is none (real KVM)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.backend}{' closed' if self.closed else ''}>"

@@ -394,7 +394,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _profile(text: str) -> str:
-    from kvmgmem.backends.sim.core.profile import PROFILES
+    from kvmgmem.backends.sim import PROFILES
 
     if text not in PROFILES:
         raise argparse.ArgumentTypeError(f"unknown profile {text!r} (choose {', '.join(PROFILES)})")

@@ -8,6 +8,7 @@ for memory faults).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from kvmgmem import uapi
@@ -136,6 +137,25 @@ class UnknownExit(Exit):
     reason: int
 
 
+class Pending(enum.StrEnum):
+    """The reply the last exit waits for before the next ``run()`` (see ``Vcpu._pending``).
+
+    It lives with the exits, in the base layer, because both sides of a pending exit name it: the API's vCPU
+    state (``awaited_reply``, the ``complete_*`` checks) and the sim CPU, which records what the exit it made
+    waits for. A ``StrEnum`` so that the kvm backend's C runner can keep the IN marker as the plain string
+    ``"io_in"`` (it compares equal to ``Pending.IO_IN``) without importing Python objects on its hot path.
+    """
+
+    IO_IN = "io_in"
+    MMIO_READ = "mmio_read"
+    HYPERCALL = "hypercall"
+
+    @property
+    def description(self) -> str:
+        """What the pending exit waits for, in words, for the EINVAL of a ``complete_*`` that does not match it."""
+        return {"io_in": "IN", "mmio_read": "MMIO read", "hypercall": "hypercall"}[self.value]
+
+
 __all__ = [
     "Exit",
     "HltExit",
@@ -144,6 +164,7 @@ __all__ = [
     "IoExit",
     "MemoryFaultExit",
     "MmioExit",
+    "Pending",
     "ShutdownExit",
     "SystemEventExit",
     "UnknownExit",

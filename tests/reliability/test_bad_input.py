@@ -452,6 +452,8 @@ CLOSED: list[Row] = [
     Row("System", "supported_vm_types", "closed", lambda w: w.csys.supported_vm_types, EBADF),
     Row("System", "close", "twice", lambda w: w.csys.close(), OK),
     Row("System", "closed", "closed", lambda w: w.csys.closed or 1 / 0, OK),
+    # the sim-only options describe the configuration, not a live fd: they answer after close() (None here)
+    Row("System", "private_access_bit", "closed", lambda w: w.csys.private_access_bit is None or 1 / 0, OK),
     Row("Vm", "check_extension", "closed", lambda w: w.cvm.check_extension(1), EBADF),
     Row("Vm", "create_guest_memfd", "closed", lambda w: w.cvm.create_guest_memfd(P), EBADF),
     Row("Vm", "set_user_memory_region", "closed", lambda w: w.cvm.set_user_memory_region(0, 0, P, w.mem), EBADF),
@@ -461,6 +463,8 @@ CLOSED: list[Row] = [
     Row("Vm", "create_vcpu", "closed", lambda w: w.cvm.create_vcpu(1), EBADF),
     Row("Vm", "close", "twice", lambda w: w.cvm.close(), OK),
     Row("Vm", "has_private_mem", "closed", lambda w: w.cvm.has_private_mem is False or 1 / 0, OK),
+    Row("Vm", "private_access_bit", "closed", lambda w: w.cvm.private_access_bit is None or 1 / 0, OK),
+    Row("Vm", "introspect", "closed", lambda w: w.cvm.introspect(), OK),  # what the VM's release left
     Row("Vcpu", "get_regs", "closed", lambda w: w.cvcpu.get_regs(), EBADF),
     Row("Vcpu", "set_regs", "closed", lambda w: w.cvcpu.set_regs(uapi.kvm_regs()), EBADF),
     Row("Vcpu", "get_sregs", "closed", lambda w: w.cvcpu.get_sregs(), EBADF),

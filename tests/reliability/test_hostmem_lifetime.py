@@ -107,14 +107,16 @@ print("resize refused", flush=True)
 """
 
 
-def test_resize_refused_while_a_memslot_uses_the_memory(backend: str) -> None:
+def test_resize_refused_while_a_memslot_uses_the_memory(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 14.1: ``resize()`` under a memslot fails with EBUSY naming the slot, as ``close()`` does; the
     memory stays where the slot points and the guest keeps reading it. Unpinned, resize works and
     ``address`` follows the mapping."""
     open_backend(backend).close()  # skip with the reason if unusable
+    # The child imports this module's guest helpers as ``tests.reliability...``: the checkout's root goes on its
+    # PYTHONPATH (the package itself is installed in the interpreter), nobody edits sys.path.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = f"import sys; sys.path.insert(0, {root!r})\n" + RESIZE_UNDER_A_SLOT
-    proc = run_python(code, args=[backend], timeout=60)
+    monkeypatch.setenv("PYTHONPATH", root, prepend=os.pathsep)
+    proc = run_python(RESIZE_UNDER_A_SLOT, args=[backend], timeout=60)
     assert "resize refused" in proc.stdout, proc.stdout
 
 

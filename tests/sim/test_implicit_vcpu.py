@@ -220,8 +220,8 @@ def test_without_the_option_bit_51_is_a_physical_address_bit(kw: dict[str, objec
 def test_sim_vm_reports_the_bit_it_honours() -> None:
     with kvmgmem.open("sim", private_access_bit=51) as system:
         with system.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as pvm:
-            assert pvm.private_access_bit == 51  # type: ignore[attr-defined]
+            assert pvm.private_access_bit == 51
         with system.create_vm(uapi.KVM_X86_DEFAULT_VM) as dvm:
-            assert dvm.private_access_bit is None  # type: ignore[attr-defined]
+            assert dvm.private_access_bit is None
     with kvmgmem.open("sim") as system, system.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as pvm:
-        assert pvm.private_access_bit is None  # type: ignore[attr-defined]
+        assert pvm.private_access_bit is None

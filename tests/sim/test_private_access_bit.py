@@ -13,9 +13,9 @@ def test_profile_option_default_off_and_validated() -> None:
     with kvmgmem.open("sim") as system:
         assert system.profile == PROFILES["6.18"]  # type: ignore[attr-defined]
         assert system.profile.private_access_bit is None  # type: ignore[attr-defined]
-        assert system.private_access_bit is None  # type: ignore[attr-defined]
+        assert system.private_access_bit is None
     with kvmgmem.open("sim", private_access_bit=51) as system:
-        assert system.private_access_bit == 51  # type: ignore[attr-defined]
+        assert system.private_access_bit == 51
         assert system.profile.name == "6.18"  # type: ignore[attr-defined]
     for bad in (True, 11, 52, 63, "51", 51.0):
         with pytest.raises(ValueError, match="private_access_bit"):

@@ -202,10 +202,11 @@ def test_default_private_is_one_range_per_region(protected_system: kvmgmem.Syste
     choice), so the attribute map holds one run per region however large the region is."""
     regions = [(RAM, 64 * MiB), (RAM + (1 << 30), 256 * MiB)]
     with Machine(Asm().hlt(), system=protected_system, regions=regions, default_private=True) as m:
-        introspect = getattr(m.vm, "introspect", None)
-        if introspect is None:
-            pytest.skip(f"backend {m.backend} has no attribute introspection")
-        private = [(lo, hi) for lo, hi, attrs in _runs(introspect()) if attrs == uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE]
+        assert m.vm is not None
+        snapshot = m.vm.introspect()
+        if snapshot is None:
+            pytest.skip(f"backend {m.backend} shows no attribute map (Vm.introspect() is None)")
+        private = [(lo, hi) for lo, hi, attrs in _runs(snapshot) if attrs == uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE]
         assert private == [(gpa >> 12, (gpa + size) >> 12) for gpa, size in regions]
 
 

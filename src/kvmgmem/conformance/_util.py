@@ -90,7 +90,7 @@ def kvm_is_pvm() -> bool:
 def expect_host_defect(request: pytest.FixtureRequest, backend: str, deviation: str) -> bool:
     """On kvm under kvm_pvm, mark the running test a strict expected failure naming ``deviation`` (a key of the
     sim profile module's ``HOST_DEVIATIONS``) that only a :class:`HostDefect` satisfies. True if marked."""
-    from kvmgmem.backends.sim.core.profile import HOST_DEVIATIONS
+    from kvmgmem.backends.sim import HOST_DEVIATIONS
 
     if backend != "kvm" or not kvm_is_pvm():
         return False

@@ -8,7 +8,7 @@ VM, then the host memory the memslots pinned).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 from kvmgmem import uapi
 from kvmgmem.api import GuestMemfd, System, Vcpu, Vm
@@ -144,7 +144,7 @@ class GuestVm:
         self.memory.release()
         self.host.close()
 
-    def __enter__(self) -> GuestVm:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

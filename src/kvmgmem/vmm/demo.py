@@ -322,7 +322,7 @@ def _open_system(backend: str, implicit: bool | None) -> System:
         raise DemoError(f"backend {system.backend} cannot run a confidential VM: "
                         f"{'; '.join(why) or 'no KVM_X86_SW_PROTECTED_VM'} (see `kvmgmem caps`; "
                         "--backend auto picks the sim)")  # fmt: skip
-    if implicit and getattr(system, "private_access_bit", None) is None:
+    if implicit and system.private_access_bit is None:
         system.close()
         raise ValueError(f"demo: backend {system.backend} has no private access bit for implicit conversions")
     return system
@@ -340,7 +340,7 @@ def _run_demo(
     trace: str | None,
     progress: Callable[[Progress], None] | None,
 ) -> DemoReport:
-    bit: int | None = getattr(system, "private_access_bit", None)
+    bit = system.private_access_bit
     if bit is None:
         implicit_size = 0
     image = _demo_image(discard, vcpus, bit)
@@ -534,11 +534,11 @@ def _progress_thread(machine: Machine, sampler: _Sampler, progress: Callable[[Pr
 
 
 def _sim_counters(machine: Machine) -> dict[str, int]:
-    """Fault/zap counters where the backend exposes them (the sim's ``introspect()``); empty otherwise."""
-    introspect = getattr(machine.vm, "introspect", None)
-    if not callable(introspect):
+    """Fault/zap counters where the backend keeps a snapshot (``Vm.introspect()``, the sim); empty otherwise."""
+    snapshot = machine.vm.introspect() if machine.vm is not None else None
+    if snapshot is None:
         return {}
-    counters = introspect().get("counters", {})
+    counters = snapshot.get("counters", {})
     return {k: int(v) for k, v in counters.items() if isinstance(v, int)}
 
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 import kvmgmem
 from kvmgmem import uapi
@@ -148,7 +149,8 @@ class Machine:
         bit = self.private_access_bit
         if bit is None:
             return
-        have = getattr(self.vm, "private_access_bit", None)  # the sim's VMs say what their vCPUs honour
+        assert self.vm is not None
+        have = self.vm.private_access_bit  # what its vCPUs honour: None on kvm, or on the sim for a DEFAULT VM
         if have != bit:
             raise ValueError(f"private_access_bit={bit}: this {self.system.backend} VM honours {have} "
                              "(a sim option, for KVM_X86_SW_PROTECTED_VM only)")  # fmt: skip
@@ -309,7 +311,7 @@ class Machine:
         if self._own_system:
             self.system.close()
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

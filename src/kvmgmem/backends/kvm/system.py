@@ -41,6 +41,9 @@ class KvmSystem(System):
     def _create_vm(self, vm_type: int) -> KvmVm:
         return KvmVm(self, ioctl(self.fd, uapi.KVM_CREATE_VM, vm_type), vm_type)
 
+    def _private_access_bit(self) -> None:
+        return None  # a sim-only option: upstream KVM_X86_SW_PROTECTED_VM has no C-bit in the guest's PTEs
+
     def _get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         if self._cpuid is None:
             nent = 256

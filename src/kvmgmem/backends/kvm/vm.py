@@ -81,6 +81,12 @@ class KvmVm(Vm):
     def _set_nr_mmu_pages(self, pages: int) -> None:
         ioctl(self.fd, uapi.KVM_SET_NR_MMU_PAGES, pages)
 
+    def _private_access_bit(self) -> None:
+        return None  # a sim-only option: upstream KVM_X86_SW_PROTECTED_VM has no C-bit in the guest's PTEs
+
+    def _introspect(self) -> None:
+        return None  # the kernel shows no SPTEs or memslot internals to userspace
+
     def _create_vcpu(self, vcpu_id: int) -> KvmVcpu:
         fd = ioctl(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id)
         try:

@@ -12,13 +12,15 @@ never trigger an implicit conversion (`kvm_mmu_page_fault`); with the bit, as on
 disagrees with the attribute fails KVM_RUN with EFAULT and a ``MemoryFaultExit`` (flags PRIVATE iff the
 access was private, page-aligned gpa, size 4096), which the VMM answers by converting the page and running
 again — the instruction then re-executes. ``kvmgmem.open("sim", private_access_bit=51)``;
-``SimSystem.private_access_bit`` / ``SimVm.private_access_bit`` tell what is in effect, and
-``GuestImage(private_alias=51)`` builds the matching private alias mapping.
+``System.private_access_bit`` / ``Vm.private_access_bit`` (declared on the API, None on kvm) tell what is in
+effect, and ``GuestImage(private_alias=51)`` builds the matching private alias mapping.
 
 Layout: ``core/`` is the pure kernel model; ``system``/``vm``/``gmem``/``vcpu``/``mapping`` adapt it to the
 backend-neutral API; ``storage`` and ``fdtable`` own the real resources (memory and fd numbers).
-Sim-only surface: ``SimGuestMemfd.inject_poison``,
-``SimVm.handle_fault`` / ``add_zap_listener`` (the CPU contract in ``core/mmu.py``), ``introspect()``.
+Sim-only surface: ``SimGuestMemfd.inject_poison`` and ``introspect()``, ``SimVm.handle_fault`` /
+``add_zap_listener`` (the CPU contract in ``core/mmu.py``); ``Vm.introspect()`` is declared on the API (None on
+kvm). ``PROFILES`` and ``HOST_DEVIATIONS`` (the host kernel defects the sim does not copy) are the profile
+tables tools may read without reaching into ``core/``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from kvmgmem.gmem_mapping import GmemMapping
 
-from .core.profile import DEFAULT_PROFILE, PROFILES, SIM_GUEST_MEMFD_FLAG_HUGEPAGE, Profile, get_profile
+from .core.profile import (
+    DEFAULT_PROFILE,
+    HOST_DEVIATIONS,
+    PROFILES,
+    SIM_GUEST_MEMFD_FLAG_HUGEPAGE,
+    Profile,
+    get_profile,
+)
 
 if TYPE_CHECKING:
     from .gmem import SimGuestMemfd
@@ -58,6 +67,7 @@ def open_system(profile: str | Profile = DEFAULT_PROFILE, **options: Any) -> Sim
 
 
 __all__ = [
+    "HOST_DEVIATIONS",
     "PROFILES",
     "SIM_GUEST_MEMFD_FLAG_HUGEPAGE",
     "GmemMapping",

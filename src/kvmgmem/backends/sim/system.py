@@ -39,10 +39,8 @@ class SimSystem(System):
     def _create_vm(self, vm_type: int) -> SimVm:
         return SimVm(self, create_vm(self.profile, vm_type))
 
-    @property
-    def private_access_bit(self) -> int | None:
-        """The sim-only private access bit (profile option; None = off). Not a kernel capability."""
-        return self.profile.private_access_bit
+    def _private_access_bit(self) -> int | None:
+        return self.profile.private_access_bit  # the profile option (None = off), not a kernel capability
 
     def _get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
         return supported_cpuid(self.profile)

@@ -322,8 +322,7 @@ class SimVm(Vm):
         """The CPU's hypercall entry point (``cpu.types.GpaResolver``): the model's ``kvm_emulate_hypercall``."""
         return _emulate_hypercall(self.sim, cpl, nr, a0, a1, a2, a3)
 
-    @property
-    def private_access_bit(self) -> int | None:
+    def _private_access_bit(self) -> int | None:
         """The profile's ``private_access_bit`` if this VM's vCPUs honour it (KVM_X86_SW_PROTECTED_VM only)."""
         if self.vm_type != uapi.KVM_X86_SW_PROTECTED_VM:
             return None
@@ -341,6 +340,6 @@ class SimVm(Vm):
     def remove_zap_listener(self, callback: ZapListener) -> None:
         self.sim.remove_zap_listener(callback)
 
-    def introspect(self) -> dict[str, Any]:
+    def _introspect(self) -> dict[str, Any]:
         """SPTEs, attribute ranges, memslots, guest_memfd page states and counters (``VmCore.introspect``)."""
         return self.sim.introspect()

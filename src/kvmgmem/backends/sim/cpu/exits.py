@@ -24,7 +24,6 @@ from unicorn.x86_const import (
 )
 
 from kvmgmem import uapi
-from kvmgmem.api import Pending
 from kvmgmem.backends.sim.cpu.emul import UC_GPR, MmioAccess, decode, decode_mmio, memory_operands
 from kvmgmem.backends.sim.cpu.exc import VEC_GP, VEC_PF, VEC_UD, Event, GuestException, NeedRetry, VmExitSignal
 from kvmgmem.backends.sim.cpu.memory import MASK64, PAGE_MASK, GuestMemoryAccess
@@ -33,7 +32,7 @@ from kvmgmem.backends.sim.cpu.pagewalk import ACCESS_FETCH, ACCESS_WRITE, NonCan
 from kvmgmem.backends.sim.cpu.sites import CodeSites
 from kvmgmem.backends.sim.cpu.types import PAGE_SIZE, MemoryFault, Mmio, Retry
 from kvmgmem.backends.sim.cpu.uc import CpuState, Engine
-from kvmgmem.exits import Exit, HypercallExit, InternalErrorExit, IoExit, MemoryFaultExit, MmioExit
+from kvmgmem.exits import Exit, HypercallExit, InternalErrorExit, IoExit, MemoryFaultExit, MmioExit, Pending
 
 if TYPE_CHECKING:
     from kvmgmem.backends.sim.cpu.cpuset import CpuSet
