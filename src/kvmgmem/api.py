@@ -481,7 +481,8 @@ class VmSimOptions(abc.ABC):
         """The private access bit this VM's vCPUs honour (sim only), or None.
 
         :attr:`System.private_access_bit` applies to ``KVM_X86_SW_PROTECTED_VM`` VMs only: a DEFAULT VM has
-        no private memory to convert to. Always None on real KVM.
+        no private memory to convert to. Always None on real KVM. Errors: none (no ioctl; it answers after
+        ``close()`` too).
 
         >>> import kvmgmem
         >>> from kvmgmem import uapi
@@ -502,7 +503,7 @@ class VmSimOptions(abc.ABC):
         Keys include ``sptes`` (what the MMU maps), ``attributes`` (private ranges), ``memslots``, ``gmem``
         (each guest_memfd's page states and bindings) and ``counters`` (faults, zaps, invalidations). For tests
         and tools that check what the API cannot show; nothing here is a kernel interface. It answers after
-        ``close()`` too, showing what the VM's release left (a guest_memfd may still pin the VM).
+        ``close()`` too, showing what the VM's release left (a guest_memfd may still pin the VM). Errors: none.
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim") as kvm, kvm.create_vm() as vm:
@@ -1201,7 +1202,8 @@ class System(Resource, abc.ABC):
         Bit N of a guest's leaf PTE marks the access private, like an SEV C-bit, so the guest converts memory
         implicitly (a mismatch is a ``KVM_EXIT_MEMORY_FAULT``). Upstream ``KVM_X86_SW_PROTECTED_VM`` has no
         such bit and no capability reports it, so real KVM always answers None; a VM honours it only if it
-        is SW_PROTECTED (see :attr:`Vm.private_access_bit`).
+        is SW_PROTECTED (see :attr:`Vm.private_access_bit`). Errors: none (no ioctl; it answers after
+        ``close()`` too).
 
         >>> import kvmgmem
         >>> with kvmgmem.open("sim", private_access_bit=51) as kvm, kvmgmem.open("sim") as plain:

@@ -2,7 +2,7 @@
 
 The CPU sits below the API: it imports the base layer (``uapi``, ``errors``, ``exits`` — ``Pending`` included, the
 reply an exit waits for), the fault results it shares with the core (``fault.py``), the sim's leaf helpers
-(``cpuid``, ``exit_info``, the ``_walk`` C extension, which themselves import only the base layer), unicorn and
+(``guest_cpuid``, ``exit_info``, the ``_walk`` C extension, which themselves import only the base layer), unicorn and
 iced-x86. Not ``kvmgmem.api``: a CPU that imported the API would load the layer that builds on it (and it once did,
 for ``Pending``). ``tests/sim/core/test_layering.py`` checks the other direction (never the core or the adapters).
 """
@@ -17,7 +17,7 @@ from ..core.test_layering import SIM, SIM_NAME, _imports
 CPU_NAME = f"{SIM_NAME}.cpu"
 BASE = {"kvmgmem.uapi", "kvmgmem.errors", "kvmgmem.exits"}
 #: Modules beside the adapters that only the CPU's side uses and that import only the base layer.
-LEAF_HELPERS = {f"{SIM_NAME}.{m}" for m in ("cpuid", "exit_info", "_walk")}
+LEAF_HELPERS = {f"{SIM_NAME}.{m}" for m in ("guest_cpuid", "exit_info", "_walk")}
 ALLOWED = BASE | LEAF_HELPERS | {f"{SIM_NAME}.fault"}
 THIRD_PARTY = {"unicorn", "iced_x86"}
 
@@ -37,7 +37,7 @@ def test_cpu_imports_only_the_base_layer_the_fault_results_and_its_helpers() -> 
 
 
 def test_leaf_helpers_import_only_the_base_layer() -> None:
-    for name in ("cpuid", "exit_info"):
+    for name in ("guest_cpuid", "exit_info"):
         path = SIM / f"{name}.py"
         bad = [f"{path.name}:{line} {m}" for line, m in _imports(path, SIM_NAME) if _outside(m, BASE)]
         assert not bad, f"{name}.py imports above the base layer:\n" + "\n".join(bad)
@@ -46,5 +46,5 @@ def test_leaf_helpers_import_only_the_base_layer() -> None:
 def test_the_check_sees_an_api_import(tmp_path: Path) -> None:
     """The checker itself: the import this layer once had is reported, the base layer's are not."""
     src = tmp_path / "bad.py"
-    src.write_text("from kvmgmem.api import Pending\nfrom kvmgmem.exits import Pending\nfrom .. import cpuid\n")
+    src.write_text("from kvmgmem.api import Pending\nfrom kvmgmem.exits import Pending\nfrom .. import guest_cpuid\n")
     assert [m for _, m in _imports(src, CPU_NAME) if _outside(m, ALLOWED)] == ["kvmgmem.api"]
