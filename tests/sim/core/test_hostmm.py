@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvmgmem import uapi
-from kvmgmem.backends.sim.core import NullBacking, create_vm, get_profile, hostmm
+from kvmgmem.backends.sim.core import NullBacking, hostmm
 from kvmgmem.backends.sim.core.gmem import PAGE_ABSENT, PAGE_HWPOISON, PAGE_PRESENT, GmemFile
 from kvmgmem.backends.sim.core.vm import VmCore
 from kvmgmem.backends.sim.fault import Mapped, MemoryFault
@@ -21,13 +21,6 @@ from kvmgmem.errors import KvmError
 
 P = uapi.PAGE_SIZE
 HVA = 0x7F0000000000
-
-
-@pytest.fixture
-def vm() -> Iterator[VmCore]:
-    v = create_vm(get_profile("6.18"), uapi.KVM_X86_DEFAULT_VM)
-    yield v
-    v.put()
 
 
 @pytest.fixture

@@ -5,13 +5,12 @@ change (``enum kvm_mr_change``) is computed once and ``kvm_set_memslot`` runs th
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from kvmgmem import uapi
-from kvmgmem.backends.sim.core import NullBacking, create_vm, get_profile
+from kvmgmem.backends.sim.core import NullBacking
 from kvmgmem.backends.sim.core.memslots import MemslotChange
 from kvmgmem.backends.sim.core.vm import VmCore
 from kvmgmem.backends.sim.fault import Mapped, Retry
@@ -21,13 +20,6 @@ P = uapi.PAGE_SIZE
 LOG_DIRTY = uapi.KVM_MEM_LOG_DIRTY_PAGES
 KEEP, PUNCH = uapi.FALLOC_FL_KEEP_SIZE, uapi.FALLOC_FL_PUNCH_HOLE
 HVA = 0x7F0000000000
-
-
-@pytest.fixture
-def vm() -> Iterator[VmCore]:
-    v = create_vm(get_profile("6.18"), uapi.KVM_X86_DEFAULT_VM)
-    yield v
-    v.put()
 
 
 def _changes(vm: VmCore) -> list[MemslotChange]:
