@@ -37,6 +37,15 @@ VCPU_MMAP_SIZE = 3 * uapi.PAGE_SIZE
 PIO_DATA_OFFSET = KVM_PIO_PAGE_OFFSET * uapi.PAGE_SIZE
 
 
+def _put_words(array: ctypes.Array[ctypes.c_uint64], data: tuple[int, ...]) -> int:
+    """Copy up to 16 data words (``internal.data`` and ``system_event.data`` both hold 16) into ``array``; return
+    how many, the ``ndata`` the kernel reports."""
+    words = data[:16]
+    for i, word in enumerate(words):
+        array[i] = word
+    return len(words)
+
+
 class KvmRunArea:
     """The server's own mapping of one vCPU's ``kvm_run`` memfd, as a ``uapi.kvm_run`` view."""
 
@@ -89,17 +98,13 @@ class KvmRunArea:
         elif isinstance(exit, InternalErrorExit):
             run.exit_reason = uapi.KVM_EXIT_INTERNAL_ERROR
             internal = union.internal
-            words = exit.data[:16]
-            internal.suberror, internal.ndata = exit.suberror, len(words)
-            for i, word in enumerate(words):
-                internal.data[i] = word
+            internal.suberror = exit.suberror
+            internal.ndata = _put_words(internal.data, exit.data)
         elif isinstance(exit, SystemEventExit):
             run.exit_reason = uapi.KVM_EXIT_SYSTEM_EVENT
             event = union.system_event
-            words = exit.data[:16]
-            event.type, event.ndata = exit.type, len(words)
-            for i, word in enumerate(words):
-                event.data[i] = word
+            event.type = exit.type
+            event.ndata = _put_words(event.data, exit.data)
         elif isinstance(exit, UnknownExit):
             run.exit_reason = exit.reason
         else:  # pragma: no cover - every Exit subclass is handled above
