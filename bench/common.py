@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import kvmgmem
+from kvmgmem.exits import IoExit
 from kvmgmem.guest import Asm, GuestImage
 
 HERE = Path(__file__).resolve().parent
@@ -117,6 +118,18 @@ def open_or_none(backend: str) -> kvmgmem.System | None:
     except (OSError, ImportError) as e:
         print(f"  (backend {backend} unavailable: {e})")
         return None
+
+
+def timed_loop(vcpu: kvmgmem.Vcpu) -> float:
+    """Thread CPU seconds the guest spends between its ``out 0x10`` and ``out 0x11`` exits: the bench payloads
+    bracket their timed loop with those two ports, and the vCPU runs on this thread."""
+    first = vcpu.run()
+    assert isinstance(first, IoExit) and first.port == 0x10, first
+    c0 = time.thread_time()
+    second = vcpu.run()
+    seconds = time.thread_time() - c0
+    assert isinstance(second, IoExit) and second.port == 0x11, second
+    return seconds
 
 
 def best_of(n: int, fn: Callable[[], float]) -> float:
