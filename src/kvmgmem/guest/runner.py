@@ -17,6 +17,7 @@ from typing import Any
 from kvmgmem.api import Vcpu
 from kvmgmem.errors import KvmError
 from kvmgmem.exits import Exit, IoExit
+from kvmgmem.guest.deadlines import deadlines
 from kvmgmem.guest.events import (
     AssertFail,
     Event,
@@ -32,17 +33,15 @@ from kvmgmem.guest.memory import GuestMemory
 
 
 class _Watchdog:
-    """Kicks ``vcpu`` once ``timeout`` seconds have passed, unless disarmed first."""
+    """Kicks ``vcpu`` once ``timeout`` seconds have passed, unless disarmed first (on the shared deadline
+    thread, ``deadlines``: no thread per watchdog)."""
 
     def __init__(self, vcpu: Vcpu, timeout: float | None) -> None:
         self.vcpu = vcpu
         self.fired = False
         self._lock = threading.Lock()
         self._armed = timeout is not None
-        self._timer = threading.Timer(timeout, self._fire) if timeout is not None else None
-        if self._timer is not None:
-            self._timer.daemon = True
-            self._timer.start()
+        self._token = deadlines.arm(timeout, self._fire) if timeout is not None else None
 
     def _fire(self) -> None:
         with self._lock:
@@ -53,8 +52,8 @@ class _Watchdog:
     def disarm(self) -> None:
         with self._lock:
             self._armed = False
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._token is not None:
+            deadlines.disarm(self._token)
 
 
 def run_until_event(

@@ -1,0 +1,95 @@
+"""The shared deadline thread behind every vCPU watchdog (``kvmgmem.guest.deadlines``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from kvmgmem.guest import Asm, GuestImage, GuestVm, Label
+from kvmgmem.guest import ucall as U
+from kvmgmem.guest.deadlines import Deadlines, deadlines
+from kvmgmem.guest.operands import rax
+
+
+def test_fires_once_after_the_timeout() -> None:
+    d, fired = Deadlines(), []
+    start = time.monotonic()
+    d.arm(0.05, lambda: fired.append(time.monotonic() - start))
+    time.sleep(0.3)
+    assert len(fired) == 1 and fired[0] >= 0.05
+
+
+def test_disarmed_never_fires() -> None:
+    d, fired = Deadlines(), threading.Event()
+    d.disarm(d.arm(0.02, fired.set))
+    assert not fired.wait(0.2)
+
+
+def test_an_earlier_deadline_wakes_the_sleeping_thread() -> None:
+    """The thread sleeps for the earliest deadline it knows; a new earlier one must not wait behind it."""
+    d, late, early = Deadlines(), threading.Event(), threading.Event()
+    d.arm(30, late.set)
+    time.sleep(0.05)  # the thread now sleeps until +30 s
+    start = time.monotonic()
+    d.arm(0.02, early.set)
+    assert early.wait(5) and time.monotonic() - start < 2
+    assert not late.is_set()
+
+
+def test_no_thread_per_arm() -> None:
+    d = Deadlines()
+    d.arm(60, lambda: None)
+    before = threading.active_count()
+    tokens = [d.arm(60, lambda: None) for _ in range(1000)]
+    assert threading.active_count() == before
+    for token in tokens:
+        d.disarm(token)
+
+
+def test_a_failing_callback_is_reported_and_the_thread_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
+    d, later = Deadlines(), threading.Event()
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    d.arm(0.01, boom)
+    d.arm(0.1, later.set)
+    assert later.wait(5)
+    assert [type(e) for e in reported] == [RuntimeError]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_thread() -> None:
+    deadlines.disarm(deadlines.arm(60, lambda: None))  # the parent's thread exists
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status only
+        fired = threading.Event()
+        deadlines.arm(0.01, fired.set)
+        os._exit(0 if fired.wait(5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_many_timed_runs_start_no_thread() -> None:
+    """A run loop with a watchdog per ucall (``GuestVcpu.run(timeout=...)``) leaves the thread count alone."""
+    import kvmgmem
+
+    a = Asm()
+    top = Label("top")
+    a.label(top)
+    U.sync(a, rax)
+    a.inc(rax).jmp(top)
+    with kvmgmem.open("sim") as system, GuestVm.create(system, GuestImage(a)) as gv:
+        v = gv.create_vcpu()
+        v.run(timeout=10)
+        before = threading.active_count()
+        counts = set()
+        for i in range(1, 200):
+            assert v.expect_sync(timeout=10) == (i,)
+            counts.add(threading.active_count())
+        assert counts == {before}
