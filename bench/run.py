@@ -1,5 +1,5 @@
 """Run every benchmark in one go: ``python bench/run.py [exits populate convert faults execspeed workload
-flushscale faultpath upstream]``.
+flushscale faultpath upstream hookcost ucalls]``.
 
 Writes ``bench/results/all.json`` and ``bench/results/all.md`` and prints the markdown table and the command
 that reproduces it. A benchmark that fails becomes a row saying so (with the error), not a missing row.
@@ -18,6 +18,7 @@ from common import Report, Row
 BENCHES = ["exits", "populate", "convert", "faults", "faultpath", "execspeed", "workload", "flushscale", "upstream"]
 COMMAND = "python bench/run.py"
 BENCHES += ["hookcost"]  # bench 10: false IN/OUT candidates on the sim (issue 15)
+BENCHES += ["ucalls"]  # bench 11: the guest layer's run loop around a ucall
 
 
 def main(argv: list[str]) -> int:
