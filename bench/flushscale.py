@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
+import gilceiling
 from common import Report, Row, interleaved, judge
 
 import kvmgmem
@@ -163,7 +164,7 @@ IMPLICIT_ROUNDS = 3
 IMPLICIT_BIT = 51  # the sim's private access bit for these rows (the demo's)
 
 
-def implicit_conversions_per_s(vcpus: int) -> tuple[float, int]:
+def implicit_conversions_per_s(vcpus: int, seconds: float = IMPLICIT_S) -> tuple[float, int]:
     """4 KiB implicit conversions/s summed over ``vcpus`` vCPUs, each converting its own page (its own 2 MiB
     region) by touching it through the private alias and then the shared one: every conversion is a
     memory-fault exit the VMM answers on that vCPU's thread with KVM_SET_MEMORY_ATTRIBUTES (a zap and a
@@ -185,7 +186,7 @@ def implicit_conversions_per_s(vcpus: int) -> tuple[float, int]:
             for i in range(vcpus):
                 m.write_u64(m.image.area(i).data + STOP, 1)
 
-        timer = threading.Timer(IMPLICIT_S, stop)
+        timer = threading.Timer(seconds, stop)
         timer.start()
         try:
             wall = m.run(timeout=60)
@@ -348,9 +349,30 @@ def run(report: Report) -> None:
         row.ratio = row.value / base if base and row.value is not None else None
         if vcpus == VCPUS[-1] and base:
             judge(row, "4 vCPUs ≥ 1 vCPU's 4 KiB conversions/s", row.value >= base, f"{row.ratio:.2f}×")
+    gil_ceiling(report, bench)
+
+
+def gil_ceiling(report: Report, bench: str) -> None:
+    """The bound the implicit rows run into (``gilceiling``): plain threads, no sim, interleaved like them."""
+    iteration, outside = gilceiling.split()
+    best = interleaved({str(v): lambda v=v: gilceiling.rate(v, IMPLICIT_S) for v in VCPUS}, IMPLICIT_ROUNDS)
+    note = (
+        f"diagnostic: no sim; Python threads, each iteration {iteration * 1e6:.0f} µs with {outside:.0%} of it "
+        f"outside the GIL (unicorn emu_start); best of {IMPLICIT_ROUNDS} interleaved {IMPLICIT_S:g} s runs"
+    )
+    for threads in VCPUS:
+        report.add(Row(bench, f"GIL ceiling: {threads} plain thread(s)", best[str(threads)], "iterations/s",
+                       ratio=best[str(threads)] / best[str(VCPUS[0])], note=note))  # fmt: skip
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--implicit"]:  # one long run to profile, e.g. with perf record -p (docs/bench.md)
+        vcpus, seconds = int(sys.argv[2]), float(sys.argv[3])
+        rate, n = implicit_conversions_per_s(vcpus, seconds)
+        print(f"{vcpus} vCPU(s): {n:,} implicit conversions, {rate:,.0f}/s")
+        sys.exit(0)
     rep = Report()
     run(rep)
     rep.save("flushscale", "python bench/flushscale.py")

@@ -1,0 +1,92 @@
+"""Bench 7's GIL ceiling: what N Python threads can do on this host when most of their work holds the GIL.
+
+No sim and no VM: each of N threads loops on an iteration of pure Python (the GIL held) followed by
+``emu_start`` calls on a hookless unicorn engine of its own (``dec rcx; jnz``: the GIL released, as a vCPU's
+guest code releases it). Iterations/s summed over the threads, for 1, 2 and 4 threads. The split is fixed
+(about a quarter of an iteration outside the GIL, measured on one thread and printed) and the iteration is
+about as long as one 4 KiB implicit conversion on the sim.
+
+Why it is here: the implicit-conversion rows ask 4 vCPUs to convert at least as fast as 1. A conversion is
+almost all interpreter work (a CPU-clock profile of a 1-vCPU run puts unicorn and its translated guest code at
+about 4% of the samples, docs/bench.md), so N threads can overlap only that small share, while every hand-over
+of the GIL between them costs a futex wake and a context switch. These rows measure that bound on the same
+host in the same run, with six times the sim's GIL-free share and nothing else in the way: no locks, no
+model, no flushes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+PY_ITERS = 2_500  # pure-Python loop iterations per iteration (GIL held)
+EMU_CALLS = 2  # emu_start calls per iteration (GIL released)
+EMU_LOOPS = 2_000  # guest loop count per emu_start
+CODE = bytes.fromhex("48ffc975fb")  # dec rcx; jnz $-3
+BASE = 0x1000
+
+
+def _engine() -> object:
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(BASE, 0x1000)
+    uc.mem_write(BASE, CODE)
+    return uc
+
+
+def _python_part() -> int:
+    x = 0
+    for i in range(PY_ITERS):
+        x += i * i % 7
+    return x
+
+
+def _guest_part(uc: object) -> None:
+    from unicorn.x86_const import UC_X86_REG_RCX
+
+    for _ in range(EMU_CALLS):
+        uc.reg_write(UC_X86_REG_RCX, EMU_LOOPS)  # type: ignore[attr-defined]
+        uc.emu_start(BASE, BASE + len(CODE))  # type: ignore[attr-defined]
+
+
+def split() -> tuple[float, float]:
+    """(seconds of one iteration, share of it outside the GIL), best of 50 on this thread."""
+
+    def best(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    uc = _engine()
+    python, guest = best(_python_part), best(lambda: _guest_part(uc))
+    return python + guest, guest / (python + guest)
+
+
+def rate(threads: int, seconds: float) -> float:
+    """Iterations/s summed over ``threads`` threads running for ``seconds``."""
+    stop = threading.Event()
+    counts = [0] * threads
+
+    def body(i: int) -> None:
+        uc = _engine()
+        n = 0
+        while not stop.is_set():
+            _python_part()
+            _guest_part(uc)
+            n += 1
+        counts[i] = n
+
+    workers = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join(10)
+    return sum(counts) / (time.perf_counter() - t0)
