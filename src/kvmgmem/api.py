@@ -660,15 +660,15 @@ class Vcpu(Resource, VcpuX86State, abc.ABC):
         r"""``KVM_RUN`` until the next exit, returned as a typed ``kvmgmem.Exit``.
 
         A failure with EFAULT or EHWPOISON while the exit reason is ``KVM_EXIT_MEMORY_FAULT`` *returns* a
-        ``MemoryFaultExit`` (the gpa, size and PRIVATE flag the VMM needs to convert; also, with flags 0, a shared
-        access through a memslot whose ``userspace_addr`` has nothing mapped: ``kvm_handle_error_pfn``). Errors,
-        raised as ``KvmError``: EINTR when ``immediate_exit`` is set by :meth:`kick` or a signal is pending
-        (``kvm_arch_vcpu_ioctl_run`` checks it before anything else, so a kicked run never enters the guest); EBADF
-        once closed; any other failure with the kernel's errno. A vCPU that is not RUNNABLE with an in-kernel
-        irqchip waits in ``kvm_vcpu_block`` until a kick (EINTR). The sim runs loaded long-mode state only: a vCPU
-        still in RESET's real mode exits with ``InternalErrorExit`` when its first fetch hits no memslot (as KVM's
-        emulator does) and fails with EINVAL when it hits memory. The GIL is released while the guest runs, so other
-        threads (and other vCPUs) go on.
+        ``MemoryFaultExit`` (the gpa, size and PRIVATE flag the VMM needs to convert). Errors, raised as
+        ``KvmError``: EFAULT for an access through a memslot whose ``userspace_addr`` has nothing mapped
+        (``kvm_handle_error_pfn`` prepares no memory-fault exit for it); EINTR when ``immediate_exit`` is set by
+        :meth:`kick` or a signal is pending (``kvm_arch_vcpu_ioctl_run`` checks it before anything else, so a
+        kicked run never enters the guest); EBADF once closed; any other failure with the kernel's errno. A vCPU
+        that is not RUNNABLE with an in-kernel irqchip waits in ``kvm_vcpu_block`` until a kick (EINTR). The sim
+        runs loaded long-mode state only: a vCPU still in RESET's real mode exits with ``InternalErrorExit`` when
+        its first fetch hits no memslot (as KVM's emulator does) and fails with EINVAL when it hits memory. The GIL
+        is released while the guest runs, so other threads (and other vCPUs) go on.
 
         >>> import kvmgmem
         >>> from kvmgmem.guest import Asm, GuestImage, GuestVm

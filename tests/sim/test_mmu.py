@@ -89,9 +89,12 @@ def test_2_15_hwpoison(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None
 
 
 def test_3_3_bad_hva_efault(dvm: SimVm) -> None:
-    """A shared access to a raw userspace_addr the sim cannot prove is mapped → EFAULT exit, flags 0."""
+    """`kvm_handle_error_pfn`: a shared access to a raw userspace_addr the sim cannot prove is mapped → EFAULT that
+    is not reported as KVM_EXIT_MEMORY_FAULT (KVM_PFN_ERR_FAULT's bare -EFAULT); no SPTE, no exit counted."""
     dvm.set_user_memory_region(0, 0, M2, 0x10000000)
-    assert fault(dvm, 0x2000) == MemoryFault(0, 0x2000, P, errno.EFAULT)
+    assert fault(dvm, 0x2000) == MemoryFault(0, 0x2000, P, errno.EFAULT, reported=False)
+    assert dvm.introspect()["sptes"] == []
+    assert dvm.sim.mmu.counters.memory_fault_exits == 0
 
 
 def test_3_3_readonly_write_is_mmio(dvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:
@@ -140,7 +143,7 @@ def test_3_1_gmem_only_slot(dvm: SimVm, open_sim: Callable[..., SimSystem]) -> N
         assert m[:] == b"\xff" * P
     with open_sim("6.8").create_vm(1) as old, old.create_guest_memfd(P) as g:
         old.set_user_memory_region2(1, 1 << 32, P, None, GMEM, g, 0)
-        assert old.sim.handle_fault(1 << 32) == MemoryFault(0, 1 << 32, P, errno.EFAULT)  # hva 0 unproven
+        assert old.sim.handle_fault(1 << 32) == MemoryFault(0, 1 << 32, P, errno.EFAULT, reported=False)  # hva 0
 
 
 def test_3_5_punch_zaps_and_refaults_zero(pvm: SimVm, hostmem: Callable[[int], HostMemory]) -> None:

@@ -1,24 +1,29 @@
 """Guest-running conformance cases: GM-13 (guest_memfd_test.c), PK-1/PK-2 (x86/private_mem_kvm_exits_test.c), PC-1/PC-2
-(x86/private_mem_conversions_test.c), the hypercall error returns of `kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE), and
-a guest access after its guest_memfd was closed (`kvm_gmem_release`).
+(x86/private_mem_conversions_test.c), the hypercall error returns of `kvm_emulate_hypercall` (KVM_HC_MAP_GPA_RANGE),
+a guest access after its guest_memfd was closed (`kvm_gmem_release`), and one through a memslot whose userspace
+address has nothing mapped (`kvm_handle_error_pfn`).
 
 Guests are built with :mod:`kvmgmem.guest`. PK/PC need KVM_X86_SW_PROTECTED_VM: on a kernel without it (this
-host) they skip naming it. The hypercall cases meet this host's defects (``HOST_DEVIATIONS`` in the sim's
-profile module) on kvm and report them as strict expected failures; on the sim they always run.
+host) they skip naming it. The hypercall cases and the CPL0 unmapped-address cases meet this host's defects
+(``HOST_DEVIATIONS`` in the sim's profile module) on kvm and report them as strict expected failures; on the sim they
+always run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import mmap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import kvmgmem
 from kvmgmem import uapi
-from kvmgmem.exits import HypercallExit, MemoryFaultExit
+from kvmgmem.exits import HypercallExit, MemoryFaultExit, MmioExit
 from kvmgmem.guest import (
     Asm,
     Done,
@@ -32,7 +37,7 @@ from kvmgmem.guest import (
 )
 from kvmgmem.guest import routines as R
 from kvmgmem.guest import ucall as U
-from kvmgmem.guest.operands import r12, r13, rax, rdi
+from kvmgmem.guest.operands import qword, r12, r13, rax, rdi, rsi
 from kvmgmem.hostmem import HostMemory
 
 from ._util import GMEM, INIT_SHARED, KEEP, MMAP, PUNCH, HostDefect, P, expect_host_defect, require_cap
@@ -149,6 +154,91 @@ def test_gmem_closed_while_bound_then_private_access(backend: str, make_guest: M
             g.vm.set_user_memory_region2(PK_SLOT, PK_GPA, 0, None, GMEM, None, 0)  # delete works (`kvm_gmem_release`)
         finally:
             g.close()
+
+
+# --- a memslot whose userspace_addr has nothing mapped (`kvm_handle_error_pfn`) -------------------------------
+
+HOLE_GPA, HOLE_SLOT, HOLE_SIZE = 0xC0000000, 1, 2 * MIB
+HOLE_OFFSET = 0x18  # the accessed byte's offset in the slot
+HOLE_MARK = 0x1122334455667788  # RAX before the access (the value a write stores)
+_MAPPED_BELOW = 1 << 32  # the kernel's top-down mmap places nothing this low on its own
+MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17; not in Python's mmap module before 3.13
+
+
+def _mapped_ranges() -> list[tuple[int, int]]:
+    with open("/proc/self/maps") as f:
+        return [(int(lo, 16), int(hi, 16)) for lo, hi in (line.split(None, 1)[0].split("-") for line in f)]
+
+
+def _overlaps(lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(a, b) for a, b in _mapped_ranges() if a < hi and lo < b]
+
+
+@contextlib.contextmanager
+def _munmapped_range(size: int) -> Iterator[int]:
+    """The address of ``size`` bytes that were mapped (MAP_FIXED_NOREPLACE at a free address below 4 GiB, written)
+    and then munmap'ed. On leaving, checks that nothing was mapped there meanwhile: the guest met an unmapped hva."""
+    from kvmgmem import libc
+
+    start = 1 << 28
+    while _overlaps(start, start + size):
+        start += size
+        assert start + size <= _MAPPED_BELOW, "no free range below 4 GiB"
+    addr = libc.c_mmap(start, size, libc.PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    assert addr == start, f"mmap placed the range at {addr:#x}, not {start:#x}"
+    ctypes.memset(addr, 0x5A, size)
+    assert libc.munmap(addr, size) == 0
+    assert not _overlaps(addr, addr + size)
+    yield addr
+    assert not _overlaps(addr, addr + size), "something was mapped in the hole while the guest ran"
+
+
+def _is_unmapped_hva_mmio(exit: object, write: bool) -> bool:
+    """This host's symptom (`unmapped_hva_mmio_at_cpl0`): the access exits as MMIO at its exact gpa, 8 bytes,
+    carrying RAX for a write."""
+    if not isinstance(exit, MmioExit):
+        return False
+    data_ok = not write or exit.data == HOLE_MARK.to_bytes(8, "little")
+    return (exit.phys_addr, exit.length, exit.is_write) == (HOLE_GPA + HOLE_OFFSET, 8, write) and data_ok
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("user", [False, True], ids=["cpl0", "cpl3"])
+def test_unmapped_hva_efault(request: pytest.FixtureRequest, backend: str, make_guest: MakeGuest, user: bool,
+                             write: bool) -> None:  # fmt: skip
+    """`kvm_handle_error_pfn`: a plain memslot (KVM_SET_USER_MEMORY_REGION) whose userspace_addr was munmap'ed; the
+    guest reads (or writes) 8 bytes in it. `hva_to_pfn` finds no vma (KVM_PFN_ERR_FAULT), so KVM_RUN fails with
+    EFAULT, and without a KVM_EXIT_MEMORY_FAULT: only the private/shared paths (`kvm_mmu_faultin_pfn`) prepare
+    one, so the API raises ``KvmError(EFAULT, "KVM_RUN")``. Nothing was mapped or executed: running again fails
+    the same way, at the same RIP.
+
+    On this host (kvm_pvm) the access at CPL0, which kvm_pvm emulates, exits with KVM_EXIT_MMIO at the gpa
+    instead: exactly that exit is a strict expected failure; CPL3 (native) must give EFAULT like any KVM."""
+    defect = not user and expect_host_defect(request, backend, "unmapped_hva_mmio_at_cpl0")
+    a = Asm()
+    a.mov(rax, HOLE_MARK).mov(rsi, HOLE_GPA + HOLE_OFFSET)
+    a.label("access")
+    if write:
+        a.mov(qword[rsi], rax)
+    else:
+        a.mov(rax, qword[rsi])
+    U.done(a)
+    image = GuestImage(a, user=user)
+    g = make_guest(image)
+    v = g.vcpus[0].vcpu
+    with _munmapped_range(HOLE_SIZE) as hva:
+        g.vm.set_user_memory_region(HOLE_SLOT, HOLE_GPA, HOLE_SIZE, hva)
+        for attempt in range(2):
+            try:
+                got = v.run()
+            except kvmgmem.KvmError as e:
+                assert (e.errno, e.op) == (errno.EFAULT, "KVM_RUN"), e
+                assert v.get_regs().rip == image.address("access"), f"run {attempt}: RIP moved"
+                continue
+            if defect and _is_unmapped_hva_mmio(got, write):
+                raise HostDefect(f"KVM_RUN gave {got} instead of failing with EFAULT")
+            pytest.fail(f"run {attempt}: KVM_RUN gave {got} instead of failing with EFAULT")
+        g.vm.set_user_memory_region(HOLE_SLOT, HOLE_GPA, 0)
 
 
 # --- PC-1, PC-2 (private_mem_conversions_test.c) --------------------------------------------------------------

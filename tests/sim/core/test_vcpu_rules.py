@@ -201,6 +201,9 @@ def test_reset_fetch_outcomes() -> None:
     mmio, fault = Mmio(0xFFFFFFF0), MemoryFault(flags=0, gpa=0xFFFFF000, size=0x1000, errno=errno.EFAULT)
     assert vcpu.reset_fetch(0xFFFFFFF0, mmio, lambda: True) is mmio
     assert vcpu.reset_fetch(0xFFFFF000, fault, lambda: True) is fault
+    # kvm_handle_error_pfn: an hva that cannot be faulted in fails KVM_RUN with a bare EFAULT, no exit
+    unreported = MemoryFault(flags=0, gpa=0xFFFFF000, size=0x1000, errno=errno.EFAULT, reported=False)
+    assert failure(lambda: vcpu.reset_fetch(0xFFFFF000, unreported, lambda: True), "KVM_RUN") == errno.EFAULT
     assert vcpu.reset_fetch(0x1000, Retry(), lambda: False) is None
     assert failure(lambda: vcpu.reset_fetch(0x1000, Retry(), lambda: True), "KVM_RUN") == errno.EINTR
     mapped = Mapped(0x7F0000000000)

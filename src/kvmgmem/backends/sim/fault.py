@@ -44,14 +44,19 @@ class Mapped:
 
 @dataclass(frozen=True)
 class MemoryFault:
-    """KVM_EXIT_MEMORY_FAULT (``kvm_mmu_prepare_memory_fault_exit``): ``run()`` returns an
-    ``exits.MemoryFaultExit`` with these fields and KVM_RUN's ``errno`` (EFAULT, EHWPOISON, ...). The faulting
-    instruction has not executed; running again after the VMM fixed the cause re-executes it."""
+    """KVM_RUN fails with ``errno`` (EFAULT, EHWPOISON, ...); the faulting instruction has not executed, and running
+    again after the VMM fixed the cause re-executes it.
+
+    ``reported`` (the default): KVM_EXIT_MEMORY_FAULT (``kvm_mmu_prepare_memory_fault_exit``), so ``run()`` returns an
+    ``exits.MemoryFaultExit`` with these fields. Not ``reported``: the bare -EFAULT of ``kvm_handle_error_pfn`` for a
+    memslot whose userspace address cannot be faulted in (KVM_PFN_ERR_FAULT), which leaves ``kvm_run`` untouched, so
+    ``run()`` raises ``KvmError``; ``flags``/``gpa``/``size`` are then only the model's record of the access."""
 
     flags: int
     gpa: int
     size: int
     errno: int
+    reported: bool = True
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from kvmgmem import uapi
 from kvmgmem.api import Vcpu
-from kvmgmem.exits import Exit, HltExit, MemoryFaultExit
+from kvmgmem.exits import Exit, HltExit
 
 from . import fdtable
 from .core.prefault import pre_fault_memory
 from .core.vcpu import reset_regs, reset_sregs
 from .core.vm import VmCore
-from .cpu.types import Interrupted
+from .cpu.types import Interrupted, UnreportedFault, fault_exit
 from .exit_info import EXIT_REASON_EPT_VIOLATION, emulation_failure, ept_violation_qualification
 from .fault import Mmio
 
@@ -148,9 +148,11 @@ class SimVcpu(Vcpu):
             exit = self._cpu.run()
             if isinstance(exit, HltExit) and vcpu.emulate_halt():
                 self._cpu.block("KVM_RUN")  # halted in the kernel: only an interrupt would wake it
-            return exit
         except Interrupted as stop:
             raise vcpu.interrupted(stop.blocked) from None
+        if type(exit) is UnreportedFault:
+            raise vcpu.run_failed(exit.fault)
+        return exit
 
     def _run_real_mode(self) -> Exit:
         """KVM_RUN in the RESET state's real mode, as far as the sim can follow it.
@@ -174,7 +176,7 @@ class SimVcpu(Vcpu):
                 elif isinstance(outcome, Mmio):
                     return emulation_failure(EXIT_REASON_EPT_VIOLATION, ept_violation_qualification(fetch=True))
                 else:
-                    return MemoryFaultExit(outcome.flags, outcome.gpa, outcome.size, outcome.errno)
+                    return fault_exit(outcome)  # reported: the core raised for the others
 
     def _complete_io(self, data: bytes) -> None:
         self._cpu.complete_io(data)

@@ -230,8 +230,10 @@ class FaultPath:
             self.counters.mmio_exits += 1
             return Mmio(gfn << uapi.PAGE_SHIFT, write)
         if not slot.hva_ok(slot.hva(gfn)):  # no provably mapped host memory behind the hva
+            # hva_to_pfn finds no vma: KVM_PFN_ERR_FAULT, and kvm_handle_error_pfn returns a bare -EFAULT (no
+            # kvm_prepare_memory_fault_exit, so KVM_RUN fails without KVM_EXIT_MEMORY_FAULT)
             self.counters.errors += 1
-            return self._exit(gfn, False, errno.EFAULT)
+            return MemoryFault(0, gfn << uapi.PAGE_SHIFT, uapi.PAGE_SIZE, errno.EFAULT, reported=False)
         return _HVA
 
     def _hva_spte(self, gfn: int, slot: Memslot, private: bool) -> Spte:

@@ -22,14 +22,16 @@ returns one of the results of ``backends/sim/fault.py`` (the same objects reach 
   inside. ``writable`` False means a write must not be served from this translation (READONLY slot): call
   ``handle_fault(gpa, write=True)`` which returns ``Mmio`` for it. ``spurious`` means the SPTE
   already existed.
-- ``MemoryFault`` — KVM_RUN must fail with ``errno`` (EFAULT, EHWPOISON, EIO, ENOMEM) and
-  ``exit_reason`` 39; the vCPU builds the ``MemoryFaultExit`` from it (gpa page aligned, size 4096,
-  flags PRIVATE iff the access was private). The instruction has not executed; re-running retries it.
+- ``MemoryFault`` — KVM_RUN must fail with ``errno`` (EFAULT, EHWPOISON, EIO, ENOMEM) and, when
+  ``reported``, ``exit_reason`` 39; the vCPU builds the ``MemoryFaultExit`` from it (gpa page aligned, size
+  4096, flags PRIVATE iff the access was private). The instruction has not executed; re-running retries it.
 - ``Mmio`` — no memslot (or a write to a READONLY slot): emulate as KVM_EXIT_MMIO.
 - ``Retry`` — an invalidation covering the gfn is in progress (or the slot is being deleted/moved):
   nothing was installed; retry the access (yield the GIL first, the invalidating thread needs it).
-  A shared access whose userspace_addr is not host memory the sim can prove is mapped is also a
-  memory-fault exit (EFAULT, flags 0), as KVM reports a failed hva → pfn translation.
+  A shared access whose userspace_addr is not host memory the sim can prove is mapped is a
+  ``MemoryFault`` that is not ``reported`` (EFAULT, flags 0): a failed hva → pfn translation is
+  KVM_PFN_ERR_FAULT, for which ``kvm_handle_error_pfn`` returns a bare -EFAULT without
+  ``kvm_prepare_memory_fault_exit``, so KVM_RUN fails and ``kvm_run`` is left as it was.
 
 ``private=None`` derives the access type from the gfn's PRIVATE attribute, as KVM does for
 KVM_X86_SW_PROTECTED_VM (``kvm_mmu_page_fault`` derives it from the attribute); pass True/False to model hardware that

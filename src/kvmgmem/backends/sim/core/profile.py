@@ -269,6 +269,12 @@ HOST_DEVIATIONS: dict[str, str] = {
         "an exception whose IDT gate lies in MMIO (no memslot) shuts the guest down (KVM_EXIT_SHUTDOWN) instead "
         "of KVM_EXIT_INTERNAL_ERROR with suberror KVM_INTERNAL_ERROR_DELIVERY_EV (kvm_prepare_event_vectoring_exit)"
     ),
+    "unmapped_hva_mmio_at_cpl0": (
+        "a guest access at CPL0 (emulated) to a memslot whose userspace_addr has nothing mapped exits with "
+        "KVM_EXIT_MMIO at the gpa, and the guest goes on with whatever the VMM answers, instead of failing KVM_RUN "
+        "with EFAULT (hva_to_pfn finds no vma: KVM_PFN_ERR_FAULT, and kvm_handle_error_pfn returns -EFAULT without "
+        "a memory-fault exit); at CPL3, where guest code runs natively, KVM_RUN fails with EFAULT as upstream"
+    ),
     "vmcall_at_cpl3_gp": (
         "a VMCALL from CPL3 (guest code runs natively there) is delivered to the guest as #GP(0) instead of "
         "returning -KVM_EPERM in RAX (kvm_emulate_hypercall's CPL check)"

@@ -150,6 +150,13 @@ class VcpuCore:
             return KvmError(errno.EINTR, "KVM_RUN", "blocked vCPU woken by a signal")
         return KvmError(errno.EINTR, "KVM_RUN")
 
+    def run_failed(self, fault: MemoryFault) -> KvmError:
+        """The error KVM_RUN fails with for a fault the kernel does not report in ``kvm_run`` (``MemoryFault`` not
+        ``reported``): ``kvm_handle_error_pfn``'s bare -EFAULT when the memslot's userspace address cannot be
+        faulted in (KVM_PFN_ERR_FAULT), the exit reason left as it was. The caller raises it."""
+        why = "the memslot's userspace address is not host memory known to be mapped (KVM_PFN_ERR_FAULT)"
+        return KvmError(fault.errno, "KVM_RUN", f"gpa {fault.gpa:#x}: {why}")
+
     @property
     def must_block(self) -> bool:
         """``kvm_vcpu_block`` on entry: a halted vCPU, or an AP waiting for INIT/SIPI, does not enter the guest;
@@ -188,9 +195,11 @@ class VcpuCore:
 
         MMIO (no memslot): the emulator cannot fetch an instruction from MMIO, so KVM_RUN exits with
         KVM_INTERNAL_ERROR_EMULATION (``handle_emulation_failure``); a memory fault exits to userspace as
-        such; a fault that must be retried is retried (None), unless a signal is pending (EINTR). Code that
-        really is in memory cannot be followed by the sim: EINVAL.
+        such (or fails KVM_RUN without one, ``run_failed``); a fault that must be retried is retried (None),
+        unless a signal is pending (EINTR). Code that really is in memory cannot be followed by the sim: EINVAL.
         """
+        if isinstance(result, MemoryFault) and not result.reported:
+            raise self.run_failed(result)
         if isinstance(result, (Mmio, MemoryFault)):
             return result
         if isinstance(result, Retry):

@@ -42,7 +42,9 @@ Interface for the sim VM
 * ``get_regs/set_regs/get_sregs/set_sregs`` with ``uapi.kvm_regs``/``uapi.kvm_sregs`` and KVM semantics
   (hidden segment state loaded as given, CPL = SS.DPL, EFER verbatim; see ``regs``).
 * ``run() -> exits.Exit``: IoExit, MmioExit, HltExit, HypercallExit, MemoryFaultExit, ShutdownExit,
-  InternalErrorExit. Raises ``types.Interrupted`` when kicked (KVM_RUN's EINTR is the caller's to report).
+  InternalErrorExit, or ``types.UnreportedFault`` for a ``MemoryFault`` the model does not report (KVM_RUN's
+  error is the caller's to raise). Raises ``types.Interrupted`` when kicked (KVM_RUN's EINTR is the caller's to
+  report).
 * ``complete_io(data)``, ``complete_mmio(data)``, ``complete_hypercall(ret)``: answers applied on the next run.
 * ``kick()``: KVM's ``immediate_exit`` + signal: the running (or next) ``run()`` raises ``Interrupted`` once.
 * ``flush(...)``: this vCPU only; ``invalidate_code()``: drop translated code after the host rewrote guest

@@ -30,9 +30,9 @@ from kvmgmem.backends.sim.cpu.memory import MASK64, PAGE_MASK, GuestMemoryAccess
 from kvmgmem.backends.sim.cpu.outcome import KVM_INTERNAL_ERROR_EMULATION, DataOutcome, FillOutcome
 from kvmgmem.backends.sim.cpu.pagewalk import ACCESS_FETCH, ACCESS_WRITE, NonCanonical, PageFault
 from kvmgmem.backends.sim.cpu.sites import CodeSites
-from kvmgmem.backends.sim.cpu.types import PAGE_SIZE, MemoryFault, Mmio, Retry
+from kvmgmem.backends.sim.cpu.types import PAGE_SIZE, MemoryFault, Mmio, Retry, fault_exit
 from kvmgmem.backends.sim.cpu.uc import CpuState, Engine
-from kvmgmem.exits import Exit, HypercallExit, InternalErrorExit, IoExit, MemoryFaultExit, MmioExit, Pending
+from kvmgmem.exits import Exit, HypercallExit, InternalErrorExit, IoExit, MmioExit, Pending
 
 if TYPE_CHECKING:
     from kvmgmem.backends.sim.cpu.cpuset import CpuSet
@@ -185,13 +185,13 @@ class ExitHandler:
                 time.sleep(0)
                 return None
             if isinstance(res, MemoryFault):
-                return MemoryFaultExit(res.flags, res.gpa, res.size, res.errno)
+                return fault_exit(res)
             return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (gpa_page,))
         if isinstance(outcome, Retry):
             time.sleep(0)
             return None
         if isinstance(outcome, MemoryFault):  # taken while walking the guest's page tables
-            return MemoryFaultExit(outcome.flags, outcome.gpa, outcome.size, outcome.errno)
+            return fault_exit(outcome)
         return InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, (vaddr,))  # e.g. a page table in MMIO space
 
     def _fault_address(self, page: int, acc: int) -> int:

@@ -29,9 +29,8 @@ from kvmgmem.backends.sim.cpu.pagewalk import (
 from kvmgmem.backends.sim.cpu.requests import VcpuRequests
 from kvmgmem.backends.sim.cpu.resolve import PageResolver
 from kvmgmem.backends.sim.cpu.tlbcache import TranslationCache
-from kvmgmem.backends.sim.cpu.types import PAGE_SIZE, FaultResult, MemoryFault, Mmio, Retry
+from kvmgmem.backends.sim.cpu.types import PAGE_SIZE, FaultResult, MemoryFault, Mmio, Retry, fault_exit
 from kvmgmem.backends.sim.cpu.uc import CpuState
-from kvmgmem.exits import MemoryFaultExit
 from kvmgmem.uapi import MASK64
 
 PAGE_MASK = ~(PAGE_SIZE - 1) & MASK64
@@ -137,7 +136,7 @@ class GuestMemoryAccess:
         if isinstance(outcome, Retry):
             return NeedRetry()
         if isinstance(outcome, MemoryFault):
-            return VmExitSignal(MemoryFaultExit(outcome.flags, outcome.gpa, outcome.size, outcome.errno))
+            return VmExitSignal(fault_exit(outcome))
         return emulation_failure(gpa_page)
 
     def read_virt(self, va: int, n: int, access: int = ACCESS_READ, cpl: int | None = None) -> bytes:

@@ -14,10 +14,11 @@ answered the same way (``GpaResolver.emulate_hypercall``), and a run or a block 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from kvmgmem.backends.sim.fault import PAGE_SIZE, FaultResult, Mapped, MemoryFault, Mmio, Retry
-from kvmgmem.exits import HypercallExit
+from kvmgmem.exits import Exit, HypercallExit, MemoryFaultExit
 
 HUGE_PAGE_SIZE = 2 << 20
 
@@ -62,6 +63,23 @@ class Interrupted(Exception):
         self.blocked = blocked
 
 
+@dataclass(frozen=True)
+class UnreportedFault(Exit):
+    """What ``SimCpu.run()`` returns for a ``MemoryFault`` that is not ``reported``: KVM_RUN fails with the fault's
+    errno and no exit reason. It never reaches the API: the vCPU adapter raises the kernel model's error for it
+    (``VcpuCore.run_failed``)."""
+
+    fault: MemoryFault
+
+
+def fault_exit(fault: MemoryFault) -> Exit:
+    """The exit a run ends in for the resolver's ``MemoryFault``: KVM_EXIT_MEMORY_FAULT when the model reports it,
+    else ``UnreportedFault``."""
+    if fault.reported:
+        return MemoryFaultExit(fault.flags, fault.gpa, fault.size, fault.errno)
+    return UnreportedFault(fault)
+
+
 __all__ = [
     "HUGE_PAGE_SIZE",
     "PAGE_SIZE",
@@ -72,4 +90,6 @@ __all__ = [
     "MemoryFault",
     "Mmio",
     "Retry",
+    "UnreportedFault",
+    "fault_exit",
 ]
