@@ -187,8 +187,10 @@ def run(srv: Server, state: VcpuState, arg: int) -> int:
     """KVM_RUN as ``kvm_arch_vcpu_ioctl_run``: sync_regs are not modelled (EINVAL for any
     ``kvm_valid_regs``/``kvm_dirty_regs`` bit, as for bits outside the supported set), complete the reply the
     last exit waited for (``complete_userspace_io``), then ``immediate_exit`` fails with EINTR *without*
-    touching ``exit_reason`` (the selftests' ``vcpu_run_complete_io`` relies on it), run, and write the exit
-    into ``kvm_run``. A signal or kick during the run is EINTR with ``KVM_EXIT_INTR``
+    touching ``exit_reason`` (the selftests' ``vcpu_run_complete_io`` relies on it), then ``vcpu_run``: reset
+    ``exit_reason`` to KVM_EXIT_UNKNOWN (so a failure with no exit, such as a bare EFAULT, leaves 0 there, not
+    the previous exit), run, and write the exit into ``kvm_run``. A signal or kick during the run is EINTR with
+    ``KVM_EXIT_INTR``
     (``kvm_handle_signal_exit``). A memory fault fails with EFAULT or EHWPOISON with the exit filled
     (``kvm_prepare_memory_fault_exit``)."""
     op = "KVM_RUN"
@@ -208,6 +210,7 @@ def run(srv: Server, state: VcpuState, arg: int) -> int:
     if area.immediate_exit:
         raise KvmError(errno.EINTR, op, "immediate_exit")
     state.extra["ran"] = True
+    area.run.exit_reason = uapi.KVM_EXIT_UNKNOWN
     start = srv.trace_now()
     srv.kicks.enter(state)
     try:
