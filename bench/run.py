@@ -3,7 +3,7 @@ flushscale faultpath upstream hookcost ucalls]``.
 
 Writes ``bench/results/all.json`` and ``bench/results/all.md`` and prints the markdown table and the command
 that reproduces it. A benchmark that fails becomes a row saying so (with the error), not a missing row.
-Takes about 1 minute on the project's 2-core host (about 2 when other jobs load it).
+Takes about 2 minutes on the project's 2-core host (80-130 s quiet, more when other jobs load it).
 """
 
 from __future__ import annotations
