@@ -49,8 +49,8 @@ class MemoryFault:
 
     ``reported`` (the default): KVM_EXIT_MEMORY_FAULT (``kvm_mmu_prepare_memory_fault_exit``), so ``run()`` returns an
     ``exits.MemoryFaultExit`` with these fields. Not ``reported``: the bare -EFAULT of ``kvm_handle_error_pfn`` for a
-    memslot whose userspace address cannot be faulted in (KVM_PFN_ERR_FAULT), which leaves ``kvm_run`` untouched, so
-    ``run()`` raises ``KvmError``; ``flags``/``gpa``/``size`` are then only the model's record of the access."""
+    memslot whose userspace address cannot be faulted in (KVM_PFN_ERR_FAULT), which fills no exit, so ``run()``
+    raises ``KvmError``; ``flags``/``gpa``/``size`` are then only the model's record of the access."""
 
     flags: int
     gpa: int

@@ -31,7 +31,7 @@ returns one of the results of ``backends/sim/fault.py`` (the same objects reach 
   A shared access whose userspace_addr is not host memory the sim can prove is mapped is a
   ``MemoryFault`` that is not ``reported`` (EFAULT, flags 0): a failed hva → pfn translation is
   KVM_PFN_ERR_FAULT, for which ``kvm_handle_error_pfn`` returns a bare -EFAULT without
-  ``kvm_prepare_memory_fault_exit``, so KVM_RUN fails and ``kvm_run`` is left as it was.
+  ``kvm_prepare_memory_fault_exit``, so KVM_RUN fails with no exit filled (``exit_reason`` stays KVM_EXIT_UNKNOWN).
 
 ``private=None`` derives the access type from the gfn's PRIVATE attribute, as KVM does for
 KVM_X86_SW_PROTECTED_VM (``kvm_mmu_page_fault`` derives it from the attribute); pass True/False to model hardware that

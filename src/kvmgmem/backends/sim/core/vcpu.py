@@ -153,7 +153,8 @@ class VcpuCore:
     def run_failed(self, fault: MemoryFault) -> KvmError:
         """The error KVM_RUN fails with for a fault the kernel does not report in ``kvm_run`` (``MemoryFault`` not
         ``reported``): ``kvm_handle_error_pfn``'s bare -EFAULT when the memslot's userspace address cannot be
-        faulted in (KVM_PFN_ERR_FAULT), the exit reason left as it was. The caller raises it."""
+        faulted in (KVM_PFN_ERR_FAULT), no exit filled (``exit_reason`` stays the KVM_EXIT_UNKNOWN that ``vcpu_run``
+        set on entry). The caller raises it."""
         why = "the memslot's userspace address is not host memory known to be mapped (KVM_PFN_ERR_FAULT)"
         return KvmError(fault.errno, "KVM_RUN", f"gpa {fault.gpa:#x}: {why}")
 
