@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -15,11 +16,40 @@ from kvmgmem.guest.operands import rax
 
 
 def test_fires_once_after_the_timeout() -> None:
-    d, fired = Deadlines(), []
+    d, fired, done = Deadlines(), [], threading.Event()
     start = time.monotonic()
-    d.arm(0.05, lambda: fired.append(time.monotonic() - start))
-    time.sleep(0.3)
+    d.arm(0.05, lambda: (fired.append(time.monotonic() - start), done.set()))
+    assert done.wait(5)
+    d.disarm(d.arm(0.05, lambda: None))  # a later pass of the loop: the first entry is gone, not fired again
+    time.sleep(0.1)
     assert len(fired) == 1 and fired[0] >= 0.05
+
+
+def test_an_endless_timeout_does_not_stop_the_thread() -> None:
+    """``math.inf`` (or anything past ``threading.TIMEOUT_MAX``) is a wait without end, not an OverflowError that
+    would kill the one thread every watchdog of the process relies on."""
+    d, fired = Deadlines(), threading.Event()
+    d.arm(math.inf, lambda: None)
+    time.sleep(0.05)  # the thread now sleeps for the endless deadline
+    d.arm(0.02, fired.set)
+    assert fired.wait(5)
+
+
+def test_the_thread_survives_any_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SystemExit from a callback, and an excepthook that itself raises, leave the thread running."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        raise RuntimeError("hook")
+
+    monkeypatch.setattr(threading, "excepthook", hook)
+    d, later = Deadlines(), threading.Event()
+
+    def leave() -> None:
+        raise SystemExit(3)
+
+    d.arm(0.01, leave)
+    d.arm(0.1, later.set)
+    assert later.wait(5)
 
 
 def test_disarmed_never_fires() -> None:
@@ -93,3 +123,29 @@ def test_many_timed_runs_start_no_thread() -> None:
             assert v.expect_sync(timeout=10) == (i,)
             counts.add(threading.active_count())
         assert counts == {before}
+
+
+def test_a_watchdog_that_fires_after_the_last_check_leaves_no_kick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline may pass between ``run_until_event``'s last look at the watchdog and its disarm: the event is
+    returned, and the kick the watchdog sent is consumed then, or the next run would fail with EINTR at once."""
+    import kvmgmem
+    from kvmgmem.guest import runner
+
+    real = runner._next_event
+
+    def late(vcpu: object, memory: object, dog: runner._Watchdog, *args: object) -> object:
+        got = real(vcpu, memory, dog, *args)  # type: ignore[arg-type]
+        dog._fire()  # the deadline passes now
+        return got
+
+    a = Asm()
+    top = Label("top")
+    a.label(top)
+    U.sync(a, rax)
+    a.inc(rax).jmp(top)
+    with kvmgmem.open("sim") as system, GuestVm.create(system, GuestImage(a)) as gv:
+        v = gv.create_vcpu()
+        monkeypatch.setattr(runner, "_next_event", late)
+        assert v.expect_sync(timeout=10) == (0,)
+        monkeypatch.setattr(runner, "_next_event", real)
+        assert v.expect_sync(timeout=10) == (1,)  # not EINTR from a stale kick

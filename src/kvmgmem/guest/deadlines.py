@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 
 class Deadlines:
-    """Fires each armed callback once, on its own daemon thread, when its deadline passes.
+    """Fires each armed callback once, on its own daemon thread, when its deadline passes. Only the module's
+    ``deadlines`` is reset in a forked child (``os.register_at_fork``).
 
     >>> fired = threading.Event()
     >>> d = Deadlines()
@@ -44,7 +45,7 @@ class Deadlines:
         with self._cond:
             token = next(self._tokens)
             self._armed[token] = (deadline, fire)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # first arm, or the thread was killed
                 self._thread = threading.Thread(target=self._loop, name="kvmgmem-deadlines", daemon=True)
                 self._thread.start()
             elif self._sleeps_until is None or deadline < self._sleeps_until:
@@ -63,17 +64,14 @@ class Deadlines:
                 due = [token for token, (deadline, _) in self._armed.items() if deadline <= now]
                 if not due:
                     self._sleeps_until = min((deadline for deadline, _ in self._armed.values()), default=None)
-                    self._cond.wait(None if self._sleeps_until is None else self._sleeps_until - now)
+                    # a timeout past TIMEOUT_MAX (math.inf, say) is a wait without end: it would raise here
+                    wait = None if self._sleeps_until is None else min(self._sleeps_until - now, threading.TIMEOUT_MAX)
+                    self._cond.wait(wait)
                     continue
                 callbacks = [self._armed.pop(token)[1] for token in due]
                 self._sleeps_until = None
             for fire in callbacks:
-                try:
-                    fire()
-                except Exception as exc:  # reported like an exception on a Timer thread; the thread goes on
-                    threading.excepthook(
-                        threading.ExceptHookArgs((type(exc), exc, exc.__traceback__, threading.current_thread()))
-                    )
+                _call(fire)
 
     def _after_fork(self) -> None:
         """A forked child has no deadline thread and inherits armed entries nothing will fire."""
@@ -81,6 +79,20 @@ class Deadlines:
         self._armed.clear()
         self._sleeps_until = None
         self._thread = None
+
+
+def _call(fire: Callable[[], None]) -> None:
+    """Run one callback; whatever it raises (SystemExit too) is reported like an exception on a Timer thread,
+    and the deadline thread goes on: every other watchdog of the process depends on it."""
+    try:
+        fire()
+    except BaseException as exc:
+        try:
+            threading.excepthook(
+                threading.ExceptHookArgs((type(exc), exc, exc.__traceback__, threading.current_thread()))
+            )
+        except BaseException:  # a failing excepthook must not take the thread down either
+            pass
 
 
 #: The process's deadline thread, shared by every watchdog.

@@ -49,11 +49,14 @@ class _Watchdog:
                 self.fired = True
                 self.vcpu.kick()
 
-    def disarm(self) -> None:
+    def disarm(self) -> bool:
+        """Stop the watchdog; True if it fired (its kick may still be pending)."""
         with self._lock:
             self._armed = False
+            fired = self.fired
         if self._token is not None:
             deadlines.disarm(self._token)
+        return fired
 
 
 def run_until_event(
@@ -71,35 +74,51 @@ def run_until_event(
     """
     dog = _Watchdog(vcpu, timeout)
     try:
-        while True:
-            exit: Exit | None = None
-            try:
-                exit = vcpu.run()
-            except KvmError as e:
-                if e.errno != errno.EINTR or not dog.fired:
-                    raise
-            # Raised outside the except block on purpose: a chained KvmError would keep the backend's
-            # KVM_RUN frame (and its kvm_run mapping) alive for as long as the caller holds the exception.
-            if dog.fired:
-                if exit is not None:  # the kick landed after a normal exit: consume it first
-                    _drain_kick(vcpu)
-                where = f"vCPU {index}: " if index is not None else ""
-                raise GuestTimeoutError(f"{where}no ucall within {timeout} s")
-            assert exit is not None
-            if not (isinstance(exit, IoExit) and is_ucall(exit)):
-                return exit
-            event = decode(exit, memory)
-            if isinstance(event, Print):
-                if on_print is not None:
-                    on_print(event.text)
-                continue
-            if isinstance(event, AssertFail):
-                raise GuestAssertionError(event, index)
-            if isinstance(event, GuestException):
-                raise GuestFaultError(event, index)
-            return event
-    finally:
+        got = _next_event(vcpu, memory, dog, timeout, index, on_print)
+    except BaseException:
         dog.disarm()
+        raise
+    if dog.disarm():  # it fired after the last check: its kick would end the next KVM_RUN at once
+        _drain_kick(vcpu)
+    return got
+
+
+def _next_event(
+    vcpu: Vcpu,
+    memory: GuestMemory,
+    dog: _Watchdog,
+    timeout: float | None,
+    index: int | None,
+    on_print: Callable[[str], None] | None,
+) -> Event | Exit:
+    """``run_until_event``'s loop, with the watchdog armed by the caller."""
+    while True:
+        exit: Exit | None = None
+        try:
+            exit = vcpu.run()
+        except KvmError as e:
+            if e.errno != errno.EINTR or not dog.fired:
+                raise
+        # Raised outside the except block on purpose: a chained KvmError would keep the backend's
+        # KVM_RUN frame (and its kvm_run mapping) alive for as long as the caller holds the exception.
+        if dog.fired:
+            if exit is not None:  # the kick landed after a normal exit: consume it first
+                _drain_kick(vcpu)
+            where = f"vCPU {index}: " if index is not None else ""
+            raise GuestTimeoutError(f"{where}no ucall within {timeout} s")
+        assert exit is not None
+        if not (isinstance(exit, IoExit) and is_ucall(exit)):
+            return exit
+        event = decode(exit, memory)
+        if isinstance(event, Print):
+            if on_print is not None:
+                on_print(event.text)
+            continue
+        if isinstance(event, AssertFail):
+            raise GuestAssertionError(event, index)
+        if isinstance(event, GuestException):
+            raise GuestFaultError(event, index)
+        return event
 
 
 def _drain_kick(vcpu: Vcpu) -> None:

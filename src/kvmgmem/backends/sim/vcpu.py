@@ -140,7 +140,10 @@ class SimVcpu(Vcpu):
             if vcpu.must_block:
                 self._cpu.block("KVM_RUN")  # kvm_vcpu_block: only a kick ends it
             if self._sregs is not None:  # never loaded: real mode, as after RESET
-                return self._run_real_mode()
+                exit = self._run_real_mode()
+                if type(exit) is UnreportedFault:
+                    raise vcpu.run_failed(exit.fault)
+                return exit
             if self._regs is not None:  # segments and control registers loaded, GPRs still RESET's
                 self._cpu.set_regs(self._regs)
                 self._regs = None
@@ -176,7 +179,7 @@ class SimVcpu(Vcpu):
                 elif isinstance(outcome, Mmio):
                     return emulation_failure(EXIT_REASON_EPT_VIOLATION, ept_violation_qualification(fetch=True))
                 else:
-                    return fault_exit(outcome)  # reported: the core raised for the others
+                    return fault_exit(outcome)
 
     def _complete_io(self, data: bytes) -> None:
         self._cpu.complete_io(data)
