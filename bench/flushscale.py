@@ -27,11 +27,14 @@ translations in the range at its next safe point. Tables, each growing one dimen
   conversions/s summed over the vCPUs. The three run interleaved, ``IMPLICIT_ROUNDS`` rounds of one
   ``IMPLICIT_S`` run each, and each row is its best run: the load other jobs put on this 2-core host moves
   the rates by 2-3× within a minute, and a row measured alone in a quiet or a busy moment made the ratio
-  say more about that moment than about the sim. Almost all of a conversion holds the GIL (only the guest's
-  own instructions, ~10% of it, run without), so N vCPU threads cannot convert much faster than one; what
-  the row checks is that they lose nothing handing the GIL and the VM's locks around. Each vCPU does the
-  same Python per conversion as a lone one (the flush asks only the converting vCPU: 1.5 ``post_flush``
-  per conversion with 1 or 4 vCPUs; it was 6 with 4).
+  say more about that moment than about the sim. Almost all of a conversion holds the GIL (unicorn and the
+  guest's code, which run without it, are ~4% of a 1-vCPU run's CPU-clock samples: profile one long run with
+  ``python bench/flushscale.py --implicit VCPUS SECONDS``), so N vCPU threads cannot convert faster than one,
+  and every GIL hand-over between them costs a futex wake and a context switch. Each vCPU does the same
+  Python per conversion as a lone one (the flush asks only the converting vCPU: 1.5 ``post_flush`` per
+  conversion with 1 or 4 vCPUs; it was 6 with 4).
+* **GIL ceiling** (diagnostic, ``gilceiling``): the bound those rows run into, with no sim at all: plain Python
+  threads, a quarter of each iteration outside the GIL, 1/2/4 threads interleaved like the implicit rows.
 
 These call the CPU layer's internals (cached translations through ``SimCpu.pages.resolve_page``,
 ``SimCpu.requests.service_locked``): they are diagnostics of exactly those paths.
@@ -189,7 +192,7 @@ def implicit_conversions_per_s(vcpus: int, seconds: float = IMPLICIT_S) -> tuple
         timer = threading.Timer(seconds, stop)
         timer.start()
         try:
-            wall = m.run(timeout=60)
+            wall = m.run(timeout=seconds + 60)
         finally:
             timer.cancel()
         stats = m.conversions.stats
@@ -369,7 +372,10 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["--implicit"]:  # one long run to profile, e.g. with perf record -p (docs/bench.md)
-        vcpus, seconds = int(sys.argv[2]), float(sys.argv[3])
+        try:
+            vcpus, seconds = int(sys.argv[2]), float(sys.argv[3])
+        except (IndexError, ValueError):
+            sys.exit("usage: python bench/flushscale.py --implicit VCPUS SECONDS")
         rate, n = implicit_conversions_per_s(vcpus, seconds)
         print(f"{vcpus} vCPU(s): {n:,} implicit conversions, {rate:,.0f}/s")
         sys.exit(0)

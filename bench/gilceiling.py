@@ -2,9 +2,10 @@
 
 No sim and no VM: each of N threads loops on an iteration of pure Python (the GIL held) followed by
 ``emu_start`` calls on a hookless unicorn engine of its own (``dec rcx; jnz``: the GIL released, as a vCPU's
-guest code releases it). Iterations/s summed over the threads, for 1, 2 and 4 threads. The split is fixed
-(about a quarter of an iteration outside the GIL, measured on one thread and printed) and the iteration is
-about as long as one 4 KiB implicit conversion on the sim.
+guest code releases it). Iterations/s summed over the threads, for 1, 2 and 4 threads. Bench 7's rows use
+the default split: about a quarter of an iteration outside the GIL (measured on one thread and printed),
+iterations of about 180-200 µs (a 4 KiB implicit conversion on the sim takes 250-300 µs). Other splits, for
+the numbers docs/bench.md quotes: ``python bench/gilceiling.py PY_ITERS EMU_CALLS EMU_LOOPS``.
 
 Why it is here: the implicit-conversion rows ask 4 vCPUs to convert at least as fast as 1. A conversion is
 almost all interpreter work (a CPU-clock profile of a 1-vCPU run puts unicorn and its translated guest code at
@@ -16,9 +17,12 @@ model, no flushes.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 PY_ITERS = 2_500  # pure-Python loop iterations per iteration (GIL held)
 EMU_CALLS = 2  # emu_start calls per iteration (GIL released)
@@ -27,7 +31,29 @@ CODE = bytes.fromhex("48ffc975fb")  # dec rcx; jnz $-3
 BASE = 0x1000
 
 
-def _engine() -> object:
+@dataclass(frozen=True)
+class Split:
+    """One iteration: ``py_iters`` rounds of a Python loop, then ``emu_calls`` emu_starts of ``emu_loops``."""
+
+    py_iters: int = PY_ITERS
+    emu_calls: int = EMU_CALLS
+    emu_loops: int = EMU_LOOPS
+
+    def python_part(self) -> int:
+        x = 0
+        for i in range(self.py_iters):
+            x += i * i % 7
+        return x
+
+    def guest_part(self, uc: Any) -> None:
+        from unicorn.x86_const import UC_X86_REG_RCX
+
+        for _ in range(self.emu_calls):
+            uc.reg_write(UC_X86_REG_RCX, self.emu_loops)
+            uc.emu_start(BASE, BASE + len(CODE))
+
+
+def _engine() -> Any:
     from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -36,22 +62,7 @@ def _engine() -> object:
     return uc
 
 
-def _python_part() -> int:
-    x = 0
-    for i in range(PY_ITERS):
-        x += i * i % 7
-    return x
-
-
-def _guest_part(uc: object) -> None:
-    from unicorn.x86_const import UC_X86_REG_RCX
-
-    for _ in range(EMU_CALLS):
-        uc.reg_write(UC_X86_REG_RCX, EMU_LOOPS)  # type: ignore[attr-defined]
-        uc.emu_start(BASE, BASE + len(CODE))  # type: ignore[attr-defined]
-
-
-def split() -> tuple[float, float]:
+def split(shape: Split = Split()) -> tuple[float, float]:
     """(seconds of one iteration, share of it outside the GIL), best of 50 on this thread."""
 
     def best(fn: Callable[[], object]) -> float:
@@ -63,11 +74,11 @@ def split() -> tuple[float, float]:
         return min(times)
 
     uc = _engine()
-    python, guest = best(_python_part), best(lambda: _guest_part(uc))
+    python, guest = best(shape.python_part), best(lambda: shape.guest_part(uc))
     return python + guest, guest / (python + guest)
 
 
-def rate(threads: int, seconds: float) -> float:
+def rate(threads: int, seconds: float, shape: Split = Split()) -> float:
     """Iterations/s summed over ``threads`` threads running for ``seconds``."""
     stop = threading.Event()
     counts = [0] * threads
@@ -76,8 +87,8 @@ def rate(threads: int, seconds: float) -> float:
         uc = _engine()
         n = 0
         while not stop.is_set():
-            _python_part()
-            _guest_part(uc)
+            shape.python_part()
+            shape.guest_part(uc)
             n += 1
         counts[i] = n
 
@@ -90,3 +101,26 @@ def rate(threads: int, seconds: float) -> float:
     for w in workers:
         w.join(10)
     return sum(counts) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str]) -> int:
+    """``python bench/gilceiling.py [PY_ITERS EMU_CALLS EMU_LOOPS]``: the split, then 1/2/4 threads, best of 3
+    interleaved 0.75 s runs."""
+    try:
+        shape = Split(*(int(a) for a in argv[:3]))
+    except (TypeError, ValueError):
+        print("usage: python bench/gilceiling.py [PY_ITERS EMU_CALLS EMU_LOOPS]", file=sys.stderr)
+        return 2
+    iteration, outside = split(shape)
+    print(f"{shape}: iteration {iteration * 1e6:.0f} µs, {outside:.0%} outside the GIL")
+    best: dict[int, float] = {}
+    for _ in range(3):
+        for threads in (1, 2, 4):
+            best[threads] = max(best.get(threads, 0.0), rate(threads, 0.75, shape))
+    for threads, value in best.items():
+        print(f"{threads} thread(s): {value:,.0f} iterations/s, {value / best[1]:.2f}x of 1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

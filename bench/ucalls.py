@@ -9,8 +9,9 @@ best of ``ROUNDS``, per backend:
   ``run``/``expect_sync``.
 
 The watchdog started and cancelled a ``threading.Timer`` (a host thread) per call until 2026-12-02: about
-125 µs each, so a timed run loop made 3,300 ucalls/s on the sim and 5,000 on kvm. Now every watchdog shares one
-deadline thread (``kvmgmem.guest.deadlines``), and arming one is a dict insert.
+125 µs each, so a timed run loop made 3,708 ucalls/s on the sim and 4,748 on kvm (this bench against that
+tree, docs/bench.md). Now every watchdog shares one deadline thread (``kvmgmem.guest.deadlines``), and arming
+one is a dict insert.
 """
 
 from __future__ import annotations
