@@ -21,6 +21,24 @@ BENCHES += ["hookcost"]  # bench 10: false IN/OUT candidates on the sim (issue 1
 BENCHES += ["ucalls"]  # bench 11: the guest layer's run loop around a ucall
 
 
+LOOP = 5_000_000
+
+
+def host_speed(report: Report, when: str) -> None:
+    """Bench 0: how fast this host runs plain Python right now, so that a run's absolute numbers can be
+    compared with another's. These 2-core VMs share their hardware: the same loop took 67 to 133 ns per
+    iteration on one machine within an hour (2026-12-02), and the sim's costs are mostly Python's."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x = 0
+        for i in range(LOOP):
+            x += i
+        best = min(best, time.perf_counter() - t0)
+    report.add(Row("0 host speed", f"pure-Python loop, {when} the benchmarks", best / LOOP * 1e9, "ns/iteration",
+                   note=f"`x += i` over range({LOOP:,}), best of 3; lower is faster"))  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     chosen = argv or BENCHES
     unknown = sorted(set(chosen) - set(BENCHES))
@@ -31,6 +49,7 @@ def main(argv: list[str]) -> int:
     report = Report()
     t_all = time.perf_counter()
     failed = 0
+    host_speed(report, "before")
     for name in chosen:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -41,6 +60,7 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
             report.add(Row(name, "ERROR", None, "", note=f"{type(e).__name__}: {e}"[:300]))
         print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
+    host_speed(report, "after")
     total = time.perf_counter() - t_all
     jpath, mpath = report.save("all", command)
     with mpath.open("a") as f:
