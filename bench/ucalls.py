@@ -1,7 +1,7 @@
 """Bench 11: what the guest layer's run loop adds to a ucall round trip.
 
-A guest loops on SYNC ucalls (``ucall.sync(rax); inc rax; jmp``). Three loops over the same vCPU, interleaved,
-best of ``ROUNDS``, per backend:
+A guest loops on SYNC ucalls (``routines.sync_loop``: ``ucall.sync(rax); inc rax; jmp``). Three loops over
+the same vCPU, interleaved, best of ``ROUNDS``, per backend:
 
 * ``vcpu.run()``: the raw exit, no decoding (the baseline);
 * ``GuestVcpu.run(timeout=None)``: the ucall decoded into a ``Sync`` event;
@@ -22,20 +22,15 @@ from contextlib import ExitStack
 
 from common import Report, Row, interleaved, open_or_none
 
-from kvmgmem.guest import Asm, GuestImage, GuestVcpu, GuestVm, Label
-from kvmgmem.guest import ucall as U
-from kvmgmem.guest.operands import rax
+from kvmgmem.guest import Asm, GuestImage, GuestVcpu, GuestVm
+from kvmgmem.guest import routines as R
 
 CALLS = 2_000
 ROUNDS = 5
 
 
 def payload() -> Asm:
-    a = Asm()
-    top = Label("top")
-    a.label(top)
-    U.sync(a, rax)
-    return a.inc(rax).jmp(top)
+    return R.sync_loop(Asm())
 
 
 def samplers(v: GuestVcpu) -> dict[str, Callable[[], float]]:

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from kvmgmem.guest import Asm, GuestImage, GuestVm, Label
-from kvmgmem.guest import ucall as U
+import kvmgmem
+from kvmgmem.guest import Asm, GuestImage, GuestVm
+from kvmgmem.guest import routines as R
 from kvmgmem.guest.deadlines import Deadlines, deadlines
-from kvmgmem.guest.operands import rax
 
 
 def test_fires_once_after_the_timeout() -> None:
@@ -105,16 +105,13 @@ def test_a_forked_child_gets_its_own_thread() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def _sync_loop() -> Asm:
+    return R.sync_loop(Asm())
+
+
 def test_many_timed_runs_start_no_thread() -> None:
     """A run loop with a watchdog per ucall (``GuestVcpu.run(timeout=...)``) leaves the thread count alone."""
-    import kvmgmem
-
-    a = Asm()
-    top = Label("top")
-    a.label(top)
-    U.sync(a, rax)
-    a.inc(rax).jmp(top)
-    with kvmgmem.open("sim") as system, GuestVm.create(system, GuestImage(a)) as gv:
+    with kvmgmem.open("sim") as system, GuestVm.create(system, GuestImage(_sync_loop())) as gv:
         v = gv.create_vcpu()
         v.run(timeout=10)
         before = threading.active_count()
@@ -128,7 +125,6 @@ def test_many_timed_runs_start_no_thread() -> None:
 def test_a_watchdog_that_fires_after_the_last_check_leaves_no_kick(monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline may pass between ``run_until_event``'s last look at the watchdog and its disarm: the event is
     returned, and the kick the watchdog sent is consumed then, or the next run would fail with EINTR at once."""
-    import kvmgmem
     from kvmgmem.guest import runner
 
     real = runner._next_event
@@ -138,12 +134,7 @@ def test_a_watchdog_that_fires_after_the_last_check_leaves_no_kick(monkeypatch: 
         dog._fire()  # the deadline passes now
         return got
 
-    a = Asm()
-    top = Label("top")
-    a.label(top)
-    U.sync(a, rax)
-    a.inc(rax).jmp(top)
-    with kvmgmem.open("sim") as system, GuestVm.create(system, GuestImage(a)) as gv:
+    with kvmgmem.open("sim") as system, GuestVm.create(system, GuestImage(_sync_loop())) as gv:
         v = gv.create_vcpu()
         monkeypatch.setattr(runner, "_next_event", late)
         assert v.expect_sync(timeout=10) == (0,)

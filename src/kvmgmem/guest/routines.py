@@ -1,4 +1,5 @@
-"""Guest routines the conformance tests and the demo share: fill, verify, read-loop, touch pages, hypercalls.
+"""Guest routines the conformance tests and the demo share: fill, verify, read-loop, touch pages, hypercalls,
+ucall and spin loops.
 
 Each function appends straight-line code to an ``Asm`` (no calls, so they work at any privilege and need no
 stack discipline). Ranges and values may be ints or 64-bit registers; the registers each routine clobbers
@@ -143,6 +144,15 @@ def map_gpa_range(
             a.mov(rdx, value)
             U.assert_eq(a, rax, rdx, check)
     return a
+
+
+def sync_loop(a: Asm) -> Asm:
+    """SYNC(rax), ``inc rax``, forever: the n-th ucall after entry reports rax + n, so a host loop can check it
+    sees every ucall once (the ucall round-trip guest of bench 11 and the watchdog tests). Clobbers rax."""
+    top = Label("sync_loop")
+    a.label(top)
+    U.sync(a, rax)
+    return a.inc(rax).jmp(top)
 
 
 def spin_counter(a: Asm, counter: Value = rsi) -> Asm:
