@@ -141,16 +141,14 @@ class SimVcpu(Vcpu):
                 self._cpu.block("KVM_RUN")  # kvm_vcpu_block: only a kick ends it
             if self._sregs is not None:  # never loaded: real mode, as after RESET
                 exit = self._run_real_mode()
-                if type(exit) is UnreportedFault:
-                    raise vcpu.run_failed(exit.fault)
-                return exit
-            if self._regs is not None:  # segments and control registers loaded, GPRs still RESET's
-                self._cpu.set_regs(self._regs)
-                self._regs = None
-            vcpu.entered()
-            exit = self._cpu.run()
-            if isinstance(exit, HltExit) and vcpu.emulate_halt():
-                self._cpu.block("KVM_RUN")  # halted in the kernel: only an interrupt would wake it
+            else:
+                if self._regs is not None:  # segments and control registers loaded, GPRs still RESET's
+                    self._cpu.set_regs(self._regs)
+                    self._regs = None
+                vcpu.entered()
+                exit = self._cpu.run()
+                if isinstance(exit, HltExit) and vcpu.emulate_halt():
+                    self._cpu.block("KVM_RUN")  # halted in the kernel: only an interrupt would wake it
         except Interrupted as stop:
             raise vcpu.interrupted(stop.blocked) from None
         if type(exit) is UnreportedFault:
