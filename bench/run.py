@@ -26,8 +26,9 @@ LOOP = 5_000_000
 
 def host_speed(report: Report, when: str) -> None:
     """Bench 0: how fast this host runs plain Python right now, so that a run's absolute numbers can be
-    compared with another's. These 2-core VMs share their hardware: the same loop took 67 to 133 ns per
-    iteration on one machine within an hour (2026-12-02), and the sim's costs are mostly Python's."""
+    compared with another's. These 2-core VMs share their hardware: the same loop took 38 to 133 ns per
+    iteration on one machine within an hour (2026-12-02). A rough indicator only: the sim's rows can be slow
+    while this loop is fast."""
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
